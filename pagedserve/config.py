@@ -1,0 +1,92 @@
+"""Configuration value objects: the model's shape and the engine's knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+KVLayout = Literal["paged", "static"]
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """The architecture hyper-parameters a loader reads from config.json or GGUF metadata."""
+
+    architecture: str  # "llama" (Llama 2/3, SmolLM, Mistral) or "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF form, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; "
+                f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def num_parameters(self) -> int:
+        h, i, layers = self.hidden_size, self.intermediate_size, self.num_layers
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h
+        embed = self.vocab_size * h
+        return layers * per_layer + embed * (1 if self.tie_word_embeddings else 2) + h
+
+
+SUPPORTED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """The engine's knobs, with vLLM's names where vLLM has one."""
+
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # None: the model's context, capped by the KV pool
+    kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of free memory
+    kv_cache_fraction: float = 0.25
+    enable_prefix_caching: bool = True
+    kv_layout: KVLayout = "paged"
+    max_parallel: int = 4  # static layout: number of slots
+    num_ctx: int = 4096  # static layout: tokens reserved per slot
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    num_threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_parallel",
+                     "num_ctx"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if self.kv_layout not in ("paged", "static"):
+            raise ValueError(f"kv_layout must be 'paged' or 'static', got {self.kv_layout!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
+            )

@@ -1,0 +1,79 @@
+"""One request's state inside the engine: counters, not modes.
+
+Prefill, chunked prefill, a prefix-cache hit, decode and recompute after preemption are all the
+same thing: ``num_computed_tokens`` (tokens whose K/V sit in the cache) catching up with
+``num_tokens`` (prompt plus sampled output). When a step computes the last known token, the model
+runner samples the next one, which is appended to ``output_token_ids``.
+
+    token positions:  [0 ........ num_computed_tokens) [...... num_tokens)
+                       K/V in the cache                  still to compute
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from pagedserve.outputs import FinishReason, RequestMetrics, TokenLogprobs
+from pagedserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    max_tokens: int  # resolved: never None, fits the context
+    metrics: RequestMetrics
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prefix-cache hit at the first admission
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.all_token_ids:
+            self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def check_stop_token(self) -> tuple[FinishReason, int | None] | None:
+        """Whether the newest output token ends the request (stop strings are checked in text)."""
+        n = self.num_output_tokens
+        token = self.output_token_ids[-1]
+        if n >= self.params.min_tokens:
+            if not self.params.ignore_eos and token in self.eos_token_ids:
+                return "stop", None
+            if token in self.params.stop_token_ids:
+                return "stop", token
+        if n >= self.max_tokens:
+            return "length", None
+        return None

@@ -1,0 +1,175 @@
+"""`pagedserve bench serve | plot | compare`: load-test a server, plot results, compare layouts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from pagedserve.bench.clients import CLIENTS
+from pagedserve.bench.compare import compare, layout_targets, parse_peer, sweep_run
+from pagedserve.bench.loadgen import Workload
+from pagedserve.bench.plot import plot_runs
+from pagedserve.bench.progress import RichProgress, summary_table
+from pagedserve.bench.results import RunResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_CONCURRENCY = "1,2,4,8,16,32"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _add_workload_args(parser: argparse.ArgumentParser, *, num_prompts: str) -> None:
+    parser.add_argument("--api", choices=sorted(CLIENTS), default="openai",
+                        help="wire format: openai (/v1/completions), openai-chat, "
+                        "ollama (/api/generate) (default: %(default)s)")
+    parser.add_argument("--concurrency", type=_int_list, default=_int_list(DEFAULT_CONCURRENCY),
+                        help=f"comma-separated levels (default: {DEFAULT_CONCURRENCY})")
+    parser.add_argument("--num-prompts", type=_int_list, default=None,
+                        help=f"requests per level: one count, or one per level "
+                        f"(default: {num_prompts})")
+    parser.add_argument("--input-len", type=int, default=128, help="prompt tokens (about)")
+    parser.add_argument("--output-len", type=int, default=64, help="output tokens (exactly)")
+    parser.add_argument("--request-rate", type=float, default=None,
+                        help="Poisson arrivals at this many requests/s, concurrency as a cap "
+                        "(default: closed loop)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shared-prefix-len", type=int, default=0,
+                        help="tokens every prompt shares at its start (default: none)")
+
+
+def _num_prompts(args: argparse.Namespace, default_per_level) -> int | list[int]:
+    if args.num_prompts is None:
+        return [default_per_level(c) for c in args.concurrency]
+    return args.num_prompts[0] if len(args.num_prompts) == 1 else args.num_prompts
+
+
+def _workload(args: argparse.Namespace, default_per_level) -> Workload:
+    return Workload(
+        input_len=args.input_len, output_len=args.output_len,
+        num_prompts=_num_prompts(args, default_per_level), seed=args.seed,
+        shared_prefix_len=args.shared_prefix_len, request_rate=args.request_rate,
+    )
+
+
+def _serve_prompts(concurrency: int) -> int:
+    return max(16, 4 * concurrency)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    console = Console()
+    workload = _workload(args, _serve_prompts)
+    label = args.label or args.url
+    with RichProgress(console, label) as progress:
+        run = sweep_run(args.url, label=label, api=args.api, model=args.model, workload=workload,
+                        concurrency=args.concurrency, observer=progress)
+    console.print(summary_table(f"{label}: {run.model}", run.levels))
+    out = run.save(args.out)
+    plots = plot_runs([run], out.parent, prefix=out.stem)
+    console.print(f"results: {out}; plots: {', '.join(str(p) for p in plots)}")
+    return 0 if all(lv.successful for lv in run.levels) else 1
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    runs = [RunResult.load(path) for path in args.results]
+    plots = plot_runs(runs, args.out, prefix=args.prefix)
+    Console().print("plots: " + ", ".join(str(p) for p in plots))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    console = Console()
+    workload = _workload(args, _compare_prompts)
+    targets = layout_targets(args.max_parallel, args.num_ctx,
+                             paged_args=shlex.split(args.paged_args),
+                             static_args=shlex.split(args.static_args))
+    targets += [parse_peer(spec) for spec in args.peer]
+    command = "pagedserve bench " + shlex.join(sys.argv[sys.argv.index("compare"):]) \
+        if "compare" in sys.argv else None
+    progress = RichProgress(console, "")
+
+    def observer_for(label: str) -> RichProgress:
+        progress.title = label
+        return progress
+
+    with progress:
+        result = compare(args.model, targets, workload, args.concurrency, api=args.api,
+                         out_dir=args.out, observer_for=observer_for, command=command)
+    for run in result.runs:
+        console.print(summary_table(f"{run.label}: {run.model}", run.levels))
+    console.print(f"report: {result.report}")
+    console.print("plots: " + ", ".join(str(p) for p in result.plots))
+    console.print("results: " + ", ".join(str(p) for p in result.result_files))
+    return 0
+
+
+def _compare_prompts(concurrency: int) -> int:
+    return max(16, 3 * concurrency)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser(
+        "bench", help="load-test servers, plot results, compare paged and static KV",
+        description="Benchmarks: a streaming load generator, plots, and the paged vs static "
+        "KV-cache comparison.",
+    )
+    sub = bench.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve", help="sweep concurrency levels against a running server",
+        description="Streams requests to a running OpenAI- or Ollama-compatible server at each "
+        "concurrency level; writes a JSON result and PNG plots next to it.",
+    )
+    serve.add_argument("--url", default=DEFAULT_URL, help="server base URL (default: %(default)s)")
+    serve.add_argument("--model", default=None,
+                       help="model name in requests (default: the server's first listed model)")
+    serve.add_argument("--label", default=None, help="name of this run in tables and plots")
+    serve.add_argument("--out", type=Path, default=Path("bench-result.json"),
+                       help="result JSON (default: %(default)s)")
+    _add_workload_args(serve, num_prompts="max(16, 4 x concurrency)")
+    serve.set_defaults(func=cmd_serve)
+
+    plot = sub.add_parser("plot", help="plot result files together",
+                          description="Output tok/s and TTFT p99 vs concurrency, one line per "
+                          "result file.")
+    plot.add_argument("results", nargs="+", type=Path, help="JSON files from bench serve/compare")
+    plot.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs")
+    plot.add_argument("--prefix", default="bench", help="file name prefix (default: %(default)s)")
+    plot.set_defaults(func=cmd_plot)
+
+    comp = sub.add_parser(
+        "compare", help="paged vs static KV layout (and peers), report and plots",
+        description="Starts `pagedserve serve` with the paged and then the static KV layout, "
+        "each on a free port, sweeps both (and any --peer), and writes benchmarks.md, plots "
+        "and JSON results into --out.",
+    )
+    comp.add_argument("model", nargs="?", default=None,
+                      help="model to serve (default: the bundled one)")
+    comp.add_argument("--max-parallel", type=int, default=4,
+                      help="static layout: slots (default: %(default)s)")
+    comp.add_argument("--num-ctx", type=int, default=4096,
+                      help="static layout: tokens reserved per slot (default: %(default)s)")
+    comp.add_argument("--paged-args", default="", help="extra `serve` arguments, paged run")
+    comp.add_argument("--static-args", default="", help="extra `serve` arguments, static run")
+    comp.add_argument("--peer", action="append", default=[], metavar="URL[=LABEL]",
+                      help="a running server to add to the sweep (repeatable)")
+    comp.add_argument("--out", type=Path, default=Path("docs"),
+                      help="directory for benchmarks.md, plots and results (default: %(default)s)")
+    _add_workload_args(comp, num_prompts="max(16, 3 x concurrency)")
+    comp.set_defaults(func=cmd_compare)

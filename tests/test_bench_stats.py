@@ -168,6 +168,9 @@ def test_kv_gauges_average_waste_over_busy_samples():
 def test_waste_derived_from_reserved_and_used_tokens():
     rows = [{"vllm:kv_reserved_tokens": 100.0, "vllm:kv_used_tokens": 75.0}]
     assert summarize_samples(rows).waste_perc_mean == pytest.approx(0.25)
+    # the token counts win over a waste gauge expressed relative to the used slots (33%)
+    rows[0]["pagedserve:kv_cache_waste_perc"] = 33.3
+    assert summarize_samples(rows).waste_perc_mean == pytest.approx(0.25)
 
 
 def _run(label, tput, ttft_p99):

@@ -4,8 +4,10 @@ Series are found by the end of their name, so pagedserve's ``pagedserve:kv_cache
 and vLLM's ``vllm:kv_cache_usage_perc`` (or the older ``gpu_cache_usage_perc``) both count. A
 server without /metrics, or without a series, simply leaves that field None.
 
-Waste is the share of reserved KV token slots that hold no token. It is averaged over the
-samples taken while requests were running: an idle server reserves nothing and wastes nothing.
+Waste is the share of reserved KV token slots that hold no token: 1 - used / reserved, from the
+``kv_reserved_tokens`` and ``kv_used_tokens`` gauges when exported, else a ``kv_waste_perc``
+gauge. It is averaged over the samples taken while requests were running: an idle server
+reserves nothing and wastes nothing.
 """
 
 from __future__ import annotations
@@ -100,14 +102,15 @@ def summarize_samples(samples: list[dict[str, float]]) -> KVSnapshot:
         return [v / 100 if v > 1 else v for v in series(suffixes, rows)]
 
     busy = [row for row in samples if _busy(row)]
-    waste = fractions(WASTE_SUFFIXES, busy)
-    if not waste:  # no waste gauge: derive it from reserved and used token slots
-        waste = [
-            1.0 - used / reserved
-            for row in busy
-            if (reserved := pick(row, RESERVED_SUFFIXES))
-            and (used := pick(row, USED_SUFFIXES)) is not None
-        ]
+    # Prefer the token counts: a waste gauge may be relative to used rather than reserved slots.
+    waste = [
+        1.0 - used / reserved
+        for row in busy
+        if (reserved := pick(row, RESERVED_SUFFIXES))
+        and (used := pick(row, USED_SUFFIXES)) is not None
+    ]
+    if not waste:
+        waste = fractions(WASTE_SUFFIXES, busy)
     usage = fractions(USAGE_SUFFIXES, samples)
     reserved = series(RESERVED_SUFFIXES, samples)
     used = series(USED_SUFFIXES, samples)

@@ -70,7 +70,7 @@ def plot_runs(runs: Sequence[RunResult], out_dir: str | Path, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     first = runs[0]
-    workload = f"{first.input_len} tokens in, {first.output_len} out"
+    workload = f"~{first.input_len} tokens in, {first.output_len} out"
     return [
         _plot(runs, lambda lv: lv.output_throughput, "output tokens / s",
               f"Output throughput vs concurrency ({workload})", out / f"{prefix}_throughput.png"),

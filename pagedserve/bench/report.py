@@ -36,8 +36,8 @@ def _perc(value: float | None) -> str:
 def results_table(runs: Sequence[RunResult]) -> str:
     rows = [
         "| Concurrency | Server | Output tok/s | Req/s | TTFT p50 (ms) | TTFT p99 (ms) "
-        "| TPOT p50 (ms) | Latency p99 (ms) | KV waste | Failed |",
-        "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| TPOT p50 (ms) | Latency p99 (ms) | KV waste | KV reserved (peak tokens) | Failed |",
+        "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     levels = sorted({lv.concurrency for run in runs for lv in run.levels})
     for c in levels:
@@ -49,7 +49,8 @@ def results_table(runs: Sequence[RunResult]) -> str:
                 f"| {c} | {run.label} | {_num(lv.output_throughput, 1)} "
                 f"| {_num(lv.request_throughput, 2)} | {_num(lv.ttft_ms.p50)} "
                 f"| {_num(lv.ttft_ms.p99)} | {_num(lv.tpot_ms.p50, 1)} | {_num(lv.e2e_ms.p99)} "
-                f"| {_perc(lv.kv.waste_perc_mean)} | {lv.failed}/{lv.num_prompts} |"
+                f"| {_perc(lv.kv.waste_perc_mean)} | {_num(lv.kv.reserved_tokens_max)} "
+                f"| {lv.failed}/{lv.num_prompts} |"
             )
     return "\n".join(rows)
 
@@ -97,8 +98,9 @@ def render(runs: Sequence[RunResult], *, plots: Sequence[Path] = (), doc_dir: Pa
     lines += ["Servers:", "", *servers, "", results_table(runs), ""]
     lines += [
         "TTFT: time to first token. TPOT: time per output token after the first. Latency: "
-        "the whole request. KV waste: reserved KV token slots holding no token, averaged "
-        "while requests ran (from the server's /metrics).",
+        "the whole request. KV waste: the share of reserved KV token slots holding no token, "
+        "averaged while requests ran; KV reserved: the most token slots held at once (both "
+        "from the server's /metrics).",
         "",
     ]
     if len(runs) >= 2:

@@ -19,7 +19,7 @@ from pagedserve.bench.results import RunResult
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_URL = "http://127.0.0.1:11434"  # where `pagedserve serve` listens by default
 DEFAULT_CONCURRENCY = "1,2,4,8,16,32"
 
 

@@ -1,0 +1,103 @@
+"""Random weights of a real model's shapes, for benchmarks where only speed matters.
+
+Weights are drawn from a seeded generator, so two loads of the same config are equal. Their
+scale (std 0.02, norms at 1) keeps activations finite through many layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pagedserve.config import ModelConfig
+from pagedserve.loader import LoadedModel, ModelInfo, ModelLoadError, expected_weight_names
+
+logger = logging.getLogger(__name__)
+
+
+def _config_from(path: str | Path | None, config: ModelConfig | None) -> ModelConfig:
+    if config is not None:
+        return config
+    if path is None:
+        raise ModelLoadError("load_format 'dummy' needs a ModelConfig or a config.json path")
+    from pagedserve.loader.hf import model_config_from_hf, read_config_json
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path does not exist: {path}")
+    return model_config_from_hf(read_config_json(path), source=str(path))
+
+
+def _shape(name: str, config: ModelConfig) -> tuple[int, ...]:
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    suffix = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+    shapes = {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "lm_head.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "mlp.gate_proj.weight": (i, h),
+        "mlp.up_proj.weight": (i, h),
+        "mlp.down_proj.weight": (h, i),
+    }
+    return shapes[suffix]
+
+
+def dummy_weights(config: ModelConfig, dtype: torch.dtype = torch.float32,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name in expected_weight_names(config):
+        shape = _shape(name, config)
+        if name.endswith("norm.weight"):
+            weights[name] = torch.ones(shape, dtype=dtype)
+        else:
+            weights[name] = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+    return weights
+
+
+def dummy_info(path: str | Path | None, config: ModelConfig | None = None) -> ModelInfo:
+    config = _config_from(path, config)
+    return ModelInfo(
+        path=Path(path) if path is not None else Path("dummy"),
+        format="dummy",
+        quantization="F32",
+        family=config.architecture,
+        architecture=config.architecture,
+        parameter_count=config.num_parameters,
+        context_length=config.max_position_embeddings,
+        file_size=0,
+        metadata={},
+    )
+
+
+def load_dummy(path: str | Path | None, config: ModelConfig | None = None,
+               dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
+    """Random weights shaped by `config`, or by the config.json at `path`. A tokenizer in that
+    directory is loaded too, so a dummy model can still serve text."""
+    start = time.perf_counter()
+    config = _config_from(path, config)
+    tokenizer = None
+    generation_config: dict = {}
+    if path is not None and Path(path).is_dir():
+        from pagedserve.loader.hf import load_hf_tokenizer, read_generation_config
+
+        generation_config = read_generation_config(Path(path))
+        tokenizer = load_hf_tokenizer(Path(path), generation_config)
+    weights = dummy_weights(config, dtype, seed)
+    logger.info("made dummy weights (%d parameters) in %.2f s", config.num_parameters,
+                time.perf_counter() - start)
+    return LoadedModel(config=config, weights=weights, tokenizer=tokenizer,
+                       info=dummy_info(path, config), generation_config=generation_config)

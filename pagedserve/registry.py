@@ -476,9 +476,9 @@ class PullError(RuntimeError):
     """A model could not be brought into pagedserve's store; the message says why."""
 
 
-def _default_pull_name(ref: str, found: ResolvedModel | None) -> ModelName:
-    if found is None or found.source in ("ollama", "huggingface", "bundled"):
-        return ModelName.parse(found.name if found is not None else ref)
+def _default_pull_name(ref: str, found: ResolvedModel) -> ModelName:
+    if found.source != "path":
+        return ModelName.parse(found.name)
     path = found.path
     stem = (path.stem if path.is_file() else path.name).lower()
     cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip("-._")
@@ -504,68 +504,76 @@ def _download_hf(repo_id: str) -> Path:
         ) from exc
 
 
+def _pull_source(ref: str) -> tuple[ResolvedModel, Manifest | None]:
+    """Where ``pull`` copies from: the model found, and its Ollama manifest if it has one."""
+    if (found := _from_path(ref)) is not None:
+        return found, None
+    try:
+        parsed = ModelName.parse(ref)
+    except ValueError as exc:
+        raise PullError(f"cannot pull {ref!r}: no such file, and {exc}") from exc
+    if (manifest := ollama_store().find(parsed)) is not None:
+        return ResolvedModel(_display_name(parsed, "ollama"), manifest.path, "ollama"), manifest
+    if len(parsed.parts) == 2:
+        explicit_tag = ref.rfind(":") > ref.rfind("/")
+        try:
+            logger.info("downloaded %s to %s", ref, _download_hf("/".join(parsed.parts)))
+        except PullError:
+            if _from_hf_cache(parsed, explicit_tag) is None:
+                raise
+            logger.warning("cannot reach Hugging Face: pulling %s from the local cache", ref)
+        if (found := _from_hf_cache(parsed, explicit_tag)) is not None:
+            return found, None
+    if ref in BUNDLED_ALIASES:
+        return ResolvedModel(BUNDLED_MODEL_NAME, bundled_model_path(), "bundled"), None
+    raise PullError(f"cannot pull {ref!r}: no file, Ollama model, Hugging Face repository or "
+                    "bundled model has that name")
+
+
+def _copy_layers(source: ResolvedModel, ollama_manifest: Manifest | None, own: BlobStore,
+                 link: bool, progress: ProgressHook | None) -> list[Layer]:
+    if ollama_manifest is not None:
+        ollama = ollama_store()
+        layers = []
+        for layer in ollama_manifest.layers:
+            blob = ollama.blob_path(layer)
+            if not blob.is_file():
+                raise ModelIntegrityError(f"blob {layer.blob_name} is missing: no file {blob}")
+            label = f"{source.name} {layer.media_type.rsplit('.', 1)[-1]}"
+            added = own.add_blob(blob, layer.digest, link=link, progress=progress, label=label)
+            layers.append(Layer(layer.media_type, added.digest, added.size))
+        return layers
+    if source.path.is_file():
+        added = own.add_blob(source.path, link=link, progress=progress)
+        return [Layer(MEDIA_MODEL, added.digest, added.size)]
+    layers = []
+    for file in sorted(p for p in source.path.rglob("*") if p.is_file()):
+        rel = file.relative_to(source.path).as_posix()
+        if not any(part.startswith(".") for part in rel.split("/")):
+            added = own.add_blob(file, link=link, progress=progress, label=rel)
+            layers.append(Layer(MEDIA_FILE, added.digest, added.size, rel))
+    return layers
+
+
 def pull(ref: str, name: str | None = None, *, link: bool = False,
          progress: ProgressHook | None = None) -> ResolvedModel:
     """Copy (or hard-link, ``link=True``) a model into pagedserve's store, checking sha256.
 
     Sources: a path (GGUF file or Hugging Face directory), an Ollama store entry (all its
     layers, digests checked), a Hugging Face repository ``ORG/NAME`` (downloaded with
-    huggingface_hub, or taken from its cache when offline), the bundled model.
+    huggingface_hub, or taken from its cache when offline), the bundled model. A blob lands in
+    the store only once its digest is known and checked; the manifest is written last.
     """
-    store = own_store()
-    found: ResolvedModel | None = None
-    ollama_manifest: Manifest | None = None
-    if (found := _from_path(ref)) is None:
-        try:
-            parsed = ModelName.parse(ref)
-        except ValueError as exc:
-            raise PullError(f"cannot pull {ref!r}: no such file, and {exc}") from exc
-        ollama = ollama_store()
-        if (ollama_manifest := ollama.find(parsed)) is not None:
-            found = ResolvedModel(_display_name(parsed, "ollama"), Path(), "ollama")
-        elif len(parsed.parts) == 2:
-            explicit_tag = ref.rfind(":") > ref.rfind("/")
-            try:
-                downloaded = _download_hf("/".join(parsed.parts))
-                logger.info("downloaded %s to %s", ref, downloaded)
-            except PullError:
-                if _from_hf_cache(parsed, explicit_tag) is None:
-                    raise
-                logger.warning("cannot reach Hugging Face: pulling %s from the local cache", ref)
-            found = _from_hf_cache(parsed, explicit_tag)
-        elif ref in BUNDLED_ALIASES:
-            found = resolve(ref)
-        if found is None:
-            raise PullError(f"cannot pull {ref!r}: no file, Ollama model, Hugging Face "
-                            "repository or bundled model has that name")
-    target = ModelName.parse(name) if name else _default_pull_name(ref, found)
-
-    layers: list[Layer] = []
-    if ollama_manifest is not None:
-        ollama = ollama_store()
-        for layer in ollama_manifest.layers:
-            added = store.add_blob(ollama.blob_path(layer), layer.digest, link=link,
-                                   progress=progress) if ollama.blob_path(layer).is_file() else None
-            if added is None:
-                raise ModelIntegrityError(
-                    f"blob {layer.blob_name} is missing: no file {ollama.blob_path(layer)}")
-            layers.append(Layer(layer.media_type, added.digest, added.size))
-    elif found.path.is_file():
-        added = store.add_blob(found.path, link=link, progress=progress)
-        layers.append(Layer(MEDIA_MODEL, added.digest, added.size))
-    else:
-        for file in sorted(p for p in found.path.rglob("*") if p.is_file()):
-            rel = file.relative_to(found.path)
-            if any(part.startswith(".") for part in rel.parts):
-                continue
-            added = store.add_blob(file, link=link, progress=progress)
-            layers.append(Layer(MEDIA_FILE, added.digest, added.size, rel.as_posix()))
-    manifest = Manifest(store.manifest_path(target), layers,
-                        annotations={"pagedserve.source": f"{found.source}:{ref}"})
-    store.write_manifest(target, manifest)
+    source, ollama_manifest = _pull_source(ref)
+    target = ModelName.parse(name) if name else _default_pull_name(ref, source)
+    own = own_store()
+    layers = _copy_layers(source, ollama_manifest, own, link, progress)
+    manifest = Manifest(own.manifest_path(target), layers,
+                        annotations={"pagedserve.source": f"{source.source}:{ref}"})
+    own.write_manifest(target, manifest)
     if manifest.layer(MEDIA_FILE) is not None:
-        store.build_tree(target, manifest)
-    store.collect_garbage()  # blobs of a model this pull replaced
+        own.build_tree(target, manifest)
+    own.collect_garbage()  # blobs of a model this pull replaced
     logger.info("pulled %s as %s", ref, target)
     return resolve(str(target))
 

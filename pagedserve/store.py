@@ -257,11 +257,12 @@ def digest_cache() -> JsonCache:
     return _digest_cache
 
 
-def sha256_file(path: Path, progress: ProgressHook | None = None) -> str:
+def sha256_file(path: Path, progress: ProgressHook | None = None,
+                label: str | None = None) -> str:
     """The hex sha256 of a file, reporting bytes read to ``progress``."""
     progress = progress or NullProgress()
     h = hashlib.sha256()
-    progress.begin(f"sha256 {path.name}", path.stat().st_size)
+    progress.begin(f"verifying {label or path.name}", path.stat().st_size)
     try:
         with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
@@ -272,7 +273,8 @@ def sha256_file(path: Path, progress: ProgressHook | None = None) -> str:
     return h.hexdigest()
 
 
-def verify_blob(path: Path, digest: str, progress: ProgressHook | None = None) -> None:
+def verify_blob(path: Path, digest: str, progress: ProgressHook | None = None,
+                label: str | None = None) -> None:
     """Check that the blob at ``path`` has content ``digest``; cached by (path, size, mtime)."""
     expected = digest.removeprefix("sha256:")
     if not path.is_file():
@@ -281,7 +283,7 @@ def verify_blob(path: Path, digest: str, progress: ProgressHook | None = None) -
     actual = cache.get(file_key(path))
     if actual is None:
         logger.debug("hashing %s", path)
-        actual = sha256_file(path, progress)
+        actual = sha256_file(path, progress, label)
         if actual == expected:  # remember only good blobs: a bad one is reported every time
             cache.put(file_key(path), actual)
     if actual != expected:
@@ -351,13 +353,14 @@ class BlobStore:
     # -- writing (pagedserve's own store) ------------------------------------------------------
 
     def add_blob(self, source: Path, expected_digest: str | None = None, *, link: bool = False,
-                 progress: ProgressHook | None = None) -> Layer:
+                 progress: ProgressHook | None = None, label: str | None = None) -> Layer:
         """Copy (or hard-link) ``source`` into the store as a blob, hashing it on the way.
 
         The blob lands under its digest only after the hash matched ``expected_digest`` (when
         given), so a failed or interrupted copy leaves nothing behind but a removed temp file.
         """
         progress = progress or NullProgress()
+        label = label or source.name
         source = Path(os.path.realpath(source))
         size = source.stat().st_size
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
@@ -365,7 +368,7 @@ class BlobStore:
             existing = self.blob_path(expected_digest)
             if existing.is_file() and existing.stat().st_size == size:
                 try:
-                    verify_blob(existing, expected_digest, progress)
+                    verify_blob(existing, expected_digest, progress, label)
                     return Layer("", expected_digest, size)
                 except ModelIntegrityError:
                     logger.warning("replacing corrupt blob %s", existing)
@@ -383,9 +386,9 @@ class BlobStore:
                     logger.info("cannot hard-link %s (%s); copying it", source, exc)
                     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             if linked:
-                hexdigest = sha256_file(tmp, progress)
+                hexdigest = sha256_file(tmp, progress, label)
             else:
-                hexdigest = _copy_hashing(source, fd, size, progress)
+                hexdigest = _copy_hashing(source, fd, size, progress, label)
             digest = f"sha256:{hexdigest}"
             if expected_digest is not None and digest != expected_digest:
                 raise ModelIntegrityError(
@@ -461,9 +464,9 @@ def ollama_store() -> BlobStore:
     return BlobStore(ollama_models_dir(), ollama_layout=True)
 
 
-def _copy_hashing(source: Path, fd: int, size: int, progress: ProgressHook) -> str:
+def _copy_hashing(source: Path, fd: int, size: int, progress: ProgressHook, label: str) -> str:
     h = hashlib.sha256()
-    progress.begin(source.name, size)
+    progress.begin(f"copying {label}", size)
     try:
         with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
             while chunk := src.read(_CHUNK):

@@ -228,9 +228,9 @@ def test_verified_digests_are_cached(ollama_models: Path, monkeypatch: pytest.Mo
     hashed: list[str] = []
     real = store.sha256_file
 
-    def counting(path, progress=None):
+    def counting(path, *args):
         hashed.append(Path(path).name)
-        return real(path, progress)
+        return real(path, *args)
 
     monkeypatch.setattr(store, "sha256_file", counting)
     resolve("smol")

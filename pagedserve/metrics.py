@@ -1,0 +1,188 @@
+"""Every Prometheus series pagedserve exposes, in one place.
+
+Names mirror vLLM's with the prefix ``pagedserve:`` so that dashboards, alerts and KEDA triggers
+written for vLLM port by renaming ``vllm:`` to ``pagedserve:``; every series carries the label
+``model_name``. Two sources feed them:
+
+- gauges and cumulative counters are read from :meth:`Engine.stats` at scrape time (a custom
+  collector), so they are never stale and cost nothing between scrapes;
+- histograms and the per-reason success counter are observed from the engine thread through the
+  :class:`EngineObserver` hooks ``on_step`` and ``on_output``.
+
+Each :class:`ServerMetrics` owns its own :class:`CollectorRegistry`, so several servers (or tests)
+in one process never collide on the global registry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from pagedserve.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from pagedserve.engine import EngineStats, StepStats
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "pagedserve:"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+FINISHED_REASONS = ("stop", "length", "abort")
+
+# Latency buckets in seconds: fine below a second (GPU decode), long tail for CPU prefill.
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                    0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
+                  100000)
+
+
+class _EngineStatsCollector(Collector):
+    """Gauges and counters read from ``engine.stats()`` at each scrape."""
+
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+        self._model_name = model_name
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        labels = ["model_name"]
+        value = [self._model_name]
+
+        def gauge(name: str, doc: str, v: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+            family.add_metric(value, v)
+            return family
+
+        def counter(name: str, doc: str, v: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            family.add_metric(value, v)
+            return family
+
+        yield gauge("num_requests_running", "Requests in the running batch.", s.num_running)
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
+        yield gauge("kv_cache_usage_perc",
+                    "Fraction of KV cache blocks in use by requests (1 = full).",
+                    s.kv_cache_usage)
+        yield gauge("kv_reserved_tokens",
+                    "KV cache token slots held by requests (allocated blocks or static slots).",
+                    s.kv_reserved_tokens)
+        yield gauge("kv_used_tokens",
+                    "KV cache token slots holding a computed token.", s.kv_used_tokens)
+        yield gauge("kv_cache_waste_perc",
+                    "Reserved KV cache slots that hold no token, in percent of the slots that "
+                    "do (paged: partly filled tail blocks; static: unused context of each slot).",
+                    s.kv_waste_perc)
+        yield counter("prefix_cache_queries",
+                      "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
+        yield counter("prefix_cache_hits",
+                      "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield counter("num_preemptions", "Requests preempted to free KV cache.",
+                      s.num_preemptions)
+        yield counter("prompt_tokens", "Prompt tokens processed (prefill).",
+                      s.prompt_tokens_total)
+        yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
+
+
+class ServerMetrics:
+    """The server's Prometheus registry, and an engine observer that feeds its histograms.
+
+    ``on_step`` and ``on_output`` run on the engine thread; prometheus_client's metrics are
+    thread-safe, and the per-request bookkeeping here is touched by that thread only.
+    """
+
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_EngineStatsCollector(model_name, stats))
+        labels = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
+
+        self.request_success = Counter(
+            PREFIX + "request_success", "Finished requests, by finish reason.",
+            ["model_name", "finished_reason"], registry=self.registry)
+        for reason in FINISHED_REASONS:
+            self.request_success.labels(model_name, reason)
+        self.time_to_first_token = histogram(
+            "time_to_first_token_seconds", "Time from arrival to the first output token.",
+            _LATENCY_BUCKETS).labels(model_name)
+        self.inter_token_latency = histogram(
+            "inter_token_latency_seconds", "Time between consecutive output tokens.",
+            _LATENCY_BUCKETS).labels(model_name)
+        self.e2e_request_latency = histogram(
+            "e2e_request_latency_seconds", "Time from arrival to the last output.",
+            _REQUEST_BUCKETS).labels(model_name)
+        self.request_queue_time = histogram(
+            "request_queue_time_seconds", "Time from arrival to the first scheduling.",
+            _REQUEST_BUCKETS).labels(model_name)
+        self.request_prompt_tokens = histogram(
+            "request_prompt_tokens", "Prompt tokens per finished request.",
+            _TOKEN_BUCKETS).labels(model_name)
+        self.request_generation_tokens = histogram(
+            "request_generation_tokens", "Generated tokens per finished request.",
+            _TOKEN_BUCKETS).labels(model_name)
+        self.iteration_tokens = histogram(
+            "iteration_tokens_total", "Tokens scheduled per engine step (prompt + generation).",
+            _TOKEN_BUCKETS).labels(model_name)
+        # request id -> time of its latest token, for the inter-token latency
+        self._last_token_time: dict[str, float] = {}
+
+    # -- EngineObserver ------------------------------------------------------------------------
+
+    def on_step(self, stats: StepStats) -> None:
+        if stats.num_scheduled_tokens:
+            self.iteration_tokens.observe(stats.num_scheduled_tokens)
+
+    def on_output(self, output: RequestOutput) -> None:
+        m = output.metrics
+        if m is not None and output.delta_token_ids and m.last_token_time is not None:
+            self._observe_tokens(output.request_id, len(output.delta_token_ids), m)
+        if output.finished:
+            self._observe_finished(output)
+
+    def forget(self, request_id: str) -> None:
+        """Drop bookkeeping for a request that ended without a finished output."""
+        self._last_token_time.pop(request_id, None)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _observe_tokens(self, request_id: str, num_tokens: int, m) -> None:
+        previous = self._last_token_time.get(request_id)
+        if previous is None:
+            if m.first_token_time is not None:
+                self.time_to_first_token.observe(m.first_token_time - m.arrival_time)
+            if m.first_scheduled_time is not None:
+                self.request_queue_time.observe(m.first_scheduled_time - m.arrival_time)
+            # tokens after the first one in this delta arrived in the same step
+            num_gaps = num_tokens - 1
+            span = 0.0
+        else:
+            num_gaps = num_tokens
+            span = m.last_token_time - previous
+        for _ in range(num_gaps):
+            self.inter_token_latency.observe(span / num_gaps)
+        self._last_token_time[request_id] = m.last_token_time
+
+    def _observe_finished(self, output: RequestOutput) -> None:
+        self._last_token_time.pop(output.request_id, None)
+        reason = output.finish_reason or "abort"
+        self.request_success.labels(self.model_name, reason).inc()
+        m = output.metrics
+        if m is not None:
+            end = m.finished_time or m.last_token_time
+            if end is not None:
+                self.e2e_request_latency.observe(end - m.arrival_time)
+        self.request_prompt_tokens.observe(output.num_prompt_tokens)
+        self.request_generation_tokens.observe(output.num_output_tokens)

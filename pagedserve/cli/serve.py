@@ -1,0 +1,193 @@
+"""`pagedserve serve [MODEL]`: the OpenAI and Ollama APIs and /metrics on one port."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 11434  # Ollama's, so that Ollama clients work with no configuration
+
+EPILOG = """examples:
+  pagedserve serve                                 the bundled smollm2:135m on 127.0.0.1:11434
+  pagedserve serve llama3.2:1b --port 8000         a model from ~/.ollama/models
+  pagedserve serve model.gguf --max-queue 64 --api-key s3cret
+  pagedserve serve --kv-layout static --max-parallel 4 --num-ctx 2048   Ollama's KV layout
+
+environment:
+  PAGEDSERVE_API_KEY    the API key, when --api-key is not given
+"""
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes from "2GiB", "512MiB", "1.5G" or a plain number (units are binary either way)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 512MiB, 2GiB)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    size = int(number * 1024 ** " KMGT".index(unit or " "))
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over the OpenAI and Ollama APIs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve MODEL (a name such as smollm2:135m or llama3.2, ORG/NAME from the "
+        "Hugging Face cache, or a path; default: the bundled smollm2:135m) over the OpenAI API "
+        "(/v1), the Ollama API (/api) and Prometheus metrics (/metrics), from one engine with "
+        "continuous batching.",
+        epilog=EPILOG,
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="model name or path")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"port to bind (default {DEFAULT_PORT})")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the name clients use (default: the registry's name for MODEL)")
+    p.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /api/* "
+                   "(default: $PAGEDSERVE_API_KEY; none: open)")
+    p.add_argument("--max-queue", type=int, metavar="N",
+                   help="answer 503 (with Retry-After) beyond N waiting requests "
+                   "(default: no limit)")
+
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, help="most requests in one batch (default 128)")
+    e.add_argument("--max-num-batched-tokens", type=int,
+                   help="most tokens computed in one step (default 1024)")
+    e.add_argument("--kv-cache-memory", type=parse_bytes, metavar="BYTES",
+                   help="memory for the KV cache, e.g. 512MiB or 2GiB "
+                   "(default: a share of free memory)")
+    e.add_argument("--max-model-len", type=int, help="context length (default: the model's, "
+                   "capped by the KV cache)")
+    e.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None, help="reuse the KV blocks of shared prompt prefixes (default on)")
+    e.add_argument("--kv-layout", choices=["paged", "static"],
+                   help="paged blocks (default), or static slots as Ollama/llama.cpp reserve them")
+    e.add_argument("--max-parallel", type=int,
+                   help="static layout: number of slots, like OLLAMA_NUM_PARALLEL (default 4)")
+    e.add_argument("--num-ctx", type=int,
+                   help="static layout: tokens reserved per slot, like num_ctx (default 4096)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights and KV cache (default float32)")
+    e.add_argument("--device", help="cpu (default) or cuda")
+    e.add_argument("--threads", type=int, help="torch CPU threads")
+    e.add_argument("--seed", type=int, help="engine seed for unseeded requests")
+    p.set_defaults(func=cmd_serve)
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from pagedserve.config import EngineConfig
+
+    knobs: dict[str, Any] = {
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "kv_cache_memory": args.kv_cache_memory,
+        "max_model_len": args.max_model_len,
+        "block_size": args.block_size,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "kv_layout": args.kv_layout,
+        "max_parallel": args.max_parallel,
+        "num_ctx": args.num_ctx,
+        "dtype": args.dtype,
+        "device": args.device,
+        "num_threads": args.threads,
+        "seed": args.seed,
+    }
+    return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
+
+
+def resolve_model(ref: str | None, served_name: str | None):
+    """The registry's entry for MODEL as a :class:`ModelCard` (a path if the registry is absent)."""
+    from pagedserve.bundled import BUNDLED_ALIASES
+    from pagedserve.server.served_model import ModelCard
+
+    try:
+        from pagedserve.registry import resolve
+    except ImportError:
+        resolve = None
+    if resolve is not None:
+        resolved = resolve(ref)
+        name, path, source = resolved.name, str(resolved.path), resolved.source
+        defaults, system, template = (dict(resolved.sampling_defaults), resolved.system,
+                                      resolved.template)
+    else:
+        from pagedserve.bundled import BUNDLED_MODEL_NAME, bundled_model_path
+
+        if ref is None:
+            name, path, source = BUNDLED_MODEL_NAME, str(bundled_model_path()), "bundled"
+        else:
+            name, path, source = ref, ref, "path"
+        defaults, system, template = {}, None, None
+    aliases = {name}
+    if ref:
+        aliases.add(ref)
+    if source == "bundled":
+        aliases.update(BUNDLED_ALIASES)
+    if source == "path":
+        aliases.update({Path(path).name, Path(path).stem})
+    if served_name:
+        aliases.add(name)
+        name = served_name
+    return ModelCard(name=name, path=path, source=source, aliases=frozenset(aliases - {name}),
+                     sampling_defaults=defaults, system=system, template=template)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pagedserve.async_engine import AsyncEngine
+    from pagedserve.engine import Engine
+    from pagedserve.loader import ModelLoadError
+    from pagedserve.metrics import ServerMetrics
+    from pagedserve.server.app import create_app
+    from pagedserve.server.served_model import ServedModel
+
+    if args.max_queue is not None and args.max_queue < 0:
+        logger.error("--max-queue must be >= 0, got %d", args.max_queue)
+        return 2
+    try:
+        config = engine_config_from_args(args)
+        card = resolve_model(args.model, args.served_model_name)
+        logger.info("loading %s from %s (%s)", card.name, card.path, card.source)
+        engine = Engine.from_model(card.path, config, model_name=card.name)
+    except (ValueError, LookupError, OSError, ModelLoadError) as exc:
+        logger.error("%s", exc)
+        return 1
+
+    served = ServedModel(card, AsyncEngine(engine), max_queue=args.max_queue)
+    metrics = ServerMetrics(card.name, engine.stats)
+    app = create_app(served, metrics, api_key=args.api_key)
+    _log_startup(args, served)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def _log_startup(args: argparse.Namespace, served) -> None:
+    engine = served.engine
+    capacity = engine.kv.capacity_tokens
+    max_len = engine.max_model_len
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    logger.info("serving %s on http://%s:%d (OpenAI /v1, Ollama /api, metrics /metrics)",
+                served.name, host, args.port)
+    logger.info("model %s: context %d tokens; KV cache (%s) holds %d tokens: %d requests "
+                "at full context at once (max %d sequences per batch)",
+                served.card.path, max_len, engine.config.kv_layout, capacity,
+                capacity // max_len if max_len else 0, engine.scheduler.max_num_seqs)
+    if args.api_key:
+        logger.info("API key required on /v1/* and /api/*")
+    if args.max_queue is not None:
+        logger.info("at most %d waiting requests; more get 503", args.max_queue)

@@ -1,0 +1,106 @@
+"""The FastAPI application: both APIs over one :class:`AsyncEngine`, plus the operator's routes.
+
+    /v1/*                      OpenAI API          (openai_api.py)
+    /api/*                     Ollama API          (ollama_api.py)
+    /tokenize, /detokenize     vLLM's tokenizer    (tokenize_api.py)
+    /health, /version, /       liveness, version, "Ollama is running"
+    /metrics                   Prometheus          (pagedserve/metrics.py)
+
+With an API key set, ``/v1/*`` and ``/api/*`` require ``Authorization: Bearer KEY``; the
+operator's routes stay open so that probes and scrapers need no secret. The engine loop starts
+with the application (its lifespan) and stops with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pagedserve.metrics import CONTENT_TYPE, ServerMetrics
+from pagedserve.server import ollama_api, openai_api, tokenize_api
+from pagedserve.server.errors import APIError, error_response, install_error_handlers
+from pagedserve.server.generation import ClientDisconnected
+from pagedserve.server.served_model import ServedModel
+from pagedserve.server.version import __version__
+
+logger = logging.getLogger(__name__)
+
+PROTECTED_PREFIXES = ("/v1/", "/api/")
+
+
+def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The server for ``served``; ``metrics`` is registered as an engine observer here."""
+    metrics = metrics or ServerMetrics(served.name, served.engine.stats)
+    if metrics not in served.engine.observers:
+        served.engine.observers.append(metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        served.async_engine.start()
+        try:
+            yield
+        finally:
+            await served.async_engine.shutdown()
+
+    app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.served = served
+    app.state.metrics = metrics
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _disconnected(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+
+    app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
+    app.include_router(tokenize_api.router)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root() -> PlainTextResponse:
+        # Ollama's exact words: clients and scripts probe for them
+        return PlainTextResponse("Ollama is running")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+class APIKeyMiddleware:
+    """Pure ASGI (not BaseHTTPMiddleware), so streamed answers and disconnects pass untouched."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIXES) \
+                and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(scope["path"], APIError(
+                    401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

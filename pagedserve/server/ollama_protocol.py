@@ -1,0 +1,114 @@
+"""The Ollama API's request bodies, as pydantic models.
+
+Only types are checked here; ranges are SamplingParams' business. Options Ollama has and we do
+not use (``num_gpu``, ``mirostat``, ...) are accepted and ignored, as Ollama ignores options a
+model does not use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+# Ollama option -> SamplingParams field
+OPTION_FIELDS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "num_predict": "max_tokens",
+    "stop": "stop",
+    "seed": "seed",
+    "repeat_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    # pagedserve's extras, so that a load generator can fix the output length
+    "ignore_eos": "ignore_eos",
+    "min_tokens": "min_tokens",
+}
+# SamplingParams field -> Ollama option, to name the client's field in error messages
+FIELD_OPTIONS = {v: k for k, v in OPTION_FIELDS.items()} | {"logprobs": "top_logprobs"}
+
+# Ollama's own defaults where they differ from SamplingParams' (llama.cpp's sampler settings)
+OLLAMA_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.9,
+                                   "max_tokens": None}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    num_predict: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    num_ctx: int | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+
+    def sampling_values(self) -> dict[str, Any]:
+        """The options that were set, under SamplingParams' names."""
+        values = {}
+        for option, name in OPTION_FIELDS.items():
+            value = getattr(self, option)
+            if value is None:
+                continue
+            if option == "num_predict" and value < 0:  # -1: no limit, -2: fill the context
+                value = None
+            values[name] = value
+        return values
+
+
+class _GenerationBody(_Body):
+    model: str | None = None
+    stream: bool = True
+    options: Options | None = None
+    format: Any = None
+    keep_alive: str | int | float | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def sampling_values(self) -> dict[str, Any]:
+        values = self.options.sampling_values() if self.options else {}
+        if self.logprobs:
+            values["logprobs"] = self.top_logprobs or 0
+        return values
+
+
+class GenerateRequest(_GenerationBody):
+    prompt: str | None = None
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+    images: list[str] | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | None = ""
+    images: list[str] | None = None
+
+
+class ChatRequest(_GenerationBody):
+    messages: list[Message] | None = None
+    tools: list[dict] | None = None
+
+
+class ShowRequest(_Body):
+    model: str | None = None
+    name: str | None = None  # the field's old name, still sent by older clients
+    verbose: bool = False

@@ -1,0 +1,305 @@
+"""The OpenAI API: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
+
+Translation only: a request body becomes prompts and :class:`SamplingParams` (one engine request
+per prompt and choice), and the engine's :class:`RequestOutput` deltas become OpenAI's JSON
+objects or server-sent events ending in ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from pagedserve.outputs import RequestOutput, TokenLogprobs
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.server.errors import APIError, parse_model
+from pagedserve.server.generation import Generation, until_disconnected
+from pagedserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.server.served_model import ServedModel
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+def served_model(request: Request) -> ServedModel:
+    return request.app.state.served
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    served = served_model(request)
+    return {"object": "list", "data": [{
+        "id": served.name, "object": "model", "created": int(served.loaded_at),
+        "owned_by": "pagedserve", "root": served.card.path, "parent": None,
+        "max_model_len": served.max_model_len,
+    }]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict:
+    served = served_model(request)
+    served.check_model(model_id)
+    return {"id": served.name, "object": "model", "created": int(served.loaded_at),
+            "owned_by": "pagedserve"}
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    served = served_model(request)
+    body: CompletionRequest = parse_model(await request.body(), CompletionRequest)
+    served.check_model(body.model)
+    prompts = _completion_prompts(body.prompt)
+    values = body.sampling_values()
+    if "max_tokens" in body.model_fields_set:
+        values["max_tokens"] = body.max_tokens
+    if body.logprobs is not None:
+        values["logprobs"] = body.logprobs
+    params = served.sampling_params(values, api_defaults={"max_tokens": 16})
+    call = _Call("cmpl", served.name, body.n, body.include_usage)
+    generation = _start(served, prompts, params, body.n)
+    echo = [_prompt_text(served, p) for p in prompts] if body.echo else None
+    if body.stream:
+        return _sse(_stream_completion(call, generation, echo))
+    return await until_disconnected(request, _collect_completion(call, generation, echo))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    served = served_model(request)
+    body: ChatCompletionRequest = parse_model(await request.body(), ChatCompletionRequest)
+    served.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError.bad_request("top_logprobs requires logprobs to be true",
+                                   param="top_logprobs")
+    messages = served.with_system_prompt(
+        [{"role": _template_role(m.role), "content": m.text()} for m in body.messages])
+    prompt = served.render_chat(messages)
+    values = body.sampling_values()
+    renames = {"logprobs": "top_logprobs"}
+    if body.max_completion_tokens is not None:
+        values["max_tokens"] = body.max_completion_tokens
+        renames["max_tokens"] = "max_completion_tokens"
+    elif "max_tokens" in body.model_fields_set:
+        values["max_tokens"] = body.max_tokens
+    if body.logprobs:
+        values["logprobs"] = body.top_logprobs or 0
+    params = served.sampling_params(values, api_defaults={"max_tokens": None}, renames=renames)
+    call = _Call("chatcmpl", served.name, body.n, body.include_usage)
+    generation = _start(served, [prompt], params, body.n, renames)
+    if body.stream:
+        return _sse(_stream_chat(call, generation))
+    return await until_disconnected(request, _collect_chat(call, generation))
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+def _completion_prompts(prompt: str | list) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError.bad_request("prompt must not be empty", param="prompt")
+    return prompts
+
+
+def _start(served: ServedModel, prompts: Sequence[str | list[int]], params: SamplingParams,
+           n: int, renames: dict[str, str] | None = None) -> Generation:
+    """One engine request per (prompt, choice); choice i of a seeded request uses seed + i."""
+    if isinstance(n, bool) or n < 1:
+        raise APIError.bad_request(f"n must be >= 1, got {n}", param="n")
+    expanded_prompts, expanded_params = [], []
+    for prompt in prompts:
+        for i in range(n):
+            seed = None if params.seed is None else params.seed + i
+            expanded_prompts.append(prompt)
+            expanded_params.append(dataclasses.replace(params, n=1, seed=seed))
+    return served.start(expanded_prompts, expanded_params, renames)
+
+
+def _prompt_text(served: ServedModel, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else served.tokenizer.decode(prompt)
+
+
+def _template_role(role: str) -> str:
+    return {"developer": "system", "function": "tool"}.get(role, role)
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Call:
+    """Identity and accounting of one API call's answer."""
+
+    kind: str  # "cmpl" or "chatcmpl"
+    model: str
+    n: int
+    include_usage: bool
+    id: str = ""
+    created: int = 0
+    prompt_tokens: dict[int, int] = field(default_factory=dict)  # per prompt
+    completion_tokens: dict[int, int] = field(default_factory=dict)  # per choice
+
+    def __post_init__(self) -> None:
+        self.id = f"{self.kind}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def count(self, index: int, output: RequestOutput) -> None:
+        self.prompt_tokens[index // self.n] = output.num_prompt_tokens
+        self.completion_tokens[index] = output.num_output_tokens
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(self.prompt_tokens.values())
+        completion = sum(self.completion_tokens.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def envelope(self, obj: str, choices: list[dict]) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+
+
+@dataclass(slots=True)
+class _Choice:
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+async def _collect(call: _Call, generation: Generation) -> dict[int, _Choice]:
+    choices = {i: _Choice() for i in range(len(generation))}
+    async for index, output in generation:
+        call.count(index, output)
+        choice = choices[index]
+        choice.text += output.delta_text
+        if output.delta_logprobs is not None:
+            choice.logprobs = (choice.logprobs or []) + output.delta_logprobs
+        if output.finished:
+            choice.finish_reason = output.finish_reason
+    return choices
+
+
+async def _collect_completion(call: _Call, generation: Generation,
+                              echo: list[str] | None) -> dict:
+    choices = await _collect(call, generation)
+    out = []
+    for index, choice in sorted(choices.items()):
+        prefix = echo[index // call.n] if echo else ""
+        logprobs = (_completion_logprobs(choice.logprobs, len(prefix))
+                    if choice.logprobs is not None else None)
+        out.append({"index": index, "text": prefix + choice.text, "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason})
+    return {**call.envelope("text_completion", out), "usage": call.usage()}
+
+
+async def _collect_chat(call: _Call, generation: Generation) -> dict:
+    choices = await _collect(call, generation)
+    out = []
+    for index, choice in sorted(choices.items()):
+        logprobs = ({"content": _chat_logprobs(choice.logprobs)}
+                    if choice.logprobs is not None else None)
+        out.append({"index": index, "message": {"role": "assistant", "content": choice.text},
+                    "logprobs": logprobs, "finish_reason": choice.finish_reason})
+    return {**call.envelope("chat.completion", out), "usage": call.usage()}
+
+
+async def _stream_completion(call: _Call, generation: Generation,
+                             echo: list[str] | None) -> AsyncIterator[dict]:
+    offsets = [0] * len(generation)
+    started = [False] * len(generation)
+    async for index, output in generation:
+        call.count(index, output)
+        text = output.delta_text
+        if echo and not started[index]:
+            text = echo[index // call.n] + text
+            offsets[index] = len(echo[index // call.n])
+        started[index] = True
+        if not text and not output.finished and not output.delta_logprobs:
+            continue
+        logprobs = None
+        if output.delta_logprobs is not None:
+            logprobs = _completion_logprobs(output.delta_logprobs, offsets[index])
+            offsets[index] += sum(len(lp.sampled.token) for lp in output.delta_logprobs)
+        yield call.envelope("text_completion", [{
+            "index": index, "text": text, "logprobs": logprobs,
+            "finish_reason": output.finish_reason if output.finished else None}])
+    if call.include_usage:
+        yield {**call.envelope("text_completion", []), "usage": call.usage()}
+
+
+async def _stream_chat(call: _Call, generation: Generation) -> AsyncIterator[dict]:
+    for index in range(len(generation)):
+        yield call.envelope("chat.completion.chunk", [{
+            "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            "finish_reason": None}])
+    async for index, output in generation:
+        call.count(index, output)
+        if not output.delta_text and not output.finished and not output.delta_logprobs:
+            continue
+        delta = {"content": output.delta_text} if output.delta_text else {}
+        logprobs = None
+        if output.delta_logprobs is not None:
+            logprobs = {"content": _chat_logprobs(output.delta_logprobs)}
+        yield call.envelope("chat.completion.chunk", [{
+            "index": index, "delta": delta, "logprobs": logprobs,
+            "finish_reason": output.finish_reason if output.finished else None}])
+    if call.include_usage:
+        yield {**call.envelope("chat.completion.chunk", []), "usage": call.usage()}
+
+
+def _completion_logprobs(logprobs: list[TokenLogprobs], offset: int) -> dict[str, list]:
+    tokens, token_logprobs, top, text_offset = [], [], [], []
+    for lp in logprobs:
+        tokens.append(lp.sampled.token)
+        token_logprobs.append(lp.sampled.logprob)
+        alternatives = lp.top or [lp.sampled]
+        top.append({alt.token: alt.logprob for alt in alternatives})
+        text_offset.append(offset)
+        offset += len(lp.sampled.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
+            "text_offset": text_offset}
+
+
+def _chat_logprobs(logprobs: list[TokenLogprobs]) -> list[dict]:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return [{**entry(lp.sampled.token, lp.sampled.logprob),
+             "top_logprobs": [entry(alt.token, alt.logprob) for alt in lp.top]}
+            for lp in logprobs]
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except APIError as exc:
+            yield f"data: {json.dumps(_error_event(exc.status, exc.message))}\n\n"
+        except Exception as exc:  # the status line is sent; the error goes in the stream
+            logger.exception("stream failed")
+            yield f"data: {json.dumps(_error_event(500, f'{type(exc).__name__}: {exc}'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _error_event(status: int, message: str) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+

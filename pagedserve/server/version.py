@@ -1,0 +1,10 @@
+"""The version both APIs report (``/version``, ``/api/version``): the installed package's."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("pagedserve")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"

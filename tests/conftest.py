@@ -55,3 +55,162 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
     )
     return _save_tiny(tmp_path_factory, "tiny-qwen2", config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models with real tokenizers (added by the loader work)
+
+_CORPUS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "You are a helpful assistant. How can I help you today?",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers like 12, 345 and 6789 appear in text; so do emoji 😀 and 日本語.",
+    "The cat sat on the mat. The dog sat on the log. It was a sunny day.",
+    "Paged attention keeps the KV cache in fixed-size blocks.",
+]
+TINY_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tokenized_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """`tiny_llama_dir` plus a byte-level BPE tokenizer trained on a few sentences (vocab 300,
+    under the model's 512): ids 0-3 are <|im_start|>, <s> (BOS, 1), </s> (2), <|im_end|> (3);
+    a ChatML chat template; generation_config eos_token_id [2, 3]. Enough to run a server."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out = tmp_path_factory.mktemp("tiny-llama-tokenized") / "model"
+    shutil.copytree(tiny_llama_dir, out)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|im_start|>", "<s>", "</s>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    assert tokenizer.get_vocab_size() <= 512
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "</s>",
+        "add_bos_token": False,
+        "chat_template": TINY_CHATML_TEMPLATE,
+    }, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 1, "eos_token_id": [2, 3],
+    }, indent=2))
+    return out
+
+
+def _llama_cpp_permute(w, n_heads: int):
+    """llama.cpp's convert script's q/k row order: per head, halves interleaved."""
+    return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _sentencepiece_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A small SentencePiece-style vocabulary: <unk>, <s>, </s>, 256 byte tokens, pieces."""
+    words = ["▁the", "▁hello", "▁world", "▁cat", "▁sat", "▁on", "▁mat", "ing", "▁is", "er"]
+    pieces = list("▁abcdefghijklmnopqrstuvwxyzTHW.,!?'")
+    for word in words:  # every prefix of a word, so BPE can build it merge by merge
+        pieces += [word[:n] for n in range(2, len(word) + 1)]
+    pieces += ["he", "ll", "llo", "or", "orld", "at"]
+    pieces = list(dict.fromkeys(pieces))
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    return tokens, scores, types
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tiny_llama_dir, tmp_path_factory) -> Path:
+    """`tiny_llama_dir` written as llama.cpp would: F32 tensors under GGUF names, q/k rows
+    permuted, llama3 rope scaling as a `rope_freqs` tensor, a SentencePiece vocabulary."""
+    import json
+    import math
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    state = load_file(str(tiny_llama_dir / "model.safetensors"))
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    path = tmp_path_factory.mktemp("tiny-llama-gguf") / "tiny-llama.F32.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("general.file_type", 0)
+    writer.add_uint32("llama.block_count", config["num_hidden_layers"])
+    writer.add_uint32("llama.context_length", config["max_position_embeddings"])
+    writer.add_uint32("llama.embedding_length", config["hidden_size"])
+    writer.add_uint32("llama.feed_forward_length", config["intermediate_size"])
+    writer.add_uint32("llama.attention.head_count", heads)
+    writer.add_uint32("llama.attention.head_count_kv", kv_heads)
+    writer.add_float32("llama.rope.freq_base", config["rope_parameters"]["rope_theta"])
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
+    writer.add_uint32("llama.rope.dimension_count", config["head_dim"])
+    writer.add_uint32("llama.vocab_size", config["vocab_size"])
+    tokens, scores, types = _sentencepiece_vocab()
+    writer.add_string("tokenizer.ggml.model", "llama")
+    writer.add_array("tokenizer.ggml.tokens", tokens)
+    writer.add_array("tokenizer.ggml.scores", scores)
+    writer.add_array("tokenizer.ggml.token_type", types)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    writer.add_uint32("tokenizer.ggml.unknown_token_id", 0)
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+
+    # llama3 rope: per-frequency divisors, as llama.cpp's converter computes them
+    rope = config["rope_parameters"]
+    dim, base = config["head_dim"], rope["rope_theta"]
+    low_wavelen = rope["original_max_position_embeddings"] / rope["low_freq_factor"]
+    high_wavelen = rope["original_max_position_embeddings"] / rope["high_freq_factor"]
+    freqs = []
+    for i in range(dim // 2):
+        wavelen = 2 * math.pi * base ** (2 * i / dim)
+        if wavelen < high_wavelen:
+            freqs.append(1.0)
+        elif wavelen > low_wavelen:
+            freqs.append(rope["factor"])
+        else:
+            smooth = (rope["original_max_position_embeddings"] / wavelen
+                      - rope["low_freq_factor"]) / (rope["high_freq_factor"]
+                                                    - rope["low_freq_factor"])
+            freqs.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    writer.add_tensor("rope_freqs.weight", np.array(freqs, dtype=np.float32))
+
+    names = {"model.embed_tokens.weight": "token_embd.weight",
+             "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                   "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down"}
+    for hf_name, tensor in state.items():
+        if hf_name in names:
+            name = names[hf_name]
+        else:
+            _, _, layer, module = hf_name.split(".", 3)
+            module, kind = module.rsplit(".", 1)
+            name = f"blk.{layer}.{layer_names[module]}.{kind}"
+        if hf_name.endswith("q_proj.weight"):
+            tensor = _llama_cpp_permute(tensor, heads)
+        elif hf_name.endswith("k_proj.weight"):
+            tensor = _llama_cpp_permute(tensor, kv_heads)
+        writer.add_tensor(name, np.ascontiguousarray(tensor, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -327,15 +327,19 @@ class RichProgress:
             TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
         )
         self._task: Any = None
+        self._started = False
 
     def __enter__(self) -> RichProgress:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self._started:
+            self.progress.stop()
 
     def begin(self, label: str, total: int) -> None:
+        if not self._started:  # nothing drawn when a pull fails before copying
+            self.progress.start()
+            self._started = True
         self._task = self.progress.add_task(label, total=total)
 
     def advance(self, nbytes: int) -> None:

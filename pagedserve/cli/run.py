@@ -1,0 +1,286 @@
+"""`pagedserve run [MODEL] [PROMPT]`: one answer, or a chat, streamed to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from pagedserve.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+CHAT_HELP = """Available commands:
+  /clear        forget the conversation so far
+  /bye          leave (Ctrl-D does too)
+  /?, /help     this help
+Ctrl-C stops an answer; the chat goes on.
+Use \"\"\" to begin and end a message of several lines.
+"""
+
+EPILOG = """examples:
+  pagedserve run "Why is the sky blue?"               the bundled SmolLM2-135M answers once
+  pagedserve run llama3.2:1b "Hi" --max-tokens 64     a model from ~/.ollama/models
+  pagedserve run Qwen/Qwen2.5-0.5B-Instruct           chat with a Hugging Face cached model
+  cat notes.txt | pagedserve run smollm2 "Summarize:" the piped text follows the prompt
+  printf 'Hi\\nAnd then?\\n' | pagedserve run smollm2  a chat read from stdin, a turn a line
+
+A single argument with spaces in it is a prompt for the default model.
+"""
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "512MiB", "2G", "1.5GB" or a plain number (binary units either way)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** " KMGT".index(unit or " "))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run", help="answer a prompt, or chat, in the terminal",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Answer PROMPT with MODEL, streaming the text as it comes. Without PROMPT, "
+        "chat: the conversation is kept, /bye leaves, Ctrl-C interrupts an answer but not the "
+        "chat. MODEL is a name (smollm2:135m, llama3.2, ORG/NAME) or a path (see `pagedserve "
+        "list`); the default is the bundled smollm2:135m.",
+        epilog=EPILOG,
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL", help="model name or path")
+    p.add_argument("prompt", nargs="?", metavar="PROMPT", help="answer this once and exit")
+    g = p.add_argument_group("sampling (default: the model's own defaults)")
+    g.add_argument("--max-tokens", type=int, help="most tokens per answer")
+    g.add_argument("--temperature", type=float, help="0 is greedy")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--seed", type=int, help="same seed, same answer")
+    g.add_argument("--stop", action="append", help="stop at this text (repeatable)")
+    g.add_argument("--system", help="system prompt (replaces the model's)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--kv-cache-memory", type=parse_size,
+                   help="bytes for the KV cache, e.g. 256MiB (default: a share of free memory)")
+    e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    e.add_argument("--kv-layout", choices=["paged", "static"], help="KV cache layout")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--device", help="cpu (default) or cuda")
+    e.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--stats", action="store_true",
+                   help="print token counts and speed after each answer (on stderr)")
+    p.set_defaults(func=cmd_run)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> Any:
+    from pagedserve.config import EngineConfig
+
+    knobs: dict[str, Any] = {
+        "kv_cache_memory": args.kv_cache_memory,
+        "max_model_len": args.max_model_len,
+        "kv_layout": args.kv_layout,
+        "dtype": args.dtype,
+        "device": args.device,
+        "num_threads": args.threads,
+    }
+    return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Only what the user gave: the model's defaults fill in the rest."""
+    overrides = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def _split_model_and_prompt(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """`run "Why is the sky blue?"`: one argument with whitespace is a prompt, not a model."""
+    if args.prompt is None and args.model is not None and any(c.isspace() for c in args.model):
+        return None, args.model
+    return args.model, args.prompt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pagedserve.llm import LLM
+    from pagedserve.loader import ModelLoadError
+    from pagedserve.registry import ModelNotFoundError
+    from pagedserve.store import ModelIntegrityError
+
+    model, prompt = _split_model_and_prompt(args)
+    stdin_is_tty = sys.stdin.isatty()
+    if prompt is not None and not stdin_is_tty:
+        piped = _read_all(sys.stdin)
+        if piped.strip():
+            prompt = f"{prompt}\n\n{piped}"
+    try:
+        engine_config = engine_config_from_args(args)
+        started = time.monotonic()
+        llm = LLM(model, engine_config=engine_config)
+        logger.debug("model loaded in %.1f s", time.monotonic() - started)
+        params = llm.default_params(**sampling_overrides(args))
+    except (ModelNotFoundError, ModelIntegrityError, ModelLoadError, ValueError) as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    session = ChatSession(llm, params, system=args.system, out=sys.stdout,
+                          stats=args.stats)
+    if prompt is not None:
+        session.ask(prompt)
+        return 0
+    session.loop(tty_reader() if stdin_is_tty else pipe_reader(sys.stdin),
+                 interactive=stdin_is_tty)
+    return 0
+
+
+def _read_all(stream: TextIO) -> str:
+    try:
+        return stream.read()
+    except OSError:  # no stdin at all (a daemon, or pytest's capture)
+        return ""
+
+
+LineReader = Callable[[str], str | None]  # prompt -> the next line typed or piped; None: end
+
+
+def tty_reader() -> LineReader:
+    """Lines typed at the terminal, with readline editing where available. Ctrl-C raises
+    KeyboardInterrupt out of a call and leaves the reader usable."""
+    try:
+        import readline  # noqa: F401 - input() edits lines once it is imported
+    except ImportError:
+        pass
+
+    def read(prompt: str) -> str | None:
+        try:
+            return input(prompt)
+        except EOFError:
+            print()
+            return None
+
+    return read
+
+
+def pipe_reader(stream: TextIO) -> LineReader:
+    def read(prompt: str) -> str | None:  # the prompt is for terminals only
+        line = stream.readline()
+        return line.rstrip("\n") if line else None
+
+    return read
+
+
+class ChatSession:
+    """A conversation with one model: history, streaming, Ctrl-C stopping one answer."""
+
+    def __init__(self, llm: Any, params: Any, system: str | None = None,
+                 out: TextIO = sys.stdout, stats: bool = False) -> None:
+        self.llm = llm
+        self.params = params
+        self.system = system
+        self.out = out
+        self.stats = stats
+        self.history: list[dict[str, str]] = []
+
+    def messages(self) -> list[dict[str, str]]:
+        prefix = [{"role": "system", "content": self.system}] if self.system else []
+        return prefix + self.history
+
+    def ask(self, text: str) -> str:
+        """Send one user message, stream the answer, keep both in the history."""
+        self.history.append({"role": "user", "content": text})
+        answer, _ = self._stream(self.messages())
+        self.history.append({"role": "assistant", "content": answer})
+        return answer
+
+    def _stream(self, messages: list[dict[str, str]]) -> tuple[str, RequestOutput | None]:
+        parts: list[str] = []
+        last: RequestOutput | None = None
+        started = time.monotonic()
+        stream = self.llm.stream_chat(messages, self.params)
+        try:
+            for output in stream:
+                last = output
+                if output.delta_text:
+                    parts.append(output.delta_text)
+                    self.out.write(output.delta_text)
+                    self.out.flush()
+        except KeyboardInterrupt:
+            # the generator's own cleanup aborts too; abort() of a finished id is harmless
+            stream.close()
+            if last is not None:
+                self.llm.abort(last.request_id)
+            self.out.write("\n[interrupted]")
+        self.out.write("\n")
+        self.out.flush()
+        if self.stats and last is not None:
+            _print_stats(last, time.monotonic() - started)
+        return "".join(parts), last
+
+    def loop(self, read_line: LineReader, interactive: bool) -> None:
+        """Read user turns until /bye or the end of input."""
+        if interactive:
+            print("Send a message (/? for help)", file=sys.stderr)
+        while True:
+            try:
+                text = read_message(read_line)
+            except KeyboardInterrupt:
+                print("\nUse Ctrl + d or /bye to exit.", file=sys.stderr)
+                continue
+            if text is None:
+                return
+            if not text.strip():
+                continue
+            command = text.strip().split()[0].lower() if text.startswith("/") else None
+            if command in ("/bye", "/exit", "/quit"):
+                return
+            if command == "/clear":
+                self.history.clear()
+                print("Cleared the conversation.", file=sys.stderr)
+                continue
+            if command in ("/?", "/help"):
+                print(CHAT_HELP, file=sys.stderr, end="")
+                continue
+            if command is not None and " " not in text.strip():
+                print(f"Unknown command {command!r}; /? lists them.", file=sys.stderr)
+                continue
+            self.ask(text)
+            if interactive:
+                self.out.write("\n")
+
+
+def read_message(read_line: LineReader) -> str | None:
+    """One message: a line, or the lines between one starting and one ending with \"\"\"."""
+    line = read_line(">>> ")
+    if line is None or not line.lstrip().startswith('"""'):
+        return line
+    body = [line.lstrip()[3:]]
+    while not body[-1].rstrip().endswith('"""'):
+        more = read_line("... ")
+        if more is None:
+            break
+        body.append(more)
+    body[-1] = body[-1].rstrip().removesuffix('"""')
+    return "\n".join(body).strip("\n")
+
+
+def _print_stats(last: RequestOutput, wall: float) -> None:
+    parts = [f"prompt tokens {last.num_prompt_tokens} ({last.num_cached_tokens} cached)",
+             f"output tokens {last.num_output_tokens}"]
+    metrics = last.metrics
+    if metrics is not None and metrics.time_to_first_token is not None:
+        parts.append(f"first token {metrics.time_to_first_token:.2f} s")
+        if metrics.last_token_time and metrics.first_token_time and last.num_output_tokens > 1:
+            decode = metrics.last_token_time - metrics.first_token_time
+            if decode > 0:
+                parts.append(f"{(last.num_output_tokens - 1) / decode:.1f} tokens/s")
+    parts.append(f"total {wall:.2f} s, finish {last.finish_reason}")
+    print(", ".join(parts), file=sys.stderr)

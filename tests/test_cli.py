@@ -1,0 +1,345 @@
+"""The `pagedserve` command line: help, list/show snapshots, ps against a server, pull/rm, and
+`run` one-shot and as a chat read from a pipe (a fake LLM for the chat logic, the real bundled
+model for the end-to-end runs)."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+import threading
+import types
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import test_registry
+
+from pagedserve.bundled import bundled_model_path
+from pagedserve.cli import build_parser, main
+from pagedserve.cli.run import ChatSession, parse_size, pipe_reader
+from pagedserve.outputs import RequestOutput
+
+# the stores of test_registry.py, as fixtures here too
+home = test_registry.home
+ollama_models = test_registry.ollama_models
+hf_cache = test_registry.hf_cache
+smollm_digest = test_registry.smollm_digest
+SYSTEM = test_registry.SYSTEM
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def anonymize(text: str, digest: str) -> str:
+    return text.replace(str(bundled_model_path()), "<bundled>").replace(digest, "<sha256>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Help
+
+
+def test_every_command_explains_itself_with_an_example(capsys) -> None:
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse's own
+    for name in ("run", "list", "show", "ps", "pull", "rm"):
+        help_text = commands[name].format_help()
+        assert "example" in help_text, name
+        assert f"pagedserve {name}" in help_text or name == "list", name
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "pagedserve list" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# list and show: snapshots
+
+LIST_SNAPSHOT = """\
+NAME                  SOURCE        FORMAT        QUANT   FAMILY   PARAMS   SIZE     WHERE
+smol:latest           ollama        gguf          Q4_1    llama    135M     98 MB    ~/.ollama/models/blobs/sha256-<sha256>
+someone/smol:q4       ollama        gguf          Q4_1    llama    135M     98 MB    ~/.ollama/models/blobs/sha256-<sha256>
+tiny-org/tiny-llama   huggingface   safetensors   F32     llama    140K     561 KB   ~/.cache/huggingface/hub/models--tiny-org--tiny-llama/snapshots/0000000000000000000000000000000000000000
+smollm2:135m          bundled       gguf          Q4_1    llama    135M     98 MB    <bundled>
+"""
+
+
+def test_list_snapshot(ollama_models, hf_cache, smollm_digest, capsys) -> None:
+    rc, out, _ = run_cli(capsys, "list")
+    assert rc == 0
+    assert anonymize(out, smollm_digest) == LIST_SNAPSHOT
+
+
+def test_list_json(ollama_models, capsys) -> None:
+    rc, out, _ = run_cli(capsys, "list", "--json")
+    rows = json.loads(out)
+    assert rc == 0
+    assert [(r["name"], r["source"], r["quantization"]) for r in rows] == [
+        ("smol:latest", "ollama", "Q4_1"), ("someone/smol:q4", "ollama", "Q4_1"),
+        ("smollm2:135m", "bundled", "Q4_1")]
+
+
+SHOW_SNAPSHOT = """\
+  Model
+    name              smol:latest
+    source            ollama
+    path              ~/.ollama/models/blobs/sha256-<sha256>
+    format            gguf
+    architecture      llama
+    family            llama
+    parameters        135M
+    context length    8192
+    quantization      Q4_1
+    size              98 MB
+
+  Parameters
+    max_tokens            48
+    num_ctx               1024
+    repetition_penalty    1.1
+    stop                  "<|im_end|>"
+    stop                  "User:"
+    temperature           0.3
+    top_k                 20
+
+  System
+    You are a terse assistant. Answer in one sentence.
+
+  Template
+    {% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system
+    You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+    ' }}{% endif %}{{'<|im_start|>' + message['role'] + '
+    ' + message['content'] + '<|im_end|>' + '
+    '}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant
+    ' }}{% endif %}
+
+  Ollama template (informational: pagedserve renders the jinja one above)
+    {{ if .System }}<|im_start|>system
+    {{ .System }}<|im_end|>
+    {{ end }}{{ .Prompt }}
+"""
+
+
+def test_show_snapshot(ollama_models, home, smollm_digest, capsys) -> None:
+    rc, out, _ = run_cli(capsys, "show", "smol")
+    assert rc == 0
+    assert anonymize(out.replace(str(home), "~"), smollm_digest) == SHOW_SNAPSHOT
+
+
+def test_show_hugging_face_model(hf_cache, capsys) -> None:
+    rc, out, _ = run_cli(capsys, "show", "tiny-org/tiny-llama")
+    assert rc == 0
+    assert "    source            huggingface\n" in out
+    assert "    format            safetensors\n" in out
+    assert "    context length    512\n" in out
+    assert "    max_tokens     100\n    temperature    0.6\n    top_p          0.9\n" in out
+    assert "  Template\n    (none: the model has no chat template" in out
+
+
+def test_show_parts(ollama_models, capsys) -> None:
+    assert run_cli(capsys, "show", "smol", "--system")[1] == SYSTEM + "\n"
+    assert run_cli(capsys, "show", "smol", "--parameters")[1].splitlines()[0] == (
+        "max_tokens          48")
+    assert run_cli(capsys, "show", "smol", "--template")[1].startswith("{% for message in")
+
+
+def test_show_errors_are_one_clear_line(ollama_models, smollm_digest, capsys) -> None:
+    rc, out, err = run_cli(capsys, "show", "nosuch")
+    assert (rc, out) == (1, "")
+    assert err.startswith("Error: model 'nosuch' not found; looked at:")
+    (ollama_models / "blobs" / f"sha256-{smollm_digest}").unlink()
+    rc, _, err = run_cli(capsys, "show", "smol")
+    assert rc == 1
+    assert err.startswith(f"Error: blob sha256-{smollm_digest} is missing")
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# ps
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ps_without_a_server(capsys) -> None:
+    port = _free_port()
+    rc, out, err = run_cli(capsys, "ps", "--host", f"127.0.0.1:{port}")
+    assert (rc, out) == (1, "")
+    assert err == (f"Error: no server is running at http://127.0.0.1:{port}; start one with "
+                   "`pagedserve serve`, or give its address with --host\n")
+
+
+def test_ps_asks_the_server(capsys) -> None:
+    body = json.dumps({"models": [{
+        "name": "smollm2:135m", "model": "smollm2:135m", "size": 98_362_432,
+        "digest": "sha256:b179c9523d0e6a0f98a330c7562b6827", "size_vram": 0,
+        "context_length": 4096, "expires_at": "2318-01-01T00:00:00Z",
+        "details": {"format": "gguf", "family": "llama", "quantization_level": "Q4_1"}}]})
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            assert self.path == "/api/ps"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        rc, out, _ = run_cli(capsys, "ps", "--host", f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert rc == 0
+    assert out == (
+        "NAME           ID             SIZE    PROCESSOR   CONTEXT   UNTIL\n"
+        "smollm2:135m   b179c9523d0e   98 MB   100% CPU    4096      Forever\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# pull and rm
+
+
+def test_pull_then_rm(ollama_models, home, smollm_gguf, capsys) -> None:
+    rc, out, _ = run_cli(capsys, "pull", str(smollm_gguf), "--name", "mine:v1")
+    assert rc == 0
+    assert out.startswith("pulled ") and " as mine:v1:latest" not in out
+    assert "as mine:v1 (sha256 verified)" in out
+    rc, out, _ = run_cli(capsys, "list")
+    assert out.splitlines()[1].split()[:2] == ["mine:v1", "pagedserve"]
+    rc, out, err = run_cli(capsys, "rm", "mine:v1", "smol")
+    assert rc == 1  # smol lives in Ollama's store: never removed from there
+    assert out == "deleted 'mine:v1' (1 blob freed)\n"
+    assert "'smol' is not in pagedserve's store" in err
+    assert (ollama_models / "manifests" / "registry.ollama.ai" / "library" / "smol").is_dir()
+
+
+def test_pull_errors(home, capsys) -> None:
+    rc, _, err = run_cli(capsys, "pull", "nobody/nothing")
+    assert rc == 1 and err.startswith("Error: cannot download nobody/nothing from Hugging Face")
+    rc, _, err = run_cli(capsys, "pull", "nosuch")
+    assert rc == 1 and "no file, Ollama model, Hugging Face repository" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# run: the chat logic with a fake LLM
+
+
+class FakeLLM:
+    """Answers "echo: <last message>" in two deltas and records what it was asked."""
+
+    instances: list[FakeLLM] = []
+
+    def __init__(self, model=None, engine_config=None) -> None:
+        self.model = model
+        self.engine_config = engine_config
+        self.calls: list[list[dict]] = []
+        self.aborted: list[str] = []
+        self.interrupt_next = False
+        FakeLLM.instances.append(self)
+
+    def default_params(self, **overrides):
+        return {"defaults": True, **overrides}
+
+    def stream_chat(self, messages, params):
+        self.calls.append([dict(m) for m in messages])
+        request_id = f"req-{len(self.calls)}"
+        yield RequestOutput(request_id, "echo: ", [1])
+        if self.interrupt_next:
+            self.interrupt_next = False
+            raise KeyboardInterrupt
+        yield RequestOutput(request_id, messages[-1]["content"], [2], finished=True,
+                            finish_reason="stop")
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+
+@pytest.fixture
+def fake_llm(monkeypatch: pytest.MonkeyPatch) -> type[FakeLLM]:
+    FakeLLM.instances = []
+    monkeypatch.setitem(sys.modules, "pagedserve.llm", types.SimpleNamespace(LLM=FakeLLM))
+    return FakeLLM
+
+
+def test_chat_keeps_history_and_obeys_commands() -> None:
+    llm, out = FakeLLM(), io.StringIO()
+    session = ChatSession(llm, params=None, system="Be brief.", out=out)
+    lines = io.StringIO('Hi\n\n/?\n"""first\nsecond"""\n/clear\nAgain\n/bye\nnot read\n')
+    session.loop(pipe_reader(lines), interactive=False)
+    assert out.getvalue() == "echo: Hi\necho: first\nsecond\necho: Again\n"
+    system = {"role": "system", "content": "Be brief."}
+    assert llm.calls == [
+        [system, {"role": "user", "content": "Hi"}],
+        [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "echo: Hi"},
+         {"role": "user", "content": "first\nsecond"}],
+        [system, {"role": "user", "content": "Again"}],  # after /clear
+    ]
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat() -> None:
+    llm, out = FakeLLM(), io.StringIO()
+    llm.interrupt_next = True
+    session = ChatSession(llm, params=None, out=out)
+    session.loop(pipe_reader(io.StringIO("Tell me a long story\nShorter\n")), interactive=False)
+    assert llm.aborted == ["req-1"]
+    assert out.getvalue() == "echo: \n[interrupted]\necho: Shorter\n"
+    assert llm.calls[1][1] == {"role": "assistant", "content": "echo: "}  # the partial answer
+
+
+def test_run_one_shot_and_options(fake_llm, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    rc, out, _ = run_cli(capsys, "run", "smol", "Why?", "--max-tokens", "5", "--temperature",
+                         "0", "--kv-cache-memory", "64MiB", "--stop", "\n")
+    assert (rc, out) == (0, "echo: Why?\n")
+    llm = fake_llm.instances[0]
+    assert llm.model == "smol"
+    assert llm.engine_config.kv_cache_memory == 64 * 2**20
+    assert llm.calls == [[{"role": "user", "content": "Why?"}]]
+
+
+def test_run_with_one_argument_that_is_a_prompt(fake_llm, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    rc, out, _ = run_cli(capsys, "run", "Why is the sky blue?")
+    assert (rc, out) == (0, "echo: Why is the sky blue?\n")
+    assert fake_llm.instances[0].model is None  # the bundled default
+
+
+def test_run_appends_piped_text_to_the_prompt(fake_llm, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("some notes\n"))
+    rc, out, _ = run_cli(capsys, "run", "smol", "Summarize:")
+    assert out == "echo: Summarize:\n\nsome notes\n\n"
+
+
+def test_run_chats_over_a_pipe(fake_llm, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\n"))
+    rc, out, _ = run_cli(capsys, "run", "smol")
+    assert (rc, out) == (0, "echo: one\necho: two\n")
+    assert len(fake_llm.instances[0].calls[1]) == 3
+
+
+def test_run_reports_a_missing_model(home, monkeypatch, capsys) -> None:
+    from pagedserve.registry import ModelNotFoundError
+
+    def refuse(model=None, engine_config=None):
+        raise ModelNotFoundError(f"model {model!r} not found; looked at: ...")
+
+    monkeypatch.setitem(sys.modules, "pagedserve.llm", types.SimpleNamespace(LLM=refuse))
+    rc, out, err = run_cli(capsys, "run", "nosuch", "Hi")
+    assert (rc, out) == (1, "")
+    assert err == "Error: model 'nosuch' not found; looked at: ...\n"
+
+
+@pytest.mark.parametrize("text, size", [("512", 512), ("64MiB", 64 << 20), ("2G", 2 << 30),
+                                        ("1.5 GiB", 3 << 29)])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size

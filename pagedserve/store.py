@@ -49,8 +49,10 @@ _DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
 _NAME_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class ModelIntegrityError(RuntimeError):
-    """A blob is missing, or its content does not match its digest; the message names it."""
+class ModelIntegrityError(OSError):
+    """A blob is missing, or its content does not match its digest; the message names it.
+
+    An OSError: like an unreadable file, it is the disk's state, not the caller's input."""
 
 
 class ProgressHook(Protocol):

@@ -11,6 +11,7 @@ import sys
 import threading
 import types
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 import test_registry
@@ -343,3 +344,17 @@ def test_run_reports_a_missing_model(home, monkeypatch, capsys) -> None:
                                         ("1.5 GiB", 3 << 29)])
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+# ---------------------------------------------------------------------------------------------
+# serve resolves through the same registry
+
+
+def test_serve_takes_the_registry_entry(ollama_models) -> None:
+    from pagedserve.cli.serve import resolve_model
+
+    card = resolve_model("smol", None)
+    assert (card.name, card.source, card.system) == ("smol:latest", "ollama", SYSTEM)
+    assert card.sampling_defaults["temperature"] == 0.3
+    assert card.sampling_defaults["stop"] == ["<|im_end|>", "User:"]
+    assert card.path == str(ollama_models / "blobs" / Path(card.path).name)

@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pagedserve import store
 from pagedserve.bundled import BUNDLED_ALIASES, BUNDLED_MODEL_NAME, bundled_model_path
@@ -44,8 +44,7 @@ from pagedserve.store import (
 
 logger = logging.getLogger(__name__)
 
-Source = str  # "path" | "pagedserve" | "ollama" | "huggingface" | "bundled"
-SOURCES = ("path", "pagedserve", "ollama", "huggingface", "bundled")
+Source = Literal["path", "pagedserve", "ollama", "huggingface", "bundled"]
 
 __all__ = [
     "ModelEntry",

@@ -234,6 +234,11 @@ class JsonCache:
             return self._load().get(key)
 
     def put(self, key: str, value: Any) -> None:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            logger.debug("not caching %s: %s", key, exc)
+            return
         with self._lock:
             entries = self._load()
             entries[key] = value
@@ -243,7 +248,7 @@ class JsonCache:
                 with os.fdopen(fd, "w") as f:
                     json.dump(entries, f, indent=0, sort_keys=True)
                 os.replace(tmp, self.path)
-            except (OSError, TypeError) as exc:
+            except OSError as exc:
                 logger.debug("cache %s not written: %s", self.path, exc)
 
 

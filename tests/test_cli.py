@@ -179,7 +179,7 @@ def test_ps_asks_the_server(capsys) -> None:
     body = json.dumps({"models": [{
         "name": "smollm2:135m", "model": "smollm2:135m", "size": 98_362_432,
         "digest": "sha256:b179c9523d0e6a0f98a330c7562b6827", "size_vram": 0,
-        "context_length": 4096, "expires_at": "2318-01-01T00:00:00Z",
+        "context_length": 4096, "expires_at": "2126-11-26T23:40:00.123456+00:00",
         "details": {"format": "gguf", "family": "llama", "quantization_level": "Q4_1"}}]})
 
     class Handler(BaseHTTPRequestHandler):

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -236,11 +236,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from pagedserve.loader import ModelLoadError, read_model_info
+    from pagedserve.loader import ModelLoadError
 
     try:
         resolved = registry.resolve(args.model)
-        info = read_model_info(resolved.path)
+        info = registry.model_info(resolved.path)
     except (registry.ModelNotFoundError, ModelIntegrityError, ModelLoadError) as exc:
         return _fail(str(exc))
     if args.template:
@@ -267,7 +267,9 @@ def _until(expires_at: str | None) -> str:
         when = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
     except ValueError:
         return expires_at
-    if when.year > 2200:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    if when - datetime.now(UTC) > timedelta(days=3650):  # loaded for the life of the server
         return "Forever"
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 

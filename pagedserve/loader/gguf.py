@@ -1,8 +1,8 @@
 """llama.cpp GGUF files: metadata -> ModelConfig and Tokenizer, tensors -> HF-named weights.
 
-The file is memory-mapped by `gguf.GGUFReader`; each tensor is dequantized with
-`gguf.quants.dequantize` and cast to the runtime dtype one at a time, so peak memory is the
-result plus one float32 tensor.
+The file is memory-mapped and its header parsed here (see `_GGUFFile`); each tensor is
+dequantized with `gguf.quants.dequantize` and cast to the runtime dtype one at a time, so peak
+memory is the result plus one float32 tensor.
 
 Two things differ from a Hugging Face checkpoint besides the names:
 
@@ -43,10 +43,9 @@ logger = logging.getLogger(__name__)
 _ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _PERMUTED_QK = {"llama", "mistral"}  # families whose q/k rows llama.cpp permutes
 
-# Types this loader claims; each is checked against known values in tests/test_loader.py.
-TESTED_TYPES = frozenset(
-    {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}
-)
+# Dequantization is gguf.quants'; tests/test_loader.py checks F32, F16, BF16, Q4_0, Q4_1, Q5_0,
+# Q5_1, Q8_0, Q4_K, Q5_K and Q6_K against known values. Other types gguf implements (Q2_K,
+# Q3_K, IQ*) load too, unverified by us; the rest raise ModelLoadError.
 
 # Metadata arrays that are vocabulary-sized and kept out of ModelInfo.metadata.
 _BIG_ARRAYS = {

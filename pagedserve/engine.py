@@ -1,0 +1,365 @@
+"""The engine: requests in, one iteration per :meth:`Engine.step`, deltas out.
+
+A step is schedule -> run -> postprocess -> emit. Everything stateful has its own object: the
+scheduler decides who runs, the KV manager (paged or static) decides where their K/V live, the
+model runner computes and samples, a detokenizer per request turns tokens into text and spots
+stop strings. The engine is single-threaded; :class:`~pagedserve.async_engine.AsyncEngine` runs
+it in a thread for the server, :class:`~pagedserve.llm.LLM` drives it directly offline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pagedserve.block_manager import BlockManager
+from pagedserve.config import EngineConfig, ModelConfig
+from pagedserve.detokenizer import IncrementalDetokenizer
+from pagedserve.outputs import Logprob, RequestMetrics, RequestOutput, TokenLogprobs
+from pagedserve.request import Request, RequestStatus
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.scheduler import Scheduler, ScheduledRequest
+from pagedserve.static_slots import StaticSlotManager
+
+if TYPE_CHECKING:
+    from pagedserve.loader import LoadedModel, ModelInfo
+    from pagedserve.sampler import SampledToken
+    from pagedserve.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KV_CACHE_CAP = 2 << 30  # bytes, when neither kv_cache_memory nor a device says more
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the tokens asked for do not fit the model's context."""
+
+    def __init__(self, max_model_len: int, num_prompt_tokens: int, max_tokens: int):
+        self.max_model_len = max_model_len
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_tokens = max_tokens
+        total = num_prompt_tokens + max_tokens
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens, your request has "
+            f"{num_prompt_tokens} input tokens. However, you requested {total} tokens "
+            f"({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+
+
+@dataclass(slots=True)
+class StepStats:
+    num_scheduled_tokens: int
+    num_prompt_tokens: int  # prefill tokens computed this step
+    num_generation_tokens: int  # tokens sampled this step
+    num_preempted: int
+    duration: float  # seconds
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks in use, 0..1
+    kv_blocks_total: int
+    kv_blocks_free: int
+    prefix_cache_queries: int  # tokens, cumulative
+    prefix_cache_hits: int  # tokens, cumulative
+    num_preemptions: int  # cumulative
+    kv_reserved_tokens: int
+    kv_used_tokens: int
+    kv_waste_perc: float  # (reserved - used) / used * 100
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+class EngineObserver:
+    """Hooks called from the engine's thread after each step; override what you need."""
+
+    def on_step(self, stats: StepStats) -> None:
+        pass
+
+    def on_output(self, output: RequestOutput) -> None:
+        pass
+
+
+class Engine:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        weights: dict,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig | None = None,
+        model_info: ModelInfo | None = None,
+        model_name: str = "model",
+    ):
+        from pagedserve.model_runner import ModelRunner, kv_bytes_per_token
+
+        self.config = config = config or EngineConfig()
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.model_info = model_info
+        self.model_name = model_name
+        per_token = kv_bytes_per_token(model_config, config.dtype)
+        model_len = config.max_model_len or model_config.max_position_embeddings
+        if config.kv_layout == "static":
+            self.kv: BlockManager | StaticSlotManager = StaticSlotManager(
+                config.max_parallel, config.num_ctx, config.block_size
+            )
+            max_num_seqs = min(config.max_num_seqs, config.max_parallel)
+        else:
+            budget = config.kv_cache_memory or _default_kv_cache_memory(config)
+            num_blocks = int(budget // (per_token * config.block_size))
+            if num_blocks < 1:
+                raise ValueError(
+                    f"kv_cache_memory of {budget} bytes holds no block of {config.block_size} "
+                    f"tokens ({per_token} bytes per token)"
+                )
+            self.kv = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+            max_num_seqs = config.max_num_seqs
+        self.max_model_len = min(model_len, self.kv.capacity_tokens)
+        if config.kv_layout == "static":
+            self.max_model_len = min(model_len, config.num_ctx)
+        self.runner = ModelRunner(model_config, weights, config, self.kv.num_blocks)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, config.max_num_batched_tokens)
+        self.observers: list[EngineObserver] = []
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer | None] = {}
+        self._ids = itertools.count()
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        capacity = self.kv.capacity_tokens
+        logger.info(
+            "KV cache (%s): %d blocks x %d tokens = %d tokens, %.1f MiB; max_model_len %d: "
+            "%.1f sequences of full length fit",
+            config.kv_layout, self.kv.num_blocks, config.block_size, capacity,
+            capacity * per_token / 2**20, self.max_model_len, capacity / self.max_model_len,
+        )
+
+    @classmethod
+    def from_model(
+        cls,
+        model: str | Path | LoadedModel,
+        config: EngineConfig | None = None,
+        model_name: str | None = None,
+        load_format: str = "auto",
+        progress: bool = False,
+    ) -> Engine:
+        from pagedserve.loader import LoadedModel, load_model
+        from pagedserve.model_runner import DTYPES
+
+        config = config or EngineConfig()
+        if not isinstance(model, LoadedModel):
+            model = load_model(model, load_format=load_format, dtype=DTYPES[config.dtype],
+                               progress=progress)
+        name = model_name or (Path(model.info.path).name if model.info else "model")
+        return cls(model.config, model.weights, model.tokenizer, config, model.info, name)
+
+    # -- requests ------------------------------------------------------------------------
+    def make_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Validate and tokenize without touching engine state (safe from another thread)."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("n must be 1 per engine request; the API layers fan out n > 1")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass token ids")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            for t in token_ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        n = len(token_ids)
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_model_len - n
+            if max_tokens < 1:
+                raise ContextLengthError(self.max_model_len, n, 1)
+        elif n + max_tokens > self.max_model_len:
+            raise ContextLengthError(self.max_model_len, n, max_tokens)
+        eos = frozenset(self.tokenizer.eos_token_ids) if self.tokenizer else frozenset()
+        return Request(
+            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
+            prompt_token_ids=token_ids,
+            params=params,
+            eos_token_ids=eos,
+            max_tokens=max_tokens,
+            metrics=RequestMetrics(arrival_time or time.monotonic()),
+        )
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self._requests[request.request_id] = request
+        p = request.params
+        self._detok[request.request_id] = (
+            IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, p.stop,
+                include_stop_str_in_output=p.include_stop_str_in_output,
+                skip_special_tokens=p.skip_special_tokens,
+            )
+            if self.tokenizer is not None
+            else None
+        )
+        self.scheduler.add(request)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        request = self.make_request(prompt, params, request_id)
+        self.add(request)
+        return request.request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; returns its final output, if it was live."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        return self._finish(request, "abort", None, RequestOutput(request_id, "", []))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        start = time.monotonic()
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        num_decoding = sum(1 for s in plan.scheduled if s.is_decode)
+        sampled = self.runner.execute(plan.scheduled)
+        outputs = self._postprocess(plan.scheduled, sampled)
+        stats = StepStats(
+            num_scheduled_tokens=plan.num_batched_tokens,
+            num_prompt_tokens=plan.num_batched_tokens - num_decoding,
+            num_generation_tokens=sum(1 for t in sampled if t is not None),
+            num_preempted=len(plan.preempted),
+            duration=time.monotonic() - start,
+        )
+        for observer in self.observers:
+            observer.on_step(stats)
+            for out in outputs:
+                observer.on_output(out)
+        return outputs
+
+    def _postprocess(
+        self, scheduled: list[ScheduledRequest], sampled: list[SampledToken | None]
+    ) -> list[RequestOutput]:
+        now = time.monotonic()
+        outputs = []
+        for s, token in zip(scheduled, sampled, strict=True):
+            request = s.request
+            request.num_computed_tokens += s.num_new_tokens
+            self.kv.commit(request.request_id, request.all_token_ids, request.num_computed_tokens)
+            if token is None:
+                continue
+            if request.num_output_tokens == 0:
+                self._prompt_tokens_total += request.num_prompt_tokens
+                request.metrics.first_token_time = now
+            self._generation_tokens_total += 1
+            request.metrics.last_token_time = now
+            request.append_output_token(token.token_id)
+            out = RequestOutput(request.request_id, "", [token.token_id])
+            if token.logprob is not None:
+                out.delta_logprobs = [self._token_logprobs(token)]
+                request.logprobs.extend(out.delta_logprobs)
+            finish = request.check_stop_token()
+            detok = self._detok[request.request_id]
+            if detok is not None and not (finish and finish[0] == "stop"):
+                delta = detok.add([token.token_id])
+                out.delta_text = delta.text
+                if delta.stop is not None:
+                    finish = ("stop", delta.stop)
+            if finish:
+                outputs.append(self._finish(request, finish[0], finish[1], out))
+            else:
+                outputs.append(self._fill(request, out))
+        return outputs
+
+    def _token_logprobs(self, token: SampledToken) -> TokenLogprobs:
+        text = self.tokenizer.token_text if self.tokenizer else str
+        return TokenLogprobs(
+            Logprob(token.token_id, text(token.token_id), token.logprob),
+            [Logprob(t, text(t), lp) for t, lp in token.top or []],
+        )
+
+    def _finish(self, request: Request, reason, stop_reason, out: RequestOutput) -> RequestOutput:
+        detok = self._detok.pop(request.request_id, None)
+        if detok is not None and not isinstance(stop_reason, str):
+            out.delta_text += detok.flush()
+        self.scheduler.finish(request)
+        del self._requests[request.request_id]
+        request.finish_reason, request.stop_reason = reason, stop_reason
+        request.metrics.finished_time = time.monotonic()
+        out.finished, out.finish_reason, out.stop_reason = True, reason, stop_reason
+        return self._fill(request, out)
+
+    @staticmethod
+    def _fill(request: Request, out: RequestOutput) -> RequestOutput:
+        out.num_prompt_tokens = request.num_prompt_tokens
+        out.num_output_tokens = request.num_output_tokens
+        out.num_cached_tokens = request.num_cached_tokens
+        out.metrics = request.metrics
+        return out
+
+    # -- introspection -------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        usage = self.kv.usage()
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=usage.usage,
+            kv_blocks_total=usage.num_blocks,
+            kv_blocks_free=usage.num_free_blocks,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            kv_reserved_tokens=usage.reserved_tokens,
+            kv_used_tokens=usage.used_tokens,
+            kv_waste_perc=usage.waste_perc,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+        )
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+        running = {r.request_id for r in self.scheduler.running}
+        waiting = {r.request_id for r in self.scheduler.waiting}
+        assert not running & waiting, f"requests both running and waiting: {running & waiting}"
+        assert running | waiting == set(self._requests), "engine and scheduler disagree"
+        for r in self.scheduler.running:
+            assert r.status is RequestStatus.RUNNING
+
+
+def _default_kv_cache_memory(config: EngineConfig) -> int:
+    if config.device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * config.kv_cache_fraction)
+    available = DEFAULT_KV_CACHE_CAP / config.kv_cache_fraction
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(min(available * config.kv_cache_fraction, DEFAULT_KV_CACHE_CAP))

@@ -258,6 +258,8 @@ def test_llama3_scaling_recovered_from_rope_freqs():
 def test_gguf_dtype(tiny_llama_gguf):
     model = load_model(tiny_llama_gguf, dtype=torch.bfloat16)
     assert {t.dtype for t in model.weights.values()} == {torch.bfloat16}
+    assert load_model(tiny_llama_gguf, dtype="float16").weights["model.norm.weight"].dtype == (
+        torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,3 +175,37 @@ def test_content_parts_are_joined_and_fallback_template():
     assert tok.chat_template is None and FALLBACK_CHAT_TEMPLATE
     with pytest.raises(ValueError, match="image_url"):
         tok.apply_chat_template([{"role": "user", "content": [{"type": "image_url"}]}])
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt2"])
+def test_byte_level_gguf_pre_tokenizers_like_transformers(tiny_llama_tokenized_dir, tmp_path, pre):
+    """Each `tokenizer.ggml.pre` splits text like transformers' tokenizer for that file."""
+    transformers = pytest.importorskip("transformers")
+    import gguf
+
+    from pagedserve.loader.gguf import _GGUFFile, _tokenizer
+
+    model = json.loads((tiny_llama_tokenized_dir / "tokenizer.json").read_text())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    path = tmp_path / f"{pre}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.add_string("tokenizer.ggml.pre", pre)
+    writer.add_array("tokenizer.ggml.tokens", tokens)
+    writer.add_array("tokenizer.ggml.merges", merges)
+    writer.add_array("tokenizer.ggml.token_type", [3 if t.startswith("<") else 1 for t in tokens])
+    writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", 3)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours = _tokenizer(_GGUFFile(path))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    # (not "<|endoftext|>": transformers appends that token to a vocabulary that lacks it)
+    texts = [t for t in SAMPLES if "<|endoftext|>" not in t]
+    for text in texts + ["Numbers 12345 and 6789!!\n\n  x", "The cat's hat; it'll DO."]:
+        assert ours.encode(text) == ref.encode(text), text
+        assert ours.decode(ours.encode(text), skip_special_tokens=False) == text

@@ -152,18 +152,24 @@ def _resolve(path: str | Path, load_format: str) -> tuple[Path, str]:
 def load_model(
     path: str | Path | None,
     load_format: LoadFormat = "auto",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: bool = False,
     config: ModelConfig | None = None,
 ) -> LoadedModel:
-    """Load config, weights (as `dtype`, default float32) and tokenizer from `path`.
+    """Load config, weights (as `dtype`: a torch dtype or its name; default float32) and
+    tokenizer from `path`.
 
     `load_format="dummy"` makes random weights shaped by `config`, or by the config.json in
     `path` when no config is given (path may then be None).
     """
     import torch
 
-    dtype = torch.float32 if dtype is None else dtype
+    if dtype is None:
+        dtype = torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        dtype = getattr(torch, dtype)
     if load_format == "dummy":
         from pagedserve.loader import dummy
 

@@ -18,9 +18,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok(smollm_gguf):
-    from pagedserve.loader.gguf import _GGUFFile, _tokenizer
+    from pagedserve.loader.gguf import GGUFFile, tokenizer_from_gguf
 
-    return _tokenizer(_GGUFFile(smollm_gguf))
+    return tokenizer_from_gguf(GGUFFile(smollm_gguf))
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +133,9 @@ def test_unfinished_character_is_flushed_like_decode(tok, prompt_ids):
 
 
 def test_sentencepiece_keeps_the_space_of_the_first_output_token(tiny_llama_gguf):
-    from pagedserve.loader.gguf import _GGUFFile, _tokenizer
+    from pagedserve.loader.gguf import GGUFFile, tokenizer_from_gguf
 
-    sp = _tokenizer(_GGUFFile(tiny_llama_gguf))
+    sp = tokenizer_from_gguf(GGUFFile(tiny_llama_gguf))
     prompt = sp.encode("the cat")
     output = sp.encode(" sat on the mat", add_special_tokens=False)
     detok = IncrementalDetokenizer(sp, prompt, stop=["mat"])

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from pagedserve.config import ModelConfig
 from pagedserve.loader import ModelLoadError, load_model, read_model_info
-from pagedserve.loader.gguf import _dequantize, _GGUFFile, llama3_scaling_from_freqs
+from pagedserve.loader.gguf import GGUFFile, dequantize_tensor, llama3_scaling_from_freqs
 
 QT = gguf.GGMLQuantizationType
 
@@ -154,9 +154,9 @@ def test_dequantize_each_claimed_type(tmp_path):
         expected[f"t.{qtype.name}"] = (values, 1e-6 * float(np.abs(values).max()))
     path = tmp_path / "types.gguf"
     _write_gguf(path, "llama", {}, tensors)
-    f = _GGUFFile(path)
+    f = GGUFFile(path)
     for name, (values, tolerance) in expected.items():
-        got = _dequantize(f, f.tensors[name])
+        got = dequantize_tensor(f, f.tensors[name])
         assert got.shape == values.shape, name
         assert float(np.abs(got - values).max()) <= tolerance, name
 

@@ -38,9 +38,9 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def smollm_tokenizer(smollm_gguf) -> Tokenizer:
-    from pagedserve.loader.gguf import _GGUFFile, _tokenizer
+    from pagedserve.loader.gguf import GGUFFile, tokenizer_from_gguf
 
-    tokenizer = _tokenizer(_GGUFFile(smollm_gguf))
+    tokenizer = tokenizer_from_gguf(GGUFFile(smollm_gguf))
     assert tokenizer is not None
     return tokenizer
 
@@ -86,9 +86,9 @@ def test_smollm_special_tokens(smollm_tokenizer):
 
 def test_sentencepiece_gguf_encodes_like_transformers(tiny_llama_gguf):
     transformers = pytest.importorskip("transformers")
-    from pagedserve.loader.gguf import _GGUFFile, _tokenizer
+    from pagedserve.loader.gguf import GGUFFile, tokenizer_from_gguf
 
-    tok = _tokenizer(_GGUFFile(tiny_llama_gguf))
+    tok = tokenizer_from_gguf(GGUFFile(tiny_llama_gguf))
     ref = transformers.AutoTokenizer.from_pretrained(
         str(tiny_llama_gguf.parent), gguf_file=tiny_llama_gguf.name
     )
@@ -183,7 +183,7 @@ def test_byte_level_gguf_pre_tokenizers_like_transformers(tiny_llama_tokenized_d
     transformers = pytest.importorskip("transformers")
     import gguf
 
-    from pagedserve.loader.gguf import _GGUFFile, _tokenizer
+    from pagedserve.loader.gguf import GGUFFile, tokenizer_from_gguf
 
     model = json.loads((tiny_llama_tokenized_dir / "tokenizer.json").read_text())["model"]
     tokens = sorted(model["vocab"], key=model["vocab"].get)
@@ -202,7 +202,7 @@ def test_byte_level_gguf_pre_tokenizers_like_transformers(tiny_llama_tokenized_d
     writer.write_tensors_to_file()
     writer.close()
 
-    ours = _tokenizer(_GGUFFile(path))
+    ours = tokenizer_from_gguf(GGUFFile(path))
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     # (not "<|endoftext|>": transformers appends that token to a vocabulary that lacks it)
     texts = [t for t in SAMPLES if "<|endoftext|>" not in t]

@@ -1,6 +1,6 @@
 """llama.cpp GGUF files: metadata -> ModelConfig and Tokenizer, tensors -> HF-named weights.
 
-The file is memory-mapped and its header parsed here (see `_GGUFFile`); each tensor is
+The file is memory-mapped and its header parsed here (see `GGUFFile`); each tensor is
 dequantized with `gguf.quants.dequantize` and cast to the runtime dtype one at a time, so peak
 memory is the result plus one float32 tensor.
 
@@ -112,7 +112,7 @@ class GGUFTensor(NamedTuple):
             return f"type {self.type_id}"
 
 
-class _GGUFFile:
+class GGUFFile:
     """A GGUF file, memory-mapped: metadata parsed to Python values, tensors located.
 
     The layout (v2/v3, little-endian): magic, version u32, tensor count u64, key/value count
@@ -200,6 +200,8 @@ class _GGUFFile:
             shape = tuple(self._unpack("<Q") for _ in range(n_dims))
             infos.append((name, shape, self._unpack("<I"), self._unpack("<Q")))
         alignment = int(self.fields.get("general.alignment", 32))
+        if alignment <= 0:
+            raise ValueError(f"general.alignment is {alignment}")
         data_start = -(-self._pos // alignment) * alignment
         self.tensors: dict[str, GGUFTensor] = {}
         for name, shape, type_id, offset in infos:
@@ -260,7 +262,7 @@ def _n_bytes(name: str, type_id: int, n_elements: int) -> int:
     return n_elements // block_size * type_size
 
 
-def _quantization(f: _GGUFFile) -> str:
+def _quantization(f: GGUFFile) -> str:
     import gguf
 
     file_type = f.get("general.file_type")
@@ -269,7 +271,7 @@ def _quantization(f: _GGUFFile) -> str:
             name = gguf.LlamaFileType(int(file_type)).name
             return name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
-            pass
+            logger.debug("unknown general.file_type %s; naming the dominant tensor type", file_type)
     # No (known) file type: the type holding most elements among matrices.
     counts: Counter[str] = Counter()
     for t in f.tensors.values():
@@ -279,11 +281,11 @@ def _quantization(f: _GGUFFile) -> str:
 
 
 def read_gguf_info(path: Path) -> ModelInfo:
-    f = _GGUFFile(path)
+    f = GGUFFile(path)
     return _info(f)
 
 
-def _info(f: _GGUFFile) -> ModelInfo:
+def _info(f: GGUFFile) -> ModelInfo:
     arch = f.arch
     return ModelInfo(
         path=f.path,
@@ -302,7 +304,7 @@ def _info(f: _GGUFFile) -> ModelInfo:
 # Config
 
 
-def _model_config(f: _GGUFFile) -> ModelConfig:
+def _model_config(f: GGUFFile) -> ModelConfig:
     arch = f.arch
     if arch not in _ARCHITECTURES:
         raise ModelLoadError(
@@ -356,7 +358,7 @@ def _from_f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_scaling(f: _GGUFFile, head_dim: int) -> dict | None:
+def _rope_scaling(f: GGUFFile, head_dim: int) -> dict | None:
     kind = f.arch_key("rope.scaling.type")
     factor = f.arch_key("rope.scaling.factor")
     if kind in ("linear", "yarn") and factor:
@@ -366,7 +368,7 @@ def _rope_scaling(f: _GGUFFile, head_dim: int) -> dict | None:
             scaling["original_max_position_embeddings"] = int(original)
         return scaling
     if "rope_freqs.weight" in f.tensors:
-        freqs = _dequantize(f, f.tensors["rope_freqs.weight"]).reshape(-1)
+        freqs = dequantize_tensor(f, f.tensors["rope_freqs.weight"]).reshape(-1)
         rope_dim = int(f.arch_key("rope.dimension_count", head_dim))
         base = float(f.arch_key("rope.freq_base", 10000.0))
         return llama3_scaling_from_freqs(freqs, base, rope_dim)
@@ -411,7 +413,7 @@ def llama3_scaling_from_freqs(freqs: np.ndarray, base: float, rope_dim: int) -> 
 # Tensors
 
 
-def _dequantize(f: _GGUFFile, tensor: GGUFTensor) -> np.ndarray:
+def dequantize_tensor(f: GGUFFile, tensor: GGUFTensor) -> np.ndarray:
     """float32 array shaped (out_features, in_features): GGUF lists dims innermost first."""
     import gguf
 
@@ -458,7 +460,7 @@ def _hf_name(name: str) -> str | None:
 
 
 def _load_weights(
-    f: _GGUFFile, config: ModelConfig, dtype: torch.dtype, progress: bool
+    f: GGUFFile, config: ModelConfig, dtype: torch.dtype, progress: bool
 ) -> dict[str, torch.Tensor]:
     permuted = f.arch in _PERMUTED_QK
     todo = [(t, _hf_name(t.name)) for t in f.tensors.values()]
@@ -469,7 +471,7 @@ def _load_weights(
     weights: dict[str, torch.Tensor] = {}
     with tensor_progress(progress, len(todo), f.path.name) as advance:
         for tensor, name in todo:
-            w = torch.from_numpy(_dequantize(f, tensor)).to(dtype)
+            w = torch.from_numpy(dequantize_tensor(f, tensor)).to(dtype)
             if permuted and ".self_attn.q_proj." in name:
                 w = _unpermute(w, config.num_heads)
             elif permuted and ".self_attn.k_proj." in name:
@@ -615,7 +617,13 @@ def _add_special_tokens(backend, tokens: list[str], token_types: list[int]) -> N
     backend.add_tokens(user)
 
 
-def _tokenizer(f: _GGUFFile) -> Tokenizer | None:
+def tokenizer_from_gguf(f: GGUFFile) -> Tokenizer | None:
+    """The Tokenizer the metadata describes (None when it has no `tokenizer.ggml.model`).
+
+    EOS ids are eos, then eot/eom when present (chat models end turns with those); BOS is
+    prepended when `add_bos_token` says so, by default for SentencePiece vocabularies only
+    (llama.cpp's default).
+    """
     kind = f.get("tokenizer.ggml.model")
     if kind is None:
         return None
@@ -666,9 +674,9 @@ def _tokenizer(f: _GGUFFile) -> Tokenizer | None:
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> LoadedModel:
     start = time.perf_counter()
-    f = _GGUFFile(path)
+    f = GGUFFile(path)
     config = _model_config(f)
-    tokenizer = _tokenizer(f)
+    tokenizer = tokenizer_from_gguf(f)
     weights = _load_weights(f, config, dtype, progress)
     info = _info(f)
     generation_config: dict[str, Any] = {}

@@ -435,3 +435,16 @@ def test_dir_without_weights(tmp_path, tiny_llama_dir):
         load_model(hf_dir)
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(tmp_path)
+
+
+def test_truncated_or_junk_safetensors(tmp_path, tiny_llama_dir):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(tiny_llama_dir, hf_dir)
+    weights = hf_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_model(hf_dir)
+    weights.write_bytes(b"\x01" * 1000)
+    with pytest.raises(ModelLoadError, match="not a safetensors file"):
+        load_model(hf_dir)

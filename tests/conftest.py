@@ -148,6 +148,9 @@ def tiny_llama_gguf(tiny_llama_dir, tmp_path_factory) -> Path:
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     state = load_file(str(tiny_llama_dir / "model.safetensors"))
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    # transformers 5 writes rope_parameters; 4 wrote rope_theta and rope_scaling
+    rope = config.get("rope_parameters") or {**config["rope_scaling"],
+                                             "rope_theta": config["rope_theta"]}
     path = tmp_path_factory.mktemp("tiny-llama-gguf") / "tiny-llama.F32.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_uint32("general.file_type", 0)
@@ -157,7 +160,7 @@ def tiny_llama_gguf(tiny_llama_dir, tmp_path_factory) -> Path:
     writer.add_uint32("llama.feed_forward_length", config["intermediate_size"])
     writer.add_uint32("llama.attention.head_count", heads)
     writer.add_uint32("llama.attention.head_count_kv", kv_heads)
-    writer.add_float32("llama.rope.freq_base", config["rope_parameters"]["rope_theta"])
+    writer.add_float32("llama.rope.freq_base", rope["rope_theta"])
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
     writer.add_uint32("llama.rope.dimension_count", config["head_dim"])
     writer.add_uint32("llama.vocab_size", config["vocab_size"])
@@ -172,7 +175,6 @@ def tiny_llama_gguf(tiny_llama_dir, tmp_path_factory) -> Path:
     writer.add_bool("tokenizer.ggml.add_bos_token", True)
 
     # llama3 rope: per-frequency divisors, as llama.cpp's converter computes them
-    rope = config["rope_parameters"]
     dim, base = config["head_dim"], rope["rope_theta"]
     low_wavelen = rope["original_max_position_embeddings"] / rope["low_freq_factor"]
     high_wavelen = rope["original_max_position_embeddings"] / rope["high_freq_factor"]

@@ -146,6 +146,7 @@ def resolve_model(ref: str | None, served_name: str | None):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import prometheus_client
     import uvicorn
 
     from pagedserve.async_engine import AsyncEngine
@@ -167,6 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.error("%s", exc)
         return 1
 
+    # vLLM's habit: no "_created" timestamp series next to every counter and histogram
+    prometheus_client.disable_created_metrics()
     served = ServedModel(card, AsyncEngine(engine), max_queue=args.max_queue)
     metrics = ServerMetrics(card.name, engine.stats)
     app = create_app(served, metrics, api_key=args.api_key)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagedserve.outputs import RequestOutput, TokenLogprobs
 from pagedserve.server.errors import APIError, parse_model
@@ -79,7 +79,7 @@ async def generate(request: Request):
     reply = _Reply(name, started, lambda text: {"response": text})
     if body.stream:
         return _ndjson(reply.stream(generation))
-    return await until_disconnected(request, reply.collect(generation))
+    return JSONResponse(await until_disconnected(request, reply.collect(generation)))
 
 
 @router.post("/api/chat")
@@ -98,7 +98,7 @@ async def chat(request: Request):
                    lambda text: {"message": {"role": "assistant", "content": text}})
     if body.stream:
         return _ndjson(reply.stream(generation))
-    return await until_disconnected(request, reply.collect(generation))
+    return JSONResponse(await until_disconnected(request, reply.collect(generation)))
 
 
 def _start(served: ServedModel, prompt: str, values: dict[str, Any]) -> Generation:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from pagedserve.outputs import RequestOutput, TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
@@ -70,7 +70,8 @@ async def completions(request: Request):
     echo = [_prompt_text(served, p) for p in prompts] if body.echo else None
     if body.stream:
         return _sse(_stream_completion(call, generation, echo))
-    return await until_disconnected(request, _collect_completion(call, generation, echo))
+    answer = await until_disconnected(request, _collect_completion(call, generation, echo))
+    return JSONResponse(answer)
 
 
 @router.post("/v1/chat/completions")
@@ -98,7 +99,7 @@ async def chat_completions(request: Request):
     generation = _start(served, [prompt], params, body.n, renames)
     if body.stream:
         return _sse(_stream_chat(call, generation))
-    return await until_disconnected(request, _collect_chat(call, generation))
+    return JSONResponse(await until_disconnected(request, _collect_chat(call, generation)))
 
 
 # -- requests ----------------------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""The bench against real `pagedserve serve` processes on the bundled model, tiny lengths."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from pagedserve.bench.compare import sweep_run
+from pagedserve.bench.loadgen import Workload
+from pagedserve.bench.report import BEGIN
+from pagedserve.bench.results import RunResult
+from pagedserve.bench.server_process import ServerProcess
+from pagedserve.cli import main
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("pagedserve.cli.serve") is None,
+                       reason="`pagedserve serve` is not there yet"),
+]
+
+# the static pool stays small: 2 slots of 256 tokens
+STATIC = ["--max-parallel", "2", "--num-ctx", "256"]
+
+
+def test_compare_runs_both_layouts_and_writes_the_report(tmp_path, smollm_gguf):
+    rc = main(["bench", "compare", str(smollm_gguf), "--concurrency", "1,3", "--num-prompts", "3",
+               "--input-len", "24", "--output-len", "4", *STATIC, "--out", str(tmp_path)])
+    assert rc == 0
+    paged = RunResult.load(tmp_path / "bench-paged.json")
+    static = RunResult.load(tmp_path / "bench-static-n-2.json")
+    for run in (paged, static):
+        assert [lv.concurrency for lv in run.levels] == [1, 3]
+        for level in run.levels:
+            assert (level.successful, level.failed) == (3, 0), level.errors
+            assert level.total_output_tokens == 3 * 4  # ignore_eos: exactly output-len
+            assert 3 * 16 <= level.total_input_tokens <= 3 * 32  # calibrated to about 24
+            assert level.ttft_ms.p50 > 0 and level.tpot_ms.p50 > 0
+    # a running request holds a whole static slot of 256 positions, but only the blocks its
+    # ~28 tokens need when paged (2 blocks of 16)
+    static_kv, paged_kv = static.levels[1].kv, paged.levels[1].kv
+    assert static_kv.reserved_tokens_max in (256, 512)
+    assert 0 < paged_kv.reserved_tokens_max <= 3 * 3 * 16
+    assert static_kv.waste_perc_mean > 0.8
+    assert paged_kv.waste_perc_mean < static_kv.waste_perc_mean
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert BEGIN in report and "| 3 | static N=2 |" in report
+    assert (tmp_path / "bench_throughput.png").is_file()
+    assert (tmp_path / "bench_ttft_p99.png").is_file()
+
+
+def test_ollama_api_against_the_static_layout(smollm_gguf):
+    with ServerProcess(str(smollm_gguf), ["--kv-layout", "static", *STATIC]) as server:
+        run = sweep_run(server.url, label="static", api="ollama", model=None,
+                        workload=Workload(input_len=16, output_len=5, num_prompts=4),
+                        concurrency=[4])
+    level = run.levels[0]
+    assert (level.successful, level.failed) == (4, 0), level.errors
+    assert level.total_output_tokens == 4 * 5
+    # two slots for four requests: the second pair waits for the first to finish
+    assert level.ttft_ms.p99 > level.ttft_ms.p50

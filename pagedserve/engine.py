@@ -22,7 +22,7 @@ from pagedserve.detokenizer import IncrementalDetokenizer
 from pagedserve.outputs import Logprob, RequestMetrics, RequestOutput, TokenLogprobs
 from pagedserve.request import Request, RequestStatus
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler import Scheduler, ScheduledRequest
+from pagedserve.scheduler import ScheduledRequest, Scheduler
 from pagedserve.static_slots import StaticSlotManager
 
 if TYPE_CHECKING:

@@ -122,3 +122,36 @@ def test_disconnect_before_a_non_streamed_answer_aborts(server):
     generated = (after["pagedserve:generation_tokens_total"]
                  - before["pagedserve:generation_tokens_total"])
     assert 0 < generated < 500
+
+
+def test_sigint_ends_open_streams_and_exits(smollm_gguf):
+    import threading
+
+    proc = ServerProcess(str(smollm_gguf), SERVER_ARGS).start()
+    lines: list[dict] = []
+
+    def read() -> None:
+        body = {"model": MODEL, "prompt": "Tell me a story", "stream": True,
+                "options": {"num_predict": 500, "ignore_eos": True}}
+        with httpx.stream("POST", f"{proc.url}/api/generate", json=body, timeout=60) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(json.loads(line))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(lines) < 3:
+            assert time.monotonic() < deadline, "no tokens streamed"
+            time.sleep(0.05)
+        start = time.monotonic()
+        proc.stop(grace=15)
+        reader.join(15)
+        assert not reader.is_alive()
+        assert time.monotonic() - start < 10
+    finally:
+        proc.stop()
+    assert proc.proc.returncode == 0, proc.log_tail()
+    assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "abort"
+    assert "Traceback" not in proc.log_tail()

@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"port to bind (default {DEFAULT_PORT})")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the name clients use (default: the registry's name for MODEL)")
-    p.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("PAGEDSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* and /api/* "
                    "(default: $PAGEDSERVE_API_KEY; none: open)")
     p.add_argument("--max-queue", type=int, metavar="N",
@@ -147,13 +147,13 @@ def resolve_model(ref: str | None, served_name: str | None):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import prometheus_client
-    import uvicorn
 
     from pagedserve.async_engine import AsyncEngine
     from pagedserve.engine import Engine
     from pagedserve.loader import ModelLoadError
     from pagedserve.metrics import ServerMetrics
     from pagedserve.server.app import create_app
+    from pagedserve.server.http_server import run_http_server
     from pagedserve.server.served_model import ServedModel
 
     if args.max_queue is not None and args.max_queue < 0:
@@ -174,8 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics = ServerMetrics(card.name, engine.stats)
     app = create_app(served, metrics, api_key=args.api_key)
     _log_startup(args, served)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+    run_http_server(app, args.host, args.port, on_exit=served.abort_all)
     return 0
 
 

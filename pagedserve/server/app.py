@@ -68,6 +68,10 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
 
     @app.get("/health")
     async def health() -> Response:
+        # 503 once the engine loop has died, so that an orchestrator restarts the process
+        error = getattr(served.async_engine, "error", None)
+        if error is not None:
+            return PlainTextResponse(f"engine loop failed: {error!r}", status_code=503)
         return Response(status_code=200)
 
     @app.get("/version")

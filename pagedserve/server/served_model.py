@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ class ServedModel:
         self.async_engine = async_engine
         self.max_queue = max_queue
         self.loaded_at = time.time()
+        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
         unknown = set(card.sampling_defaults) - _SAMPLING_FIELDS
         if unknown:
             logger.warning("ignoring unknown sampling defaults of %s: %s", card.name,
@@ -146,7 +148,14 @@ class ServedModel:
             for stream in streams:
                 stream.abort()
             raise _context_error(exc) or APIError.from_value_error(exc, renames) from exc
-        return Generation(streams)
+        generation = Generation(streams)
+        self._live.add(generation)
+        return generation
+
+    def abort_all(self) -> None:
+        """End every answer in progress (at shutdown): streams close with an abort."""
+        for generation in list(self._live):
+            generation.abort()
 
 
 def _with_tag(name: str) -> str:

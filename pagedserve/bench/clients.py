@@ -79,9 +79,9 @@ class ApiClient:
                         start=clock.start, error=f"HTTP {resp.status_code}: {text}"
                     )
                 return await self._read(resp.aiter_lines(), clock)
-        except (httpx.HTTPError, ValueError, KeyError) as exc:
-            return RequestRecord(start=clock.start, error=f"{type(exc).__name__}: {exc}"[
-                :MAX_ERROR_CHARS])
+        except (httpx.HTTPError, ValueError, KeyError) as exc:  # transport, bad JSON, odd shape
+            error = f"{type(exc).__name__}: {exc}"
+            return RequestRecord(start=clock.start, error=error[:MAX_ERROR_CHARS])
 
 
 class OpenAICompletions(ApiClient):

@@ -29,6 +29,7 @@ class RichProgress:
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn(),
             console=console, transient=False,
+            refresh_per_second=2,  # the client shares the CPU with the server it measures
         )
         self._task: TaskID | None = None
         self._failed = 0

@@ -106,6 +106,8 @@ def test_invalid_json_ollama(http):
     ({**CHAT, "messages": []}, "messages"),
     ({"model": MODEL}, "messages"),
     ({**CHAT, "messages": [{"role": "wizard", "content": "Hi"}]}, "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "messages"),
 ])
 def test_chat_bad_field_names_the_field(http, body, field):
     error = openai_error(http.post("/v1/chat/completions", json=body), 400)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Body(BaseModel):
@@ -81,7 +81,16 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text or "" for part in self.content if part.type == "text")
+        return "\n".join(part.text or "" for part in self.content)
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content: str | list[ContentPart] | None):
+        for part in content if isinstance(content, list) else ():
+            if part.type != "text":
+                raise ValueError(f"content parts of type {part.type!r} are not supported; "
+                                 "this server reads text only")
+        return content
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -123,7 +123,10 @@ class ServedModel:
         try:
             return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
         except ValueError as exc:
-            raise APIError.bad_request(f"messages: {exc}", param="messages") from exc
+            message = str(exc)
+            if not message.startswith("messages"):
+                message = f"messages: {message}"
+            raise APIError.bad_request(message, param="messages") from exc
 
     # -- admission -----------------------------------------------------------------------------
 

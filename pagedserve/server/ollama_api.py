@@ -1,8 +1,8 @@
-"""The Ollama API: ``/api/generate``, ``/api/chat``, ``/api/tags``, ``/api/show``, ``/api/ps``,
-``/api/version``.
+"""The Ollama API's generation routes: ``/api/generate`` and ``/api/chat``.
 
-Translation only. Answers stream as newline-delimited JSON unless ``"stream": false``; the last
-object carries ``done: true``, ``done_reason`` and Ollama's timings in nanoseconds:
+Translation only; the model routes (``/api/tags`` and the like) are in ollama_models_api.py.
+Answers stream as newline-delimited JSON unless ``"stream": false``; the last object carries
+``done: true``, ``done_reason`` and Ollama's timings in nanoseconds:
 
     total_duration        handler entry -> answer complete
     load_duration         handler entry -> request queued (the model is always loaded)
@@ -13,13 +13,11 @@ object carries ``done: true``, ``done_reason`` and Ollama's timings in nanosecon
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -31,26 +29,20 @@ from pagedserve.server.generation import Generation, until_disconnected
 from pagedserve.server.ollama_protocol import (
     FIELD_OPTIONS,
     OLLAMA_DEFAULTS,
-    OPTION_FIELDS,
     ChatRequest,
     GenerateRequest,
-    ShowRequest,
 )
 from pagedserve.server.served_model import ServedModel
-from pagedserve.server.version import __version__
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
-_MAX_SHOWN_ARRAY = 64  # longer metadata arrays (the vocabulary) only with "verbose": true
-
-
 def served_model(request: Request) -> ServedModel:
     return request.app.state.served
 
 
-def _check_model(served: ServedModel, name: str | None) -> str:
+def check_model(served: ServedModel, name: str | None) -> str:
     if not name:
         raise APIError.bad_request("model is required", param="model")
     if not served.answers_to(name):
@@ -58,15 +50,12 @@ def _check_model(served: ServedModel, name: str | None) -> str:
     return name
 
 
-# -- generation --------------------------------------------------------------------------------
-
-
 @router.post("/api/generate")
 async def generate(request: Request):
     started = time.monotonic()
     served = served_model(request)
     body: GenerateRequest = parse_model(await request.body(), GenerateRequest)
-    name = _check_model(served, body.model)
+    name = check_model(served, body.model)
     if not body.prompt:
         return _loaded(name, body.keep_alive, {"response": ""})
     if body.raw:
@@ -87,7 +76,7 @@ async def chat(request: Request):
     started = time.monotonic()
     served = served_model(request)
     body: ChatRequest = parse_model(await request.body(), ChatRequest)
-    name = _check_model(served, body.model)
+    name = check_model(served, body.model)
     if not body.messages:
         return _loaded(name, body.keep_alive,
                        {"message": {"role": "assistant", "content": ""}})
@@ -186,144 +175,6 @@ def _ndjson(objects: AsyncIterator[dict]) -> StreamingResponse:
             yield json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n"
 
     return StreamingResponse(body(), media_type="application/x-ndjson")
-
-
-# -- model information -------------------------------------------------------------------------
-
-
-@router.get("/api/tags")
-async def tags(request: Request) -> dict:
-    served = served_model(request)
-    return {"models": [{
-        "name": served.name, "model": served.name, "modified_at": _file_time(served),
-        "size": _size(served), "digest": _digest(served), "details": _details(served),
-    }]}
-
-
-@router.post("/api/show")
-async def show(request: Request) -> dict:
-    served = served_model(request)
-    body: ShowRequest = parse_model(await request.body(), ShowRequest)
-    _check_model(served, body.model or body.name)
-    info = served.engine.model_info
-    answer = {
-        "license": "",
-        "modelfile": _modelfile(served),
-        "parameters": _parameters(served),
-        "template": served.card.template or served.tokenizer.chat_template or "",
-        "details": _details(served),
-        "model_info": _model_info(info, verbose=body.verbose),
-        "capabilities": ["completion"],
-        "modified_at": _file_time(served),
-    }
-    if served.card.system:
-        answer["system"] = served.card.system
-    return answer
-
-
-@router.get("/api/ps")
-async def ps(request: Request) -> dict:
-    served = served_model(request)
-    on_gpu = served.engine.config.device != "cpu"
-    size = _size(served)
-    return {"models": [{
-        "name": served.name, "model": served.name, "size": size, "digest": _digest(served),
-        "details": _details(served),
-        # loaded for the life of the process
-        "expires_at": (dt.datetime.now(dt.UTC) + dt.timedelta(days=365 * 100)).isoformat(),
-        "size_vram": size if on_gpu else 0,
-        "context_length": served.max_model_len,
-    }]}
-
-
-@router.get("/api/version")
-async def version() -> dict:
-    return {"version": __version__}
-
-
-def _details(served: ServedModel) -> dict:
-    info = served.engine.model_info
-    family = info.family or info.architecture or served.engine.model_config.architecture
-    return {
-        "parent_model": "",
-        "format": info.format,
-        "family": family,
-        "families": [family],
-        "parameter_size": _parameter_size(info.parameter_count
-                                          or served.engine.model_config.num_parameters),
-        "quantization_level": info.quantization or served.engine.config.dtype.upper(),
-    }
-
-
-def _parameter_size(count: int) -> str:
-    if count >= 1e9:
-        return f"{count / 1e9:.1f}B"
-    return f"{count / 1e6:.2f}M"
-
-
-def _size(served: ServedModel) -> int:
-    return int(served.engine.model_info.file_size or 0)
-
-
-def _digest(served: ServedModel) -> str:
-    """A stable identifier of the file (path, size, time), not a hash of its bytes."""
-    info = served.engine.model_info
-    key = f"{info.path}:{info.file_size}:{_file_time(served)}"
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def _file_time(served: ServedModel) -> str:
-    try:
-        stamp = Path(served.card.path).stat().st_mtime
-    except OSError:
-        stamp = served.loaded_at
-    return dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat()
-
-
-def _modelfile(served: ServedModel) -> str:
-    lines = ["# Modelfile generated by pagedserve", f"FROM {served.card.path}"]
-    if served.card.system:
-        lines.append(f'SYSTEM """{served.card.system}"""')
-    for line in _parameters(served).splitlines():
-        lines.append(f"PARAMETER {line}")
-    return "\n".join(lines) + "\n"
-
-
-def _parameters(served: ServedModel) -> str:
-    """The model's sampling defaults as Ollama's ``name value`` lines."""
-    lines = []
-    for name, value in sorted(served.sampling_defaults.items()):
-        option = FIELD_OPTIONS.get(name, name)
-        if option not in OPTION_FIELDS:
-            continue
-        for item in value if isinstance(value, list) else [value]:
-            lines.append(f"{option} {json.dumps(item) if isinstance(item, str) else item}")
-    return "\n".join(lines)
-
-
-def _model_info(info: Any, verbose: bool) -> dict[str, Any]:
-    """The GGUF metadata (or its Hugging Face equivalent) as JSON values."""
-    meta = dict(getattr(info, "metadata", None) or {})
-    meta.setdefault("general.architecture", info.architecture)
-    if info.parameter_count:
-        meta.setdefault("general.parameter_count", info.parameter_count)
-    return {key: _json_value(value, verbose) for key, value in sorted(meta.items())}
-
-
-def _json_value(value: Any, verbose: bool) -> Any:
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        value = value.tolist()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, list | tuple):
-        if len(value) > _MAX_SHOWN_ARRAY and not verbose:
-            return None
-        return [_json_value(v, verbose) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _json_value(v, verbose) for k, v in value.items()}
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 def _ns(seconds: float) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from pagedserve.outputs import RequestOutput, TokenLogprobs
 from pagedserve.server.errors import APIError, parse_model
@@ -67,7 +68,7 @@ async def generate(request: Request):
     generation = _start(served, prompt, body.sampling_values())
     reply = _Reply(name, started, lambda text: {"response": text})
     if body.stream:
-        return _ndjson(reply.stream(generation))
+        return _ndjson(reply.stream(generation), generation)
     return JSONResponse(await until_disconnected(request, reply.collect(generation)))
 
 
@@ -86,7 +87,7 @@ async def chat(request: Request):
     reply = _Reply(name, started,
                    lambda text: {"message": {"role": "assistant", "content": text}})
     if body.stream:
-        return _ndjson(reply.stream(generation))
+        return _ndjson(reply.stream(generation), generation)
     return JSONResponse(await until_disconnected(request, reply.collect(generation)))
 
 
@@ -163,7 +164,10 @@ def _logprobs(logprobs: list[TokenLogprobs]) -> list[dict]:
             for lp in logprobs]
 
 
-def _ndjson(objects: AsyncIterator[dict]) -> StreamingResponse:
+def _ndjson(objects: AsyncIterator[dict], generation: Generation) -> StreamingResponse:
+    """Newline-delimited JSON; ``generation`` is aborted when the response ends, however it
+    ends (a client gone before the first chunk never starts ``objects``)."""
+
     async def body() -> AsyncIterator[str]:
         try:
             async for obj in objects:
@@ -174,7 +178,8 @@ def _ndjson(objects: AsyncIterator[dict]) -> StreamingResponse:
             logger.exception("stream failed")
             yield json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n"
 
-    return StreamingResponse(body(), media_type="application/x-ndjson")
+    return StreamingResponse(body(), media_type="application/x-ndjson",
+                             background=BackgroundTask(generation.abort))
 
 
 def _ns(seconds: float) -> int:

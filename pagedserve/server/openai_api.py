@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from pagedserve.outputs import RequestOutput, TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
@@ -66,10 +67,10 @@ async def completions(request: Request):
         values["logprobs"] = body.logprobs
     params = served.sampling_params(values, api_defaults={"max_tokens": 16})
     call = _Call("cmpl", served.name, body.n, body.include_usage)
-    generation = _start(served, prompts, params, body.n)
     echo = [_prompt_text(served, p) for p in prompts] if body.echo else None
+    generation = _start(served, prompts, params, body.n)
     if body.stream:
-        return _sse(_stream_completion(call, generation, echo))
+        return _sse(_stream_completion(call, generation, echo), generation)
     answer = await until_disconnected(request, _collect_completion(call, generation, echo))
     return JSONResponse(answer)
 
@@ -98,7 +99,7 @@ async def chat_completions(request: Request):
     call = _Call("chatcmpl", served.name, body.n, body.include_usage)
     generation = _start(served, [prompt], params, body.n, renames)
     if body.stream:
-        return _sse(_stream_chat(call, generation))
+        return _sse(_stream_chat(call, generation), generation)
     return JSONResponse(await until_disconnected(request, _collect_chat(call, generation)))
 
 
@@ -284,7 +285,10 @@ def _chat_logprobs(logprobs: list[TokenLogprobs]) -> list[dict]:
             for lp in logprobs]
 
 
-def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+def _sse(events: AsyncIterator[dict], generation: Generation) -> StreamingResponse:
+    """Server-sent events ending in ``[DONE]``; ``generation`` is aborted when the response
+    ends, however it ends (a client gone before the first event never starts ``events``)."""
+
     async def body() -> AsyncIterator[str]:
         try:
             async for event in events:
@@ -297,7 +301,8 @@ def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+                             headers={"Cache-Control": "no-cache"},
+                             background=BackgroundTask(generation.abort))
 
 
 def _error_event(status: int, message: str) -> dict:

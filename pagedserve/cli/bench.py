@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from pagedserve.bench import offline
 from pagedserve.bench.clients import CLIENTS
 from pagedserve.bench.compare import compare, layout_targets, parse_peer, sweep_run
 from pagedserve.bench.loadgen import Workload
@@ -173,3 +174,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="directory for benchmarks.md, plots and results (default: %(default)s)")
     _add_workload_args(comp, num_prompts="max(16, 3 x concurrency)")
     comp.set_defaults(func=cmd_compare)
+
+    offline.add_parser(sub)

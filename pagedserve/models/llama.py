@@ -21,13 +21,16 @@ from pagedserve.config import ModelConfig
 
 
 class RMSNorm:
-    def __init__(self, weight: torch.Tensor, eps: float):
-        self.weight = weight
+    """Normalizes in float32 (the residual stream's dtype), returns the matmul dtype."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
+        self.weight = weight.float()
         self.eps = eps
+        self.out_dtype = out_dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         var = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(var + self.eps) * self.weight
+        return (x * torch.rsqrt(var + self.eps) * self.weight).to(self.out_dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -111,13 +114,14 @@ class MLP:
 class DecoderLayer:
     def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], i: int):
         prefix = f"model.layers.{i}."
-        eps = config.rms_norm_eps
-        self.input_norm = RMSNorm(w[prefix + "input_layernorm.weight"], eps)
+        eps, dtype = config.rms_norm_eps, w[prefix + "mlp.down_proj.weight"].dtype
+        self.input_norm = RMSNorm(w[prefix + "input_layernorm.weight"], eps, dtype)
         self.attn = Attention(config, w, prefix)
-        self.post_attn_norm = RMSNorm(w[prefix + "post_attention_layernorm.weight"], eps)
+        self.post_attn_norm = RMSNorm(w[prefix + "post_attention_layernorm.weight"], eps, dtype)
         self.mlp = MLP(w, prefix)
 
     def __call__(self, x, positions, rotary, kv_cache, meta):
+        # x: (T, H) float32 residual stream; the sublayers compute in the weights' dtype
         x = x + self.attn(self.input_norm(x), positions, rotary, kv_cache, meta)
         return x + self.mlp(self.post_attn_norm(x))
 
@@ -131,7 +135,7 @@ class LlamaForCausalLM:
         if config.tie_word_embeddings:
             self.lm_head = self.embed
         self.layers = [DecoderLayer(config, w, i) for i in range(config.num_layers)]
-        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps)
+        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, dtype)
         self.rotary = Rotary(config, config.max_position_embeddings, dtype)
         if device != "cpu":
             self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
@@ -139,7 +143,7 @@ class LlamaForCausalLM:
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (T,) -> final hidden states (T, H)."""
-        x = self.embed[input_ids]
+        x = self.embed[input_ids].float()
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x = layer(x, positions, self.rotary, kv_cache, meta)
         return self.norm(x)

@@ -159,6 +159,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queue is not None and args.max_queue < 0:
         logger.error("--max-queue must be >= 0, got %d", args.max_queue)
         return 2
+    if args.kv_layout != "static" and (args.max_parallel or args.num_ctx):
+        logger.warning("--max-parallel and --num-ctx only apply to --kv-layout static")
     try:
         config = engine_config_from_args(args)
         card = resolve_model(args.model, args.served_model_name)
@@ -174,7 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics = ServerMetrics(card.name, engine.stats)
     app = create_app(served, metrics, api_key=args.api_key)
     _log_startup(args, served)
-    run_http_server(app, args.host, args.port, on_exit=served.abort_all)
+    run_http_server(app, args.host, args.port, on_exit=served.abort_all,
+                    access_log=getattr(args, "verbose", False))
     return 0
 
 

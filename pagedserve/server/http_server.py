@@ -37,9 +37,14 @@ class HTTPServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_http_server(app: ASGIApp, host: str, port: int, on_exit: Callable[[], None]) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM; ``on_exit`` runs on the event loop at the signal."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+def run_http_server(app: ASGIApp, host: str, port: int, on_exit: Callable[[], None],
+                    access_log: bool = False) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM; ``on_exit`` runs on the event loop at the signal.
+
+    uvicorn's own logging stays at warnings unless ``access_log`` (a line per request).
+    """
+    config = uvicorn.Config(app, host=host, port=port,
+                            log_level="info" if access_log else "warning",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     try:
         HTTPServer(config, on_exit).run()

@@ -36,8 +36,11 @@ class Sampler:
         want_logprobs = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
 
-        logits = self._apply_penalties(logits, requests)
-        self._suppress_stop_before_min_tokens(logits, requests)
+        if any(_needs_penalties(r) or r.num_output_tokens < r.params.min_tokens
+               for r in requests):
+            logits = logits.clone()  # the caller's logits stay untouched
+            self._apply_penalties(logits, requests)
+            self._suppress_stop_before_min_tokens(logits, requests)
 
         temps = torch.tensor([p.temperature for p in params])
         greedy = temps == 0
@@ -94,7 +97,7 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         for i, r in enumerate(requests):
             p = r.params
             if p.repetition_penalty != 1.0:
@@ -107,7 +110,6 @@ class Sampler:
                 ids = torch.tensor(r.output_token_ids, dtype=torch.long)
                 counts = torch.zeros(logits.shape[1]).index_add_(0, ids, torch.ones(len(ids)))
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        return logits
 
     @staticmethod
     def _suppress_stop_before_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
@@ -118,3 +120,8 @@ class Sampler:
                     stops |= r.eos_token_ids
                 if stops:
                     logits[i, sorted(stops)] = float("-inf")
+
+
+def _needs_penalties(r: Request) -> bool:
+    p = r.params
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)

@@ -1,0 +1,170 @@
+"""The engine end to end on a tiny model: stops, aborts, preemption, limits and KV waste."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pagedserve.config import EngineConfig, ModelConfig
+from pagedserve.engine import ContextLengthError, Engine
+from pagedserve.llm import LLM
+from pagedserve.loader import load_model
+from pagedserve.model_runner import kv_bytes_per_token
+from pagedserve.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_tokenized_dir):
+    return load_model(tiny_llama_tokenized_dir)
+
+
+def make_engine(loaded, num_blocks: int = 256, **kw) -> Engine:
+    per_block = kv_bytes_per_token(loaded.config, "float32") * kw.get("block_size", 16)
+    return Engine.from_model(loaded, EngineConfig(kv_cache_memory=num_blocks * per_block, **kw))
+
+
+def run(engine: Engine, prompts, params=GREEDY) -> dict[str, dict]:
+    ids = [engine.add_request(p, params) for p in prompts]
+    res = {i: {"text": "", "tokens": [], "reason": None, "stop": None} for i in ids}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            r = res[out.request_id]
+            r["text"] += out.delta_text
+            r["tokens"] += out.delta_token_ids
+            if out.finished:
+                r["reason"], r["stop"] = out.finish_reason, out.stop_reason
+        engine.check_integrity()
+    assert engine.kv.all_free()
+    return [res[i] for i in ids]
+
+
+def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, 300) for _ in range(length)] for _ in range(n)]
+
+
+def test_stop_string_ends_the_request_and_never_leaks(tiny):
+    [free] = run(make_engine(tiny), ["hello world"], GREEDY)
+    text = free["text"]
+    assert len(text) > 6
+    stop = text[3:6]  # a string the greedy output is known to reach
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
+    [stopped] = run(make_engine(tiny), ["hello world"], params)
+    assert stopped["reason"] == "stop"
+    assert stopped["stop"] == stop
+    assert stopped["text"] == text[: text.index(stop)]
+
+
+def test_stop_token_ids_and_length_finish_reasons(tiny):
+    [free] = run(make_engine(tiny), ["hello"], GREEDY)
+    assert free["reason"] == "length" and len(free["tokens"]) == 24
+    stop_token = free["tokens"][5]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                            stop_token_ids=[stop_token])
+    [stopped] = run(make_engine(tiny), ["hello"], params)
+    first = free["tokens"].index(stop_token)
+    assert stopped["tokens"] == free["tokens"][: first + 1]
+    assert (stopped["reason"], stopped["stop"]) == ("stop", stop_token)
+
+
+def test_preemption_under_a_tiny_cache_gives_exactly_the_same_output(tiny):
+    batch = prompts(6, 40)
+    roomy = run(make_engine(tiny, num_blocks=256), batch)
+    # 12 blocks of 16 tokens: two 64-token sequences at most, six are asked for at once
+    tight_engine = make_engine(tiny, num_blocks=12)
+    tight = run(tight_engine, batch)
+    assert tight_engine.scheduler.num_preemptions > 0
+    assert [r["tokens"] for r in tight] == [r["tokens"] for r in roomy]
+
+
+def test_abort_frees_blocks_at_once_and_reports_abort(tiny):
+    engine = make_engine(tiny)
+    a = engine.add_request(prompts(1, 50)[0], GREEDY)
+    b = engine.add_request(prompts(1, 50, seed=1)[0], GREEDY)
+    engine.step()
+    engine.step()
+    free_before = engine.kv.num_free_blocks
+    out = engine.abort_request(a)
+    assert out.finished and out.finish_reason == "abort"
+    assert engine.kv.num_free_blocks == free_before + 4  # 50 + 2 tokens in 4 blocks
+    engine.check_integrity()
+    assert engine.abort_request(a) is None  # already gone
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv.all_free()
+    assert b not in engine._requests
+
+
+def test_a_request_that_cannot_fit_is_rejected_at_submission(tiny):
+    engine = make_engine(tiny, num_blocks=4)  # 64 tokens of KV in all
+    assert engine.max_model_len == 64
+    with pytest.raises(ContextLengthError, match="maximum context length is 64 tokens"):
+        engine.add_request(prompts(1, 60)[0], SamplingParams(max_tokens=10))
+    with pytest.raises(ContextLengthError):
+        engine.add_request(prompts(1, 64)[0], SamplingParams(max_tokens=None))
+    with pytest.raises(ValueError, match="prompt"):
+        engine.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="prompt token ids"):
+        engine.add_request([1, 2, 10**6], SamplingParams())
+    assert not engine.has_unfinished_requests()
+    assert engine.kv.all_free()
+
+
+def test_llm_generate_and_chat_return_whole_completions(tiny_llama_tokenized_dir):
+    llm = LLM(str(tiny_llama_tokenized_dir), kv_cache_memory=8 << 20)
+    [a, b] = llm.generate(["one", "two"], SamplingParams(temperature=0, max_tokens=5,
+                                                         ignore_eos=True, logprobs=2))
+    assert a.num_output_tokens == 5 and len(a.token_ids) == 5 and a.finish_reason == "length"
+    assert a.prompt == "one" and a.prompt_token_ids and len(a.logprobs) == 5
+    assert len(a.logprobs[0].top) == 2
+    many = llm.generate("three", SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=4))
+    assert len(many) == 3
+    [chat] = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3))
+    assert chat.num_prompt_tokens > 3
+    streamed = list(llm.stream("one", SamplingParams(temperature=0, max_tokens=5,
+                                                     ignore_eos=True)))
+    assert "".join(o.delta_text for o in streamed) == a.text
+    assert streamed[-1].finished and llm.engine.kv.all_free()
+
+
+def test_paged_waste_stays_under_four_percent_in_a_steady_mixed_workload():
+    """Prompts of 100-1000 tokens, outputs of 16-128, 16 requests running at a time."""
+    config = ModelConfig("llama", vocab_size=256, hidden_size=32, intermediate_size=64,
+                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                         max_position_embeddings=4096)
+    loaded = load_model(None, load_format="dummy", config=config)
+    engine = make_engine(loaded, num_blocks=4096, max_num_seqs=16, max_num_batched_tokens=2048)
+    rng = random.Random(0)
+    for _ in range(64):
+        n = rng.randrange(100, 1000)
+        engine.add_request([rng.randrange(256) for _ in range(n)],
+                           SamplingParams(max_tokens=rng.randrange(16, 128), ignore_eos=True))
+    wastes = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        stats = engine.stats()
+        if stats.num_running == 16:  # steady state: a full batch
+            wastes.append(stats.kv_waste_perc)
+    assert len(wastes) > 30
+    assert max(wastes) < 4.0
+    assert engine.kv.all_free()
+
+
+def test_static_layout_reserves_whole_slots_and_wastes_most_of_them(tiny):
+    engine = make_engine(tiny, kv_layout="static", max_parallel=2, num_ctx=256)
+    assert engine.max_model_len == 256
+    for p in prompts(4, 30):
+        engine.add_request(p, GREEDY)
+    engine.step()
+    stats = engine.stats()
+    assert stats.num_running == 2 and stats.num_waiting == 2
+    assert stats.kv_reserved_tokens == 512
+    assert stats.kv_used_tokens == 60
+    assert stats.kv_waste_perc > 60
+    while engine.has_unfinished_requests():
+        engine.step()
+        assert engine.stats().num_running <= 2
+    assert engine.kv.all_free()

@@ -66,7 +66,7 @@ class EngineConfig:
     kv_layout: KVLayout = "paged"
     max_parallel: int = 4  # static layout: number of slots
     num_ctx: int = 4096  # static layout: tokens reserved per slot
-    dtype: str = "float32"
+    dtype: str = "float32"  # or "bfloat16", "float16", "auto" (bf16 where native, else fp32)
     device: str = "cpu"
     seed: int = 0
     num_threads: int | None = None
@@ -86,7 +86,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.kv_layout not in ("paged", "static"):
             raise ValueError(f"kv_layout must be 'paged' or 'static', got {self.kv_layout!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(
-                f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}"
+                f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )

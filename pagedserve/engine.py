@@ -9,6 +9,7 @@ it in a thread for the server, :class:`~pagedserve.llm.LLM` drives it directly o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -97,9 +98,11 @@ class Engine:
         model_info: ModelInfo | None = None,
         model_name: str = "model",
     ):
-        from pagedserve.model_runner import ModelRunner, kv_bytes_per_token
+        from pagedserve.model_runner import ModelRunner, kv_bytes_per_token, resolve_dtype
 
-        self.config = config = config or EngineConfig()
+        config = config or EngineConfig()
+        self.config = config = dataclasses.replace(
+            config, dtype=resolve_dtype(config.dtype, config.device))
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_info = model_info
@@ -150,11 +153,12 @@ class Engine:
         progress: bool = False,
     ) -> Engine:
         from pagedserve.loader import LoadedModel, load_model
-        from pagedserve.model_runner import DTYPES
+        from pagedserve.model_runner import resolve_dtype
 
         config = config or EngineConfig()
         if not isinstance(model, LoadedModel):
-            model = load_model(model, load_format=load_format, dtype=DTYPES[config.dtype],
+            model = load_model(model, load_format=load_format,
+                               dtype=resolve_dtype(config.dtype, config.device),
                                progress=progress)
         name = model_name or (Path(model.info.path).name if model.info else "model")
         return cls(model.config, model.weights, model.tokenizer, config, model.info, name)
@@ -232,7 +236,10 @@ class Engine:
         request = self._requests.get(request_id)
         if request is None:
             return None
-        return self._finish(request, "abort", None, RequestOutput(request_id, "", []))
+        out = self._finish(request, "abort", None, RequestOutput(request_id, "", []))
+        for observer in self.observers:
+            observer.on_output(out)
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -25,6 +25,20 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """``"auto"``: bfloat16 where the hardware computes it natively, else float32."""
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
 def kv_bytes_per_token(config: ModelConfig, dtype: str) -> int:
     """Bytes of K and V for one token across all layers."""
     itemsize = torch.tensor([], dtype=DTYPES[dtype]).element_size()

@@ -23,7 +23,8 @@ def tiny(tiny_llama_tokenized_dir):
 
 def make_engine(loaded, num_blocks: int = 256, **kw) -> Engine:
     per_block = kv_bytes_per_token(loaded.config, "float32") * kw.get("block_size", 16)
-    return Engine.from_model(loaded, EngineConfig(kv_cache_memory=num_blocks * per_block, **kw))
+    return Engine.from_model(loaded, EngineConfig(kv_cache_memory=num_blocks * per_block,
+                                                  dtype="float32", **kw))
 
 
 def run(engine: Engine, prompts, params=GREEDY) -> dict[str, dict]:

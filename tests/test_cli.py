@@ -398,6 +398,11 @@ def test_llm_takes_the_ollama_params_and_system(ollama_models) -> None:
     assert (params.temperature, params.top_k, params.max_tokens) == (0.3, 20, 48)
     assert params.repetition_penalty == 1.1 and "User:" in params.stop
     assert llm.default_params(temperature=0).temperature == 0  # a request's value wins
+    hi = [{"role": "user", "content": "Hi"}]
+    assert SYSTEM in llm.tokenizer.decode(llm.render_chat(hi), skip_special_tokens=False)
+    own = [{"role": "system", "content": "Be a pirate."}, *hi]  # what run --system sends
+    prompt = llm.tokenizer.decode(llm.render_chat(own), skip_special_tokens=False)
+    assert "Be a pirate." in prompt and SYSTEM not in prompt
 
     # the chat the CLI runs, over the real engine: two turns, the second sees the first
     out = io.StringIO()

@@ -50,8 +50,10 @@ __all__ = [
     "ModelEntry",
     "ModelIntegrityError",
     "ModelNotFoundError",
+    "PullError",
     "ResolvedModel",
     "list_models",
+    "model_info",
     "pull",
     "remove",
     "resolve",
@@ -205,16 +207,26 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def _from_path(ref: str) -> ResolvedModel | None:
+    """``ref`` as a path; None when nothing is there, or when a bare word such as ``llama3``
+    only names an unrelated file or directory of the current directory (then it is a name)."""
     path = Path(ref).expanduser()
+    explicit = _looks_like_path(ref)
     if path.is_file():
-        return ResolvedModel(ref, path, "path")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
+        if explicit or os.sep in ref or _is_gguf(path):
+            return ResolvedModel(ref, path, "path")
+    elif path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedModel(ref, path, "path", generation_config_defaults(path))
+        if explicit:
             raise ModelNotFoundError(
                 f"{path} is a directory without config.json: not a Hugging Face model directory"
             )
-        return ResolvedModel(ref, path, "path", generation_config_defaults(path))
     return None
+
+
+def _is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
 
 
 def _from_store(store: BlobStore, name: ModelName, source: Source,
@@ -283,7 +295,7 @@ def resolve(ref: str | None, *, verify: bool = True,
 
     if (found := _from_path(ref)) is not None:
         return found
-    looked.append(f"no file or directory {ref!r}")
+    looked.append(f"no model file or directory {ref!r}")
     try:
         name = ModelName.parse(ref)
     except ValueError as exc:

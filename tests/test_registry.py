@@ -170,6 +170,17 @@ def test_paths(home: Path, smollm_gguf: Path, tiny_llama_dir: Path) -> None:
         resolve(str(home / "missing.gguf"))
 
 
+def test_a_bare_word_is_a_name_even_if_the_directory_holds_that_file(
+        ollama_models: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "smol").mkdir()  # e.g. a source checkout named like the model
+    (tmp_path / "smollm2").write_text("notes")
+    monkeypatch.chdir(tmp_path)
+    assert resolve("smol").source == "ollama"
+    assert resolve("smollm2").source == "bundled"
+    with pytest.raises(ModelNotFoundError, match="without config.json"):
+        resolve("./smol")
+
+
 def test_ollama_model_with_params_system_and_template(
         ollama_models: Path, smollm_digest: str) -> None:
     found = resolve("smol")
@@ -276,7 +287,7 @@ def test_not_found_lists_where_it_looked(ollama_models: Path) -> None:
     with pytest.raises(ModelNotFoundError) as err:
         resolve("nosuch:7b")
     message = str(err.value)
-    for place in ("no file or directory 'nosuch:7b'",
+    for place in ("no model file or directory 'nosuch:7b'",
                   "pagedserve store", ".pagedserve/models/manifests/nosuch/7b",
                   "ollama store", "manifests/registry.ollama.ai/library/nosuch/7b",
                   "Hugging Face cache", "bundled models", "pagedserve pull"):

@@ -491,3 +491,16 @@ def test_interactive_chat_in_a_terminal(ollama_models, home) -> None:
         if proc.poll() is None:
             proc.kill()
         os.close(leader)
+
+
+@pytest.mark.slow
+def test_run_a_hugging_face_cached_model(home, tiny_llama_tokenized_dir, monkeypatch,
+                                         capsys) -> None:
+    pytest.importorskip("pagedserve.llm")
+    test_registry.add_hf_repo(home, "tiny-org/tiny-chat", tiny_llama_tokenized_dir)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    rc, out, err = run_cli(capsys, "run", "tiny-org/tiny-chat", "Hello world", "--max-tokens",
+                           "5", "--temperature", "0", "--kv-cache-memory", "4MiB", "--stats")
+    assert rc == 0, err
+    assert out.endswith("\n")
+    assert "output tokens" in err and "prompt tokens" in err

@@ -496,7 +496,15 @@ def _default_pull_name(ref: str, found: ResolvedModel) -> ModelName:
     return ModelName.parse(cleaned or "model")
 
 
-def _download_hf(repo_id: str) -> Path:
+# What a model directory needs; not README images, not original/*.pth, not every GGUF quant.
+_HF_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "*.txt"]
+
+
+def _download_hf(repo_id: str, quant: str | None) -> Path:
+    """``snapshot_download`` of the files a model needs; with ``quant``, that GGUF file only."""
+    patterns = list(_HF_PATTERNS)
+    if quant:
+        patterns = ["*.json"] + [f"*{q}*.gguf" for q in {quant, quant.upper(), quant.lower()}]
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
@@ -506,7 +514,7 @@ def _download_hf(repo_id: str) -> Path:
     import httpx
 
     try:
-        return Path(snapshot_download(repo_id))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (OSError, ValueError, httpx.HTTPError) as exc:
         raise PullError(
             f"cannot download {repo_id} from Hugging Face ({type(exc).__name__}: {exc}); "
@@ -528,7 +536,8 @@ def _pull_source(ref: str) -> tuple[ResolvedModel, Manifest | None]:
     if len(parsed.parts) == 2:
         explicit_tag = ref.rfind(":") > ref.rfind("/")
         try:
-            logger.info("downloaded %s to %s", ref, _download_hf("/".join(parsed.parts)))
+            quant = parsed.tag if explicit_tag and parsed.tag != "latest" else None
+            logger.info("downloaded %s to %s", ref, _download_hf("/".join(parsed.parts), quant))
         except PullError:
             if _from_hf_cache(parsed, explicit_tag) is None:
                 raise

@@ -114,6 +114,14 @@ def _split_model_and_prompt(args: argparse.Namespace) -> tuple[str | None, str |
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # while loading, or an answer of a one-shot run
+        print(file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from pagedserve.llm import LLM
     from pagedserve.loader import ModelLoadError
     from pagedserve.registry import ModelNotFoundError

@@ -367,3 +367,23 @@ def test_list_models_from_every_source(ollama_models: Path, hf_cache: Path) -> N
     assert (smol.quantization, smol.family, smol.problem) == ("Q4_1", "llama", None)
     assert smol.size > bundled.size  # the manifest's layers: GGUF plus params, system...
     assert tiny.family == "llama" and tiny.parameter_count
+
+
+def test_pull_downloads_only_what_a_model_needs(home: Path, tiny_llama_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    asked = []
+
+    def fake_download(repo_id, allow_patterns=None, **kwargs):
+        asked.append((repo_id, sorted(allow_patterns)))
+        return str(add_hf_repo(home, repo_id, tiny_llama_dir))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    pulled = registry.pull("new-org/fresh")
+    assert (pulled.name, pulled.source) == ("new-org/fresh:latest", "pagedserve")
+    assert asked == [("new-org/fresh", ["*.jinja", "*.json", "*.model", "*.safetensors",
+                                        "*.tiktoken", "*.txt"])]
+    registry.pull("other-org/model-GGUF:Q4_K_M")  # one quantization, not the whole repository
+    assert asked[-1] == ("other-org/model-GGUF",
+                         ["*.json", "*Q4_K_M*.gguf", "*q4_k_m*.gguf"])

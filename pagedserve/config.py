@@ -67,6 +67,8 @@ class EngineConfig:
     max_parallel: int = 4  # static layout: number of slots
     num_ctx: int = 4096  # static layout: tokens reserved per slot
     dtype: str = "float32"  # or "bfloat16", "float16", "auto" (bf16 where native, else fp32)
+    # bf16 on CPU: steps of <= 8 tokens read int4/int8 copies of the weights (bandwidth-bound)
+    low_bit_small_steps: bool = True
     device: str = "cpu"
     seed: int = 0
     num_threads: int | None = None

@@ -59,7 +59,9 @@ class ModelRunner:
         self.dtype = DTYPES[engine_config.dtype]
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
-        self.model = LlamaForCausalLM(config, weights, self.dtype, self.device)
+        low_bit = (engine_config.low_bit_small_steps and self.dtype == torch.bfloat16
+                   and self.device.type == "cpu")
+        self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit)
         shape = (num_blocks, self.block_size, config.num_kv_heads, config.head_dim)
         # Zeroed, not empty: masked attention weights are exactly 0, but 0 * NaN garbage is not.
         self.kv_caches = [

@@ -11,6 +11,7 @@ layer runs two large matmuls instead of five.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -18,6 +19,57 @@ import torch.nn.functional as F
 
 from pagedserve.attention import AttentionMetadata, paged_attention
 from pagedserve.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+SMALL_STEP_TOKENS = 8  # steps of at most this many tokens read low-bit weights, when packed
+INT4_GROUP = 32
+
+
+class Linear:
+    """``y = x W^T + b``, with optional low-bit copies of W for small steps.
+
+    A step of a few tokens is bound by memory bandwidth: every weight is read for a handful of
+    multiply-adds. For those, :meth:`pack_low_bit` adds an int4 copy (groups of 32 along the
+    input dimension, a scale and a zero each: exact for weights that came from Q4_0/Q4_1
+    GGUF blocks, which are min/max-quantized over the same groups) or an int8 copy (a scale per
+    output row), read by torch's weight-only kernels at a quarter or half the bytes of bf16.
+    Large steps are compute-bound and keep the dense bf16 matmul, which is faster there.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight = weight  # (out, in)
+        self.bias = bias
+        self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def pack_low_bit(self, bits: int) -> None:
+        w = self.weight.float()
+        n, k = w.shape
+        if bits == 4 and k % INT4_GROUP == 0:
+            groups = w.view(n, k // INT4_GROUP, INT4_GROUP)
+            lo, hi = groups.amin(-1), groups.amax(-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-12)
+            q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15)
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 1)
+            # the kernel computes (q - 8) * scale + zero
+            zeros = lo + 8 * scale
+            scales_zeros = torch.stack([scale.t(), zeros.t()], -1).to(self.weight.dtype)
+            self._int4 = (packed, scales_zeros.contiguous())
+        elif bits == 8:
+            scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            self._int8 = (q, scale.to(self.weight.dtype))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= SMALL_STEP_TOKENS:
+            if self._int4 is not None:
+                y = torch._weight_int4pack_mm_for_cpu(x, self._int4[0], INT4_GROUP, self._int4[1])
+                return y if self.bias is None else y + self.bias
+            if self._int8 is not None:
+                y = torch._weight_int8pack_mm(x, *self._int8)
+                return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm:
@@ -29,8 +81,7 @@ class RMSNorm:
         self.out_dtype = out_dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.pow(2).mean(-1, keepdim=True)
-        return (x * torch.rsqrt(var + self.eps) * self.weight).to(self.out_dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps).to(self.out_dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -66,10 +117,13 @@ class Rotary:
         self.cos = freqs.cos().to(dtype)
         self.sin = freqs.sin().to(dtype)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for a step's positions, (T, 1, hd/2) each: gathered once for all layers."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: (T, heads, hd)
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, hd/2)
-        sin = self.sin[positions].unsqueeze(1)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -78,37 +132,36 @@ class Attention:
     def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str):
         self.nh, self.nkv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
         p = prefix + "self_attn."
-        self.qkv_weight = torch.cat(
-            [w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]]
-        )
-        self.qkv_bias = None
+        qkv_bias = None
         if config.attention_bias or (p + "q_proj.bias") in w:
-            self.qkv_bias = torch.cat(
-                [w[p + "q_proj.bias"], w[p + "k_proj.bias"], w[p + "v_proj.bias"]]
-            )
-        self.o_weight = w[p + "o_proj.weight"]
+            qkv_bias = torch.cat([w[p + "q_proj.bias"], w[p + "k_proj.bias"], w[p + "v_proj.bias"]])
+        self.qkv = Linear(
+            torch.cat([w[p + "q_proj.weight"], w[p + "k_proj.weight"], w[p + "v_proj.weight"]]),
+            qkv_bias,
+        )
+        self.o = Linear(w[p + "o_proj.weight"])
         self.scale = self.hd**-0.5
 
-    def __call__(self, x, positions, rotary, kv_cache, meta: AttentionMetadata):
+    def __call__(self, x, rope, kv_cache, meta: AttentionMetadata):
         T = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (T, (nh + 2 nkv) hd)
+        qkv = self.qkv(x)  # (T, (nh + 2 nkv) hd)
         q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = rotary(q.view(T, self.nh, self.hd), positions)  # (T, nh, hd)
-        k = rotary(k.view(T, self.nkv, self.hd), positions)  # (T, nkv, hd)
+        q = Rotary.apply(q.view(T, self.nh, self.hd), *rope)  # (T, nh, hd)
+        k = Rotary.apply(k.view(T, self.nkv, self.hd), *rope)  # (T, nkv, hd)
         v = v.reshape(T, self.nkv, self.hd)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return F.linear(out.view(T, self.nh * self.hd), self.o_weight)
+        return self.o(out.view(T, self.nh * self.hd))
 
 
 class MLP:
     def __init__(self, w: dict[str, torch.Tensor], prefix: str):
         p = prefix + "mlp."
-        self.gate_up = torch.cat([w[p + "gate_proj.weight"], w[p + "up_proj.weight"]])
-        self.down = w[p + "down_proj.weight"]
+        self.gate_up = Linear(torch.cat([w[p + "gate_proj.weight"], w[p + "up_proj.weight"]]))
+        self.down = Linear(w[p + "down_proj.weight"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class DecoderLayer:
@@ -120,34 +173,50 @@ class DecoderLayer:
         self.post_attn_norm = RMSNorm(w[prefix + "post_attention_layernorm.weight"], eps, dtype)
         self.mlp = MLP(w, prefix)
 
-    def __call__(self, x, positions, rotary, kv_cache, meta):
+    def __call__(self, x, rope, kv_cache, meta):
         # x: (T, H) float32 residual stream; the sublayers compute in the weights' dtype
-        x = x + self.attn(self.input_norm(x), positions, rotary, kv_cache, meta)
+        x = x + self.attn(self.input_norm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attn_norm(x))
 
 
 class LlamaForCausalLM:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device):
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device,
+                 low_bit_small_steps: bool = False):
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         self.config = config
         self.embed = w["model.embed_tokens.weight"]  # (V, H)
-        self.lm_head = w.get("lm_head.weight", self.embed)
-        if config.tie_word_embeddings:
-            self.lm_head = self.embed
+        head = self.embed if config.tie_word_embeddings else w.get("lm_head.weight", self.embed)
+        self.lm_head = Linear(head)
         self.layers = [DecoderLayer(config, w, i) for i in range(config.num_layers)]
         self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, dtype)
         self.rotary = Rotary(config, config.max_position_embeddings, dtype)
         if device != "cpu":
             self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
+        if low_bit_small_steps:
+            self._pack_low_bit()
+
+    def _pack_low_bit(self) -> None:
+        try:
+            for layer in self.layers:
+                for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
+                    linear.pack_low_bit(4)
+            self.lm_head.pack_low_bit(8)
+        except (RuntimeError, AttributeError) as exc:  # kernels missing in this torch build
+            logger.warning("low-bit weights for small steps unavailable (%s); using dense", exc)
+            for layer in self.layers:
+                for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
+                    linear._int4 = None
+            self.lm_head._int8 = None
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (T,) -> final hidden states (T, H)."""
         x = self.embed[input_ids].float()
+        rope = self.rotary.at(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, positions, self.rotary, kv_cache, meta)
+            x = layer(x, rope, kv_cache, meta)
         return self.norm(x)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()  # (N, V)
+        return self.lm_head(hidden).float()  # (N, V)

@@ -1,0 +1,50 @@
+"""bf16 with low-bit weights for small steps: exact grids for Q4_1, close logits overall."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine import Engine
+from pagedserve.loader import load_model
+from pagedserve.models.llama import SMALL_STEP_TOKENS, Linear
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_gguf):
+    return load_model(smollm_gguf)
+
+
+def test_int4_copy_of_q4_1_weights_is_exact_and_matches_the_dense_matmul(smollm):
+    w = smollm.weights["model.layers.3.mlp.down_proj.weight"]  # Q4_1 in the GGUF
+    n, k = w.shape
+    groups = w.view(n, k // 32, 32)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = (hi - lo) / 15
+    q = ((groups - lo[..., None]) / scale[..., None]).round()
+    assert torch.equal((q * scale[..., None] + lo[..., None]).view(n, k), w)  # same grid
+
+    linear = Linear(w.to(torch.bfloat16))
+    linear.pack_low_bit(4)
+    x = torch.randn(SMALL_STEP_TOKENS, k, generator=torch.Generator().manual_seed(0))
+    ref = x @ w.t()
+    low = linear(x.to(torch.bfloat16)).float()  # the int4 kernel
+    dense = linear(torch.cat([x] * 2).to(torch.bfloat16))[:SMALL_STEP_TOKENS].float()
+    assert (low - ref).abs().max() / ref.abs().max() < 1e-2
+    assert (dense - ref).abs().max() / ref.abs().max() < 1e-2
+
+
+def test_bf16_engine_logits_stay_close_to_float32(smollm):
+    ids = smollm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine.from_model(smollm, EngineConfig(kv_cache_memory=32 << 20, dtype=dtype))
+        blocks = list(range(engine.kv.blocks_needed(len(ids))))
+        full = engine.runner.prompt_logits(ids, blocks)  # a large step: dense bf16
+        small = engine.runner.prompt_logits(ids[:4], blocks)  # a small step: int4/int8
+        logits[dtype] = (full, small)
+    for big_or_small in (0, 1):
+        ref, got = logits["float32"][big_or_small], logits["bfloat16"][big_or_small]
+        assert (got - ref).abs().max() / ref.abs().max() < 0.1
+        assert (got[-1].argmax() == ref[-1].argmax()).item()

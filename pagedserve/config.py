@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -92,3 +93,10 @@ class EngineConfig:
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
+
+    def with_model_defaults(self, defaults: dict) -> EngineConfig:
+        """Apply a model's own context length (Ollama's ``num_ctx`` parameter) unless set."""
+        num_ctx = defaults.get("num_ctx")
+        if self.max_model_len is None and isinstance(num_ctx, int) and num_ctx > 0:
+            return dataclasses.replace(self, max_model_len=num_ctx)
+        return self

@@ -42,6 +42,7 @@ class LLM:
             path, name = resolved.path, resolved.name
             self.model_defaults = dict(resolved.sampling_defaults)
             self.system = resolved.system
+            engine_config = engine_config.with_model_defaults(self.model_defaults)
         self.engine = Engine.from_model(path, engine_config, model_name=name,
                                         load_format=load_format, progress=progress)
         self.tokenizer = self.engine.tokenizer

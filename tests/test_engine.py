@@ -169,3 +169,11 @@ def test_static_layout_reserves_whole_slots_and_wastes_most_of_them(tiny):
         engine.step()
         assert engine.stats().num_running <= 2
     assert engine.kv.all_free()
+
+
+def test_a_models_num_ctx_sets_the_context_unless_given():
+    config = EngineConfig()
+    assert config.with_model_defaults({"num_ctx": 2048}).max_model_len == 2048
+    assert EngineConfig(max_model_len=512).with_model_defaults({"num_ctx": 2048}).max_model_len \
+        == 512
+    assert config.with_model_defaults({"temperature": 0.3}) is config

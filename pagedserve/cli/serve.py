@@ -111,27 +111,15 @@ def engine_config_from_args(args: argparse.Namespace):
 
 
 def resolve_model(ref: str | None, served_name: str | None):
-    """The registry's entry for MODEL as a :class:`ModelCard` (a path if the registry is absent)."""
+    """The registry's entry for MODEL as a :class:`ModelCard`."""
     from pagedserve.bundled import BUNDLED_ALIASES
+    from pagedserve.registry import resolve
     from pagedserve.server.served_model import ModelCard
 
-    try:
-        from pagedserve.registry import resolve
-    except ImportError:
-        resolve = None
-    if resolve is not None:
-        resolved = resolve(ref)
-        name, path, source = resolved.name, str(resolved.path), resolved.source
-        defaults, system, template = (dict(resolved.sampling_defaults), resolved.system,
-                                      resolved.template)
-    else:
-        from pagedserve.bundled import BUNDLED_MODEL_NAME, bundled_model_path
-
-        if ref is None:
-            name, path, source = BUNDLED_MODEL_NAME, str(bundled_model_path()), "bundled"
-        else:
-            name, path, source = ref, ref, "path"
-        defaults, system, template = {}, None, None
+    resolved = resolve(ref)
+    name, path, source = resolved.name, str(resolved.path), resolved.source
+    defaults, system, template = (dict(resolved.sampling_defaults), resolved.system,
+                                  resolved.template)
     aliases = {name}
     if ref:
         aliases.add(ref)
@@ -166,6 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = engine_config_from_args(args)
         card = resolve_model(args.model, args.served_model_name)
         logger.info("loading %s from %s (%s)", card.name, card.path, card.source)
+        config = config.with_model_defaults(card.sampling_defaults)
         engine = Engine.from_model(card.path, config, model_name=card.name)
     except (ValueError, LookupError, OSError, ModelLoadError) as exc:
         logger.error("%s", exc)

@@ -51,7 +51,7 @@ class ServedModel:
         self.max_queue = max_queue
         self.loaded_at = time.time()
         self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
-        unknown = set(card.sampling_defaults) - _SAMPLING_FIELDS
+        unknown = set(card.sampling_defaults) - _SAMPLING_FIELDS - {"num_ctx"}  # engine's
         if unknown:
             logger.warning("ignoring unknown sampling defaults of %s: %s", card.name,
                            ", ".join(sorted(unknown)))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pagedserve's own store and caches go to a throwaway home, never the user's ~/.pagedserve
+os.environ.setdefault("PAGEDSERVE_HOME", tempfile.mkdtemp(prefix="pagedserve-test-home-"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 

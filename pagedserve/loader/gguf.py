@@ -34,6 +34,7 @@ from pagedserve.loader import (
     ModelLoadError,
     check_weights,
     tensor_progress,
+    weight_cache,
 )
 from pagedserve.tokenizer import Tokenizer
 
@@ -677,13 +678,19 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: bool = F
     f = GGUFFile(path)
     config = _model_config(f)
     tokenizer = tokenizer_from_gguf(f)
-    weights = _load_weights(f, config, dtype, progress)
+    weights = weight_cache.load(path, dtype)
+    source = "the dequantized-weight cache"
+    if weights is None:
+        weights = _load_weights(f, config, dtype, progress)
+        weight_cache.store(path, dtype, weights)
+        source = "GGUF tensors"
+    check_weights(weights, config, path.name)
     info = _info(f)
     generation_config: dict[str, Any] = {}
     if tokenizer is not None:
         generation_config = {"bos_token_id": tokenizer.bos_token_id,
                              "eos_token_id": list(tokenizer.eos_token_ids)}
-    logger.info("loaded %s (%s, %s) in %.2f s", path.name, config.architecture,
-                info.quantization, time.perf_counter() - start)
+    logger.info("loaded %s (%s, %s) from %s in %.2f s", path.name, config.architecture,
+                info.quantization, source, time.perf_counter() - start)
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, info=info,
                        generation_config=generation_config)

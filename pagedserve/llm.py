@@ -48,8 +48,13 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def default_params(self, **overrides: Any) -> SamplingParams:
-        """The model's own defaults (Ollama params, generation_config.json) under overrides."""
-        values = {k: v for k, v in self.model_defaults.items() if k in _PARAM_FIELDS}
+        """The model's own defaults (Ollama params, generation_config.json) under overrides.
+
+        Like Ollama (and unlike a bare ``SamplingParams``), the answer runs until EOS or the
+        end of the context unless a max_tokens is given here or by the model.
+        """
+        values: dict[str, Any] = {"max_tokens": None}
+        values.update({k: v for k, v in self.model_defaults.items() if k in _PARAM_FIELDS})
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**values)
 

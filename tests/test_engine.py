@@ -177,3 +177,9 @@ def test_a_models_num_ctx_sets_the_context_unless_given():
     assert EngineConfig(max_model_len=512).with_model_defaults({"num_ctx": 2048}).max_model_len \
         == 512
     assert config.with_model_defaults({"temperature": 0.3}) is config
+
+
+def test_llm_default_params_answer_until_eos_unless_limited(tiny_llama_tokenized_dir):
+    llm = LLM(str(tiny_llama_tokenized_dir), kv_cache_memory=8 << 20)
+    assert llm.default_params().max_tokens is None
+    assert llm.default_params(max_tokens=7, temperature=0).max_tokens == 7

@@ -140,6 +140,9 @@ def test_context_too_long(http):
     assert "maximum context length is 512 tokens" in error["message"]
     assert "input tokens" in error["message"]
     assert error["code"] == "context_length_exceeded"
+    assert error["param"] == "prompt"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 600}]}
+    assert openai_error(http.post("/v1/chat/completions", json=chat), 400)["param"] == "messages"
     # the prompt fits but prompt + max_tokens does not
     resp = http.post("/v1/completions", json={**COMPLETION, "prompt": "word " * 200,
                                               "max_tokens": 400})

@@ -97,7 +97,7 @@ async def chat_completions(request: Request):
         values["logprobs"] = body.top_logprobs or 0
     params = served.sampling_params(values, api_defaults={"max_tokens": None}, renames=renames)
     call = _Call("chatcmpl", served.name, body.n, body.include_usage)
-    generation = _start(served, [prompt], params, body.n, renames)
+    generation = _start(served, [prompt], params, body.n, renames, prompt_field="messages")
     if body.stream:
         return _sse(_stream_chat(call, generation), generation)
     return JSONResponse(await until_disconnected(request, _collect_chat(call, generation)))
@@ -119,7 +119,8 @@ def _completion_prompts(prompt: str | list) -> list[str | list[int]]:
 
 
 def _start(served: ServedModel, prompts: Sequence[str | list[int]], params: SamplingParams,
-           n: int, renames: dict[str, str] | None = None) -> Generation:
+           n: int, renames: dict[str, str] | None = None, prompt_field: str = "prompt"
+           ) -> Generation:
     """One engine request per (prompt, choice); choice i of a seeded request uses seed + i."""
     if isinstance(n, bool) or n < 1:
         raise APIError.bad_request(f"n must be >= 1, got {n}", param="n")
@@ -129,7 +130,7 @@ def _start(served: ServedModel, prompts: Sequence[str | list[int]], params: Samp
             seed = None if params.seed is None else params.seed + i
             expanded_prompts.append(prompt)
             expanded_params.append(dataclasses.replace(params, n=1, seed=seed))
-    return served.start(expanded_prompts, expanded_params, renames)
+    return served.start(expanded_prompts, expanded_params, renames, prompt_field)
 
 
 def _prompt_text(served: ServedModel, prompt: str | list[int]) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pagedserve.engine import ContextLengthError
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation
@@ -131,7 +132,8 @@ class ServedModel:
     # -- admission -----------------------------------------------------------------------------
 
     def start(self, prompts: Sequence[str | list[int]], params: Sequence[SamplingParams],
-              renames: dict[str, str] | None = None) -> Generation:
+              renames: dict[str, str] | None = None, prompt_field: str = "prompt"
+              ) -> Generation:
         """Submit one engine request per (prompt, params) pair, as one :class:`Generation`.
 
         Answers 503 when the waiting queue is full; a prompt that does not fit the context, or
@@ -150,7 +152,9 @@ class ServedModel:
         except ValueError as exc:
             for stream in streams:
                 stream.abort()
-            raise _context_error(exc) or APIError.from_value_error(exc, renames) from exc
+            if isinstance(exc, ContextLengthError):
+                raise _context_error(exc, prompt_field) from exc
+            raise APIError.from_value_error(exc, renames) from exc
         generation = Generation(streams)
         self._live.add(generation)
         return generation
@@ -165,16 +169,12 @@ def _with_tag(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
 
 
-def _context_error(exc: ValueError) -> APIError | None:
-    limit = getattr(exc, "max_model_len", None)
-    prompt_tokens = getattr(exc, "num_prompt_tokens", None)
-    if limit is None or prompt_tokens is None:
-        return None
-    max_tokens = getattr(exc, "max_tokens", None) or 0
+def _context_error(exc: ContextLengthError, prompt_field: str) -> APIError:
+    limit, prompt_tokens, max_tokens = exc.max_model_len, exc.num_prompt_tokens, exc.max_tokens
     message = (f"This model's maximum context length is {limit} tokens, your request has "
                f"{prompt_tokens} input tokens")
     if max_tokens:
         message += (f" and asks for {max_tokens} output tokens ({prompt_tokens + max_tokens} "
                     "in all)")
     message += ". Please reduce the length of the prompt or of max_tokens."
-    return APIError(400, message, param="messages", code="context_length_exceeded")
+    return APIError(400, message, param=prompt_field, code="context_length_exceeded")

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         card = resolve_model(args.model, args.served_model_name)
         logger.info("loading %s from %s (%s)", card.name, card.path, card.source)
         config = config.with_model_defaults(card.sampling_defaults)
-        engine = Engine.from_model(card.path, config, model_name=card.name)
+        engine = Engine.from_model(card.path, config, model_name=card.name,
+                                   progress=sys.stderr.isatty())
     except (ValueError, LookupError, OSError, ModelLoadError) as exc:
         logger.error("%s", exc)
         return 1

@@ -69,6 +69,9 @@ class BlockManager:
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}  # chain hashes of the request's full blocks
         self._held: dict[str, int] = {}  # tokens whose K/V the request has written
+        # Running totals, so usage() is O(1) and safe to read from another thread.
+        self._table_slots = 0  # sum over requests of len(table) * block_size
+        self._held_total = 0  # sum of _held
         self.prefix_queries = 0  # tokens looked up, cumulative
         self.prefix_hits = 0  # tokens found cached, cumulative
 
@@ -91,13 +94,11 @@ class BlockManager:
         return self._tables.get(request_id, [])
 
     def usage(self) -> KVUsage:
-        reserved = (self.num_blocks - len(self._free)) * self.block_size
+        num_free = len(self._free)
+        reserved = (self.num_blocks - num_free) * self.block_size
         # Shared blocks are full, so all waste sits in each request's own tail blocks.
-        waste = sum(
-            len(table) * self.block_size - self._held.get(rid, 0)
-            for rid, table in self._tables.items()
-        )
-        return KVUsage(self.num_blocks, len(self._free), reserved, reserved - waste)
+        waste = self._table_slots - self._held_total
+        return KVUsage(self.num_blocks, num_free, reserved, reserved - waste)
 
     def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
         """Block ids holding the longest cached prefix of ``token_ids``.
@@ -151,10 +152,12 @@ class BlockManager:
             self._evict(block)
             self._ref_cnt[block] = 1
             table.append(block)
+        self._table_slots += (len(cached_blocks) + max(num_new, 0)) * self.block_size
         if is_new:
             self._tables[request_id] = table
             self._hashes[request_id] = []
             self._held[request_id] = len(cached_blocks) * self.block_size
+            self._held_total += self._held[request_id]
             if self.enable_prefix_caching:
                 self._hashes[request_id] = [self._hash[b] for b in cached_blocks]  # type: ignore[misc]
         return True
@@ -165,6 +168,7 @@ class BlockManager:
 
     def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """The K/V of ``token_ids[:num_computed_tokens]`` are written: hash newly full blocks."""
+        self._held_total += num_computed_tokens - self._held[request_id]
         self._held[request_id] = num_computed_tokens
         if not self.enable_prefix_caching:
             return
@@ -190,9 +194,10 @@ class BlockManager:
         """
         table = self._tables.pop(request_id, None)
         self._hashes.pop(request_id, None)
-        self._held.pop(request_id, None)
         if table is None:
             return
+        self._held_total -= self._held.pop(request_id)
+        self._table_slots -= len(table) * self.block_size
         for block in reversed(table):
             self._ref_cnt[block] -= 1
             if self._ref_cnt[block] == 0:
@@ -227,6 +232,8 @@ class BlockManager:
             assert (block in self._free) == (owners[block] == 0), (
                 f"block {block}: in free queue={block in self._free}, owners={owners[block]}"
             )
+        assert self._table_slots == sum(len(t) for t in self._tables.values()) * self.block_size
+        assert self._held_total == sum(self._held.values())
         for h, block in self._cached.items():
             assert self._hash[block] == h, f"cache maps hash to block {block} with another hash"
         for block, h in enumerate(self._hash):

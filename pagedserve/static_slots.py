@@ -31,6 +31,7 @@ class StaticSlotManager:
         self._free_slots = list(range(num_slots))
         self._slot: dict[str, int] = {}
         self._held: dict[str, int] = {}
+        self._held_total = 0  # sum of _held: usage() stays O(1) and safe from another thread
 
     @property
     def capacity_tokens(self) -> int:
@@ -52,9 +53,8 @@ class StaticSlotManager:
 
     def usage(self) -> KVUsage:
         # Every slot's positions are reserved from start-up, busy or idle.
-        return KVUsage(
-            self.num_blocks, self.num_free_blocks, self.capacity_tokens, sum(self._held.values())
-        )
+        return KVUsage(self.num_blocks, self.num_free_blocks, self.capacity_tokens,
+                       self._held_total)
 
     def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
         return []
@@ -74,11 +74,12 @@ class StaticSlotManager:
         pass
 
     def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        self._held_total += num_computed_tokens - self._held[request_id]
         self._held[request_id] = num_computed_tokens
 
     def free(self, request_id: str) -> None:
         slot = self._slot.pop(request_id, None)
-        self._held.pop(request_id, None)
+        self._held_total -= self._held.pop(request_id, 0)
         if slot is not None:
             self._free_slots.append(slot)
             self._free_slots.sort()
@@ -92,6 +93,7 @@ class StaticSlotManager:
         assert sorted(taken + self._free_slots) == list(range(self.num_slots)), (
             f"slots lost or duplicated: taken={taken} free={self._free_slots}"
         )
+        assert self._held_total == sum(self._held.values())
 
     def all_free(self) -> bool:
         return len(self._free_slots) == self.num_slots

@@ -87,7 +87,7 @@ class LoadGenerator:
     """Drives one server through a :class:`ApiClient`; one instance per server."""
 
     def __init__(self, url: str, client: ApiClient, *, timeout: float = 600.0,
-                 metrics_interval: float = 0.5):
+                 metrics_interval: float = 0.25):
         self.url = url.rstrip("/")
         self.client = client
         self.timeout = timeout

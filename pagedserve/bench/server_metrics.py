@@ -49,7 +49,7 @@ def pick(values: dict[str, float], suffixes: tuple[str, ...]) -> float | None:
 class KVProbe:
     """Samples /metrics every ``interval`` seconds between :meth:`start` and :meth:`stop`."""
 
-    def __init__(self, http: httpx.AsyncClient, interval: float = 0.5):
+    def __init__(self, http: httpx.AsyncClient, interval: float = 0.25):
         self.http = http
         self.interval = interval
         self.available = True
@@ -73,10 +73,10 @@ class KVProbe:
 
     async def _loop(self) -> None:
         while True:
+            await asyncio.sleep(self.interval)  # not at once: the level's requests are not in yet
             values = await self.scrape()
             if values is not None:
                 self._samples.append(values)
-            await asyncio.sleep(self.interval)
 
     def start(self) -> None:
         self._samples = []

@@ -197,7 +197,7 @@ def test_kv_waste_is_read_from_metrics(fake_server):
                     workload=workload, concurrency=[2])
     kv = run.levels[0].kv
     assert kv.samples >= 1
-    assert kv.waste_perc_mean == pytest.approx(0.75)
+    assert kv.waste_perc == pytest.approx(0.75)
 
 
 def test_cli_serve_writes_json_and_plots(fake_server, tmp_path):

@@ -89,7 +89,7 @@ def test_level_result_from_known_timings():
 def test_run_result_json_round_trip(tmp_path):
     level = LevelResult.from_records(
         [_record(0.1, [])], concurrency=1, duration_s=1.0,
-        kv=KVSnapshot(samples=3, waste_perc_mean=0.5),
+        kv=KVSnapshot(samples=3, waste_perc=0.5),
     )
     assert math.isnan(level.tpot_ms.p50)  # one token: no decode phase
     run = RunResult(label="paged", url="http://x", api="openai", model="m", input_len=8,
@@ -98,7 +98,7 @@ def test_run_result_json_round_trip(tmp_path):
     assert '"p50": null' in (tmp_path / "r.json").read_text()
     assert loaded.levels[0].ttft_ms == level.ttft_ms
     assert math.isnan(loaded.levels[0].tpot_ms.p99)
-    assert loaded.levels[0].kv.waste_perc_mean == 0.5
+    assert loaded.levels[0].kv.waste_perc == 0.5
     assert loaded.level(1) is not None and loaded.level(2) is None
 
 
@@ -158,19 +158,23 @@ def test_kv_gauges_average_waste_over_busy_samples():
     assert rows[1]["pagedserve:kv_reserved_tokens"] == 16384
     kv = summarize_samples(rows)
     assert kv.samples == 3
-    assert kv.waste_perc_mean == pytest.approx(0.8)
+    assert kv.waste_perc == pytest.approx(0.8)
     assert kv.waste_perc_max == pytest.approx(0.9)
     assert kv.usage_perc_max == 1.0
     assert kv.reserved_tokens_max == 16384
-    assert summarize_samples([]).waste_perc_mean is None
+    assert summarize_samples([]).waste_perc is None
 
 
 def test_waste_derived_from_reserved_and_used_tokens():
     rows = [{"vllm:kv_reserved_tokens": 100.0, "vllm:kv_used_tokens": 75.0}]
-    assert summarize_samples(rows).waste_perc_mean == pytest.approx(0.25)
+    assert summarize_samples(rows).waste_perc == pytest.approx(0.25)
     # the token counts win over a waste gauge expressed relative to the used slots (33%)
     rows[0]["pagedserve:kv_cache_waste_perc"] = 33.3
-    assert summarize_samples(rows).waste_perc_mean == pytest.approx(0.25)
+    assert summarize_samples(rows).waste_perc == pytest.approx(0.25)
+    # weighted by reserved slots: 25 of 400 reserved token-samples empty, not (25% + 0%) / 2
+    rows.append({"vllm:kv_reserved_tokens": 300.0, "vllm:kv_used_tokens": 300.0})
+    kv = summarize_samples(rows)
+    assert kv.waste_perc == pytest.approx(25 / 400) and kv.waste_perc_max == pytest.approx(0.25)
 
 
 def _run(label, tput, ttft_p99):

@@ -69,7 +69,7 @@ def summary_table(title: str, levels: Sequence[LevelResult]) -> Table:
                  "TPOT p50", "ITL p99", "e2e p99", "KV waste"):
         table.add_column(name, justify="right")
     for lv in levels:
-        waste = lv.kv.waste_perc_mean
+        waste = lv.kv.waste_perc
         table.add_row(
             str(lv.concurrency), str(lv.successful), str(lv.failed), f"{lv.duration_s:.1f}",
             f"{lv.request_throughput:.2f}", f"{lv.output_throughput:.1f}",

@@ -49,7 +49,7 @@ def results_table(runs: Sequence[RunResult]) -> str:
                 f"| {c} | {run.label} | {_num(lv.output_throughput, 1)} "
                 f"| {_num(lv.request_throughput, 2)} | {_num(lv.ttft_ms.p50)} "
                 f"| {_num(lv.ttft_ms.p99)} | {_num(lv.tpot_ms.p50, 1)} | {_num(lv.e2e_ms.p99)} "
-                f"| {_perc(lv.kv.waste_perc_mean)} | {_num(lv.kv.reserved_tokens_max)} "
+                f"| {_perc(lv.kv.waste_perc)} | {_num(lv.kv.reserved_tokens_max)} "
                 f"| {lv.failed}/{lv.num_prompts} |"
             )
     return "\n".join(rows)
@@ -98,8 +98,8 @@ def render(runs: Sequence[RunResult], *, plots: Sequence[Path] = (), doc_dir: Pa
     lines += ["Servers:", "", *servers, "", results_table(runs), ""]
     lines += [
         "TTFT: time to first token. TPOT: time per output token after the first. Latency: "
-        "the whole request. KV waste: the share of reserved KV token slots holding no token, "
-        "averaged while requests ran; KV reserved: the most token slots held at once (both "
+        "the whole request. KV waste: the share of reserved KV token slots holding no token "
+        "while requests ran (reserved-weighted over /metrics samples every 0.25 s); KV reserved: the most token slots held at once (both "
         "from the server's /metrics).",
         "",
     ]

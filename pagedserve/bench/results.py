@@ -44,7 +44,7 @@ class KVSnapshot:
 
     samples: int = 0
     usage_perc_max: float | None = None  # fraction of the KV pool in use, 0..1
-    waste_perc_mean: float | None = None  # reserved but unused, 0..1, while requests ran
+    waste_perc: float | None = None  # share of reserved slots unused, 0..1, while requests ran
     waste_perc_max: float | None = None
     reserved_tokens_max: float | None = None
     used_tokens_max: float | None = None

@@ -6,8 +6,9 @@ server without /metrics, or without a series, simply leaves that field None.
 
 Waste is the share of reserved KV token slots that hold no token: 1 - used / reserved, from the
 ``kv_reserved_tokens`` and ``kv_used_tokens`` gauges when exported, else a ``kv_waste_perc``
-gauge. It is averaged over the samples taken while requests were running: an idle server
-reserves nothing and wastes nothing.
+gauge. Over the samples taken while requests were running (an idle server has nothing to waste), it is
+sum(reserved - used) / sum(reserved): the share of reserved token-seconds that held no token, so a
+sample with one request mid-prefill (reserved, not yet computed) weighs as little as it holds.
 """
 
 from __future__ import annotations
@@ -103,22 +104,28 @@ def summarize_samples(samples: list[dict[str, float]]) -> KVSnapshot:
 
     busy = [row for row in samples if _busy(row)]
     # Prefer the token counts: a waste gauge may be relative to used rather than reserved slots.
-    waste = [
-        1.0 - used / reserved
+    slots = [
+        (reserved, used)
         for row in busy
         if (reserved := pick(row, RESERVED_SUFFIXES))
         and (used := pick(row, USED_SUFFIXES)) is not None
     ]
-    if not waste:
-        waste = fractions(WASTE_SUFFIXES, busy)
+    if slots:
+        # weighted by what was reserved: the share of reserved token-seconds that held nothing
+        waste = sum(r - u for r, u in slots) / sum(r for r, _ in slots)
+        waste_max = max(1 - u / r for r, u in slots)
+    else:
+        gauge = fractions(WASTE_SUFFIXES, busy)
+        waste = sum(gauge) / len(gauge) if gauge else None
+        waste_max = max(gauge) if gauge else None
     usage = fractions(USAGE_SUFFIXES, samples)
     reserved = series(RESERVED_SUFFIXES, samples)
     used = series(USED_SUFFIXES, samples)
     return KVSnapshot(
         samples=len(samples),
         usage_perc_max=max(usage) if usage else None,
-        waste_perc_mean=sum(waste) / len(waste) if waste else None,
-        waste_perc_max=max(waste) if waste else None,
+        waste_perc=waste,
+        waste_perc_max=waste_max,
         reserved_tokens_max=max(reserved) if reserved else None,
         used_tokens_max=max(used) if used else None,
     )

@@ -68,7 +68,8 @@ class BlockManager:
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}  # chain hashes of the request's full blocks
-        self._held: dict[str, int] = {}  # tokens whose K/V the request has written
+        # positions the request's table was sized for: computed tokens plus this step's
+        self._held: dict[str, int] = {}
         # Running totals, so usage() is O(1) and safe to read from another thread.
         self._table_slots = 0  # sum over requests of len(table) * block_size
         self._held_total = 0  # sum of _held
@@ -96,8 +97,9 @@ class BlockManager:
     def usage(self) -> KVUsage:
         num_free = len(self._free)
         reserved = (self.num_blocks - num_free) * self.block_size
-        # Shared blocks are full, so all waste sits in each request's own tail blocks.
-        waste = self._table_slots - self._held_total
+        # Shared blocks are full, so all waste sits in each request's own tail blocks. (Read
+        # from another thread mid-allocation the totals can lag the free count for a moment.)
+        waste = max(0, min(reserved, self._table_slots - self._held_total))
         return KVUsage(self.num_blocks, num_free, reserved, reserved - waste)
 
     def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
@@ -156,8 +158,11 @@ class BlockManager:
         if is_new:
             self._tables[request_id] = table
             self._hashes[request_id] = []
-            self._held[request_id] = len(cached_blocks) * self.block_size
-            self._held_total += self._held[request_id]
+            self._held[request_id] = 0
+        # Slots being written in this step count as used: waste is what no token will fill.
+        self._held_total += num_tokens - self._held[request_id]
+        self._held[request_id] = num_tokens
+        if is_new:
             if self.enable_prefix_caching:
                 self._hashes[request_id] = [self._hash[b] for b in cached_blocks]  # type: ignore[misc]
         return True
@@ -168,8 +173,6 @@ class BlockManager:
 
     def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """The K/V of ``token_ids[:num_computed_tokens]`` are written: hash newly full blocks."""
-        self._held_total += num_computed_tokens - self._held[request_id]
-        self._held[request_id] = num_computed_tokens
         if not self.enable_prefix_caching:
             return
         hashes = self._hashes[request_id]

@@ -62,20 +62,21 @@ class StaticSlotManager:
     def allocate(self, request_id: str, num_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
         if num_tokens > self.slot_tokens:
             return False
-        if request_id in self._slot:
-            return True
-        if not self._free_slots:
-            return False
-        self._slot[request_id] = self._free_slots.pop(0)
-        self._held[request_id] = 0
+        if request_id not in self._slot:
+            if not self._free_slots:
+                return False
+            self._slot[request_id] = self._free_slots.pop(0)
+            self._held[request_id] = 0
+        # positions in use: computed tokens plus those being written in this step
+        self._held_total += num_tokens - self._held[request_id]
+        self._held[request_id] = num_tokens
         return True
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         pass
 
     def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        self._held_total += num_computed_tokens - self._held[request_id]
-        self._held[request_id] = num_computed_tokens
+        pass
 
     def free(self, request_id: str) -> None:
         slot = self._slot.pop(request_id, None)

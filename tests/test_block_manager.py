@@ -144,3 +144,16 @@ def test_static_slots_reserve_whole_slots():
     sm.free("b")
     sm.free("c")
     assert sm.all_free()
+
+
+def test_slots_being_written_this_step_count_as_used_not_wasted():
+    bm = BlockManager(num_blocks=8, block_size=16)
+    assert bm.allocate("a", 17)  # a 17-token prefill chunk is being computed
+    usage = bm.usage()  # as a metrics scrape sees it mid-step, before commit
+    assert (usage.reserved_tokens, usage.used_tokens) == (32, 17)
+    bm.commit("a", tokens(17), 17)
+    assert bm.usage().used_tokens == 17
+    assert bm.allocate("a", 18)  # the next decode step: one more slot, no new block
+    assert (bm.usage().reserved_tokens, bm.usage().used_tokens) == (32, 18)
+    bm.free("a")
+    assert bm.usage().used_tokens == 0

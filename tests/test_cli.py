@@ -18,7 +18,8 @@ import test_registry
 
 from pagedserve.bundled import bundled_model_path
 from pagedserve.cli import build_parser, main
-from pagedserve.cli.run import ChatSession, parse_size, pipe_reader
+from pagedserve.cli.options import parse_bytes as parse_size
+from pagedserve.cli.run import ChatSession, pipe_reader
 from pagedserve.outputs import RequestOutput
 
 # the stores of test_registry.py, as fixtures here too

@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from pagedserve.cli import build_parser
-from pagedserve.cli.serve import engine_config_from_args, parse_bytes, resolve_model
+from pagedserve.cli.options import parse_bytes
+from pagedserve.cli.serve import engine_config_from_args, resolve_model
 
 
 @pytest.mark.parametrize(("text", "size"), [

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from pagedserve.cli.options import parse_bytes
 from pagedserve.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -32,18 +32,6 @@ EPILOG = """examples:
 A single argument with spaces in it is a prompt for the default model.
 """
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "512MiB", "2G", "1.5GB" or a plain number (binary units either way)."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB)")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** " KMGT".index(unit or " "))
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "run", help="answer a prompt, or chat, in the terminal",
@@ -65,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--stop", action="append", help="stop at this text (repeatable)")
     g.add_argument("--system", help="system prompt (replaces the model's)")
     e = p.add_argument_group("engine")
-    e.add_argument("--kv-cache-memory", type=parse_size,
+    e.add_argument("--kv-cache-memory", type=parse_bytes,
                    help="bytes for the KV cache, e.g. 256MiB (default: a share of free memory)")
     e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     e.add_argument("--kv-layout", choices=["paged", "static"], help="KV cache layout")

@@ -109,6 +109,12 @@ class Engine:
         self.model_name = model_name
         per_token = kv_bytes_per_token(model_config, config.dtype)
         model_len = config.max_model_len or model_config.max_position_embeddings
+        if model_len > model_config.max_position_embeddings:
+            # positions past the model's own context have no rotary angles: cap, do not crash
+            logger.warning("max_model_len %d exceeds the model's context length of %d tokens; "
+                           "using %d", model_len, model_config.max_position_embeddings,
+                           model_config.max_position_embeddings)
+            model_len = model_config.max_position_embeddings
         if config.kv_layout == "static":
             self.kv: BlockManager | StaticSlotManager = StaticSlotManager(
                 config.max_parallel, config.num_ctx, config.block_size
@@ -124,9 +130,9 @@ class Engine:
                 )
             self.kv = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
             max_num_seqs = config.max_num_seqs
-        self.max_model_len = min(model_len, self.kv.capacity_tokens)
-        if config.kv_layout == "static":
-            self.max_model_len = min(model_len, config.num_ctx)
+        # the longest sequence the KV cache can hold: one slot, or the whole paged pool
+        per_sequence = config.num_ctx if config.kv_layout == "static" else self.kv.capacity_tokens
+        self.max_model_len = min(model_len, per_sequence)
         self.runner = ModelRunner(model_config, weights, config, self.kv.num_blocks)
         self.scheduler = Scheduler(self.kv, max_num_seqs, config.max_num_batched_tokens)
         self.observers: list[EngineObserver] = []

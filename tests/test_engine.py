@@ -183,3 +183,10 @@ def test_llm_default_params_answer_until_eos_unless_limited(tiny_llama_tokenized
     llm = LLM(str(tiny_llama_tokenized_dir), kv_cache_memory=8 << 20)
     assert llm.default_params().max_tokens is None
     assert llm.default_params(max_tokens=7, temperature=0).max_tokens == 7
+
+
+def test_a_max_model_len_beyond_the_models_context_is_capped_to_it(tiny):
+    engine = make_engine(tiny, max_model_len=4096)  # the tiny model has 512 positions
+    assert engine.max_model_len == 512
+    with pytest.raises(ContextLengthError):  # refused at submission, not crashed mid-step
+        engine.add_request(prompts(1, 600)[0], SamplingParams(max_tokens=4))

@@ -81,7 +81,11 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, out):
+            preempted_before = len(out.preempted)
+            fits = self._allocate_or_preempt(request, num_new, out)
+            if len(out.preempted) != preempted_before:  # a victim may have been scheduled
+                budget = self.max_num_batched_tokens - out.num_batched_tokens
+            if not fits:
                 continue
             out.scheduled.append(ScheduledRequest(request, num_new, self.kv.block_table(
                 request.request_id)))

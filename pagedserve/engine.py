@@ -292,7 +292,6 @@ class Engine:
             out = RequestOutput(request.request_id, "", [token.token_id])
             if token.logprob is not None:
                 out.delta_logprobs = [self._token_logprobs(token)]
-                request.logprobs.extend(out.delta_logprobs)
             finish = request.check_stop_token()
             detok = self._detok[request.request_id]
             if detok is not None and not (finish and finish[0] == "stop"):

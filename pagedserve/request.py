@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from pagedserve.outputs import FinishReason, RequestMetrics, TokenLogprobs
+from pagedserve.outputs import FinishReason, RequestMetrics
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -39,7 +39,6 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -61,6 +61,9 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None: the model's context, capped by the KV pool
+    # prompt texts longer than this are refused before tokenizing; None: as many characters
+    # as max_model_len tokens of the vocabulary's longest entry can hold
+    max_prompt_chars: int | None = None
     kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of free memory
     kv_cache_fraction: float = 0.25
     enable_prefix_caching: bool = True
@@ -81,8 +84,10 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        for name in ("max_model_len", "max_prompt_chars"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
         if not 0 < self.kv_cache_fraction <= 1:

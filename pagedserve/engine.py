@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_CAP = 2 << 30  # bytes, when neither kv_cache_memory nor a device says more
+# Consecutive steps in which every request failed before the engine gives up: one bad request
+# fails alone, but a model that fails every step (a broken device) must not look healthy.
+MAX_FAILED_STEPS = 8
 
 
 class ContextLengthError(ValueError):
@@ -50,6 +53,29 @@ class ContextLengthError(ValueError):
             f"({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
             "Please reduce the length of the messages or completion."
         )
+
+
+class PromptTooLongError(ContextLengthError):
+    """A prompt text too long to fit the context, turned away before it is tokenized.
+
+    Every character is covered by some token and no token covers more than the vocabulary's
+    longest entry, so past ``max_chars`` characters no tokenization can fit ``max_model_len``.
+    """
+
+    def __init__(self, max_model_len: int, num_chars: int, max_chars: int):
+        ValueError.__init__(
+            self,
+            f"This model's maximum context length is {max_model_len} tokens; your prompt of "
+            f"{num_chars} characters is longer than {max_chars} characters, more than that "
+            "many tokens can hold. Please reduce the length of the prompt.",
+        )
+        self.max_model_len = max_model_len
+        self.num_chars = num_chars
+        self.max_chars = max_chars
+
+
+class EngineStepError(RuntimeError):
+    """Steps keep failing for every request they hold: the engine cannot go on."""
 
 
 @dataclass(slots=True)
@@ -133,6 +159,8 @@ class Engine:
         # the longest sequence the KV cache can hold: one slot, or the whole paged pool
         per_sequence = config.num_ctx if config.kv_layout == "static" else self.kv.capacity_tokens
         self.max_model_len = min(model_len, per_sequence)
+        token_chars = tokenizer.max_token_chars if tokenizer is not None else 1
+        self.max_prompt_chars = config.max_prompt_chars or self.max_model_len * token_chars
         self.runner = ModelRunner(model_config, weights, config, self.kv.num_blocks)
         self.scheduler = Scheduler(self.kv, max_num_seqs, config.max_num_batched_tokens)
         self.observers: list[EngineObserver] = []
@@ -141,6 +169,7 @@ class Engine:
         self._ids = itertools.count()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        self._failed_steps = 0  # consecutive steps in which every request failed
         capacity = self.kv.capacity_tokens
         logger.info(
             "KV cache (%s): %d blocks x %d tokens = %d tokens, %.1f MiB; max_model_len %d: "
@@ -181,13 +210,18 @@ class Engine:
         params = params or SamplingParams()
         if params.n != 1:
             raise ValueError("n must be 1 per engine request; the API layers fan out n > 1")
+        vocab = self.model_config.vocab_size
+        for t in params.stop_token_ids:
+            if t >= vocab:
+                raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {t}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids")
+            if len(prompt) > self.max_prompt_chars:
+                raise PromptTooLongError(self.max_model_len, len(prompt), self.max_prompt_chars)
             token_ids = self.tokenizer.encode(prompt)
         else:
             token_ids = list(prompt)
-            vocab = self.model_config.vocab_size
             for t in token_ids:
                 if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                     raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
@@ -212,11 +246,11 @@ class Engine:
         )
 
     def add(self, request: Request) -> None:
+        """Queue a request made by :meth:`make_request`; nothing is registered if this raises."""
         if request.request_id in self._requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        self._requests[request.request_id] = request
         p = request.params
-        self._detok[request.request_id] = (
+        detok = (
             IncrementalDetokenizer(
                 self.tokenizer, request.prompt_token_ids, p.stop,
                 include_stop_str_in_output=p.include_stop_str_in_output,
@@ -225,6 +259,8 @@ class Engine:
             if self.tokenizer is not None
             else None
         )
+        self._requests[request.request_id] = request
+        self._detok[request.request_id] = detok
         self.scheduler.add(request)
 
     def add_request(
@@ -243,9 +279,15 @@ class Engine:
         if request is None:
             return None
         out = self._finish(request, "abort", None, RequestOutput(request_id, "", []))
-        for observer in self.observers:
-            observer.on_output(out)
+        self._notify(None, [out])
         return out
+
+    def _fail(self, request: Request, exc: BaseException) -> RequestOutput:
+        """End a request whose step failed: its blocks are freed, its caller gets the error."""
+        out = RequestOutput(request.request_id, "", [])
+        out.error = f"{type(exc).__name__}: {exc}"
+        self._detok.pop(request.request_id, None)  # nothing held back is worth showing
+        return self._finish(request, "error", None, out)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -257,8 +299,9 @@ class Engine:
         if not plan.scheduled:
             return []
         num_decoding = sum(1 for s in plan.scheduled if s.is_decode)
-        sampled = self.runner.execute(plan.scheduled)
-        outputs = self._postprocess(plan.scheduled, sampled)
+        scheduled, sampled, failed = self._execute(plan.scheduled)
+        outputs = [self._fail(s.request, exc) for s, exc in failed]
+        outputs += self._postprocess(scheduled, sampled)
         stats = StepStats(
             num_scheduled_tokens=plan.num_batched_tokens,
             num_prompt_tokens=plan.num_batched_tokens - num_decoding,
@@ -266,11 +309,59 @@ class Engine:
             num_preempted=len(plan.preempted),
             duration=time.monotonic() - start,
         )
-        for observer in self.observers:
-            observer.on_step(stats)
-            for out in outputs:
-                observer.on_output(out)
+        self._notify(stats, outputs)
         return outputs
+
+    def _execute(self, scheduled: list[ScheduledRequest]) -> tuple[
+            list[ScheduledRequest], list[SampledToken | None],
+            list[tuple[ScheduledRequest, Exception]]]:
+        """Run the step; if it fails, run each request alone so that only a request whose
+        own step fails is lost (a fault that does not repeat loses nothing).
+
+        Running a subset of the plan is safe: each request's K/V slots and attention are its
+        own, and a request that is run again writes the same K/V at the same slots. Returns
+        the requests that ran, their sampled tokens, and the failed requests with the error.
+        """
+        try:
+            return scheduled, self.runner.execute(scheduled), []
+        except Exception as exc:  # noqa: BLE001 - isolated below, per request
+            if len(scheduled) == 1:
+                failures = [(scheduled[0], exc)]
+                logger.exception("step failed for request %s", scheduled[0].request.request_id)
+                ok, sampled = [], []
+            else:
+                logger.warning("a step of %d requests failed (%r); running each alone",
+                               len(scheduled), exc)
+                ok, sampled, failures = [], [], []
+                for s in scheduled:
+                    try:
+                        [token] = self.runner.execute([s])
+                    except Exception as one_exc:  # noqa: BLE001 - this request fails alone
+                        logger.exception("step failed for request %s", s.request.request_id)
+                        failures.append((s, one_exc))
+                    else:
+                        ok.append(s)
+                        sampled.append(token)
+        if ok:
+            self._failed_steps = 0
+        else:
+            self._failed_steps += 1
+            if self._failed_steps >= MAX_FAILED_STEPS:
+                raise EngineStepError(
+                    f"{self._failed_steps} steps in a row failed for every request in them; "
+                    f"the last error: {failures[-1][1]!r}") from failures[-1][1]
+        return ok, sampled, failures
+
+    def _notify(self, stats: StepStats | None, outputs: list[RequestOutput]) -> None:
+        """Observers see every step and output; one that raises is logged, never fatal."""
+        for observer in self.observers:
+            try:
+                if stats is not None:
+                    observer.on_step(stats)
+                for out in outputs:
+                    observer.on_output(out)
+            except Exception:  # noqa: BLE001 - metrics must not take the engine down
+                logger.exception("engine observer %r failed", observer)
 
     def _postprocess(
         self, scheduled: list[ScheduledRequest], sampled: list[SampledToken | None]
@@ -278,32 +369,43 @@ class Engine:
         now = time.monotonic()
         outputs = []
         for s, token in zip(scheduled, sampled, strict=True):
-            request = s.request
-            request.num_computed_tokens += s.num_new_tokens
-            self.kv.commit(request.request_id, request.all_token_ids, request.num_computed_tokens)
-            if token is None:
-                continue
-            if request.num_output_tokens == 0:
-                self._prompt_tokens_total += request.num_prompt_tokens
-                request.metrics.first_token_time = now
-            self._generation_tokens_total += 1
-            request.metrics.last_token_time = now
-            request.append_output_token(token.token_id)
-            out = RequestOutput(request.request_id, "", [token.token_id])
-            if token.logprob is not None:
-                out.delta_logprobs = [self._token_logprobs(token)]
-            finish = request.check_stop_token()
-            detok = self._detok[request.request_id]
-            if detok is not None and not (finish and finish[0] == "stop"):
-                delta = detok.add([token.token_id])
-                out.delta_text = delta.text
-                if delta.stop is not None:
-                    finish = ("stop", delta.stop)
-            if finish:
-                outputs.append(self._finish(request, finish[0], finish[1], out))
-            else:
-                outputs.append(self._fill(request, out))
+            try:
+                out = self._postprocess_one(s, token, now)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                logger.exception("postprocessing failed for request %s", s.request.request_id)
+                out = self._fail(s.request, exc) if not s.request.finished else None
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    def _postprocess_one(self, s: ScheduledRequest, token: SampledToken | None,
+                         now: float) -> RequestOutput | None:
+        """Advance one request by its step: count computed tokens, append the sampled one,
+        detokenize, and finish it on a stop. None while it is still prefilling."""
+        request = s.request
+        request.num_computed_tokens += s.num_new_tokens
+        self.kv.commit(request.request_id, request.all_token_ids, request.num_computed_tokens)
+        if token is None:
+            return None
+        if request.num_output_tokens == 0:
+            self._prompt_tokens_total += request.num_prompt_tokens
+            request.metrics.first_token_time = now
+        self._generation_tokens_total += 1
+        request.metrics.last_token_time = now
+        request.append_output_token(token.token_id)
+        out = RequestOutput(request.request_id, "", [token.token_id])
+        if token.logprob is not None:
+            out.delta_logprobs = [self._token_logprobs(token)]
+        finish = request.check_stop_token()
+        detok = self._detok[request.request_id]
+        if detok is not None and not (finish and finish[0] == "stop"):
+            delta = detok.add([token.token_id])
+            out.delta_text = delta.text
+            if delta.stop is not None:
+                finish = ("stop", delta.stop)
+        if finish:
+            return self._finish(request, finish[0], finish[1], out)
+        return self._fill(request, out)
 
     def _token_logprobs(self, token: SampledToken) -> TokenLogprobs:
         text = self.tokenizer.token_text if self.tokenizer else str

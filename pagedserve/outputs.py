@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "error"]  # error: the engine failed on it
 
 
 @dataclass(slots=True)
@@ -66,6 +66,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     delta_logprobs: list[TokenLogprobs] | None = None
     metrics: RequestMetrics | None = None
+    error: str | None = None  # with finish_reason "error": what went wrong
 
 
 @dataclass(slots=True)

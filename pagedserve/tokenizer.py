@@ -7,6 +7,7 @@ prepended, and the Jinja chat template, rendered the way transformers renders it
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 
 logger = logging.getLogger(__name__)
+
+_LONG_TEXT_CHARS = 16_384  # from this length on, encode without holding the GIL
 
 # Used only when the model ships no chat template (see `Tokenizer.apply_chat_template`).
 FALLBACK_CHAT_TEMPLATE = (
@@ -76,11 +79,25 @@ class Tokenizer:
         return self.special_tokens.get("eos_token")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if len(text) < _LONG_TEXT_CHARS:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        else:  # encode_batch releases the GIL (encode does not): other threads keep running
+            ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_special_tokens and self.add_bos:
             assert self.bos_token_id is not None
             ids.insert(0, self.bos_token_id)
         return ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: the longest entry of the vocabulary.
+
+        Each character of a text is covered by at least one token, and a token covers at most
+        this many, so a text of C characters encodes to at least C / max_token_chars tokens:
+        a bound that turns an overlong prompt away before tokenizing it.
+        """
+        return max((len(token) for token in self.backend.get_vocab(with_added_tokens=True)),
+                   default=1)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

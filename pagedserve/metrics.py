@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "pagedserve:"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-FINISHED_REASONS = ("stop", "length", "abort")
+FINISHED_REASONS = ("stop", "length", "abort", "error")
 
 # Latency buckets in seconds: fine below a second (GPU decode), long tail for CPU prefill.
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
@@ -47,9 +47,11 @@ _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 2
 class _EngineStatsCollector(Collector):
     """Gauges and counters read from ``engine.stats()`` at each scrape."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats],
+                 alive: Callable[[], bool]) -> None:
         self._model_name = model_name
         self._stats = stats
+        self._alive = alive
 
     def collect(self) -> Iterator[Metric]:
         # Runs on the HTTP thread while the engine steps: Engine.stats reads only counters and
@@ -68,6 +70,10 @@ class _EngineStatsCollector(Collector):
             family.add_metric(value, v)
             return family
 
+        yield gauge("engine_healthy",
+                    "1 while the engine loop runs; 0 once it has died (the server then exits "
+                    "for its supervisor to restart it, and the other series stop moving).",
+                    1.0 if self._alive() else 0.0)
         yield gauge("num_requests_running", "Requests in the running batch.", s.num_running)
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting)
         yield gauge("kv_cache_usage_perc",
@@ -102,10 +108,11 @@ class ServerMetrics:
     thread-safe, and the per-request bookkeeping here is touched by that thread only.
     """
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats],
+                 alive: Callable[[], bool] = lambda: True) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_EngineStatsCollector(model_name, stats))
+        self.registry.register(_EngineStatsCollector(model_name, stats, alive))
         labels = ["model_name"]
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:

@@ -21,6 +21,70 @@ MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 
 
+@dataclass(frozen=True, slots=True)
+class Range:
+    """The values one number may take: bounds are inclusive unless ``low_open``; None is none.
+
+    The same table checks values (``SamplingParams.__post_init__``) and documents them (the
+    OpenAPI document's minimum and maximum), so each rule lives once.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    integer: bool = False
+
+    def check(self, name: str, value: object) -> None:
+        if self.integer:
+            _check_int(name, value)
+        else:
+            _check_number(name, value)
+        too_low = self.low is not None and (value <= self.low if self.low_open
+                                            else value < self.low)
+        too_high = self.high is not None and value > self.high
+        if not (too_low or too_high):
+            return
+        if self.low is not None and self.high is not None and self.high < MAX_INT:
+            opening = "(" if self.low_open else "["
+            rule = f"in {opening}{_num(self.low)}, {_num(self.high)}]"
+        elif too_low:
+            rule = f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        else:
+            rule = f"<= {_num(self.high)}"
+        raise ValueError(f"{name} must be {rule}, got {_short(value)}")
+
+    def json_schema(self) -> dict[str, float]:
+        bounds: dict[str, float] = {}
+        if self.low is not None:
+            bounds["exclusiveMinimum" if self.low_open else "minimum"] = self.low
+        if self.high is not None:
+            bounds["maximum"] = self.high
+        return bounds
+
+
+# SamplingParams field -> its range (for a list field: the range of each item)
+RANGES: dict[str, Range] = {
+    "n": Range(1, MAX_INT, integer=True),
+    "temperature": Range(0),
+    "top_p": Range(0, 1, low_open=True),
+    "top_k": Range(-1, MAX_INT, integer=True),  # 0 and -1: no limit
+    "min_p": Range(0, 1),
+    "repetition_penalty": Range(0, low_open=True),
+    "presence_penalty": Range(-2, 2),
+    "frequency_penalty": Range(-2, 2),
+    "seed": Range(MIN_SEED, MAX_SEED, integer=True),
+    "max_tokens": Range(1, MAX_INT, integer=True),
+    "min_tokens": Range(0, MAX_INT, integer=True),
+    "logprobs": Range(0, MAX_LOGPROBS, integer=True),
+    "stop_token_ids": Range(0, MAX_INT, integer=True),
+}
+# list field -> (most items, longest string item)
+LIST_LIMITS: dict[str, tuple[int, int | None]] = {
+    "stop": (MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS),
+    "stop_token_ids": (MAX_STOP_TOKEN_IDS, None),
+}
+
+
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
@@ -46,56 +110,28 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        for name, (most, _) in LIST_LIMITS.items():
+            items = getattr(self, name)
+            if len(items) > most:
+                raise ValueError(f"{name} must hold at most {most} items, got {len(items)}")
+        for name, allowed in RANGES.items():
+            value = getattr(self, name)
+            for item in value if isinstance(value, list) else (value,):
+                if item is not None:
+                    allowed.check(name, item)
         if self.top_k == -1:
             self.top_k = 0
-        _check_int("n", self.n, low=1)
-        _check_number("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        _check_number("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        _check_int("top_k", self.top_k, low=0)
-        _check_number("min_p", self.min_p)
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        _check_number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValueError(
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}"
-            )
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check_number(name, value)
-            if not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
-        if self.seed is not None:
-            _check_int("seed", self.seed, low=MIN_SEED, high=MAX_SEED)
-        if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, low=1)
-        _check_int("min_tokens", self.min_tokens, low=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}"
             )
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, low=0)
-            if self.logprobs > MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
-        if len(self.stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, "
-                             f"got {len(self.stop)}")
+        longest = LIST_LIMITS["stop"][1]
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")
-            if len(s) > MAX_STOP_STRING_CHARS:
-                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} "
-                                 f"characters, got one of {len(s)}")
-        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-            raise ValueError(f"stop_token_ids must hold at most {MAX_STOP_TOKEN_IDS} ids, "
-                             f"got {len(self.stop_token_ids)}")
-        for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, low=0)
+            if len(s) > longest:
+                raise ValueError(f"stop strings must be at most {longest} characters, got one "
+                                 f"of {len(s)}")
 
     @property
     def greedy(self) -> bool:
@@ -113,13 +149,13 @@ def _check_number(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a finite number, got {_short(value)}")
 
 
-def _check_int(name: str, value: object, low: int | None = None, high: int = MAX_INT) -> None:
+def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {_short(value)}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {_short(value)}")
-    if value > high:
-        raise ValueError(f"{name} must be <= {high}, got {_short(value)}")
+
+
+def _num(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
 def _short(value: object, limit: int = 40) -> str:

@@ -3,10 +3,15 @@ system prompt, and admission control."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
+from pagedserve.async_engine import EngineDeadError
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
+from pagedserve.server.limits import ServerLimits
 from pagedserve.server.served_model import ModelCard, ServedModel
 
 
@@ -20,19 +25,36 @@ class FakeStream:
 
 
 class FakeAsyncEngine:
-    def __init__(self, waiting: int = 0, reject_after: int | None = None) -> None:
-        self.waiting = waiting
+    def __init__(self, queued: int = 0, reject_after: int | None = None) -> None:
+        self.queued = queued
         self.reject_after = reject_after
+        self.made = 0
+        self.prompts: list = []  # as make_request got them
         self.streams: list[FakeStream] = []
+        self.error: BaseException | None = None
 
-    def num_waiting(self) -> int:
-        return self.waiting
+    def num_queued(self) -> int:
+        return self.queued
 
-    def submit(self, prompt, params: SamplingParams) -> FakeStream:
-        if self.reject_after is not None and len(self.streams) >= self.reject_after:
+    def check_alive(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(str(self.error))
+
+    def make_request(self, prompt, params: SamplingParams) -> SimpleNamespace:
+        if self.reject_after is not None and self.made >= self.reject_after:
             raise ValueError("prompt must not be empty")
-        self.streams.append(FakeStream(f"r{len(self.streams)}"))
+        self.made += 1
+        self.prompts.append(prompt)
+        ids = [ord(c) for c in prompt] if isinstance(prompt, str) else list(prompt)
+        return SimpleNamespace(request_id=f"r{self.made}", prompt_token_ids=ids)
+
+    def enqueue(self, request: SimpleNamespace) -> FakeStream:
+        self.streams.append(FakeStream(request.request_id))
         return self.streams[-1]
+
+
+def start(model: ServedModel, prompts, params):
+    return asyncio.run(model.start(prompts, params))
 
 
 def served(**card) -> ServedModel:
@@ -80,27 +102,52 @@ def test_system_prompt():
 
 
 def test_queue_limit_answers_503_with_retry_after():
-    model = ServedModel(ModelCard("m", "/m"), FakeAsyncEngine(waiting=2), max_queue=3)
+    model = ServedModel(ModelCard("m", "/m"), FakeAsyncEngine(queued=2),
+                        ServerLimits(max_queue=3))
     params = SamplingParams()
-    assert len(model.start(["a"], [params])) == 1
+    assert len(start(model, ["a"], [params])) == 1
     with pytest.raises(APIError) as info:
-        model.start(["a", "b"], [params, params])  # 2 waiting + 2 > 3
+        start(model, ["a", "b"], [params, params])  # 2 queued + 2 > 3
     assert info.value.status == 503 and info.value.headers == {"Retry-After": "1"}
+
+
+def test_a_dead_engine_admits_nothing():
+    engine = FakeAsyncEngine()
+    engine.error = RuntimeError("boom")
+    with pytest.raises(EngineDeadError):
+        start(ServedModel(ModelCard("m", "/m"), engine), ["a"], [SamplingParams()])
+    assert engine.streams == []
 
 
 def test_a_rejected_prompt_leaves_nothing_behind():
     engine = FakeAsyncEngine(reject_after=1)
     model = ServedModel(ModelCard("m", "/m"), engine)
     with pytest.raises(APIError) as info:
-        model.start(["a", ""], [SamplingParams(), SamplingParams()])
+        start(model, ["a", ""], [SamplingParams(), SamplingParams()])
     assert info.value.status == 400 and info.value.param == "prompt"
-    assert [s.aborted for s in engine.streams] == [True]
+    assert engine.streams == []  # every request is made before any is queued
+
+
+def test_choices_per_call_are_bounded():
+    model = ServedModel(ModelCard("m", "/m"), FakeAsyncEngine(), ServerLimits(max_n=8))
+    model.check_choices(2, 4)
+    for prompts, n in [(1, 9), (3, 3), (1, 0)]:
+        with pytest.raises(APIError) as info:
+            model.check_choices(prompts, n)
+        assert info.value.status == 400 and info.value.param == "n"
+
+
+def test_a_text_repeated_for_n_choices_is_tokenized_once():
+    engine = FakeAsyncEngine()
+    model = ServedModel(ModelCard("m", "/m"), engine)
+    start(model, ["ab", "ab", "cd", [7, 8]], [SamplingParams()] * 4)
+    assert engine.prompts == ["ab", [97, 98], "cd", [7, 8]]
 
 
 def test_abort_all_ends_live_generations():
     engine = FakeAsyncEngine()
     model = ServedModel(ModelCard("m", "/m"), engine)
-    generation = model.start(["a", "b"], [SamplingParams(), SamplingParams()])
+    generation = start(model, ["a", "b"], [SamplingParams(), SamplingParams()])
     model.abort_all()
     assert [s.aborted for s in engine.streams] == [True, True]
     del generation

@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from pagedserve.cli.options import parse_bytes
+from pagedserve.server.limits import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_JSON_DEPTH,
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_QUEUE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +26,7 @@ EPILOG = """examples:
   pagedserve serve                                 the bundled smollm2:135m on 127.0.0.1:11434
   pagedserve serve llama3.2:1b --port 8000         a model from ~/.ollama/models
   pagedserve serve model.gguf --max-queue 64 --api-key s3cret
+  pagedserve serve --max-request-body 2MiB --max-n 16   tighter limits for a public endpoint
   pagedserve serve --kv-layout static --max-parallel 4 --num-ctx 2048   Ollama's KV layout
 
 environment:
@@ -45,9 +52,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("PAGEDSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* and /api/* "
                    "(default: $PAGEDSERVE_API_KEY; none: open)")
-    p.add_argument("--max-queue", type=int, metavar="N",
-                   help="answer 503 (with Retry-After) beyond N waiting requests "
-                   "(default: no limit)")
+
+    lim = p.add_argument_group("limits (what one client may ask of the server)")
+    lim.add_argument("--max-queue", type=int, metavar="N", default=DEFAULT_MAX_QUEUE,
+                     help="answer 503 (with Retry-After) when more than N requests would wait "
+                     f"for a seat in the batch, like OLLAMA_MAX_QUEUE (default "
+                     f"{DEFAULT_MAX_QUEUE})")
+    lim.add_argument("--max-request-body", type=parse_bytes, metavar="BYTES",
+                     default=DEFAULT_MAX_BODY_BYTES,
+                     help="answer 413 to larger request bodies, e.g. 2MiB (default 8MiB)")
+    lim.add_argument("--max-n", type=int, metavar="N", default=DEFAULT_MAX_N,
+                     help=f"most choices one request may ask for: n x prompts "
+                     f"(default {DEFAULT_MAX_N})")
+    lim.add_argument("--max-json-depth", type=int, metavar="N", default=DEFAULT_MAX_JSON_DEPTH,
+                     help=f"answer 400 to JSON nested deeper (default {DEFAULT_MAX_JSON_DEPTH})")
+    lim.add_argument("--max-prompt-chars", type=int, metavar="N",
+                     help="answer 400 to longer prompt texts before tokenizing them (default: "
+                     "what the context can hold at the vocabulary's longest token)")
 
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, help="most requests in one batch (default 128)")
@@ -93,6 +114,7 @@ def engine_config_from_args(args: argparse.Namespace):
         "device": args.device,
         "num_threads": args.threads,
         "seed": args.seed,
+        "max_prompt_chars": getattr(args, "max_prompt_chars", None),
     }
     return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
 
@@ -129,11 +151,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pagedserve.loader import ModelLoadError
     from pagedserve.metrics import ServerMetrics
     from pagedserve.server.app import create_app
-    from pagedserve.server.http_server import run_http_server
+    from pagedserve.server.http_server import make_http_server, run_http_server
+    from pagedserve.server.limits import ServerLimits
     from pagedserve.server.served_model import ServedModel
 
-    if args.max_queue is not None and args.max_queue < 0:
-        logger.error("--max-queue must be >= 0, got %d", args.max_queue)
+    try:
+        limits = ServerLimits(max_request_body=args.max_request_body,
+                              max_json_depth=args.max_json_depth, max_n=args.max_n,
+                              max_queue=args.max_queue)
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        logger.error("--%s %s", field.replace("_", "-"), rest)
         return 2
     if args.kv_layout != "static" and (args.max_parallel or args.num_ctx):
         logger.warning("--max-parallel and --num-ctx only apply to --kv-layout static")
@@ -150,13 +178,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # vLLM's habit: no "_created" timestamp series next to every counter and histogram
     prometheus_client.disable_created_metrics()
-    served = ServedModel(card, AsyncEngine(engine), max_queue=args.max_queue)
-    metrics = ServerMetrics(card.name, engine.stats)
+    async_engine = AsyncEngine(engine)
+    served = ServedModel(card, async_engine, limits)
+    metrics = ServerMetrics(card.name, engine.stats, alive=lambda: async_engine.alive)
     app = create_app(served, metrics, api_key=args.api_key)
+    server = make_http_server(app, args.host, args.port, on_exit=served.abort_all,
+                              access_log=getattr(args, "verbose", False))
+    async_engine.on_dead = server.engine_died
     _log_startup(args, served)
-    run_http_server(app, args.host, args.port, on_exit=served.abort_all,
-                    access_log=getattr(args, "verbose", False))
-    return 0
+    return run_http_server(server)
 
 
 def _log_startup(args: argparse.Namespace, served) -> None:
@@ -172,5 +202,8 @@ def _log_startup(args: argparse.Namespace, served) -> None:
                 capacity // max_len if max_len else 0, engine.scheduler.max_num_seqs)
     if args.api_key:
         logger.info("API key required on /v1/* and /api/*")
-    if args.max_queue is not None:
-        logger.info("at most %d waiting requests; more get 503", args.max_queue)
+    limits = served.limits
+    logger.info("limits: %d requests waiting for a seat (more get 503), bodies of %d bytes, "
+                "n <= %d, JSON depth %d, prompts of %d characters", limits.max_queue,
+                limits.max_request_body, limits.max_n, limits.max_json_depth,
+                engine.max_prompt_chars)

@@ -7,7 +7,8 @@
     /metrics                   Prometheus          (pagedserve/metrics.py)
 
 With an API key set, ``/v1/*`` and ``/api/*`` require ``Authorization: Bearer KEY``; the
-operator's routes stay open so that probes and scrapers need no secret. The engine loop starts
+operator's routes stay open so that probes and scrapers need no secret. Bodies beyond the
+server's size limit are refused (413) before any handler reads them. The engine loop starts
 with the application (its lifespan) and stops with it.
 """
 
@@ -20,12 +21,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.metrics import CONTENT_TYPE, ServerMetrics
 from pagedserve.server import ollama_api, ollama_models_api, openai_api, tokenize_api
 from pagedserve.server.errors import APIError, error_response, install_error_handlers
 from pagedserve.server.generation import ClientDisconnected
+from pagedserve.server.openapi import install_openapi
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.version import __version__
 
@@ -37,7 +39,8 @@ PROTECTED_PREFIXES = ("/v1/", "/api/")
 def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
                api_key: str | None = None) -> FastAPI:
     """The server for ``served``; ``metrics`` is registered as an engine observer here."""
-    metrics = metrics or ServerMetrics(served.name, served.engine.stats)
+    metrics = metrics or ServerMetrics(served.name, served.engine.stats,
+                                       alive=lambda: served.async_engine.alive)
     if metrics not in served.engine.observers:
         served.engine.observers.append(metrics)
 
@@ -53,6 +56,7 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
                   docs_url=None, redoc_url=None)
     app.state.served = served
     app.state.metrics = metrics
+    app.state.limits = served.limits
     install_error_handlers(app)
 
     @app.exception_handler(ClientDisconnected)
@@ -61,16 +65,20 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
 
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodySizeLimitMiddleware, max_request_body=served.limits.max_request_body)
 
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(ollama_models_api.router)
     app.include_router(tokenize_api.router)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response,
+             responses={200: {"description": "The engine loop runs (empty body)."},
+                        503: {"description": "The engine loop has died.",
+                              "content": {"text/plain": {}}}})
     async def health() -> Response:
-        # 503 once the engine loop has died, so that an orchestrator restarts the process
-        error = getattr(served.async_engine, "error", None)
+        """Liveness: 200 while the engine loop runs, 503 once it has died."""
+        error = served.async_engine.error
         if error is not None:
             return PlainTextResponse(f"engine loop failed: {error!r}", status_code=503)
         return Response(status_code=200)
@@ -79,15 +87,21 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
     async def version() -> dict:
         return {"version": __version__}
 
-    @app.api_route("/", methods=["GET", "HEAD"])
+    @app.get("/", response_class=PlainTextResponse)
     async def root() -> PlainTextResponse:
-        # Ollama's exact words: clients and scripts probe for them
+        """Ollama's exact words: clients and scripts probe for them."""
         return PlainTextResponse("Ollama is running")
 
-    @app.get("/metrics")
+    @app.head("/", response_class=PlainTextResponse)
+    async def root_head() -> PlainTextResponse:
+        return PlainTextResponse("Ollama is running")
+
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
+        """Prometheus metrics (text exposition format)."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    install_openapi(app)
     return app
 
 
@@ -109,3 +123,40 @@ class APIKeyMiddleware:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def body_too_large(size: int | None, limit: int) -> APIError:
+    got = f"{size} bytes" if size is not None else "more"
+    return APIError(413, f"Request body too large: {got}; the limit is {limit} bytes "
+                    "(pagedserve serve --max-request-body).", code="request_too_large")
+
+
+class BodySizeLimitMiddleware:
+    """Pure ASGI, so that streamed answers and disconnects pass untouched."""
+
+    def __init__(self, app: ASGIApp, max_request_body: int) -> None:
+        self.app = app
+        self.max_request_body = max_request_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_request_body
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = error_response(scope["path"], body_too_large(int(declared), limit))
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # a chunked body: the handler's error handler answers
+                    raise body_too_large(None, limit)
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -17,9 +17,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pagedserve.async_engine import EngineDeadError
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class APIError(Exception):
         return cls(400, message, param=param, code=code)
 
     @classmethod
+    def engine_dead(cls, exc: BaseException) -> APIError:
+        return cls(503, f"The engine is not running ({exc}); the server is restarting, "
+                   "please retry.", code="engine_dead", headers={"Retry-After": "5"})
+
+    @classmethod
     def from_value_error(cls, exc: ValueError, renames: dict[str, str] | None = None) -> APIError:
         """A 400 for a ``ValueError`` whose message starts with the field's name.
 
@@ -85,6 +91,13 @@ def is_ollama_path(path: str) -> bool:
     return path.startswith(OLLAMA_PREFIX)
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error may quote a client's text, even invalid text."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error_response(path: str, error: APIError) -> JSONResponse:
     if is_ollama_path(path):
         body: dict[str, Any] = {"error": error.message}
@@ -95,7 +108,7 @@ def error_response(path: str, error: APIError) -> JSONResponse:
             "param": error.param,
             "code": error.code if error.code is not None else error.status,
         }}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return ErrorJSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 def validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str | None]:
@@ -115,25 +128,6 @@ def validation_message(exc: ValidationError | RequestValidationError) -> tuple[s
     return message, None
 
 
-def parse_json_body(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError.bad_request(f"Invalid JSON body: {exc}", code="invalid_json") from exc
-
-
-def parse_model(raw: bytes, model: type[BaseModel]) -> Any:
-    """Parse a JSON request body into ``model``; a 400 naming the field when it does not fit."""
-    data = parse_json_body(raw)
-    if not isinstance(data, dict):
-        raise APIError.bad_request("request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        message, field = validation_message(exc)
-        raise APIError.bad_request(message, param=field) from exc
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -148,6 +142,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(request.url.path, APIError(exc.status_code, str(exc.detail),
                                                          headers=exc.headers))
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(request.url.path, APIError.engine_dead(exc))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -4,6 +4,9 @@ An OpenAI request with ``n`` choices (or a batch of prompts) becomes several eng
 their deltas interleave as the engine produces them, each tagged with its choice index. Leaving
 the stream early (the client went away, the handler failed) aborts every request still running,
 so its KV blocks are freed at once rather than when it would have finished.
+
+Failures come out as :class:`APIError`: a request the engine finished with ``"error"`` is a 500
+(the server failed on it; other requests go on), a dead engine loop a 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
 
+from pagedserve.async_engine import EngineDeadError
 from pagedserve.outputs import RequestOutput
+from pagedserve.server.errors import APIError
 
 if TYPE_CHECKING:
     from pagedserve.async_engine import RequestStream
@@ -45,6 +50,8 @@ class Generation:
             else:
                 async for index, output in self._merged():
                     yield index, output
+        except EngineDeadError as exc:
+            raise APIError.engine_dead(exc) from exc
         finally:
             self.abort()
 
@@ -59,6 +66,9 @@ class Generation:
     def _note(self, index: int, output: RequestOutput) -> None:
         if output.finished:
             self._finished.add(index)
+        if output.finish_reason == "error":
+            raise APIError(500, f"The server failed on this request: {output.error}",
+                           code="engine_error")
 
     async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         queue: asyncio.Queue = asyncio.Queue()

@@ -1,9 +1,16 @@
-"""The HTTP server process: uvicorn, made to end open answers first when told to stop.
+"""The HTTP server process: uvicorn, made to end open answers first when told to stop, and to
+exit non-zero when the engine has died.
 
 uvicorn's graceful shutdown waits for open connections to finish; a stream of a few hundred
 tokens would hold it up for its whole length. On SIGINT/SIGTERM this server first aborts every
 answer in progress, so that streams end at once (with ``finish_reason``/``done_reason``
 ``abort``) and the engine stops with nothing running.
+
+When the engine loop dies (a bug, a broken device), the process has nothing left to serve: it
+fails what is in flight (503 in each API's shape), keeps answering for a moment so that those
+answers reach their clients, and exits with status 1, so that its supervisor (Kubernetes,
+systemd) restarts it. A server that stayed up with a dead engine would pass for healthy to
+anything but /health.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from starlette.types import ASGIApp
 logger = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 5
+DEAD_ENGINE_GRACE_S = 1.0  # time for the failed answers to go out before the process exits
+EXIT_ENGINE_DEAD = 1
 
 
 class HTTPServer(uvicorn.Server):
@@ -25,6 +34,7 @@ class HTTPServer(uvicorn.Server):
         super().__init__(config)
         self._on_exit = on_exit
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.exit_code = 0
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -36,19 +46,35 @@ class HTTPServer(uvicorn.Server):
             self._loop.call_soon_threadsafe(self._on_exit)
         super().handle_exit(sig, frame)
 
+    def engine_died(self, exc: BaseException) -> None:
+        """Called on the event loop once the engine loop has died: exit non-zero soon."""
+        logger.error("the engine loop died (%r); exiting with status %d so that a supervisor "
+                     "restarts the server", exc, EXIT_ENGINE_DEAD)
+        self.exit_code = EXIT_ENGINE_DEAD
+        asyncio.get_running_loop().call_later(DEAD_ENGINE_GRACE_S, self._stop)
 
-def run_http_server(app: ASGIApp, host: str, port: int, on_exit: Callable[[], None],
-                    access_log: bool = False) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM; ``on_exit`` runs on the event loop at the signal.
+    def _stop(self) -> None:
+        self.should_exit = True
+
+
+def make_http_server(app: ASGIApp, host: str, port: int, on_exit: Callable[[], None],
+                     access_log: bool = False) -> HTTPServer:
+    """A server for ``app``; ``on_exit`` runs on the event loop at SIGINT/SIGTERM.
 
     uvicorn's own logging stays at warnings unless ``access_log`` (a line per request).
     """
     config = uvicorn.Config(app, host=host, port=port,
                             log_level="info" if access_log else "warning",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    return HTTPServer(config, on_exit)
+
+
+def run_http_server(server: HTTPServer) -> int:
+    """Serve until SIGINT/SIGTERM (status 0) or the engine's death (status 1)."""
     try:
-        HTTPServer(config, on_exit).run()
+        server.run()
     except KeyboardInterrupt:
         # uvicorn re-raises a captured SIGINT after its graceful shutdown; that is our exit
         pass
     logger.info("server stopped")
+    return server.exit_code

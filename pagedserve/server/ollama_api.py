@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from pagedserve.outputs import RequestOutput, TokenLogprobs
-from pagedserve.server.errors import APIError, parse_model
+from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation, until_disconnected
 from pagedserve.server.ollama_protocol import (
     FIELD_OPTIONS,
@@ -33,6 +33,7 @@ from pagedserve.server.ollama_protocol import (
     ChatRequest,
     GenerateRequest,
 )
+from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def check_model(served: ServedModel, name: str | None) -> str:
 async def generate(request: Request):
     started = time.monotonic()
     served = served_model(request)
-    body: GenerateRequest = parse_model(await request.body(), GenerateRequest)
+    body = await read_body(request, GenerateRequest)
     name = check_model(served, body.model)
     if not body.prompt:
         return _loaded(name, body.keep_alive, {"response": ""})
@@ -64,8 +65,8 @@ async def generate(request: Request):
     else:
         messages = served.with_system_prompt([{"role": "user", "content": body.prompt}],
                                              system=body.system)
-        prompt = served.render_chat(messages)
-    generation = _start(served, prompt, body.sampling_values())
+        prompt = await served.render_chat(messages)
+    generation = await _start(served, prompt, body.sampling_values())
     reply = _Reply(name, started, lambda text: {"response": text})
     if body.stream:
         return _ndjson(reply.stream(generation), generation)
@@ -76,14 +77,15 @@ async def generate(request: Request):
 async def chat(request: Request):
     started = time.monotonic()
     served = served_model(request)
-    body: ChatRequest = parse_model(await request.body(), ChatRequest)
+    body = await read_body(request, ChatRequest)
     name = check_model(served, body.model)
     if not body.messages:
         return _loaded(name, body.keep_alive,
                        {"message": {"role": "assistant", "content": ""}})
     messages = served.with_system_prompt(
         [{"role": m.role, "content": m.content or ""} for m in body.messages])
-    generation = _start(served, served.render_chat(messages), body.sampling_values())
+    generation = await _start(served, await served.render_chat(messages),
+                              body.sampling_values())
     reply = _Reply(name, started,
                    lambda text: {"message": {"role": "assistant", "content": text}})
     if body.stream:
@@ -91,9 +93,9 @@ async def chat(request: Request):
     return JSONResponse(await until_disconnected(request, reply.collect(generation)))
 
 
-def _start(served: ServedModel, prompt: str, values: dict[str, Any]) -> Generation:
+async def _start(served: ServedModel, prompt: str, values: dict[str, Any]) -> Generation:
     params = served.sampling_params(values, api_defaults=OLLAMA_DEFAULTS, renames=FIELD_OPTIONS)
-    return served.start([prompt], [params], FIELD_OPTIONS)
+    return await served.start([prompt], [params], FIELD_OPTIONS)
 
 
 def _loaded(name: str, keep_alive: Any, content: dict) -> dict:

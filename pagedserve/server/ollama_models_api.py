@@ -15,9 +15,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from pagedserve.server.errors import parse_model
 from pagedserve.server.ollama_api import check_model, served_model
 from pagedserve.server.ollama_protocol import FIELD_OPTIONS, OPTION_FIELDS, ShowRequest
+from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.version import __version__
 
@@ -38,7 +38,7 @@ async def tags(request: Request) -> dict:
 @router.post("/api/show")
 async def show(request: Request) -> dict:
     served = served_model(request)
-    body: ShowRequest = parse_model(await request.body(), ShowRequest)
+    body = await read_body(request, ShowRequest)
     check_model(served, body.model or body.name)
     info = served.engine.model_info
     answer = {

@@ -21,10 +21,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from pagedserve.outputs import RequestOutput, TokenLogprobs
-from pagedserve.sampling_params import SamplingParams
-from pagedserve.server.errors import APIError, parse_model
+from pagedserve.sampling_params import MAX_SEED, SamplingParams
+from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation, until_disconnected
 from pagedserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,10 @@ async def retrieve_model(model_id: str, request: Request) -> dict:
 @router.post("/v1/completions")
 async def completions(request: Request):
     served = served_model(request)
-    body: CompletionRequest = parse_model(await request.body(), CompletionRequest)
+    body = await read_body(request, CompletionRequest)
     served.check_model(body.model)
     prompts = _completion_prompts(body.prompt)
+    served.check_choices(len(prompts), body.n)
     values = body.sampling_values()
     if "max_tokens" in body.model_fields_set:
         values["max_tokens"] = body.max_tokens
@@ -68,7 +70,7 @@ async def completions(request: Request):
     params = served.sampling_params(values, api_defaults={"max_tokens": 16})
     call = _Call("cmpl", served.name, body.n, body.include_usage)
     echo = [_prompt_text(served, p) for p in prompts] if body.echo else None
-    generation = _start(served, prompts, params, body.n)
+    generation = await _start(served, prompts, params, body.n)
     if body.stream:
         return _sse(_stream_completion(call, generation, echo), generation)
     answer = await until_disconnected(request, _collect_completion(call, generation, echo))
@@ -78,14 +80,15 @@ async def completions(request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     served = served_model(request)
-    body: ChatCompletionRequest = parse_model(await request.body(), ChatCompletionRequest)
+    body = await read_body(request, ChatCompletionRequest)
     served.check_model(body.model)
+    served.check_choices(1, body.n)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError.bad_request("top_logprobs requires logprobs to be true",
                                    param="top_logprobs")
     messages = served.with_system_prompt(
         [{"role": _template_role(m.role), "content": m.text()} for m in body.messages])
-    prompt = served.render_chat(messages)
+    prompt = await served.render_chat(messages)
     values = body.sampling_values()
     renames = {"logprobs": "top_logprobs"}
     if body.max_completion_tokens is not None:
@@ -97,7 +100,8 @@ async def chat_completions(request: Request):
         values["logprobs"] = body.top_logprobs or 0
     params = served.sampling_params(values, api_defaults={"max_tokens": None}, renames=renames)
     call = _Call("chatcmpl", served.name, body.n, body.include_usage)
-    generation = _start(served, [prompt], params, body.n, renames, prompt_field="messages")
+    generation = await _start(served, [prompt], params, body.n, renames,
+                              prompt_field="messages")
     if body.stream:
         return _sse(_stream_chat(call, generation), generation)
     return JSONResponse(await until_disconnected(request, _collect_chat(call, generation)))
@@ -118,19 +122,22 @@ def _completion_prompts(prompt: str | list) -> list[str | list[int]]:
     return prompts
 
 
-def _start(served: ServedModel, prompts: Sequence[str | list[int]], params: SamplingParams,
-           n: int, renames: dict[str, str] | None = None, prompt_field: str = "prompt"
-           ) -> Generation:
-    """One engine request per (prompt, choice); choice i of a seeded request uses seed + i."""
-    if isinstance(n, bool) or n < 1:
-        raise APIError.bad_request(f"n must be >= 1, got {n}", param="n")
+async def _start(served: ServedModel, prompts: Sequence[str | list[int]],
+                 params: SamplingParams, n: int, renames: dict[str, str] | None = None,
+                 prompt_field: str = "prompt") -> Generation:
+    """One engine request per (prompt, choice); choice i of a seeded request uses seed + i
+    (wrapping within the seed's 64-bit range)."""
     expanded_prompts, expanded_params = [], []
     for prompt in prompts:
         for i in range(n):
-            seed = None if params.seed is None else params.seed + i
+            seed = None if params.seed is None else _wrap_seed(params.seed + i)
             expanded_prompts.append(prompt)
             expanded_params.append(dataclasses.replace(params, n=1, seed=seed))
-    return served.start(expanded_prompts, expanded_params, renames, prompt_field)
+    return await served.start(expanded_prompts, expanded_params, renames, prompt_field)
+
+
+def _wrap_seed(seed: int) -> int:
+    return seed if seed <= MAX_SEED else seed - 2**64
 
 
 def _prompt_text(served: ServedModel, prompt: str | list[int]) -> str:

@@ -3,11 +3,16 @@
 Both API modules only translate wire formats; what they have in common lives here: which names
 address the model, how the model's own defaults (from its registry entry: Modelfile parameters,
 generation_config.json) sit under a request's values, how chat messages become a prompt, and
-admission control (``--max-queue``) before requests reach the engine.
+admission control (the server's limits) before requests reach the engine.
+
+Rendering a chat and tokenizing a prompt cost time in proportion to their length; long ones
+run in a worker thread (the tokenizer releases the GIL there), so that the event loop keeps
+answering everyone else, health checks included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -16,10 +21,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pagedserve.engine import ContextLengthError
+from pagedserve.engine import ContextLengthError, PromptTooLongError
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation
+from pagedserve.server.limits import ServerLimits
 
 if TYPE_CHECKING:
     from pagedserve.async_engine import AsyncEngine
@@ -27,6 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+LONG_TEXT_CHARS = 16_384  # chats and prompts from this length on are prepared off the loop
 
 
 @dataclass(slots=True)
@@ -46,10 +53,10 @@ class ServedModel:
     """The served model: its names, its defaults, and the door to the engine."""
 
     def __init__(self, card: ModelCard, async_engine: AsyncEngine,
-                 max_queue: int | None = None) -> None:
+                 limits: ServerLimits | None = None) -> None:
         self.card = card
         self.async_engine = async_engine
-        self.max_queue = max_queue
+        self.limits = limits or ServerLimits()
         self.loaded_at = time.time()
         self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
         unknown = set(card.sampling_defaults) - _SAMPLING_FIELDS - {"num_ctx"}  # engine's
@@ -120,7 +127,17 @@ class ServedModel:
             messages.insert(0, {"role": "system", "content": prompt})
         return messages
 
-    def render_chat(self, messages: Sequence[dict]) -> str:
+    async def render_chat(self, messages: Sequence[dict]) -> str:
+        """The chat as prompt text (off the event loop when it is long); 400 if the template
+        rejects it or the text cannot fit the context."""
+        size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        if size > self.engine.max_prompt_chars:
+            raise _too_many_chars(self.max_model_len, "messages", size)
+        if size < LONG_TEXT_CHARS:
+            return self._render_chat(messages)
+        return await asyncio.to_thread(self._render_chat, messages)
+
+    def _render_chat(self, messages: Sequence[dict]) -> str:
         try:
             return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
         except ValueError as exc:
@@ -129,35 +146,75 @@ class ServedModel:
                 message = f"messages: {message}"
             raise APIError.bad_request(message, param="messages") from exc
 
+    async def tokenize(self, text: str, add_special_tokens: bool, field: str) -> list[int]:
+        """Token ids of ``text`` (for /tokenize): bounded like a prompt, long ones off the loop."""
+        if len(text) > self.engine.max_prompt_chars:
+            raise _too_many_chars(self.max_model_len, field, len(text))
+        if len(text) < LONG_TEXT_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+
     # -- admission -----------------------------------------------------------------------------
 
-    def start(self, prompts: Sequence[str | list[int]], params: Sequence[SamplingParams],
-              renames: dict[str, str] | None = None, prompt_field: str = "prompt"
-              ) -> Generation:
+    def check_choices(self, num_prompts: int, n: int) -> None:
+        """One call may start at most ``max_n`` engine requests (n choices x prompts)."""
+        if isinstance(n, bool) or n < 1:
+            raise APIError.bad_request(f"n must be >= 1, got {n}", param="n")
+        limit = self.limits.max_n
+        if n * num_prompts > limit:
+            where = f"n x {num_prompts} prompts = {n * num_prompts}" if num_prompts > 1 else n
+            raise APIError.bad_request(
+                f"n must be <= {limit} (choices per request; pagedserve serve --max-n), "
+                f"got {where}", param="n")
+
+    async def start(self, prompts: Sequence[str | list[int]], params: Sequence[SamplingParams],
+                    renames: dict[str, str] | None = None, prompt_field: str = "prompt"
+                    ) -> Generation:
         """Submit one engine request per (prompt, params) pair, as one :class:`Generation`.
 
-        Answers 503 when the waiting queue is full; a prompt that does not fit the context, or
-        any other bad input, answers 400 and leaves nothing behind in the engine.
+        Answers 503 when the queue of requests that cannot start is full or the engine is
+        dead; a prompt that does not fit the context, or any other bad input, answers 400 and
+        leaves nothing behind in the engine (every request is made before any is queued).
         """
-        if self.max_queue is not None:
-            waiting = self.async_engine.num_waiting()
-            if waiting + len(prompts) > self.max_queue:
-                raise APIError(503, f"Server busy: {waiting} requests are waiting, the limit "
-                               f"is {self.max_queue}; please retry.", code="server_busy",
-                               headers={"Retry-After": "1"})
-        streams = []
+        self._admit(len(prompts))
+        size = sum(len(p) for p in prompts)
         try:
-            for prompt, p in zip(prompts, params, strict=True):
-                streams.append(self.async_engine.submit(prompt, p))
+            if size < LONG_TEXT_CHARS:
+                requests = self._make_requests(prompts, params)
+            else:
+                requests = await asyncio.to_thread(self._make_requests, prompts, params)
+        except ContextLengthError as exc:
+            raise _context_error(exc, prompt_field) from exc
         except ValueError as exc:
-            for stream in streams:
-                stream.abort()
-            if isinstance(exc, ContextLengthError):
-                raise _context_error(exc, prompt_field) from exc
             raise APIError.from_value_error(exc, renames) from exc
+        streams = [self.async_engine.enqueue(r) for r in requests]
         generation = Generation(streams)
         self._live.add(generation)
         return generation
+
+    def _admit(self, num_requests: int) -> None:
+        self.async_engine.check_alive()
+        limit = self.limits.max_queue
+        if limit is None:
+            return
+        queued = self.async_engine.num_queued()
+        if queued + num_requests > limit:
+            raise APIError(503, f"Server busy: {queued} requests are waiting for a seat, the "
+                           f"limit is {limit}; please retry.", code="server_busy",
+                           headers={"Retry-After": "1"})
+
+    def _make_requests(self, prompts: Sequence[str | list[int]],
+                       params: Sequence[SamplingParams]) -> list:
+        """One engine request per pair; a text repeated for n choices is tokenized once."""
+        token_ids: dict[str, list[int]] = {}
+        requests = []
+        for prompt, p in zip(prompts, params, strict=True):
+            text = prompt if isinstance(prompt, str) else None
+            request = self.async_engine.make_request(token_ids.get(text, prompt), p)
+            if text is not None:
+                token_ids.setdefault(text, request.prompt_token_ids)
+            requests.append(request)
+        return requests
 
     def abort_all(self) -> None:
         """End every answer in progress (at shutdown): streams close with an abort."""
@@ -169,7 +226,15 @@ def _with_tag(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
 
 
+def _too_many_chars(limit: int, prompt_field: str, num_chars: int) -> APIError:
+    return APIError(400, f"This model's maximum context length is {limit} tokens; your "
+                    f"{prompt_field} of {num_chars} characters cannot fit in it. Please "
+                    "reduce its length.", param=prompt_field, code="context_length_exceeded")
+
+
 def _context_error(exc: ContextLengthError, prompt_field: str) -> APIError:
+    if isinstance(exc, PromptTooLongError):  # turned away by its length before tokenizing
+        return _too_many_chars(exc.max_model_len, prompt_field, exc.num_chars)
     limit, prompt_tokens, max_tokens = exc.max_model_len, exc.num_prompt_tokens, exc.max_tokens
     message = (f"This model's maximum context length is {limit} tokens, your request has "
                f"{prompt_tokens} input tokens")

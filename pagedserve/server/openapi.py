@@ -1,0 +1,181 @@
+"""The OpenAPI document (``/openapi.json``), told true.
+
+Handlers read their bodies themselves (request_body.py checks size, depth and Unicode before
+pydantic sees them), so FastAPI cannot infer what they take. This module declares it: each
+route's request body is the JSON schema of the same pydantic model that validates it, with the
+ranges SamplingParams enforces (its ``RANGES`` table, under each API's field names) and the
+server's limits; and each route lists the answers it can give, with their content types (JSON,
+or server-sent events and NDJSON when streamed) and the error body of its API's shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from pagedserve.sampling_params import LIST_LIMITS, RANGES, Range
+from pagedserve.server.errors import OLLAMA_PREFIX
+from pagedserve.server.ollama_protocol import (
+    OPTION_FIELDS,
+    ChatRequest,
+    GenerateRequest,
+    ShowRequest,
+)
+from pagedserve.server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+
+_REF = "#/components/schemas/{model}"
+PROTECTED = ("/v1/", "/api/")
+
+# (path, method) -> (body model, what a streamed answer is sent as)
+BODIES: dict[tuple[str, str], tuple[type[BaseModel], str | None]] = {
+    ("/v1/completions", "post"): (CompletionRequest, "text/event-stream"),
+    ("/v1/chat/completions", "post"): (ChatCompletionRequest, "text/event-stream"),
+    ("/api/generate", "post"): (GenerateRequest, "application/x-ndjson"),
+    ("/api/chat", "post"): (ChatRequest, "application/x-ndjson"),
+    ("/api/show", "post"): (ShowRequest, None),
+    ("/tokenize", "post"): (TokenizeRequest, None),
+    ("/detokenize", "post"): (DetokenizeRequest, None),
+}
+# routes that look the model up by name (404), and those that queue engine work (503)
+NAMES_A_MODEL = {path for path, _ in BODIES} | {"/v1/models/{model_id}"}
+QUEUES_WORK = {"/v1/completions", "/v1/chat/completions", "/api/generate", "/api/chat"}
+
+# wire name -> SamplingParams field, where they differ (num_predict takes -1 and -2 as well)
+_WIRE_FIELDS = {"max_completion_tokens": "max_tokens", "top_logprobs": "logprobs",
+                **{option: name for option, name in OPTION_FIELDS.items()
+                   if option != name and option != "num_predict"}}
+
+_ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
+    "OpenAIError": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["message", "type"],
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                           "param": {"type": ["string", "null"]},
+                           "code": {"type": ["string", "integer", "null"]}}}},
+    },
+    "OllamaError": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "string"}},
+    },
+}
+_WHY = {
+    400: "Invalid request: the message names the field.",
+    401: "Missing or wrong API key (only when the server has one).",
+    404: "Unknown model.",
+    413: "Request body larger than the server's limit.",
+    500: "The server failed on this request (other requests are not affected).",
+    503: "Busy (too many requests waiting) or the engine is down; see Retry-After.",
+}
+
+
+def install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                         description="The OpenAI API (/v1), the Ollama API (/api), vLLM's "
+                         "tokenizer routes and Prometheus metrics, over one engine.")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(_ERROR_SCHEMAS)
+    served = app.state.served
+    ranges = {**RANGES, "n": Range(1, served.limits.max_n, integer=True),
+              "max_tokens": Range(1, served.max_model_len, integer=True)}
+    token_id = Range(0, served.engine.model_config.vocab_size - 1, integer=True).json_schema()
+    for model, _ in BODIES.values():
+        for name, model_schema in _model_schemas(model).items():
+            _add_ranges(model_schema, ranges)
+            _add_token_ids(model_schema, token_id)
+            components[name] = model_schema
+    for name in ("HTTPValidationError", "ValidationError"):  # we answer 400, never 422
+        components.pop(name, None)
+    for path, item in schema.get("paths", {}).items():
+        for method, operation in item.items():
+            _describe(path, method, operation)
+    return schema
+
+
+def _model_schemas(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template=_REF, mode="validation")
+    defs = schema.pop("$defs", {})
+    return {**defs, model.__name__: schema}
+
+
+def _add_ranges(schema: dict[str, Any], ranges: dict[str, Range]) -> None:
+    """Minimum, maximum, item counts and lengths on the properties SamplingParams checks."""
+    for wire_name, prop in schema.get("properties", {}).items():
+        name = _WIRE_FIELDS.get(wire_name, wire_name)
+        branches = prop.get("anyOf", [prop])
+        for branch in branches:
+            kind = branch.get("type")
+            if name in ranges and kind in ("integer", "number"):
+                branch.update(ranges[name].json_schema())
+            if name in LIST_LIMITS:
+                most, longest = LIST_LIMITS[name]
+                if kind == "array":
+                    branch["maxItems"] = most
+                    items = branch.get("items", {})
+                    if name in ranges and items.get("type") == "integer":
+                        items.update(ranges[name].json_schema())
+                    if longest is not None and items.get("type") == "string":
+                        items.update(minLength=1, maxLength=longest)
+                elif kind == "string" and longest is not None:
+                    branch.update(minLength=1, maxLength=longest)
+
+
+def _add_token_ids(schema: dict[str, Any], token_id: dict[str, float]) -> None:
+    """Token ids (a completion's prompt, /detokenize's tokens) lie inside the vocabulary."""
+    for name in ("prompt", "tokens"):
+        prop = schema.get("properties", {}).get(name)
+        for branch in prop.get("anyOf", [prop]) if prop else ():
+            items = branch.get("items", {})
+            for inner in [items, items.get("items", {})]:
+                if inner.get("type") == "integer":
+                    inner.update(token_id)
+
+
+def _describe(path: str, method: str, operation: dict[str, Any]) -> None:
+    responses = operation.setdefault("responses", {})
+    responses.pop("422", None)
+    error = "OllamaError" if path.startswith(OLLAMA_PREFIX) else "OpenAIError"
+    statuses = []
+    body = BODIES.get((path, method))
+    if body is not None:
+        model, streamed = body
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}},
+        }
+        content: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+        if streamed:
+            content[streamed] = {"schema": {"type": "string"}}
+        responses["200"] = {"description": "The answer (streamed when the request asks).",
+                            "content": content}
+        statuses += [400, 413]
+    if path.startswith(PROTECTED):
+        statuses.append(401)
+    if path in NAMES_A_MODEL:
+        statuses.append(404)
+    if path in QUEUES_WORK:
+        statuses += [500, 503]
+    if path == "/v1/models/{model_id}":
+        statuses.append(400)
+    for status in sorted(set(statuses)):
+        responses[str(status)] = {
+            "description": _WHY[status],
+            "content": {"application/json": {"schema": {"$ref": _REF.format(model=error)}}},
+        }

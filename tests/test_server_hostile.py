@@ -102,6 +102,8 @@ CASES = [
     ("/v1/completions", {**OK, "n": 17}, 400, "n"),
     ("/v1/completions", {**OK, "n": -1}, 400, "n"),
     ("/v1/completions", {**OK, "prompt": ["hi"] * 17}, 400, "n"),
+    ("/v1/completions", {**OK, "best_of": 10**6}, 400, "best_of"),
+    ("/v1/completions", {**OK, "n": 2, "best_of": 2}, 200, None),
     ("/v1/chat/completions", {**CHAT, "n": 10**6}, 400, "n"),
     ("/v1/completions", {**OK, "stop": ["x"] * 17}, 400, "stop"),
     ("/v1/completions", {**OK, "stop": ["x" * 300]}, 400, "stop"),

@@ -111,6 +111,12 @@ def error_response(path: str, error: APIError) -> JSONResponse:
     return ErrorJSONResponse(body, status_code=error.status, headers=error.headers)
 
 
+# what pydantic writes in a location for the member of a union it tried, e.g. list[int] or
+# constrained-str: noise to a client, who named the field and nothing else
+_UNION_MEMBER = re.compile(r"(list|str|int|float|dict)\[.*\]|(str|int|float|bool|list|dict)|"
+                           r"constrained-\w+")
+
+
 def validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str | None]:
     """The first validation problem as ``"field: what is wrong"``, and the field's dotted name."""
     errors = exc.errors()
@@ -119,8 +125,7 @@ def validation_message(exc: ValidationError | RequestValidationError) -> tuple[s
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     # pydantic puts the union member's type in the location; it is noise to a client
-    loc = [part for part in loc if not re.fullmatch(r"(list|str|int|float|dict)\[.*\]|"
-                                                    r"(str|int|float|bool|list|dict)", part)]
+    loc = [part for part in loc if not _UNION_MEMBER.fullmatch(part)]
     field = ".".join(loc) or None
     message = first.get("msg", "invalid value")
     if field:

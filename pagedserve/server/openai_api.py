@@ -62,6 +62,10 @@ async def completions(request: Request):
     served.check_model(body.model)
     prompts = _completion_prompts(body.prompt)
     served.check_choices(len(prompts), body.n)
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError.bad_request(
+            f"best_of must equal n ({body.n}) or be left out, got {body.best_of}: this server "
+            "does not rank extra candidates (vLLM's V1 engine does not either)", param="best_of")
     values = body.sampling_values()
     if "max_tokens" in body.model_fields_set:
         values["max_tokens"] = body.max_tokens

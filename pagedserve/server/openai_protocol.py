@@ -66,6 +66,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None  # only best_of == n: ranking n of best_of draws is not done
 
 
 class ContentPart(BaseModel):

@@ -35,13 +35,22 @@ PREFIX = "pagedserve:"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 FINISHED_REASONS = ("stop", "length", "abort", "error")
 
-# Latency buckets in seconds: fine below a second (GPU decode), long tail for CPU prefill.
+# Latency buckets in seconds: fine below a second (GPU decode, queueing on an idle server),
+# long tail for CPU prefill and requests that wait.
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
                     0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
-_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
-                  100000)
+_REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
+                    30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def token_buckets(max_tokens: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to the context length, which is the last bucket: a count
+    can never exceed it, so buckets beyond it would only be empty series."""
+    buckets, base = [], 1
+    while base < max_tokens:
+        buckets += [b for b in (base, 2 * base, 5 * base) if b < max_tokens]
+        base *= 10
+    return (*buckets, max_tokens)
 
 
 class _EngineStatsCollector(Collector):
@@ -84,10 +93,12 @@ class _EngineStatsCollector(Collector):
                     s.kv_reserved_tokens)
         yield gauge("kv_used_tokens",
                     "KV cache token slots holding a computed token.", s.kv_used_tokens)
+        reserved = s.kv_reserved_tokens
         yield gauge("kv_cache_waste_perc",
-                    "Reserved KV cache slots that hold no token, in percent of the slots that "
-                    "do (paged: partly filled tail blocks; static: unused context of each slot).",
-                    s.kv_waste_perc)
+                    "Fraction of reserved KV cache token slots that hold no token, 0..1 like "
+                    "kv_cache_usage_perc (paged: partly filled tail blocks; static: the unused "
+                    "context of each slot).",
+                    (reserved - s.kv_used_tokens) / reserved if reserved else 0.0)
         yield counter("prefix_cache_queries",
                       "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
         yield counter("prefix_cache_hits",
@@ -109,7 +120,7 @@ class ServerMetrics:
     """
 
     def __init__(self, model_name: str, stats: Callable[[], EngineStats],
-                 alive: Callable[[], bool] = lambda: True) -> None:
+                 alive: Callable[[], bool] = lambda: True, max_model_len: int = 131072) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_EngineStatsCollector(model_name, stats, alive))
@@ -134,16 +145,36 @@ class ServerMetrics:
             _REQUEST_BUCKETS).labels(model_name)
         self.request_queue_time = histogram(
             "request_queue_time_seconds", "Time from arrival to the first scheduling.",
+            _LATENCY_BUCKETS).labels(model_name)
+        self.time_per_output_token = histogram(
+            "time_per_output_token_seconds",
+            "Per finished request: decode time over its output tokens after the first.",
+            _LATENCY_BUCKETS).labels(model_name)
+        self.request_prefill_time = histogram(
+            "request_prefill_time_seconds",
+            "Per finished request: from its first scheduling to its first token.",
             _REQUEST_BUCKETS).labels(model_name)
+        self.request_decode_time = histogram(
+            "request_decode_time_seconds",
+            "Per finished request: from its first token to its last.",
+            _REQUEST_BUCKETS).labels(model_name)
+        self.request_inference_time = histogram(
+            "request_inference_time_seconds",
+            "Per finished request: from its first scheduling to its last token.",
+            _REQUEST_BUCKETS).labels(model_name)
+        tokens = token_buckets(max_model_len)
         self.request_prompt_tokens = histogram(
             "request_prompt_tokens", "Prompt tokens per finished request.",
-            _TOKEN_BUCKETS).labels(model_name)
+            tokens).labels(model_name)
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Generated tokens per finished request.",
-            _TOKEN_BUCKETS).labels(model_name)
+            tokens).labels(model_name)
         self.iteration_tokens = histogram(
             "iteration_tokens_total", "Tokens scheduled per engine step (prompt + generation).",
-            _TOKEN_BUCKETS).labels(model_name)
+            token_buckets(max(max_model_len, 8192))).labels(model_name)
+        self.http_requests = Counter(
+            PREFIX + "http_requests", "HTTP requests answered, by route and status code.",
+            ["model_name", "handler", "status"], registry=self.registry)
         # request id -> time of its latest token, for the inter-token latency
         self._last_token_time: dict[str, float] = {}
 
@@ -195,5 +226,21 @@ class ServerMetrics:
             end = m.finished_time or m.last_token_time
             if end is not None:
                 self.e2e_request_latency.observe(end - m.arrival_time)
+            self._observe_phases(m, output.num_output_tokens)
         self.request_prompt_tokens.observe(output.num_prompt_tokens)
         self.request_generation_tokens.observe(output.num_output_tokens)
+
+    def _observe_phases(self, m, num_output_tokens: int) -> None:
+        """Prefill, decode and inference time of a request that produced tokens."""
+        first, last = m.first_token_time, m.last_token_time
+        if first is None or last is None:
+            return
+        if m.first_scheduled_time is not None:
+            self.request_prefill_time.observe(first - m.first_scheduled_time)
+            self.request_inference_time.observe(last - m.first_scheduled_time)
+        self.request_decode_time.observe(last - first)
+        if num_output_tokens > 1:
+            self.time_per_output_token.observe((last - first) / (num_output_tokens - 1))
+
+    def observe_http(self, handler: str, status: int) -> None:
+        self.http_requests.labels(self.model_name, handler, str(status)).inc()

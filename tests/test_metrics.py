@@ -22,8 +22,10 @@ SERIES = [
     "generation_tokens_total", "request_success_total",
     "time_to_first_token_seconds_count", "inter_token_latency_seconds_count",
     "e2e_request_latency_seconds_count", "request_queue_time_seconds_count",
+    "time_per_output_token_seconds_count", "request_prefill_time_seconds_count",
+    "request_decode_time_seconds_count", "request_inference_time_seconds_count",
     "request_prompt_tokens_count", "request_generation_tokens_count",
-    "iteration_tokens_total_count",
+    "iteration_tokens_total_count", "engine_healthy", "http_requests_total",
 ]
 
 
@@ -71,7 +73,7 @@ def test_gauges_and_counters_come_from_engine_stats():
     assert v["num_requests_running"] == 2
     assert v["num_requests_waiting"] == 1
     assert v["kv_cache_usage_perc"] == 0.25
-    assert v["kv_cache_waste_perc"] == 28.0
+    assert v["kv_cache_waste_perc"] == pytest.approx(14 / 64)  # a fraction, as usage is
     assert v["prefix_cache_queries_total"] == 100
     assert v["prefix_cache_hits_total"] == 40
     assert v["num_preemptions_total"] == 3
@@ -109,11 +111,24 @@ def test_observer_latencies_and_token_histograms():
     assert v["inter_token_latency_seconds_count"] == 3
     assert v["inter_token_latency_seconds_sum"] == pytest.approx(0.3)
     assert v["e2e_request_latency_seconds_sum"] == pytest.approx(1.3)
+    assert v["request_prefill_time_seconds_sum"] == pytest.approx(0.5)
+    assert v["request_decode_time_seconds_sum"] == pytest.approx(0.3)
+    assert v["request_inference_time_seconds_sum"] == pytest.approx(0.8)
+    assert v["time_per_output_token_seconds_sum"] == pytest.approx(0.1)  # 0.3 s over 3 tokens
     assert v["request_prompt_tokens_sum"] == 7
     assert v["request_generation_tokens_sum"] == 4
     assert v["iteration_tokens_total_sum"] == 7
     assert v["request_success_total{length}"] == 1
     assert metrics._last_token_time == {}
+
+
+def test_token_histograms_end_at_the_context_length():
+    metrics = ServerMetrics("m", FakeStats, max_model_len=512)
+    text = metrics.render().decode()
+    buckets = [s.labels["le"] for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "pagedserve:request_prompt_tokens_bucket"]
+    assert buckets == ["1.0", "2.0", "5.0", "10.0", "20.0", "50.0", "100.0", "200.0", "500.0",
+                       "512.0", "+Inf"]
 
 
 def test_abort_counts_and_forgets():
@@ -181,3 +196,7 @@ def test_metrics_after_known_traffic(server):
     assert v["iteration_tokens_total_sum"] == (prompt_tokens - v["prefix_cache_hits_total"]
                                                + 3 * 4 + 2)
     assert 'model_name="smollm2:135m"' in text
+    http = {(s.labels["handler"], s.labels["status"]): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "pagedserve:http_requests_total"}
+    assert http[("/v1/completions", "200")] == 3 and http[("/api/generate", "200")] == 1

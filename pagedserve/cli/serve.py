@@ -180,7 +180,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     prometheus_client.disable_created_metrics()
     async_engine = AsyncEngine(engine)
     served = ServedModel(card, async_engine, limits)
-    metrics = ServerMetrics(card.name, engine.stats, alive=lambda: async_engine.alive)
+    metrics = ServerMetrics(card.name, engine.stats, alive=lambda: async_engine.alive,
+                            max_model_len=engine.max_model_len)
     app = create_app(served, metrics, api_key=args.api_key)
     server = make_http_server(app, args.host, args.port, on_exit=served.abort_all,
                               access_log=getattr(args, "verbose", False))

@@ -40,7 +40,8 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
                api_key: str | None = None) -> FastAPI:
     """The server for ``served``; ``metrics`` is registered as an engine observer here."""
     metrics = metrics or ServerMetrics(served.name, served.engine.stats,
-                                       alive=lambda: served.async_engine.alive)
+                                       alive=lambda: served.async_engine.alive,
+                                       max_model_len=served.max_model_len)
     if metrics not in served.engine.observers:
         served.engine.observers.append(metrics)
 
@@ -66,6 +67,7 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(BodySizeLimitMiddleware, max_request_body=served.limits.max_request_body)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # outermost: sees every answer
 
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
@@ -160,3 +162,28 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class HTTPMetricsMiddleware:
+    """Counts every answer by route template and status (``pagedserve:http_requests_total``).
+
+    The route is the matched template (``/v1/models/{model_id}``), or ``none`` for a path no
+    route matched or a request refused before routing, so that clients cannot mint series.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                self.metrics.observe_http(getattr(route, "path", "none"), message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

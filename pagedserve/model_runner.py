@@ -70,11 +70,12 @@ class ModelRunner:
             for _ in range(config.num_layers)
         ]
         self.sampler = Sampler(engine_config.seed)
+        self.align_prefix_tail = engine_config.enable_prefix_caching
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[SampledToken | None]:
         """Run one step; returns a sampled token per scheduled request (None mid-prefill)."""
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1)
+        order = sorted(range(len(scheduled)), key=lambda i: not scheduled[i].is_decode)
         batch = [scheduled[i] for i in order]
         input_ids, positions, slots = [], [], []
         bs = self.block_size
@@ -91,20 +92,21 @@ class ModelRunner:
             positions.extend(range(start, end))
             table = s.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if s.num_new_tokens == 1:
+            if s.is_decode:
                 meta.num_decodes += 1
                 decode_tables.append(table[: -(-end // bs)])
                 decode_lens.append(end)
             else:
-                mask = None
-                if start > 0:  # query i sits at position start + i and sees keys 0..start + i
-                    mask = torch.ones(
-                        s.num_new_tokens, end, dtype=torch.bool, device=self.device
-                    ).tril(diagonal=start)
-                meta.prefills.append(PrefillChunk(
-                    first, s.num_new_tokens, end,
-                    torch.tensor(table[: -(-end // bs)], device=self.device), mask,
-                ))
+                for lo, hi in self._prefill_pieces(start, end, s.samples):
+                    mask = None
+                    if lo > 0:  # query i sits at position lo + i and sees keys 0..lo + i
+                        mask = torch.ones(
+                            hi - lo, hi, dtype=torch.bool, device=self.device
+                        ).tril(diagonal=lo)
+                    meta.prefills.append(PrefillChunk(
+                        first + lo - start, hi - lo, hi,
+                        torch.tensor(table[: -(-hi // bs)], device=self.device), mask,
+                    ))
             if s.samples:
                 sample_rows.append(len(input_ids) - 1)
                 sample_of.append(idx)
@@ -133,6 +135,22 @@ class ModelRunner:
             for i, token in zip(sample_of, sampled, strict=True):
                 results[i] = token
         return results
+
+    def _prefill_pieces(self, start: int, end: int, samples: bool) -> list[tuple[int, int]]:
+        """The attention chunks of prefill positions [start, end).
+
+        The chunk that reaches the last known token is cut after the last full block before
+        it: those tail positions are what a later request with the same tokens recomputes after
+        a prefix-cache hit (``find_cached_prefix`` leaves them out), so they attend in the same
+        shape either way and a repeated greedy request rounds alike in bf16::
+
+            positions  [start ........ split) [split ...... end)
+                       full blocks, cacheable  the tail a hit recomputes
+        """
+        split = (end - 1) // self.block_size * self.block_size
+        if not (samples and self.align_prefix_tail and start < split):
+            return [(start, end)]
+        return [(start, split), (split, end)]
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], kv_block_table: list[int]) -> torch.Tensor:

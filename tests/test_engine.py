@@ -190,3 +190,30 @@ def test_a_max_model_len_beyond_the_models_context_is_capped_to_it(tiny):
     assert engine.max_model_len == 512
     with pytest.raises(ContextLengthError):  # refused at submission, not crashed mid-step
         engine.add_request(prompts(1, 600)[0], SamplingParams(max_tokens=4))
+
+
+def _greedy_logprobs(engine: Engine, prompt: list[int]) -> tuple[list[float], int]:
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    request_id = engine.add_request(prompt, params)
+    logprobs, cached = [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id == request_id
+            logprobs += [lp.sampled.logprob for lp in out.delta_logprobs or []]
+            cached = out.num_cached_tokens
+    return logprobs, cached
+
+
+def test_a_repeated_greedy_request_repeats_its_logprobs_in_bf16(tiny):
+    """The second time, a prompt's full blocks come from the prefix cache and only its tail is
+    computed: the runner computes that tail alike both times (its own attention chunk, dense
+    weights), so in bf16 the repeat gives the same logprobs, not just nearly the same."""
+    engine = Engine.from_model(tiny, EngineConfig(kv_cache_memory=8 << 20, dtype="bfloat16"))
+    rng = random.Random(0)
+    for n in (20, 33, 37, 41, 47, 60):  # tails of 1 to 15 tokens after the cached blocks
+        prompt = [rng.randrange(4, 300) for _ in range(n)]
+        first, cached_first = _greedy_logprobs(engine, prompt)
+        again, cached_again = _greedy_logprobs(engine, prompt)
+        assert (cached_first, cached_again) == (0, (n - 1) // 16 * 16)
+        assert again == first, n
+    assert engine.kv.all_free()

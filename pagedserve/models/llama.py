@@ -22,7 +22,7 @@ from pagedserve.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-SMALL_STEP_TOKENS = 8  # steps of at most this many tokens read low-bit weights, when packed
+SMALL_STEP_TOKENS = 8  # decode-only steps of at most this many tokens read low-bit weights
 INT4_GROUP = 32
 
 
@@ -35,6 +35,9 @@ class Linear:
     GGUF blocks, which are min/max-quantized over the same groups) or an int8 copy (a scale per
     output row), read by torch's weight-only kernels at a quarter or half the bytes of bf16.
     Large steps are compute-bound and keep the dense bf16 matmul, which is faster there.
+
+    Prompt tokens always take the dense weights (see :func:`low_bit_step`), so that the few
+    tokens a prefix-cache hit leaves to compute round as they did within the whole prompt.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -61,8 +64,10 @@ class Linear:
             q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             self._int8 = (q, scale.to(self.weight.dtype))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= SMALL_STEP_TOKENS:
+    def __call__(self, x: torch.Tensor, small_step: bool | None = None) -> torch.Tensor:
+        if small_step is None:  # the LM head: only the rows that sample
+            small_step = x.shape[0] <= SMALL_STEP_TOKENS
+        if small_step:
             if self._int4 is not None:
                 y = torch._weight_int4pack_mm_for_cpu(x, self._int4[0], INT4_GROUP, self._int4[1])
                 return y if self.bias is None else y + self.bias
@@ -70,6 +75,11 @@ class Linear:
                 y = torch._weight_int8pack_mm(x, *self._int8)
                 return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
+
+
+def low_bit_step(meta: AttentionMetadata, num_tokens: int) -> bool:
+    """Whether a step reads the low-bit weights: decodes only, at most SMALL_STEP_TOKENS."""
+    return not meta.prefills and num_tokens <= SMALL_STEP_TOKENS
 
 
 class RMSNorm:
@@ -142,15 +152,15 @@ class Attention:
         self.o = Linear(w[p + "o_proj.weight"])
         self.scale = self.hd**-0.5
 
-    def __call__(self, x, rope, kv_cache, meta: AttentionMetadata):
+    def __call__(self, x, rope, kv_cache, meta: AttentionMetadata, small_step: bool = False):
         T = x.shape[0]
-        qkv = self.qkv(x)  # (T, (nh + 2 nkv) hd)
+        qkv = self.qkv(x, small_step)  # (T, (nh + 2 nkv) hd)
         q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q = Rotary.apply(q.view(T, self.nh, self.hd), *rope)  # (T, nh, hd)
         k = Rotary.apply(k.view(T, self.nkv, self.hd), *rope)  # (T, nkv, hd)
         v = v.reshape(T, self.nkv, self.hd)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o(out.view(T, self.nh * self.hd))
+        return self.o(out.view(T, self.nh * self.hd), small_step)
 
 
 class MLP:
@@ -159,9 +169,9 @@ class MLP:
         self.gate_up = Linear(torch.cat([w[p + "gate_proj.weight"], w[p + "up_proj.weight"]]))
         self.down = Linear(w[p + "down_proj.weight"])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+    def __call__(self, x: torch.Tensor, small_step: bool = False) -> torch.Tensor:
+        gate, up = self.gate_up(x, small_step).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up, small_step)
 
 
 class DecoderLayer:
@@ -175,8 +185,9 @@ class DecoderLayer:
 
     def __call__(self, x, rope, kv_cache, meta):
         # x: (T, H) float32 residual stream; the sublayers compute in the weights' dtype
-        x = x + self.attn(self.input_norm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attn_norm(x))
+        small = low_bit_step(meta, x.shape[0])
+        x = x + self.attn(self.input_norm(x), rope, kv_cache, meta, small)
+        return x + self.mlp(self.post_attn_norm(x), small)
 
 
 class LlamaForCausalLM:

@@ -70,7 +70,9 @@ class EngineConfig:
     kv_layout: KVLayout = "paged"
     max_parallel: int = 4  # static layout: number of slots
     num_ctx: int = 4096  # static layout: tokens reserved per slot
-    dtype: str = "float32"  # or "bfloat16", "float16", "auto" (bf16 where native, else fp32)
+    # "auto": bf16 where the hardware computes it natively, else fp32 (fp16 on CUDA without
+    # bf16), as run, serve and vLLM default; "float32" is exact (the correctness tests use it)
+    dtype: str = "auto"
     # bf16 on CPU: steps of <= 8 tokens read int4/int8 copies of the weights (bandwidth-bound)
     low_bit_small_steps: bool = True
     device: str = "cpu"

@@ -2,6 +2,8 @@
 
 It drives the same :class:`~pagedserve.engine.Engine` as the server, in the caller's thread:
 all prompts are submitted at once and batched continuously, like vLLM's offline ``LLM``.
+Engine knobs go in as keywords (``LLM(dtype="float32", kv_cache_memory=256 << 20)``); the dtype
+is ``"auto"`` by default, as for ``run`` and ``serve``.
 """
 
 from __future__ import annotations

@@ -185,6 +185,20 @@ def test_llm_default_params_answer_until_eos_unless_limited(tiny_llama_tokenized
     assert llm.default_params(max_tokens=7, temperature=0).max_tokens == 7
 
 
+def test_llm_picks_its_dtype_like_run_and_serve(tiny_llama_tokenized_dir, monkeypatch):
+    """LLM() asks for "auto" (bf16 where native), as run, serve and vLLM do; float32 is one
+    argument away."""
+    import pagedserve.model_runner as model_runner
+
+    native = {"auto": "bfloat16"}  # as on a CPU with AVX-512 BF16
+    monkeypatch.setattr(model_runner, "resolve_dtype", lambda d, device="cpu": native.get(d, d))
+    assert EngineConfig().dtype == "auto"
+    assert LLM(str(tiny_llama_tokenized_dir), kv_cache_memory=8 << 20).engine.config.dtype == (
+        "bfloat16")
+    exact = LLM(str(tiny_llama_tokenized_dir), kv_cache_memory=8 << 20, dtype="float32")
+    assert exact.engine.config.dtype == "float32"
+
+
 def test_a_max_model_len_beyond_the_models_context_is_capped_to_it(tiny):
     engine = make_engine(tiny, max_model_len=4096)  # the tiny model has 512 positions
     assert engine.max_model_len == 512

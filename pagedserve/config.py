@@ -76,7 +76,7 @@ class EngineConfig:
     # bf16 on CPU: steps of <= 8 tokens read int4/int8 copies of the weights (bandwidth-bound)
     low_bit_small_steps: bool = True
     device: str = "cpu"
-    seed: int = 0
+    seed: int | None = None  # unseeded requests: None draws differently every start
     num_threads: int | None = None
     extra: dict = field(default_factory=dict)
 

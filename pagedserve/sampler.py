@@ -3,7 +3,9 @@
 Order of operations (the one vLLM and transformers use): penalties on the raw logits, then
 greedy argmax for temperature 0, else temperature, top-k, top-p, min-p and a draw. A seeded row
 draws from its own generator seeded by (seed, output index), so the same seed gives the same
-tokens whatever else shares the batch and whether or not the request was preempted. Drawing is
+tokens whatever else shares the batch and whether or not the request was preempted. Unseeded
+rows share the engine's generator, seeded at random unless the engine was given a seed (as
+Ollama and vLLM do: without a seed, answers vary from one run to the next). Drawing is
 done with the exponential race (argmax of p / Exp(1)), which equals a categorical draw and
 needs one random vector per row.
 """
@@ -25,8 +27,12 @@ class SampledToken:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0):
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int | None = None):
+        self.generator = torch.Generator()
+        if seed is None:
+            self.generator.seed()  # from the OS's entropy
+        else:
+            self.generator.manual_seed(seed)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:

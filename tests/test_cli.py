@@ -505,3 +505,23 @@ def test_run_a_hugging_face_cached_model(home, tiny_llama_tokenized_dir, monkeyp
     assert rc == 0, err
     assert out.endswith("\n")
     assert "output tokens" in err and "prompt tokens" in err
+
+
+def _run_cli_process(home: Path, *argv: str, stdin: str = "", timeout: float = 120):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "pagedserve", *argv], input=stdin,
+                          capture_output=True, text=True, env=_cli_env(home), timeout=timeout)
+
+
+@pytest.mark.slow
+def test_run_varies_between_runs_unless_seeded(tiny_ollama, home) -> None:
+    pytest.importorskip("pagedserve.llm")
+    hot = ("run", tiny_ollama, "Hello world", "--temperature", "1", "--max-tokens", "12",
+           "--kv-cache-memory", "8MiB")
+    unseeded = [_run_cli_process(home, *hot) for _ in range(2)]
+    seeded = [_run_cli_process(home, *hot, "--seed", "7") for _ in range(2)]
+    for done in unseeded + seeded:
+        assert done.returncode == 0, done.stderr
+    assert unseeded[0].stdout != unseeded[1].stdout
+    assert seeded[0].stdout == seeded[1].stdout

@@ -231,3 +231,16 @@ def test_a_repeated_greedy_request_repeats_its_logprobs_in_bf16(tiny):
         assert (cached_first, cached_again) == (0, (n - 1) // 16 * 16)
         assert again == first, n
     assert engine.kv.all_free()
+
+
+def test_unseeded_sampling_differs_between_engines_and_a_seed_repeats(tiny):
+    """Each engine start seeds its generator at random (Ollama and vLLM vary too); a request's
+    seed, or the engine's, makes the answer repeat."""
+    hot = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=5)
+    prompt = prompts(1, 10)[0]
+    answers = [run(make_engine(tiny), [prompt, prompt], hot) for _ in range(2)]
+    assert answers[0][0]["tokens"] != answers[1][0]["tokens"]
+    assert run(make_engine(tiny), [prompt], seeded) == run(make_engine(tiny), [prompt], seeded)
+    assert (run(make_engine(tiny, seed=3), [prompt], hot)
+            == run(make_engine(tiny, seed=3), [prompt], hot))

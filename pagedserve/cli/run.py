@@ -28,6 +28,7 @@ EPILOG = """examples:
   pagedserve run Qwen/Qwen2.5-0.5B-Instruct           chat with a Hugging Face cached model
   cat notes.txt | pagedserve run smollm2 "Summarize:" the piped text follows the prompt
   printf 'Hi\\nAnd then?\\n' | pagedserve run smollm2  a chat read from stdin, a turn a line
+  pagedserve run smollm2 "Tell me a joke" --seed 42  the same joke every time
 
 A single argument with spaces in it is a prompt for the default model.
 """
@@ -49,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--temperature", type=float, help="0 is greedy")
     g.add_argument("--top-p", type=float)
     g.add_argument("--top-k", type=int)
-    g.add_argument("--seed", type=int, help="same seed, same answer")
+    g.add_argument("--seed", type=int,
+                   help="same seed, same answer (default: answers vary from run to run)")
     g.add_argument("--stop", action="append", help="stop at this text (repeatable)")
     g.add_argument("--system", help="system prompt (replaces the model's)")
     e = p.add_argument_group("engine")

@@ -93,7 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "natively (AVX-512 BF16, AMX), else float32 (default: auto)")
     e.add_argument("--device", help="cpu (default) or cuda")
     e.add_argument("--threads", type=int, help="torch CPU threads")
-    e.add_argument("--seed", type=int, help="engine seed for unseeded requests")
+    e.add_argument("--seed", type=int, help="engine seed for requests that bring none "
+                   "(default: random at each start, so answers vary between runs)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -66,6 +66,9 @@ class EngineConfig:
     max_prompt_chars: int | None = None
     kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of free memory
     kv_cache_fraction: float = 0.25
+    # None: the whole share above (a server); N: at most N sequences of max_model_len, as
+    # Ollama sizes num_ctx x num_parallel (`run`, one user)
+    kv_cache_sequences: int | None = None
     enable_prefix_caching: bool = True
     kv_layout: KVLayout = "paged"
     max_parallel: int = 4  # static layout: number of slots
@@ -92,6 +95,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
+        if self.kv_cache_sequences is not None and (
+                isinstance(self.kv_cache_sequences, bool) or self.kv_cache_sequences < 1):
+            raise ValueError(
+                f"kv_cache_sequences must be a positive integer, got {self.kv_cache_sequences!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.kv_layout not in ("paged", "static"):

@@ -147,7 +147,8 @@ class Engine:
             )
             max_num_seqs = min(config.max_num_seqs, config.max_parallel)
         else:
-            budget = config.kv_cache_memory or _default_kv_cache_memory(config)
+            sequence_bytes = -(-model_len // config.block_size) * config.block_size * per_token
+            budget = config.kv_cache_memory or _default_kv_cache_memory(config, sequence_bytes)
             num_blocks = int(budget // (per_token * config.block_size))
             if num_blocks < 1:
                 raise ValueError(
@@ -462,7 +463,16 @@ class Engine:
             assert r.status is RequestStatus.RUNNING
 
 
-def _default_kv_cache_memory(config: EngineConfig) -> int:
+def _default_kv_cache_memory(config: EngineConfig, sequence_bytes: int) -> int:
+    """kv_cache_fraction of the free memory (on CPU at most DEFAULT_KV_CACHE_CAP), and no more
+    than kv_cache_sequences sequences of ``sequence_bytes`` each when that is set."""
+    share = _free_memory_share(config)
+    if config.kv_cache_sequences is not None:
+        return min(share, config.kv_cache_sequences * sequence_bytes)
+    return share
+
+
+def _free_memory_share(config: EngineConfig) -> int:
     if config.device.startswith("cuda"):
         import torch
 

@@ -306,6 +306,7 @@ def test_run_one_shot_and_options(fake_llm, monkeypatch, capsys) -> None:
     llm = fake_llm.instances[0]
     assert llm.model == "smol"
     assert llm.engine_config.kv_cache_memory == 64 * 2**20
+    assert llm.engine_config.kv_cache_sequences == 2  # one user's share when not given
     assert llm.calls == [[{"role": "user", "content": "Why?"}]]
 
 

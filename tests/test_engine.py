@@ -185,6 +185,22 @@ def test_llm_default_params_answer_until_eos_unless_limited(tiny_llama_tokenized
     assert llm.default_params(max_tokens=7, temperature=0).max_tokens == 7
 
 
+def test_kv_cache_sized_for_a_few_sequences_of_full_context(tiny):
+    """`run` asks for room for N sequences (Ollama's num_ctx x num_parallel) instead of the
+    server's share of free memory; an explicit size still wins."""
+    two = Engine.from_model(tiny, EngineConfig(kv_cache_sequences=2, dtype="float32"))
+    assert (two.max_model_len, two.kv.capacity_tokens) == (512, 1024)
+    short = Engine.from_model(tiny, EngineConfig(kv_cache_sequences=2, max_model_len=100,
+                                                 dtype="float32"))
+    assert short.kv.capacity_tokens == 224  # 2 x 100 tokens, each in whole 16-token blocks
+    per_token = kv_bytes_per_token(tiny.config, "float32")
+    sized = Engine.from_model(tiny, EngineConfig(kv_cache_sequences=2, dtype="float32",
+                                                 kv_cache_memory=64 * 16 * per_token))
+    assert sized.kv.capacity_tokens == 64 * 16
+    with pytest.raises(ValueError, match="kv_cache_sequences"):
+        EngineConfig(kv_cache_sequences=0)
+
+
 def test_llm_picks_its_dtype_like_run_and_serve(tiny_llama_tokenized_dir, monkeypatch):
     """LLM() asks for "auto" (bf16 where native), as run, serve and vLLM do; float32 is one
     argument away."""

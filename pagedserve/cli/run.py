@@ -14,6 +14,11 @@ from pagedserve.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
+# One user, one answer at a time: the KV cache holds this many sequences of the full context
+# (Ollama's num_ctx x num_parallel), not the server's share of free memory.
+RUN_KV_SEQUENCES = 2
+
+
 CHAT_HELP = """Available commands:
   /clear        forget the conversation so far
   /bye          leave (Ctrl-D does too)
@@ -56,7 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--system", help="system prompt (replaces the model's)")
     e = p.add_argument_group("engine")
     e.add_argument("--kv-cache-memory", type=parse_bytes,
-                   help="bytes for the KV cache, e.g. 256MiB (default: a share of free memory)")
+                   help="bytes for the KV cache, e.g. 256MiB (default: room for "
+                   f"{RUN_KV_SEQUENCES} sequences of the full context, at most a quarter of "
+                   "free memory)")
     e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     e.add_argument("--kv-layout", choices=["paged", "static"], help="KV cache layout")
     e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
@@ -73,6 +80,7 @@ def engine_config_from_args(args: argparse.Namespace) -> Any:
     from pagedserve.config import EngineConfig
 
     knobs: dict[str, Any] = {
+        "kv_cache_sequences": RUN_KV_SEQUENCES,
         "kv_cache_memory": args.kv_cache_memory,
         "max_model_len": args.max_model_len,
         "kv_layout": args.kv_layout,

@@ -49,6 +49,11 @@ class LLM:
                                         load_format=load_format, progress=progress)
         self.tokenizer = self.engine.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        """Tokens one sequence may hold: prompt and answer together."""
+        return self.engine.max_model_len
+
     def default_params(self, **overrides: Any) -> SamplingParams:
         """The model's own defaults (Ollama params, generation_config.json) under overrides.
 

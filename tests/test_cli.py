@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import sys
 import threading
@@ -249,8 +250,16 @@ class FakeLLM:
         self.interrupt_next = False
         FakeLLM.instances.append(self)
 
+    max_model_len = 10_000
+    engine = types.SimpleNamespace(model_config=types.SimpleNamespace(
+        max_position_embeddings=10_000), kv=types.SimpleNamespace(capacity_tokens=20_000))
+
     def default_params(self, **overrides):
         return {"defaults": True, **overrides}
+
+    def render_chat(self, messages):
+        """A token per word, and two per message for the template."""
+        return [0] * sum(2 + len(m["content"].split()) for m in messages)
 
     def stream_chat(self, messages, params):
         self.calls.append([dict(m) for m in messages])
@@ -296,6 +305,33 @@ def test_ctrl_c_stops_the_answer_not_the_chat() -> None:
     assert llm.aborted == ["req-1"]
     assert out.getvalue() == "echo: \n[interrupted]\necho: Shorter\n"
     assert llm.calls[1][1] == {"role": "assistant", "content": "echo: "}  # the partial answer
+
+
+def test_a_long_chat_drops_its_oldest_turns_and_says_so_once(capsys) -> None:
+    llm, out = FakeLLM(), io.StringIO()
+    llm.max_model_len = 40  # a quarter (10 tokens) stays free for the answer
+    session = ChatSession(llm, params=None, system="Be brief.", out=out)
+    turns = [f"turn {i} " + "word " * 4 for i in range(5)]  # 8 tokens a message
+    session.loop(pipe_reader(io.StringIO("".join(t + "\n" for t in turns))), interactive=False)
+    assert out.getvalue().count("\n") == 5  # every turn answered
+    system = {"role": "system", "content": "Be brief."}
+    for call in llm.calls:
+        assert call[0] == system  # the system prompt is never dropped
+        assert len(llm.render_chat(call)) + 10 <= 40
+    assert llm.calls[-1][1:] == [  # the oldest turns went first
+        {"role": "user", "content": turns[3]}, {"role": "assistant", "content": "echo: "
+                                                 + turns[3]}, {"role": "user", "content": turns[4]}]
+    err = capsys.readouterr().err
+    assert err.count("The conversation outgrew the context of 40 tokens") == 1
+
+    # a message that cannot fit even alone is refused; the conversation so far stays
+    before = list(session.history)
+    session.loop(pipe_reader(io.StringIO("word " * 40 + "\n")), interactive=False)
+    assert session.history == before
+    assert capsys.readouterr().err == (
+        "Error: the prompt is 46 tokens, more than the context of 40 tokens; shorten it, or "
+        "give a longer context: --max-model-len N (up to 10000, the model's own), or num_ctx "
+        "in the model's parameters\n")
 
 
 def test_run_one_shot_and_options(fake_llm, monkeypatch, capsys) -> None:
@@ -526,3 +562,29 @@ def test_run_varies_between_runs_unless_seeded(tiny_ollama, home) -> None:
         assert done.returncode == 0, done.stderr
     assert unseeded[0].stdout != unseeded[1].stdout
     assert seeded[0].stdout == seeded[1].stdout
+
+
+@pytest.mark.slow
+def test_run_says_when_a_prompt_outgrows_the_context(tiny_ollama, home) -> None:
+    """One-shot: a clear error, exit 1, no traceback. Chat: the oldest turns make room (said
+    once); a message too long on its own is refused and the chat goes on."""
+    pytest.importorskip("pagedserve.llm")
+    long_text = "the cat sat on the mat " * 150  # about 900 tokens; the tiny model has 512
+    done = _run_cli_process(home, "run", tiny_ollama, "Summarize:", "--kv-cache-memory", "8MiB",
+                            stdin=long_text)
+    assert done.returncode == 1 and done.stdout == ""
+    assert "Traceback" not in done.stderr
+    assert re.search(r"Error: the prompt is \d+ tokens, more than the context of 512 tokens; "
+                     r"shorten it: 512 tokens is the model's own context\n", done.stderr)
+
+    turn = "the cat sat on the mat\n"  # about 57 tokens in the fallback ChatML template
+    chat = turn * 6 + long_text[:600] + "\n" + turn
+    done = _run_cli_process(home, "run", tiny_ollama, "--max-model-len", "200",
+                            "--kv-cache-memory", "8MiB", stdin=chat)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.count("\n") == 7, done.stderr  # every turn answered but the long one
+    assert done.stderr.count("The conversation outgrew the context of 200 tokens") == 1
+    assert re.search(r"Error: the prompt is \d+ tokens, more than the context of 200 tokens; "
+                     r"shorten it, or give a longer context: --max-model-len N \(up to 512, the "
+                     r"model's own\), or num_ctx in the model's parameters\n", done.stderr)

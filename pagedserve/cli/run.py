@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from pagedserve.cli.options import parse_bytes
+from pagedserve.engine import ContextLengthError
 from pagedserve.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "run", help="answer a prompt, or chat, in the terminal",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Answer PROMPT with MODEL, streaming the text as it comes. Without PROMPT, "
-        "chat: the conversation is kept, /bye leaves, Ctrl-C interrupts an answer but not the "
-        "chat. MODEL is a name (smollm2:135m, llama3.2, ORG/NAME) or a path (see `pagedserve "
+        "chat: the conversation is kept (its oldest turns dropped once it outgrows the "
+        "context), /bye leaves, Ctrl-C interrupts an answer but not the chat. MODEL is a name (smollm2:135m, llama3.2, ORG/NAME) or a path (see `pagedserve "
         "list`); the default is the bundled smollm2:135m.",
         epilog=EPILOG,
     )
@@ -143,7 +144,11 @@ def _run(args: argparse.Namespace) -> int:
     session = ChatSession(llm, params, system=args.system, out=sys.stdout,
                           stats=args.stats)
     if prompt is not None:
-        session.ask(prompt)
+        try:
+            session.ask(prompt)
+        except ContextLengthError as exc:
+            print(f"Error: {context_overflow_message(exc, llm)}", file=sys.stderr)
+            return 1
         return 0
     session.loop(tty_reader() if stdin_is_tty else pipe_reader(sys.stdin),
                  interactive=stdin_is_tty)
@@ -187,7 +192,12 @@ def pipe_reader(stream: TextIO) -> LineReader:
 
 
 class ChatSession:
-    """A conversation with one model: history, streaming, Ctrl-C stopping one answer."""
+    """A conversation with one model: history, streaming, Ctrl-C stopping one answer.
+
+    When the history outgrows the context, the oldest turns are dropped (the system prompt
+    stays), as Ollama does, leaving room for an answer: ``max_tokens`` when the parameters set
+    it, else a quarter of the context.
+    """
 
     def __init__(self, llm: Any, params: Any, system: str | None = None,
                  out: TextIO = sys.stdout, stats: bool = False) -> None:
@@ -197,17 +207,47 @@ class ChatSession:
         self.out = out
         self.stats = stats
         self.history: list[dict[str, str]] = []
+        self._told_about_dropping = False
 
-    def messages(self) -> list[dict[str, str]]:
+    def messages(self, turns: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+        """The system prompt, then ``turns`` (default: the whole history)."""
         prefix = [{"role": "system", "content": self.system}] if self.system else []
-        return prefix + self.history
+        return prefix + (self.history if turns is None else turns)
 
     def ask(self, text: str) -> str:
-        """Send one user message, stream the answer, keep both in the history."""
+        """Send one user message, stream the answer, keep both in the history.
+
+        Raises ContextLengthError, with the message left out of the history, when the message
+        does not fit the context even alone."""
         self.history.append({"role": "user", "content": text})
-        answer, _ = self._stream(self.messages())
+        try:
+            self._make_room()
+            answer, _ = self._stream(self.messages())
+        except ValueError:  # ContextLengthError, or a message the template refuses
+            self.history.pop()
+            raise
         self.history.append({"role": "assistant", "content": answer})
         return answer
+
+    def _make_room(self) -> None:
+        """Drop the oldest turns until the conversation leaves room for an answer; raise
+        ContextLengthError, dropping nothing, when the newest message cannot fit even alone."""
+        limit = self.llm.max_model_len
+        max_tokens = getattr(self.params, "max_tokens", None)
+        alone = len(self.llm.render_chat(self.messages(self.history[-1:])))
+        if alone + (max_tokens or 1) > limit:
+            raise ContextLengthError(limit, alone, max_tokens or 1)
+        room = max_tokens or max(1, limit // 4)
+        dropped = 0
+        while (len(self.history) > 1
+               and len(self.llm.render_chat(self.messages())) + room > limit):
+            del self.history[:2]  # the oldest user message and its answer
+            dropped += 1
+        if dropped and not self._told_about_dropping:
+            self._told_about_dropping = True
+            print(f"(The conversation outgrew the context of {limit} tokens: its oldest turns "
+                  "are dropped from now on, the system prompt is kept. /clear starts afresh.)",
+                  file=sys.stderr)
 
     def _stream(self, messages: list[dict[str, str]]) -> tuple[str, RequestOutput | None]:
         parts: list[str] = []
@@ -260,9 +300,34 @@ class ChatSession:
             if command is not None and " " not in text.strip():
                 print(f"Unknown command {command!r}; /? lists them.", file=sys.stderr)
                 continue
-            self.ask(text)
+            try:
+                self.ask(text)
+            except ContextLengthError as exc:
+                print(f"Error: {context_overflow_message(exc, self.llm)}", file=sys.stderr)
+                continue
             if interactive:
                 self.out.write("\n")
+
+
+def context_overflow_message(exc: ContextLengthError, llm: Any) -> str:
+    """What did not fit, and the way out: a shorter prompt or a longer context."""
+    limit, prompt = exc.max_model_len, exc.num_prompt_tokens
+    if prompt >= limit:
+        what = f"the prompt is {prompt} tokens, more than the context of {limit} tokens"
+    else:
+        what = (f"the prompt ({prompt} tokens) and the answer's max_tokens ({exc.max_tokens}) "
+                f"need {prompt + exc.max_tokens} tokens, more than the context of {limit}")
+    own = llm.engine.model_config.max_position_embeddings
+    if limit < own:
+        way = (f"shorten it, or give a longer context: --max-model-len N (up to {own}, the "
+               "model's own), or num_ctx in the model's parameters")
+        if llm.engine.kv.capacity_tokens <= limit:
+            way += ", with a larger --kv-cache-memory"
+    else:
+        way = f"shorten it: {own} tokens is the model's own context"
+    if prompt < limit:
+        way += ", or lower --max-tokens"
+    return f"{what}; {way}"
 
 
 def read_message(read_line: LineReader) -> str | None:

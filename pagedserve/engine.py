@@ -124,9 +124,11 @@ class Engine:
         model_info: ModelInfo | None = None,
         model_name: str = "model",
     ):
+        from pagedserve.device import check_device
         from pagedserve.model_runner import ModelRunner, kv_bytes_per_token, resolve_dtype
 
         config = config or EngineConfig()
+        check_device(config.device)
         self.config = config = dataclasses.replace(
             config, dtype=resolve_dtype(config.dtype, config.device))
         self.model_config = model_config
@@ -188,10 +190,12 @@ class Engine:
         load_format: str = "auto",
         progress: bool = False,
     ) -> Engine:
+        from pagedserve.device import check_device
         from pagedserve.loader import LoadedModel, load_model
         from pagedserve.model_runner import resolve_dtype
 
         config = config or EngineConfig()
+        check_device(config.device)  # before loading: the CUDA build may be missing
         if not isinstance(model, LoadedModel):
             model = load_model(model, load_format=load_format,
                                dtype=resolve_dtype(config.dtype, config.device),

@@ -588,3 +588,26 @@ def test_run_says_when_a_prompt_outgrows_the_context(tiny_ollama, home) -> None:
     assert re.search(r"Error: the prompt is \d+ tokens, more than the context of 200 tokens; "
                      r"shorten it, or give a longer context: --max-model-len N \(up to 512, the "
                      r"model's own\), or num_ctx in the model's parameters\n", done.stderr)
+
+
+@pytest.mark.slow
+def test_run_on_cuda_without_a_cuda_torch_says_how_to_get_one(tiny_ollama, home) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is not None:
+        pytest.skip("this torch has CUDA")
+    done = _run_cli_process(home, "run", tiny_ollama, "Hello world", "--device", "cuda")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "Traceback" not in done.stderr
+    assert (f"Error: device 'cuda': this torch ({torch.__version__}) was built without CUDA. "
+            "Install a CUDA build into this environment, e.g. `pip install --force-reinstall "
+            "torch --index-url https://download.pytorch.org/whl/cu128`") in done.stderr
+
+
+def test_check_device_names_what_is_wrong() -> None:
+    from pagedserve.device import DeviceError, check_device
+
+    check_device("cpu")
+    with pytest.raises(DeviceError, match="device must be cpu, cuda or cuda:N, got 'gpu'"):
+        check_device("gpu")
+    with pytest.raises(DeviceError, match="'mps' is not supported"):
+        check_device("mps")

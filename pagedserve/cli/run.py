@@ -70,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="matmuls and KV cache; auto: bfloat16 where the CPU computes it "
                    "natively, else float32 (default: auto)")
-    e.add_argument("--device", help="cpu (default) or cuda")
+    e.add_argument("--device", help="cpu (default) or cuda, which needs a CUDA build of "
+                   "torch (README: 'With a GPU')")
     e.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--stats", action="store_true",
                    help="print token counts and speed after each answer (on stderr)")

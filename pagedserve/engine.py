@@ -129,8 +129,11 @@ class Engine:
 
         config = config or EngineConfig()
         check_device(config.device)
+        requested = config.dtype
         self.config = config = dataclasses.replace(
             config, dtype=resolve_dtype(config.dtype, config.device))
+        logger.info("computing in %s on %s%s", config.dtype, config.device,
+                    _auto_dtype_note(config.dtype, config.device) if requested == "auto" else "")
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_info = model_info
@@ -465,6 +468,14 @@ class Engine:
         assert running | waiting == set(self._requests), "engine and scheduler disagree"
         for r in self.scheduler.running:
             assert r.status is RequestStatus.RUNNING
+
+
+def _auto_dtype_note(dtype: str, device: str) -> str:
+    if device.startswith("cuda"):
+        return " (dtype auto: bfloat16 where the GPU has it, else float16)"
+    if dtype == "bfloat16":
+        return " (dtype auto: this CPU computes bfloat16 natively)"
+    return " (dtype auto: this CPU has no native bfloat16; --dtype bfloat16 forces it)"
 
 
 def _default_kv_cache_memory(config: EngineConfig, sequence_bytes: int) -> int:

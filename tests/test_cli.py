@@ -182,7 +182,8 @@ def test_ps_asks_the_server(capsys) -> None:
         "name": "smollm2:135m", "model": "smollm2:135m", "size": 98_362_432,
         "digest": "sha256:b179c9523d0e6a0f98a330c7562b6827", "size_vram": 0,
         "context_length": 4096, "expires_at": "2126-11-26T23:40:00.123456+00:00",
-        "details": {"format": "gguf", "family": "llama", "quantization_level": "Q4_1"}}]})
+        "details": {"format": "gguf", "family": "llama", "quantization_level": "Q4_1",
+                    "dtype": "bfloat16"}}]})
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -204,8 +205,8 @@ def test_ps_asks_the_server(capsys) -> None:
         server.shutdown()
     assert rc == 0
     assert out == (
-        "NAME           ID             SIZE    PROCESSOR   CONTEXT   UNTIL\n"
-        "smollm2:135m   b179c9523d0e   98 MB   100% CPU    4096      Forever\n")
+        "NAME           ID             SIZE    PROCESSOR   DTYPE      CONTEXT   UNTIL\n"
+        "smollm2:135m   b179c9523d0e   98 MB   100% CPU    bfloat16   4096      Forever\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,6 +103,18 @@ def test_list(client):
     assert models[0].details.family == "llama"
 
 
+def test_the_dtype_is_logged_and_shown(server):
+    """The dtype `auto` chose: in the start-up log, /api/show, /api/ps and /v1/models."""
+    from pagedserve.model_runner import resolve_dtype
+
+    dtype = resolve_dtype("auto")
+    assert f"computing in {dtype} on cpu (dtype auto: " in server.log_path.read_text()
+    show = httpx.post(f"{server.url}/api/show", json={"model": MODEL}).json()
+    assert show["details"]["dtype"] == dtype
+    assert httpx.get(f"{server.url}/api/ps").json()["models"][0]["details"]["dtype"] == dtype
+    assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["dtype"] == dtype
+
+
 def test_show(client):
     info = client.show(MODEL)
     assert info.details.format == "gguf"

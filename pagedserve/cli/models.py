@@ -275,7 +275,7 @@ def _until(expires_at: str | None) -> str:
 
 
 def format_ps(models: list[dict[str, Any]]) -> str:
-    header = ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
+    header = ["NAME", "ID", "SIZE", "PROCESSOR", "DTYPE", "CONTEXT", "UNTIL"]
     rows = []
     for m in models:
         size = int(m.get("size") or 0)
@@ -289,6 +289,7 @@ def format_ps(models: list[dict[str, Any]]) -> str:
         digest = str(m.get("digest") or "").removeprefix("sha256:")
         rows.append([str(m.get("name") or m.get("model") or "?"), digest[:12] or "-",
                      human_size(size) if size else "-", processor,
+                     str((m.get("details") or {}).get("dtype") or "-"),  # pagedserve's own
                      str(m.get("context_length") or "-"), _until(m.get("expires_at"))])
     return format_table(header, rows)
 

@@ -199,9 +199,9 @@ def _log_startup(args: argparse.Namespace, served) -> None:
     host = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("serving %s on http://%s:%d (OpenAI /v1, Ollama /api, metrics /metrics)",
                 served.name, host, args.port)
-    logger.info("model %s: context %d tokens; KV cache (%s) holds %d tokens: %d requests "
-                "at full context at once (max %d sequences per batch)",
-                served.card.path, max_len, engine.config.kv_layout, capacity,
+    logger.info("model %s in %s: context %d tokens; KV cache (%s) holds %d tokens: %d "
+                "requests at full context at once (max %d sequences per batch)",
+                served.card.path, engine.config.dtype, max_len, engine.config.kv_layout, capacity,
                 capacity // max_len if max_len else 0, engine.scheduler.max_num_seqs)
     if args.api_key:
         logger.info("API key required on /v1/* and /api/*")

@@ -87,6 +87,7 @@ def _details(served: ServedModel) -> dict:
         "parameter_size": _parameter_size(info.parameter_count
                                           or served.engine.model_config.num_parameters),
         "quantization_level": info.quantization or served.engine.config.dtype.upper(),
+        "dtype": served.engine.config.dtype,  # pagedserve's: what the weights compute in
     }
 
 

@@ -7,16 +7,13 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from pagedserve.bench import offline
 from pagedserve.bench.clients import CLIENTS
-from pagedserve.bench.compare import compare, layout_targets, parse_peer, sweep_run
-from pagedserve.bench.loadgen import Workload
-from pagedserve.bench.plot import plot_runs
-from pagedserve.bench.progress import RichProgress, summary_table
-from pagedserve.bench.results import RunResult
+
+if TYPE_CHECKING:  # imported by the commands: matplotlib alone takes a second or two
+    from pagedserve.bench.loadgen import Workload
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +59,8 @@ def _num_prompts(args: argparse.Namespace, default_per_level) -> int | list[int]
 
 
 def _workload(args: argparse.Namespace, default_per_level) -> Workload:
+    from pagedserve.bench.loadgen import Workload
+
     return Workload(
         input_len=args.input_len, output_len=args.output_len,
         num_prompts=_num_prompts(args, default_per_level), seed=args.seed,
@@ -74,6 +73,12 @@ def _serve_prompts(concurrency: int) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pagedserve.bench.compare import sweep_run
+    from pagedserve.bench.plot import plot_runs
+    from pagedserve.bench.progress import RichProgress, summary_table
+
     console = Console()
     workload = _workload(args, _serve_prompts)
     label = args.label or args.url
@@ -88,6 +93,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pagedserve.bench.plot import plot_runs
+    from pagedserve.bench.results import RunResult
+
     runs = [RunResult.load(path) for path in args.results]
     plots = plot_runs(runs, args.out, prefix=args.prefix)
     Console().print("plots: " + ", ".join(str(p) for p in plots))
@@ -95,6 +105,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pagedserve.bench.compare import compare, layout_targets, parse_peer
+    from pagedserve.bench.progress import RichProgress, summary_table
+
     console = Console()
     workload = _workload(args, _compare_prompts)
     targets = layout_targets(args.max_parallel, args.num_ctx,

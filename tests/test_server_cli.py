@@ -65,3 +65,26 @@ def test_model_names(smollm_gguf):
     by_path = resolve_model(str(smollm_gguf), "smol")
     assert by_path.name == "smol"
     assert {str(smollm_gguf), smollm_gguf.name, smollm_gguf.stem} <= by_path.aliases
+
+
+@pytest.mark.slow
+def test_a_port_in_use_fails_the_start_before_the_model_loads():
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "pagedserve", "serve", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+        elapsed = time.monotonic() - started
+    assert done.returncode == 1
+    assert "loading" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.rstrip().endswith(
+        f"ERROR pagedserve.cli.serve: 127.0.0.1:{port} is already in use (another pagedserve or "
+        "an Ollama server?): stop it, or choose another port with --port")
+    assert elapsed < 30  # about a second on a quiet machine; the model takes longer

@@ -146,16 +146,8 @@ def resolve_model(ref: str | None, served_name: str | None):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import prometheus_client
-
-    from pagedserve.async_engine import AsyncEngine
-    from pagedserve.engine import Engine
-    from pagedserve.loader import ModelLoadError
-    from pagedserve.metrics import ServerMetrics
-    from pagedserve.server.app import create_app
-    from pagedserve.server.http_server import make_http_server, run_http_server
+    from pagedserve.server.http_server import bind_socket
     from pagedserve.server.limits import ServerLimits
-    from pagedserve.server.served_model import ServedModel
 
     try:
         limits = ServerLimits(max_request_body=args.max_request_body,
@@ -165,6 +157,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         field, _, rest = str(exc).partition(" ")
         logger.error("--%s %s", field.replace("_", "-"), rest)
         return 2
+    try:
+        sock = bind_socket(args.host, args.port)  # a port in use fails now, not after loading
+    except OSError as exc:
+        logger.error("%s", exc.strerror or exc)
+        return 1
+    with sock:
+        return _serve(args, sock, limits)
+
+
+def _serve(args: argparse.Namespace, sock, limits) -> int:
+    import prometheus_client
+
+    from pagedserve.async_engine import AsyncEngine
+    from pagedserve.engine import Engine
+    from pagedserve.loader import ModelLoadError
+    from pagedserve.metrics import ServerMetrics
+    from pagedserve.server.app import create_app
+    from pagedserve.server.http_server import make_http_server, run_http_server
+    from pagedserve.server.served_model import ServedModel
+
     if args.kv_layout != "static" and (args.max_parallel or args.num_ctx):
         logger.warning("--max-parallel and --num-ctx only apply to --kv-layout static")
     try:
@@ -189,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               access_log=getattr(args, "verbose", False))
     async_engine.on_dead = server.engine_died
     _log_startup(args, served)
-    return run_http_server(server)
+    return run_http_server(server, sock)
 
 
 def _log_startup(args: argparse.Namespace, served) -> None:

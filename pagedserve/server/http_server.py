@@ -16,7 +16,9 @@ anything but /health.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from collections.abc import Callable
 
 import uvicorn
@@ -57,6 +59,29 @@ class HTTPServer(uvicorn.Server):
         self.should_exit = True
 
 
+class PortInUseError(OSError):
+    """Another process listens on the address; the message says which and what to do."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (not yet listening) as uvicorn binds it: taken before the
+    model loads, so that a port in use fails the start at once and nobody takes it meanwhile."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                exc.errno, f"{address} is already in use (another pagedserve or an Ollama "
+                "server?): stop it, or choose another port with --port") from None
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    return sock
+
+
 def make_http_server(app: ASGIApp, host: str, port: int, on_exit: Callable[[], None],
                      access_log: bool = False) -> HTTPServer:
     """A server for ``app``; ``on_exit`` runs on the event loop at SIGINT/SIGTERM.
@@ -69,10 +94,11 @@ def make_http_server(app: ASGIApp, host: str, port: int, on_exit: Callable[[], N
     return HTTPServer(config, on_exit)
 
 
-def run_http_server(server: HTTPServer) -> int:
-    """Serve until SIGINT/SIGTERM (status 0) or the engine's death (status 1)."""
+def run_http_server(server: HTTPServer, sock: socket.socket | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (status 0) or the engine's death (status 1); ``sock``, from
+    :func:`bind_socket`, is used instead of binding the configured host and port here."""
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     except KeyboardInterrupt:
         # uvicorn re-raises a captured SIGINT after its graceful shutdown; that is our exit
         pass

@@ -612,3 +612,13 @@ def test_check_device_names_what_is_wrong() -> None:
         check_device("gpu")
     with pytest.raises(DeviceError, match="'mps' is not supported"):
         check_device("mps")
+
+
+def test_run_with_one_word_suggests_naming_the_model_first(home) -> None:
+    done = _run_cli_process(home, "run", "Hi")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.startswith("Error: model 'Hi' not found; looked at:")
+    assert done.stderr.endswith('If "Hi" was meant as a prompt, name the model first: '
+                                'pagedserve run smollm2 "Hi"\n')
+    # a name that is clearly a model's gets no such hint
+    assert "meant as a prompt" not in _run_cli_process(home, "run", "nosuch:7b").stderr

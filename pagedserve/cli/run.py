@@ -36,7 +36,8 @@ EPILOG = """examples:
   printf 'Hi\\nAnd then?\\n' | pagedserve run smollm2  a chat read from stdin, a turn a line
   pagedserve run smollm2 "Tell me a joke" --seed 42  the same joke every time
 
-A single argument with spaces in it is a prompt for the default model.
+A single argument with spaces in it is a prompt for the default model; a single word is a
+model name, so ask one word with the model first: pagedserve run smollm2 "Hi"
 """
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -139,7 +140,15 @@ def _run(args: argparse.Namespace) -> int:
         llm = LLM(model, engine_config=engine_config, progress=sys.stderr.isatty())
         logger.debug("model loaded in %.1f s", time.monotonic() - started)
         params = llm.default_params(**sampling_overrides(args))
-    except (ModelNotFoundError, ModelIntegrityError, ModelLoadError, ValueError) as exc:
+    except ModelNotFoundError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        if prompt is None and model is not None and not any(c in model for c in ":/\\"):
+            # `run Hi`: one word, read as a model name; a prompt needs the model before it
+            quoted = model.replace('"', '\\"')
+            print(f'If "{quoted}" was meant as a prompt, name the model first: '
+                  f'pagedserve run smollm2 "{quoted}"', file=sys.stderr)
+        return 1
+    except (ModelIntegrityError, ModelLoadError, ValueError) as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     session = ChatSession(llm, params, system=args.system, out=sys.stdout,

@@ -89,6 +89,10 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_threads is not None and (
+                isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
+                or self.num_threads < 1):
+            raise ValueError(f"num_threads must be a positive integer, got {self.num_threads!r}")
         for name in ("max_model_len", "max_prompt_chars"):
             value = getattr(self, name)
             if value is not None and value < 1:

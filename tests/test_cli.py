@@ -622,3 +622,23 @@ def test_run_with_one_word_suggests_naming_the_model_first(home) -> None:
                                 'pagedserve run smollm2 "Hi"\n')
     # a name that is clearly a model's gets no such hint
     assert "meant as a prompt" not in _run_cli_process(home, "run", "nosuch:7b").stderr
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1, got 0"),
+    (["--threads", "0"], "--threads must be a positive integer, got 0"),
+])
+def test_run_checks_its_flags_before_loading_the_model(fake_llm, monkeypatch, capsys, flags,
+                                                       error) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    rc, out, err = run_cli(capsys, "run", "smol", "Why?", *flags)
+    assert (rc, out, err) == (2, "", f"Error: {error}\n")
+    assert fake_llm.instances == []  # nothing was loaded
+
+
+def test_run_with_a_bad_flag_exits_at_once(home) -> None:
+    done = _run_cli_process(home, "run", "smollm2", "Hi", "--temperature", "-1")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == "Error: --temperature must be >= 0, got -1.0\n"  # no load logged

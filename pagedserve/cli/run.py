@@ -107,6 +107,29 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
+# the fields whose flag is not the field's name with dashes
+_FLAG_OF_FIELD = {"num_threads": "--threads"}
+
+
+def invalid_flag(args: argparse.Namespace) -> str | None:
+    """What is wrong with the sampling and engine flags, named as flags; None when nothing.
+
+    Checked before the model loads, by the same SamplingParams and EngineConfig that check
+    them later, so that `--temperature -1` does not wait for a load to fail."""
+    from pagedserve.sampling_params import SamplingParams
+
+    try:
+        SamplingParams(**sampling_overrides(args))
+        engine_config_from_args(args)
+    except ValueError as exc:
+        message = str(exc)  # starts with the field's name
+        field = message.split(" ", 1)[0]
+        flag = _FLAG_OF_FIELD.get(field) or (
+            "--" + field.replace("_", "-") if hasattr(args, field) else None)
+        return flag + message[len(field):] if flag else message
+    return None
+
+
 def _split_model_and_prompt(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """`run "Why is the sky blue?"`: one argument with whitespace is a prompt, not a model."""
     if args.prompt is None and args.model is not None and any(c.isspace() for c in args.model):
@@ -128,6 +151,9 @@ def _run(args: argparse.Namespace) -> int:
     from pagedserve.registry import ModelNotFoundError
     from pagedserve.store import ModelIntegrityError
 
+    if (problem := invalid_flag(args)) is not None:
+        print(f"Error: {problem}", file=sys.stderr)
+        return 2
     model, prompt = _split_model_and_prompt(args)
     stdin_is_tty = sys.stdin.isatty()
     if prompt is not None and not stdin_is_tty:

@@ -4,7 +4,9 @@ Two hold-backs make streamed text safe to show at once:
 
 1. UTF-8. A character may span several byte tokens; decoding a prefix of them gives
    '\\ufffd'. We decode a small window of recent tokens (vLLM's prefix/read offsets) and
-   release nothing while the window's text ends in '\\ufffd'.
+   release nothing while the window's text ends in '\\ufffd'. An answer that ends there (its
+   max_tokens cut an emoji in two) drops the incomplete character rather than show '\\ufffd',
+   as vLLM does.
 
        ids:  ... | prefix_offset ........ read_offset | new tokens ...
                  [-- already released text --)        [-- candidate text --)
@@ -39,7 +41,7 @@ class IncrementalDetokenizer:
 
     Invariant: the concatenation of every `add(...).text` and the final `flush()` equals
     `tokenizer.decode(output_ids, skip_special_tokens)`, cut before the first stop string
-    (or after it, with include_stop_str_in_output).
+    (or after it, with include_stop_str_in_output), less an incomplete character at the end.
     """
 
     def __init__(
@@ -82,15 +84,15 @@ class IncrementalDetokenizer:
         return DetokenizerDelta("".join(released))
 
     def flush(self) -> str:
-        """Everything held back, for a request that ended for another reason (length, EOS).
-        An incomplete UTF-8 sequence at the very end is released as '\\ufffd', as decode()
-        would give it."""
+        """Everything held back, for a request that ended for another reason (length, EOS,
+        abort). The tokens after read_offset end mid-character (else they would have been
+        released): their complete characters are released, the incomplete one is dropped."""
         if self.finished:
             return ""
         self.finished = True
         prefix = self._decode(self._prefix_offset, self._read_offset)
         full = self._decode(self._prefix_offset, len(self._ids))
-        text = self._pending + full[len(prefix) :]
+        text = self._pending + full[len(prefix) :].rstrip(_REPLACEMENT)
         self._pending = ""
         return text
 

@@ -124,12 +124,16 @@ def test_special_tokens_skipped_or_kept(tok, prompt_ids):
     assert "".join(_stream(keep, ids, _ones())[0]) == "Hi<|im_end|>there"
 
 
-def test_unfinished_character_is_flushed_like_decode(tok, prompt_ids):
-    ids = tok.encode("ok 😀")[:-1]  # drop the emoji's last byte token
-    detok = IncrementalDetokenizer(tok, prompt_ids, stop=[])
-    deltas, _ = _stream(detok, ids, _ones())
-    assert all("\ufffd" not in d for d in deltas[:-1])
-    assert "".join(deltas) == tok.decode(ids)
+@pytest.mark.parametrize("stop", [[], ["never appears"]])
+def test_an_answer_cut_inside_a_character_drops_it(tok, prompt_ids, stop):
+    """max_tokens ends inside an emoji: the answer ends before it, not with U+FFFD."""
+    ids = tok.encode("ok 😀")
+    assert tok.decode(ids[:-1]).endswith("\ufffd")  # the emoji spans byte tokens
+    for cut in range(len(ids) - 3, len(ids)):
+        detok = IncrementalDetokenizer(tok, prompt_ids, stop=stop)
+        deltas, _ = _stream(detok, ids[:cut], _ones())
+        assert "".join(deltas) == tok.decode(ids[:cut]).rstrip("\ufffd")
+        assert not any("\ufffd" in d for d in deltas)
 
 
 def test_sentencepiece_keeps_the_space_of_the_first_output_token(tiny_llama_gguf):

@@ -177,13 +177,20 @@ def test_ps_without_a_server(capsys) -> None:
                    "`pagedserve serve`, or give its address with --host\n")
 
 
-def test_ps_asks_the_server(capsys) -> None:
-    body = json.dumps({"models": [{
+PS_BODY = json.dumps({"models": [{
         "name": "smollm2:135m", "model": "smollm2:135m", "size": 98_362_432,
         "digest": "sha256:b179c9523d0e6a0f98a330c7562b6827", "size_vram": 0,
         "context_length": 4096, "expires_at": "2126-11-26T23:40:00.123456+00:00",
         "details": {"format": "gguf", "family": "llama", "quantization_level": "Q4_1",
                     "dtype": "bfloat16"}}]})
+PS_TABLE = (
+    "NAME           ID             SIZE    PROCESSOR   DTYPE      CONTEXT   UNTIL\n"
+    "smollm2:135m   b179c9523d0e   98 MB   100% CPU    bfloat16   4096      Forever\n")
+
+
+@pytest.fixture
+def ps_server():
+    """A stand-in server answering GET /api/ps with PS_BODY; its base URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -191,7 +198,7 @@ def test_ps_asks_the_server(capsys) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
-            self.wfile.write(body.encode())
+            self.wfile.write(PS_BODY.encode())
 
         def log_message(self, *args) -> None:
             pass
@@ -199,14 +206,26 @@ def test_ps_asks_the_server(capsys) -> None:
     server = HTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    try:
-        rc, out, _ = run_cli(capsys, "ps", "--host", f"http://127.0.0.1:{server.server_port}")
-    finally:
-        server.shutdown()
-    assert rc == 0
-    assert out == (
-        "NAME           ID             SIZE    PROCESSOR   DTYPE      CONTEXT   UNTIL\n"
-        "smollm2:135m   b179c9523d0e   98 MB   100% CPU    bfloat16   4096      Forever\n")
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_ps_asks_the_server(ps_server, capsys) -> None:
+    rc, out, _ = run_cli(capsys, "ps", "--host", ps_server)
+    assert (rc, out) == (0, PS_TABLE)
+
+
+def test_ps_prints_the_table_and_nothing_else(ps_server, home) -> None:
+    done = _run_cli_process(home, "ps", "--host", ps_server)
+    assert (done.returncode, done.stdout, done.stderr) == (0, PS_TABLE, "")  # no httpx log line
+
+
+def test_version(home) -> None:
+    from pagedserve.server.version import __version__
+
+    for flag in ("--version", "-v"):  # -v as in Ollama; --verbose is the logs'
+        done = _run_cli_process(home, flag)
+        assert (done.returncode, done.stdout) == (0, f"pagedserve version {__version__}\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = ("run", "serve", "models", "bench")
 
 EPILOG = """examples:
+  pagedserve --version                         the version (-v too, as in Ollama)
   pagedserve run "Why is the sky blue?"        one answer from the bundled SmolLM2-135M
   pagedserve run                               interactive chat (/bye to leave)
   pagedserve serve --port 11434                OpenAI + Ollama APIs and /metrics
@@ -30,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    from pagedserve.server.version import __version__
+
+    parser.add_argument("-v", "--version", action="version",
+                        version=f"pagedserve version {__version__}",
+                        help="print the version and exit (-v as in Ollama)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log debug messages (and every HTTP request)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:  # httpx logs every request at INFO (ps, pull, bench)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -139,17 +139,6 @@ def _compare_prompts(concurrency: int) -> int:
     return max(16, 3 * concurrency)
 
 
-def _quiet_http_logs(func):
-    """httpx logs every request at INFO: thousands of lines over a sweep's progress bar."""
-
-    def run(args: argparse.Namespace) -> int:
-        if logging.getLogger().level > logging.DEBUG:  # -v shows them
-            logging.getLogger("httpx").setLevel(logging.WARNING)
-        return func(args)
-
-    return run
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser(
         "bench", help="load-test servers, plot results, compare paged and static KV",
@@ -170,7 +159,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--out", type=Path, default=Path("bench-result.json"),
                        help="result JSON (default: %(default)s)")
     _add_workload_args(serve, num_prompts="max(16, 4 x concurrency)")
-    serve.set_defaults(func=_quiet_http_logs(cmd_serve))
+    serve.set_defaults(func=cmd_serve)
 
     plot = sub.add_parser("plot", help="plot result files together",
                           description="Output tok/s and TTFT p99 vs concurrency, one line per "
@@ -199,6 +188,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     comp.add_argument("--out", type=Path, default=Path("docs"),
                       help="directory for benchmarks.md, plots and results (default: %(default)s)")
     _add_workload_args(comp, num_prompts="max(16, 3 x concurrency)")
-    comp.set_defaults(func=_quiet_http_logs(cmd_compare))
+    comp.set_defaults(func=cmd_compare)
 
     offline.add_parser(sub)

@@ -148,6 +148,18 @@ def test_show_parts(ollama_models, capsys) -> None:
     assert run_cli(capsys, "show", "smol", "--template")[1].startswith("{% for message in")
 
 
+def test_show_parts_a_model_does_not_have_say_so(home) -> None:
+    """The bundled model has no parameters or system prompt: a note on stderr, not silence;
+    stdout stays empty for scripts."""
+    done = _run_cli_process(home, "show", "smollm2", "--parameters")
+    assert (done.returncode, done.stdout) == (0, "")
+    assert done.stderr == "smollm2:135m sets no default parameters: pagedserve's defaults apply\n"
+    done = _run_cli_process(home, "show", "smollm2", "--system")
+    assert (done.returncode, done.stdout) == (0, "")
+    assert done.stderr == ("smollm2:135m has no system prompt of its own; its chat template may "
+                           "add one to a conversation without one (--template shows it)\n")
+
+
 def test_show_errors_are_one_clear_line(ollama_models, smollm_digest, capsys) -> None:
     rc, out, err = run_cli(capsys, "show", "nosuch")
     assert (rc, out) == (1, "")

@@ -247,10 +247,20 @@ def cmd_show(args: argparse.Namespace) -> int:
         template = _chat_template(resolved, info) or resolved.template or ""
         print(template.rstrip())
     elif args.parameters:
-        for key, value in _parameter_lines(resolved.sampling_defaults):
+        lines = _parameter_lines(resolved.sampling_defaults)
+        for key, value in lines:
             print(f"{key:<20}{value}")
+        if not lines:  # on stderr: a script reading stdout still gets nothing
+            print(f"{resolved.name} sets no default parameters: pagedserve's defaults apply",
+                  file=sys.stderr)
     elif args.system:
-        print((resolved.system or "").rstrip())
+        if resolved.system:
+            print(resolved.system.rstrip())
+        else:
+            template = _chat_template(resolved, info) or ""
+            print(f"{resolved.name} has no system prompt of its own"
+                  + ("; its chat template may add one to a conversation without one "
+                     "(--template shows it)" if "system" in template else ""), file=sys.stderr)
     else:
         print(format_show(resolved, info), end="")
     return 0

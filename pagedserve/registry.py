@@ -546,6 +546,12 @@ def _pull_source(ref: str) -> tuple[ResolvedModel, Manifest | None]:
             return found, None
     if ref in BUNDLED_ALIASES:
         return ResolvedModel(BUNDLED_MODEL_NAME, bundled_model_path(), "bundled"), None
+    if len(parsed.parts) == 1:  # an Ollama library name, such as llama3.2:1b
+        raise PullError(
+            f"cannot pull {ref!r}: it is not in the Ollama store {ollama_store().root}, and "
+            "pagedserve does not download from the Ollama registry (registry.ollama.ai is not "
+            f"supported). Run `ollama pull {ref}` and pagedserve finds it there, or pull a GGUF "
+            "file (pagedserve pull ./model.gguf) or a Hugging Face repository (ORG/NAME)")
     raise PullError(f"cannot pull {ref!r}: no file, Ollama model, Hugging Face repository or "
                     "bundled model has that name")
 

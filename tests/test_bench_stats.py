@@ -200,3 +200,20 @@ def test_report_ratios_and_markers(tmp_path):
     text = write_report(path, section).read_text()
     assert "stale numbers" not in text and "intro" in text and f"{END}\n\n## Discussion\nkept" in text
     assert text.count(BEGIN) == 1 and "| 16 | 4.00x | 15.0x |" in text
+
+
+def test_tables_keep_their_numbers_when_not_printed_to_a_terminal():
+    """`bench serve | tee log`: rich would assume 80 columns and print "12…" for 12346."""
+    import io
+
+    from pagedserve.bench.progress import output_console, summary_table
+
+    records = [_record(12.3456, [0.1234] * 63) for _ in range(100)]
+    level = LevelResult.from_records(records, concurrency=128, duration_s=123.4)
+    out = io.StringIO()
+    console = output_console(out)
+    console.print(summary_table("paged: smollm2:135m at http://127.0.0.1:11434", [level]))
+    text = out.getvalue()
+    assert "…" not in text
+    for value in ("128", "123.4", "12346", "123.4", "TTFT p99", "KV waste"):
+        assert value in text

@@ -143,13 +143,13 @@ def add_parser(sub) -> None:
 def cmd_offline(args) -> int:
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     from pagedserve.bench.machine import cpu_model
+    from pagedserve.bench.progress import output_console
     from pagedserve.registry import resolve
 
-    console = Console()
+    console = output_console()
     resolved = resolve(args.model)
     config = EngineConfig(dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,

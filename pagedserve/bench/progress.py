@@ -4,6 +4,7 @@ summary table per run."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -17,6 +18,19 @@ from rich.progress import (
 from rich.table import Table
 
 from pagedserve.bench.results import LevelResult, RequestRecord
+
+# Wide enough for any table here; rich would otherwise assume 80 columns for a pipe or a file
+# and cut numbers short ("12…"). Tables keep their natural width either way.
+_NOT_A_TERMINAL_WIDTH = 1000
+
+
+def output_console(file: TextIO | None = None) -> Console:
+    """The console results are printed on: a terminal's own width, else tables at full width
+    (`bench serve | tee log`, or output redirected to a file)."""
+    console = Console(file=file)
+    if not console.is_terminal:
+        console = Console(file=file, width=_NOT_A_TERMINAL_WIDTH)
+    return console
 
 
 class RichProgress:

@@ -73,13 +73,11 @@ def _serve_prompts(concurrency: int) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from pagedserve.bench.compare import sweep_run
     from pagedserve.bench.plot import plot_runs
-    from pagedserve.bench.progress import RichProgress, summary_table
+    from pagedserve.bench.progress import RichProgress, output_console, summary_table
 
-    console = Console()
+    console = output_console()
     workload = _workload(args, _serve_prompts)
     label = args.label or args.url
     with RichProgress(console, label) as progress:
@@ -93,24 +91,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from pagedserve.bench.plot import plot_runs
+    from pagedserve.bench.progress import output_console
     from pagedserve.bench.results import RunResult
 
     runs = [RunResult.load(path) for path in args.results]
     plots = plot_runs(runs, args.out, prefix=args.prefix)
-    Console().print("plots: " + ", ".join(str(p) for p in plots))
+    output_console().print("plots: " + ", ".join(str(p) for p in plots))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from pagedserve.bench.compare import compare, layout_targets, parse_peer
-    from pagedserve.bench.progress import RichProgress, summary_table
+    from pagedserve.bench.progress import RichProgress, output_console, summary_table
 
-    console = Console()
+    console = output_console()
     workload = _workload(args, _compare_prompts)
     targets = layout_targets(args.max_parallel, args.num_ctx,
                              paged_args=shlex.split(args.paged_args),

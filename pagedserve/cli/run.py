@@ -46,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Answer PROMPT with MODEL, streaming the text as it comes. Without PROMPT, "
         "chat: the conversation is kept (its oldest turns dropped once it outgrows the "
-        "context), /bye leaves, Ctrl-C interrupts an answer but not the chat. MODEL is a name (smollm2:135m, llama3.2, ORG/NAME) or a path (see `pagedserve "
-        "list`); the default is the bundled smollm2:135m.",
+        "context), /bye leaves, Ctrl-C interrupts an answer but not the chat. MODEL is a name "
+        "(smollm2:135m, llama3.2, ORG/NAME) or a path (see `pagedserve list`); the default is "
+        "the bundled smollm2:135m.",
         epilog=EPILOG,
     )
     p.add_argument("model", nargs="?", metavar="MODEL", help="model name or path")
@@ -348,8 +349,10 @@ class ChatSession:
 def context_overflow_message(exc: ContextLengthError, llm: Any) -> str:
     """What did not fit, and the way out: a shorter prompt or a longer context."""
     limit, prompt = exc.max_model_len, exc.num_prompt_tokens
-    if prompt >= limit:
+    if prompt > limit:
         what = f"the prompt is {prompt} tokens, more than the context of {limit} tokens"
+    elif prompt == limit:
+        what = f"the prompt fills the context of {limit} tokens, leaving no room for an answer"
     else:
         what = (f"the prompt ({prompt} tokens) and the answer's max_tokens ({exc.max_tokens}) "
                 f"need {prompt + exc.max_tokens} tokens, more than the context of {limit}")

@@ -684,3 +684,17 @@ def test_run_with_a_bad_flag_exits_at_once(home) -> None:
     done = _run_cli_process(home, "run", "smollm2", "Hi", "--temperature", "-1")
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == "Error: --temperature must be >= 0, got -1.0\n"  # no load logged
+
+
+def test_a_prompt_refused_by_its_length_in_characters_says_so() -> None:
+    from types import SimpleNamespace
+
+    from pagedserve.cli.run import context_overflow_message
+    from pagedserve.engine import PromptTooLongError
+
+    engine = SimpleNamespace(model_config=SimpleNamespace(max_position_embeddings=8192),
+                             kv=SimpleNamespace(capacity_tokens=100_000))
+    message = context_overflow_message(PromptTooLongError(512, 900_000, 41_472),
+                                       SimpleNamespace(engine=engine))
+    assert message.startswith("the prompt is 900000 characters, more than a context of 512 "
+                              "tokens can hold; shorten it, or give a longer context")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from pagedserve.cli.options import parse_bytes
-from pagedserve.engine import ContextLengthError
+from pagedserve.engine import ContextLengthError, PromptTooLongError
 from pagedserve.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -348,8 +348,12 @@ class ChatSession:
 
 def context_overflow_message(exc: ContextLengthError, llm: Any) -> str:
     """What did not fit, and the way out: a shorter prompt or a longer context."""
-    limit, prompt = exc.max_model_len, exc.num_prompt_tokens
-    if prompt > limit:
+    limit = exc.max_model_len
+    prompt = getattr(exc, "num_prompt_tokens", None)
+    if isinstance(exc, PromptTooLongError):  # refused by its length before tokenizing
+        what = (f"the prompt is {exc.num_chars} characters, more than a context of {limit} "
+                "tokens can hold")
+    elif prompt > limit:
         what = f"the prompt is {prompt} tokens, more than the context of {limit} tokens"
     elif prompt == limit:
         what = f"the prompt fills the context of {limit} tokens, leaving no room for an answer"
@@ -364,7 +368,7 @@ def context_overflow_message(exc: ContextLengthError, llm: Any) -> str:
             way += ", with a larger --kv-cache-memory"
     else:
         way = f"shorten it: {own} tokens is the model's own context"
-    if prompt < limit:
+    if prompt is not None and prompt < limit:
         way += ", or lower --max-tokens"
     return f"{what}; {way}"
 

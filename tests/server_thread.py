@@ -26,7 +26,8 @@ class ServerThread:
         self.served = ServedModel(card, self.async_engine, limits)
         app = create_app(self.served, api_key=api_key)
         self.port = free_port()
-        self.server = make_http_server(app, "127.0.0.1", self.port, on_exit=self.served.abort_all)
+        self.server = make_http_server(app, "127.0.0.1", self.port)
+        self.server.attach(self.served)
         self.async_engine.on_dead = self.server.engine_died
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, name="test-server", daemon=True)

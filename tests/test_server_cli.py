@@ -28,8 +28,8 @@ def test_parse_bytes_rejects(text):
 def test_defaults_bind_ollamas_address(monkeypatch):
     monkeypatch.delenv("PAGEDSERVE_API_KEY", raising=False)
     args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.model, args.api_key, args.max_queue) == (
-        "127.0.0.1", 11434, None, None, None)
+    assert (args.host, args.port, args.model, args.api_key, args.max_queue,
+            args.shutdown_timeout) == ("127.0.0.1", 11434, None, None, 512, 30)
 
 
 def test_api_key_from_environment(monkeypatch):

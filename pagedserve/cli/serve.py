@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from pagedserve.server.limits import (
     DEFAULT_MAX_JSON_DEPTH,
     DEFAULT_MAX_N,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
 )
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,10 @@ EPILOG = """examples:
   pagedserve serve llama3.2:1b --port 8000         a model from ~/.ollama/models
   pagedserve serve model.gguf --max-queue 64 --api-key s3cret
   pagedserve serve --max-request-body 2MiB --max-n 16   tighter limits for a public endpoint
+  pagedserve serve --shutdown-timeout 120          SIGTERM lets answers run 2 minutes more
+
+probes: GET /health (liveness: 503 while loading or once the engine died), GET /ready
+(readiness: 200 while taking requests, 503 while loading or draining)
   pagedserve serve --kv-layout static --max-parallel 4 --num-ctx 2048   Ollama's KV layout
 
 environment:
@@ -66,6 +72,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      f"(default {DEFAULT_MAX_N})")
     lim.add_argument("--max-json-depth", type=int, metavar="N", default=DEFAULT_MAX_JSON_DEPTH,
                      help=f"answer 400 to JSON nested deeper (default {DEFAULT_MAX_JSON_DEPTH})")
+    p.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                   default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                   help="on SIGTERM, stop admitting and let requests in flight finish for up "
+                   "to this long, then abort the rest and exit 0; 0 aborts at once. SIGINT "
+                   f"(Ctrl-C) and a second signal always stop at once "
+                   f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S:.0f})")
     lim.add_argument("--max-prompt-chars", type=int, metavar="N",
                      help="answer 400 to longer prompt texts before tokenizing them (default: "
                      "what the context can hold at the vocabulary's longest token)")
@@ -157,16 +169,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         field, _, rest = str(exc).partition(" ")
         logger.error("--%s %s", field.replace("_", "-"), rest)
         return 2
+    if args.shutdown_timeout < 0:
+        logger.error("--shutdown-timeout must be >= 0 seconds, got %s", args.shutdown_timeout)
+        return 2
+    if args.kv_layout != "static" and (args.max_parallel or args.num_ctx):
+        logger.warning("--max-parallel and --num-ctx only apply to --kv-layout static")
+    try:
+        config = engine_config_from_args(args)
+        card = resolve_model(args.model, args.served_model_name)
+        config = config.with_model_defaults(card.sampling_defaults)
+    except (ValueError, LookupError, OSError) as exc:
+        logger.error("%s", exc)
+        return 1
     try:
         sock = bind_socket(args.host, args.port)  # a port in use fails now, not after loading
     except OSError as exc:
         logger.error("%s", exc.strerror or exc)
         return 1
     with sock:
-        return _serve(args, sock, limits)
+        return _serve(args, sock, limits, card, config)
 
 
-def _serve(args: argparse.Namespace, sock, limits) -> int:
+def _serve(args: argparse.Namespace, sock, limits, card, config) -> int:
+    """Listen at once (answering 503 "loading" meanwhile) and load the model in a thread."""
+    from pagedserve.server.http_server import make_http_server, run_http_server
+    from pagedserve.server.loading_app import LoadingApp
+
+    gate = LoadingApp()
+    server = make_http_server(gate, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
+                              access_log=getattr(args, "verbose", False))
+    threading.Thread(target=_load, args=(args, server, gate, limits, card, config),
+                     name="pagedserve-load", daemon=True).start()
+    return run_http_server(server, sock)
+
+
+def _load(args: argparse.Namespace, server, gate, limits, card, config) -> None:
+    """The model, then the application over it, handed to the server's event loop."""
     import prometheus_client
 
     from pagedserve.async_engine import AsyncEngine
@@ -174,34 +212,28 @@ def _serve(args: argparse.Namespace, sock, limits) -> int:
     from pagedserve.loader import ModelLoadError
     from pagedserve.metrics import ServerMetrics
     from pagedserve.server.app import create_app
-    from pagedserve.server.http_server import make_http_server, run_http_server
     from pagedserve.server.served_model import ServedModel
 
-    if args.kv_layout != "static" and (args.max_parallel or args.num_ctx):
-        logger.warning("--max-parallel and --num-ctx only apply to --kv-layout static")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    logger.info("listening on http://%s:%d; loading %s from %s (%s)", host, args.port,
+                card.name, card.path, card.source)
     try:
-        config = engine_config_from_args(args)
-        card = resolve_model(args.model, args.served_model_name)
-        logger.info("loading %s from %s (%s)", card.name, card.path, card.source)
-        config = config.with_model_defaults(card.sampling_defaults)
         engine = Engine.from_model(card.path, config, model_name=card.name,
                                    progress=sys.stderr.isatty())
-    except (ValueError, LookupError, OSError, ModelLoadError) as exc:
+    except (ValueError, LookupError, OSError, RuntimeError, ModelLoadError) as exc:
         logger.error("%s", exc)
-        return 1
-
+        server.call_on_loop(server.fail, 0.0)
+        return
     # vLLM's habit: no "_created" timestamp series next to every counter and histogram
     prometheus_client.disable_created_metrics()
-    async_engine = AsyncEngine(engine)
+    async_engine = AsyncEngine(engine, on_dead=server.engine_died)
     served = ServedModel(card, async_engine, limits)
     metrics = ServerMetrics(card.name, engine.stats, alive=lambda: async_engine.alive,
                             max_model_len=engine.max_model_len)
     app = create_app(served, metrics, api_key=args.api_key)
-    server = make_http_server(app, args.host, args.port, on_exit=served.abort_all,
-                              access_log=getattr(args, "verbose", False))
-    async_engine.on_dead = server.engine_died
-    _log_startup(args, served)
-    return run_http_server(server, sock)
+    if server.run_on_loop(gate.install(app)):
+        server.attach(served)
+        _log_startup(args, served)
 
 
 def _log_startup(args: argparse.Namespace, served) -> None:
@@ -211,6 +243,8 @@ def _log_startup(args: argparse.Namespace, served) -> None:
     host = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("serving %s on http://%s:%d (OpenAI /v1, Ollama /api, metrics /metrics)",
                 served.name, host, args.port)
+    logger.info("SIGTERM drains for up to %.0f s (--shutdown-timeout); Ctrl-C stops at once",
+                args.shutdown_timeout)
     logger.info("model %s in %s: context %d tokens; KV cache (%s) holds %d tokens: %d "
                 "requests at full context at once (max %d sequences per batch)",
                 served.card.path, engine.config.dtype, max_len, engine.config.kv_layout, capacity,

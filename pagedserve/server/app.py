@@ -85,6 +85,17 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
             return PlainTextResponse(f"engine loop failed: {error!r}", status_code=503)
         return Response(status_code=200)
 
+    @app.get("/ready", response_class=Response,
+             responses={200: {"description": "Serving: send requests here (empty body)."},
+                        503: {"description": "Shutting down, or the engine loop has died.",
+                              "content": {"text/plain": {}}}})
+    async def ready() -> Response:
+        """Readiness: 200 while this server takes requests; 503 once it drains or died."""
+        if not served.ready:
+            reason = "draining" if served.draining else "engine loop failed"
+            return PlainTextResponse(reason, status_code=503)
+        return Response(status_code=200)
+
     @app.get("/version")
     async def version() -> dict:
         return {"version": __version__}

@@ -41,6 +41,11 @@ class Generation:
     def __len__(self) -> int:
         return len(self.streams)
 
+    @property
+    def finished(self) -> bool:
+        """Every engine request has ended (finished, failed or aborted)."""
+        return len(self._finished) == len(self.streams)
+
     async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         try:
             if len(self.streams) == 1:

@@ -18,6 +18,7 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20  # room for a 128k-token prompt several times o
 DEFAULT_MAX_JSON_DEPTH = 64
 DEFAULT_MAX_N = 128  # OpenAI's own bound on n
 DEFAULT_MAX_QUEUE = 512  # Ollama's OLLAMA_MAX_QUEUE
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0  # how long a SIGTERM lets requests in flight finish
 
 
 @dataclass(slots=True)

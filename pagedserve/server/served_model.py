@@ -57,6 +57,7 @@ class ServedModel:
         self.card = card
         self.async_engine = async_engine
         self.limits = limits or ServerLimits()
+        self.draining = False  # set at SIGTERM: nothing new is admitted
         self.loaded_at = time.time()
         self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
         unknown = set(card.sampling_defaults) - _SAMPLING_FIELDS - {"num_ctx"}  # engine's
@@ -194,6 +195,10 @@ class ServedModel:
 
     def _admit(self, num_requests: int) -> None:
         self.async_engine.check_alive()
+        if self.draining:
+            raise APIError(503, "The server is shutting down and takes no new requests; please "
+                           "retry (another replica may answer).", code="server_shutting_down",
+                           headers={"Retry-After": "1"})
         limit = self.limits.max_queue
         if limit is None:
             return
@@ -215,6 +220,21 @@ class ServedModel:
                 token_ids.setdefault(text, request.prompt_token_ids)
             requests.append(request)
         return requests
+
+    # -- stopping (see http_server.py) -----------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Whether a load balancer should send requests here."""
+        return self.async_engine.alive and not self.draining
+
+    def start_draining(self) -> None:
+        self.draining = True
+
+    async def drained(self, poll_s: float = 0.05) -> None:
+        """Return once every answer in progress has finished."""
+        while any(not generation.finished for generation in list(self._live)):
+            await asyncio.sleep(poll_s)
 
     def abort_all(self) -> None:
         """End every answer in progress (at shutdown): streams close with an abort."""

@@ -77,6 +77,7 @@ RANGES: dict[str, Range] = {
     "min_tokens": Range(0, MAX_INT, integer=True),
     "logprobs": Range(0, MAX_LOGPROBS, integer=True),
     "stop_token_ids": Range(0, MAX_INT, integer=True),
+    "repeat_last_n": Range(0, MAX_INT, integer=True),
 }
 # list field -> (most items, longest string item)
 LIST_LIMITS: dict[str, tuple[int, int | None]] = {
@@ -95,6 +96,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Penalty window: None: repetition over prompt + output, presence/frequency over the output
+    # (vLLM, OpenAI); N > 0: all three over the last N tokens of prompt + output (llama.cpp's
+    # penalty_last_n, Ollama's repeat_last_n); 0: no penalties.
+    repeat_last_n: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)

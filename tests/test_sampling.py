@@ -33,6 +33,8 @@ from pagedserve.sampling_params import SamplingParams
         ({"seed": 1.5}, "seed"),
         ({"temperature": "hot"}, "temperature"),
         ({"max_tokens": True}, "max_tokens"),
+        ({"repeat_last_n": -1}, "repeat_last_n"),
+        ({"repeat_last_n": 1.5}, "repeat_last_n"),
     ],
 )
 def test_bad_sampling_params_name_the_field(kwargs, field):
@@ -46,6 +48,9 @@ def test_good_sampling_params_normalize():
     assert p.stop == ["###"]
     assert p.top_k == 0
     assert p.max_tokens is None
+    assert SamplingParams().repeat_last_n is None
+    assert SamplingParams(repeat_last_n=0).repeat_last_n == 0
+    assert SamplingParams(repeat_last_n=64).repeat_last_n == 64
 
 
 def req(params: SamplingParams, outputs=(), prompt=(1, 2, 3), eos=(0,)) -> Request:

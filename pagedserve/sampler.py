@@ -1,22 +1,73 @@
 """Turns a batch of logits into next tokens, each row with its own sampling parameters.
 
-Order of operations (the one vLLM and transformers use): penalties on the raw logits, then
-greedy argmax for temperature 0, else temperature, top-k, top-p, min-p and a draw. A seeded row
-draws from its own generator seeded by (seed, output index), so the same seed gives the same
-tokens whatever else shares the batch and whether or not the request was preempted. Unseeded
-rows share the engine's generator, seeded at random unless the engine was given a seed (as
-Ollama and vLLM do: without a seed, answers vary from one run to the next). Drawing is
-done with the exponential race (argmax of p / Exp(1)), which equals a categorical draw and
-needs one random vector per row.
+Everything runs on the logits' device as batched tensor ops; Python only reads the requests'
+parameters into a few small per-step tensors. One small copy brings the sampled ids (and the
+logprobs asked for) to the host: pinned memory and ``non_blocking`` on CUDA.
+
+Order of operations (vLLM's and transformers'):
+
+1. penalties on the raw logits: repetition (divide a positive logit, multiply a negative one),
+   then ``frequency * count + presence * (count > 0)`` subtracted; stop and EOS tokens at -inf
+   while fewer than ``min_tokens`` were produced;
+2. temperature below :data:`GREEDY_EPSILON`: argmax (vLLM's epsilon; a tinier divisor would turn
+   logits into inf);
+3. otherwise logits / temperature, then top-k (every token tied with the k-th is kept), top-p on
+   what is left (a token goes when the mass before it reaches ``top_p``), min-p (a token goes
+   when its probability is below ``min_p`` times the top one's), and a draw;
+4. logprobs (of the sampled token and the top N) come from the raw distribution, before 1.
+
+Penalty windows (``SamplingParams.repeat_last_n``). ``None``: repetition over prompt + output,
+presence and frequency over the output (vLLM, OpenAI). ``N > 0``: all three count the last N
+tokens of prompt + output, as llama.cpp's penalties sampler does with ``penalty_last_n`` (Ollama
+feeds it the prompt too, and its ``repeat_last_n`` defaults to 64). ``0``: no penalties.
+
+The draw is the Gumbel-max trick: ``argmax(logits / T + g)`` with one Gumbel(0, 1) variate per
+(row, token) is a draw from ``softmax(logits / T)``. The variates are not taken from a stateful
+generator but hashed from (row key, token id) with integer tensor ops (products of operands below
+2**31, so int64 never overflows), which gives the same numbers on CPU and CUDA. A seeded request's
+row key is a function of (seed, output index): its tokens do not depend on batch companions, and
+after preemption the recomputed steps draw exactly the same. An unseeded row's key comes from the
+sampler's own ``random.Random(seed)``: seeded from the OS unless the engine was given a seed (as
+Ollama and vLLM do, answers vary from run to run), and then a whole offline run repeats.
+Keyed by token id, a variate is the same whichever candidates survive the filters.
+
+Where the filters act, only the candidates are worked on:
+
+    rows with top_k (k < V):      topk(max k + 1) -> the k kept -> top-p, min-p, draw over them
+    rows with top_p < 1, no top_k: a full sort of the vocabulary
+    rows with neither:            the whole vocabulary in place, min-p as a logit threshold
+
+so the Gumbel variates (the costly part on CPU) are computed for k tokens, not the vocabulary.
+Candidates are ordered by (logit descending, token id ascending) whatever torch's topk returns,
+so that ties cannot make a row's result depend on its companions.
+
+Non-finite logits never crash and never yield an id outside [0, V): NaN counts as -inf (a row
+of nothing but NaN or -inf yields some id), +inf as the largest finite float. Gumbel variates have
+23 bits of resolution: a token more than ~19 nats below the best can never be drawn (probability
+below ~1e-8 of the best's).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 
 import torch
 
 from pagedserve.request import Request
+from pagedserve.sampling_params import SamplingParams
+
+GREEDY_EPSILON = 1e-5  # temperatures below this are greedy
+
+_MASK31 = (1 << 31) - 1
+_MASK64 = (1 << 64) - 1
+# Odd multipliers below 2**31: a product with a 31-bit operand stays below 2**62.
+_M1, _M2 = 0x5BD1E995, 0x2C1B3C6D
+# Nucleus candidates tried before a full sort (a sort of 49k logits costs ~60x a topk of 256).
+_NUCLEUS_WIDTHS = (256, 4096)
+_FLOAT_MAX = torch.finfo(torch.float32).max
+_NEG_INF = float("-inf")
 
 
 @dataclass(slots=True)
@@ -28,106 +79,382 @@ class SampledToken:
 
 class Sampler:
     def __init__(self, seed: int | None = None):
-        self.generator = torch.Generator()
-        if seed is None:
-            self.generator.seed()  # from the OS's entropy
-        else:
-            self.generator.manual_seed(seed)
+        self._rng = random.Random(seed)  # row keys of unseeded requests; None: from the OS
+        self._token_hashes: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
-        logits = logits.float()  # (B, V)
+        """One token per row of ``logits`` (B, V), any float dtype, on any device."""
         B, V = logits.shape
         params = [r.params for r in requests]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        raw = logits.float()  # (B, V); the caller's tensor when it is float32 already
+        logits = _adjusted(raw, requests)
+        tokens, greedy_max = self._choose(logits, requests)  # (B,) ids, (B,) or (0,) maxima
 
-        if any(_needs_penalties(r) or r.num_output_tokens < r.params.min_tokens
-               for r in requests):
-            logits = logits.clone()  # the caller's logits stay untouched
-            self._apply_penalties(logits, requests)
-            self._suppress_stop_before_min_tokens(logits, requests)
+        to_host = [tokens, greedy_max]
+        wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+        num_top = min(max((params[i].logprobs for i in wanted), default=0), V)
+        if wanted:
+            to_host += _logprobs(raw, tokens, wanted, num_top)
+        host = _to_host(to_host)
+        token_ids = [int(t) for t in host[0]]
+        for i, value in enumerate(host[1]):
+            if value != value and params[i].temperature < GREEDY_EPSILON:
+                # NaN in a greedy row, which argmax takes for the largest: rare, so fixed here
+                token_ids[i] = int(logits[i].nan_to_num(nan=_NEG_INF).argmax())
 
-        temps = torch.tensor([p.temperature for p in params])
-        greedy = temps == 0
-        tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            rows = (~greedy).nonzero().flatten()
-            sampled = self._sample(logits[rows], [requests[i] for i in rows.tolist()])
-            tokens[rows] = sampled
-
-        token_list = tokens.tolist()
-        out = [SampledToken(t) for t in token_list]
-        if raw_logprobs is not None:
-            for i, p in enumerate(params):
-                if p.logprobs is None:
-                    continue
-                out[i].logprob = float(raw_logprobs[i, token_list[i]])
-                if p.logprobs:
-                    values, ids = raw_logprobs[i].topk(p.logprobs)
-                    out[i].top = list(zip(ids.tolist(), values.tolist(), strict=True))
-                else:
-                    out[i].top = []
+        out = [SampledToken(t) for t in token_ids]
+        if wanted:
+            chosen, top_values, top_ids = host[2], host[3], host[4]
+            for j, i in enumerate(wanted):
+                n = params[i].logprobs
+                out[i].logprob = chosen[j]
+                row = slice(j * num_top, j * num_top + min(n, num_top))
+                out[i].top = [(int(t), v) for t, v in
+                              zip(top_ids[row], top_values[row], strict=True)]
         return out
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, requests: list[Request]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B,), argmax for greedy rows, and the greedy rows' maxima (B,), or an
+        empty tensor when no row is greedy."""
+        B = logits.shape[0]
+        drawn = [i for i, r in enumerate(requests) if r.params.temperature >= GREEDY_EPSILON]
+        if len(drawn) == B:
+            return self._draw(logits, requests), logits[:0, 0]
+        greedy_max, tokens = logits.max(dim=-1)
+        if drawn:
+            rows = torch.tensor(drawn, device=logits.device)
+            sampled = self._draw(logits.index_select(0, rows), [requests[i] for i in drawn])
+            tokens = tokens.index_copy(0, rows, sampled)
+        return tokens, greedy_max
+
+    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Sampled ids (S,) for rows that are not greedy, grouped by how they filter."""
+        S, V = logits.shape
         params = [r.params for r in requests]
-        logits = logits / torch.tensor([p.temperature for p in params]).unsqueeze(1)
-        top_k = [p.top_k for p in params]
-        if any(top_k):
-            V = logits.shape[1]
-            k = torch.tensor([t if t else V for t in top_k]).clamp(max=V)
-            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        top_p = torch.tensor([p.top_p for p in params])
-        if bool((top_p < 1).any()):
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            # drop a token when the mass before it already reaches top_p (keep at least one)
-            drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p.unsqueeze(1)
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        min_p = torch.tensor([p.min_p for p in params])
-        if bool((min_p > 0).any()):
-            threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        noise = torch.empty_like(probs)
-        for i, r in enumerate(requests):
-            seed = r.params.seed
-            if seed is None:
-                noise[i].exponential_(generator=self.generator)
+        keys = [self._row_keys(r) for r in requests]
+        # per row, see _Rows: temperature, top_p (inf: off), log(min_p), k (V: off), hash keys
+        numbers = torch.tensor(
+            [[p.temperature, p.top_p if p.top_p < 1 else math.inf,
+              math.log(p.min_p) if p.min_p > 0 else _NEG_INF,
+              min(p.top_k, V) if p.top_k > 0 else V, k1, k2]
+             for p, (k1, k2) in zip(params, keys, strict=True)],
+            dtype=torch.float64,
+        ).to(logits.device, non_blocking=True)
+        groups: dict[str, list[int]] = {"top_k": [], "top_p": [], "free": []}
+        for i, p in enumerate(params):
+            groups["top_k" if 0 < p.top_k < V else "top_p" if p.top_p < 1 else "free"].append(i)
+        tokens = None
+        for name, members in groups.items():
+            if not members:
+                continue
+            whole = len(members) == S
+            index = None if whole else torch.tensor(members, device=logits.device)
+            group = [params[i] for i in members]
+            rows = _Rows(logits if whole else logits.index_select(0, index),
+                         numbers if whole else numbers.index_select(0, index),
+                         any(p.min_p > 0 for p in group))
+            if name == "top_k":
+                sampled = self._draw_top_k(rows, max(p.top_k for p in group))
+            elif name == "top_p":
+                sampled = self._draw_nucleus(rows.scaled(), rows, _NUCLEUS_WIDTHS)
             else:
-                g = torch.Generator().manual_seed(hash((seed, r.num_output_tokens)) & (2**63 - 1))
-                noise[i].exponential_(generator=g)
-        return (probs / noise).argmax(dim=-1)
+                sampled = self._draw_free(rows)
+            if whole:
+                return sampled
+            if tokens is None:
+                tokens = torch.empty(S, dtype=torch.long, device=logits.device)
+            tokens.index_copy_(0, index, sampled)
+        assert tokens is not None
+        return tokens
 
-    @staticmethod
-    def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
-        for i, r in enumerate(requests):
-            p = r.params
-            if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long)
-                vals = logits[i, seen]
-                logits[i, seen] = torch.where(
-                    vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
-                )
-            if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
-                ids = torch.tensor(r.output_token_ids, dtype=torch.long)
-                counts = torch.zeros(logits.shape[1]).index_add_(0, ids, torch.ones(len(ids)))
-                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    def _draw_free(self, rows: _Rows) -> torch.Tensor:
+        """No top-k, no top-p: the whole vocabulary, min-p as a threshold on the logits."""
+        scores = rows.scaled()  # (S, V)
+        if rows.min_p:
+            best = scores.max(dim=-1, keepdim=True).values
+            scores.masked_fill_(scores < best + rows.log_min_p, _NEG_INF)
+        hashes = self._token_hash_table(scores.shape[1], scores.device).unsqueeze(0)  # (1, V)
+        scores.add_(_gumbel(hashes, rows.keys))
+        return scores.argmax(dim=-1)
 
-    @staticmethod
-    def _suppress_stop_before_min_tokens(logits: torch.Tensor, requests: list[Request]) -> None:
-        for i, r in enumerate(requests):
-            if r.num_output_tokens < r.params.min_tokens:
-                stops = set(r.params.stop_token_ids)
-                if not r.params.ignore_eos:
-                    stops |= r.eos_token_ids
-                if stops:
-                    logits[i, sorted(stops)] = float("-inf")
+    def _draw_top_k(self, rows: _Rows, k_max: int) -> torch.Tensor:
+        """top_k < V: the k best of each row (with ties), then top-p renormalized over them."""
+        values, ids = _top_k(rows.scaled(), rows.k, k_max)  # (S, C)
+        probs = values.softmax(dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) >= rows.top_p  # never where top_p is inf
+        return self._finish(values.masked_fill_(drop, _NEG_INF), ids, rows)
+
+    def _draw_nucleus(self, scores: torch.Tensor, rows: _Rows, widths: tuple[int, ...]
+                      ) -> torch.Tensor:
+        """top_p < 1 without top_k: the nucleus, found among the best ``widths[0]`` tokens.
+
+        The candidates settle a row when its nucleus ends before the last candidate with a
+        value above it: every token the full sort would keep is then among them, in the same
+        order. Rows they do not settle try the next width; past the last, a full sort. The
+        choice is made per row, so it never depends on the companions.
+        """
+        V = scores.shape[1]
+        if not widths or widths[0] + 1 >= V:
+            values, ids = scores.sort(dim=-1, descending=True, stable=True)
+            probs = values.softmax(dim=-1)
+            drop = (probs.cumsum(dim=-1) - probs) >= rows.top_p
+            return self._finish(values.masked_fill_(drop, _NEG_INF), ids, rows)
+        width = widths[0] + 1
+        values, ids = _canonical(*scores.topk(width, dim=-1))  # (S, width)
+        probs = scores.softmax(dim=-1).gather(1, ids)
+        drop = (probs.cumsum(dim=-1) - probs) >= rows.top_p
+        kept = width - drop.sum(dim=-1, keepdim=True)  # a prefix of at least one
+        settled = (kept < width) & (values.gather(1, kept - 1) > values[:, -1:])
+        tokens = self._finish(values.masked_fill(drop, _NEG_INF), ids, rows)
+        if bool(settled.all()):
+            return tokens
+        rest = (~settled).squeeze(1).nonzero().squeeze(1)
+        again = self._draw_nucleus(scores.index_select(0, rest), rows.select(rest), widths[1:])
+        return tokens.index_copy_(0, rest, again)
+
+    def _finish(self, values: torch.Tensor, ids: torch.Tensor, rows: _Rows) -> torch.Tensor:
+        """Min-p and the draw over candidates (S, C) sorted best first; their token ids."""
+        if rows.min_p:
+            values = values.masked_fill_(values < values[:, :1] + rows.log_min_p, _NEG_INF)
+        hashes = self._token_hash_table(rows.logits.shape[1], ids.device)[ids]  # (S, C)
+        best = values.add_(_gumbel(hashes, rows.keys)).argmax(dim=-1, keepdim=True)
+        return ids.gather(1, best).squeeze(1)
+
+    def _row_keys(self, request: Request) -> tuple[int, int]:
+        """Two 31-bit hash keys: from (seed, output index) if seeded, else from the stream."""
+        seed = request.params.seed
+        if seed is None:
+            z = self._rng.getrandbits(62)
+        else:
+            z = _splitmix64(_splitmix64(seed & _MASK64) ^ request.num_output_tokens)
+        return z & _MASK31, (z >> 31) & _MASK31
+
+    def _token_hash_table(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """(V,) int64: a fixed 31-bit scramble of each token id, the input to the row hash."""
+        table = self._token_hashes.get((vocab, device))
+        if table is None:
+            ids = torch.arange(vocab, dtype=torch.long, device=device)
+            table = _mix(_mix(ids, 0x3C6EF372, _M2), 0x1B873593, _M1)
+            self._token_hashes[(vocab, device)] = table
+        return table
 
 
-def _needs_penalties(r: Request) -> bool:
-    p = r.params
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+@dataclass(slots=True)
+class _Rows:
+    """A group of drawn rows: their logits (S, V) and per-row numbers (S, 6) on the device."""
+
+    logits: torch.Tensor
+    numbers: torch.Tensor
+    min_p: bool  # whether any row has min_p > 0
+
+    def select(self, index: torch.Tensor) -> _Rows:
+        return _Rows(self.logits.index_select(0, index), self.numbers.index_select(0, index),
+                     self.min_p)
+
+    def scaled(self) -> torch.Tensor:
+        """logits / temperature as a new tensor, NaN -> -inf, +inf -> the largest float."""
+        scores = self.logits / self.numbers[:, 0:1].float()
+        return scores.nan_to_num_(nan=_NEG_INF, posinf=_FLOAT_MAX, neginf=_NEG_INF)
+
+    @property
+    def top_p(self) -> torch.Tensor:  # (S, 1) float32
+        return self.numbers[:, 1:2].float()
+
+    @property
+    def log_min_p(self) -> torch.Tensor:  # (S, 1) float32
+        return self.numbers[:, 2:3].float()
+
+    @property
+    def k(self) -> torch.Tensor:  # (S, 1) int64
+        return self.numbers[:, 3:4].long()
+
+    @property
+    def keys(self) -> torch.Tensor:  # (S, 2) int64
+        return self.numbers[:, 4:6].long()
+
+
+def _top_k(scores: torch.Tensor, k: torch.Tensor, k_max: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's top-k tokens with every tie of the k-th, as (values, ids) of shape (S, C),
+    in :func:`_canonical` order; positions past a row's own set hold -inf.
+
+    topk(k_max + 1) usually holds every tie; when a row's last candidate still equals its k-th
+    value, ties may lie beyond, and the width doubles until none can (or the whole vocabulary
+    is sorted).
+    """
+    V = scores.shape[1]
+    width = k_max + 1
+    while width < V:
+        values, ids = scores.topk(width, dim=-1)
+        kth = values.gather(1, k - 1)
+        if not bool((values[:, -1:] >= kth).any()):
+            values, ids = _canonical(values, ids)
+            break
+        width *= 2
+    else:
+        values, ids = scores.sort(dim=-1, descending=True, stable=True)
+        kth = values.gather(1, k - 1)
+    return values.masked_fill_(values < kth, _NEG_INF), ids
+
+
+def _canonical(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates ordered by value descending, then token id ascending: what a stable sort of
+    the whole row gives, whatever order topk returned ties in."""
+    ids, order = ids.sort(dim=-1)
+    values, order = values.gather(1, order).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(1, order)
+
+
+def _mix(x: torch.Tensor, key: int | torch.Tensor, multiplier: int) -> torch.Tensor:
+    """One hash round over 31-bit values: xor a key, multiply, fold the high half into the low.
+
+    Operands stay below 2**31, so the int64 product cannot overflow; the result is 31 bits.
+    """
+    x = x ^ key
+    x.mul_(multiplier)
+    return x.bitwise_xor_(x >> 31).bitwise_and_(_MASK31)
+
+
+def _gumbel(token_hashes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) variates (S, C), float32, from token hashes (S or 1, C) and row keys (S, 2)."""
+    x = _mix(token_hashes, keys[:, 0:1], _M1)  # a new (S, C) tensor: the rest is in place
+    x.bitwise_xor_(keys[:, 1:2]).mul_(_M2)
+    x.bitwise_xor_(x >> 31).bitwise_and_(_MASK31)
+    # 23 bits: (x + 0.5) / 2**23 is exact in float32 and lies strictly inside (0, 1)
+    u = (x >> 8).float().add_(0.5).mul_(2.0**-23)
+    return u.log_().neg_().log_().neg_()
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _adjusted(raw: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """The logits after penalties and min_tokens; ``raw`` itself when no row has either."""
+    B, V = raw.shape
+    penalized = _penalty_windows(requests)
+    suppressed = [i * V + t for i, r in enumerate(requests)
+                  if r.num_output_tokens < r.params.min_tokens
+                  for t in _stop_ids(r) if t < V]
+    if not penalized and not suppressed:
+        return raw
+    logits = raw.clone(memory_format=torch.contiguous_format)
+    if penalized:
+        _apply_penalties(logits, penalized)
+    if suppressed:
+        logits.view(-1).index_fill_(0, torch.tensor(suppressed, device=raw.device), _NEG_INF)
+    return logits
+
+
+@dataclass(slots=True)
+class _Window:
+    row: int
+    tokens: list[int]  # what the repetition penalty reads
+    counted_from: int  # tokens[counted_from:] are what presence and frequency count
+    params: SamplingParams
+
+
+def _penalty_windows(requests: list[Request]) -> list[_Window]:
+    windows = []
+    for i, r in enumerate(requests):
+        p = r.params
+        repetition = p.repetition_penalty != 1.0
+        additive = bool(p.presence_penalty or p.frequency_penalty)
+        if not (repetition or additive) or p.repeat_last_n == 0:
+            continue
+        if p.repeat_last_n is not None:
+            tokens, counted_from = r.all_token_ids[-p.repeat_last_n:], 0
+        elif repetition:
+            tokens = r.all_token_ids
+            counted_from = len(tokens) - r.num_output_tokens
+        else:
+            tokens, counted_from = r.output_token_ids, 0
+        if tokens:
+            windows.append(_Window(i, tokens, counted_from, p))
+    return windows
+
+
+def _apply_penalties(logits: torch.Tensor, windows: list[_Window]) -> None:
+    """Penalize each window's tokens in place, all rows at once.
+
+    Windows are padded to one width with copies of their first token: every occurrence of a
+    token id in a row computes the same new value, so writing them all back is well defined.
+
+        ids      (P, L)   window tokens, padded
+        counted  (P, L)   True where presence/frequency count the position (not padding)
+        count    (P, L)   occurrences of ids[p, j] among the counted positions of row p
+    """
+    V = logits.shape[1]
+    device = logits.device
+    width = max(len(w.tokens) for w in windows)
+    flat: list[int] = []
+    for w in windows:
+        flat += w.tokens
+        flat += [w.tokens[0]] * (width - len(w.tokens))
+    ids = torch.tensor(flat, dtype=torch.long).view(len(windows), width).to(device)
+    ints = torch.tensor([[w.row, w.counted_from, len(w.tokens)] for w in windows],
+                        dtype=torch.long).to(device)
+    floats = torch.tensor([[w.params.repetition_penalty, w.params.presence_penalty,
+                            w.params.frequency_penalty] for w in windows]).to(device)
+    position = torch.arange(width, device=device).unsqueeze(0)
+    counted = (position >= ints[:, 1:2]) & (position < ints[:, 2:3])
+    ordered = ids.masked_fill(~counted, V).sort(dim=-1).values  # V sorts after every token
+    count = (torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids))
+    where = ints[:, 0:1] * V + ids  # flat index into logits
+    values = logits.view(-1)[where]
+    repetition = floats[:, 0:1]
+    values = torch.where(values > 0, values / repetition, values * repetition)
+    values -= floats[:, 2:3] * count + floats[:, 1:2] * (count > 0)
+    logits.view(-1)[where] = values
+
+
+def _stop_ids(r: Request) -> set[int]:
+    stops = set(r.params.stop_token_ids)
+    if not r.params.ignore_eos:
+        stops |= r.eos_token_ids
+    return stops
+
+
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, wanted: list[int], num_top: int
+              ) -> list[torch.Tensor]:
+    """Raw-distribution logprobs of the sampled tokens (R,), and the top ``num_top`` (R, N)
+    values and ids, for the rows in ``wanted``."""
+    if len(wanted) < raw.shape[0]:
+        rows = torch.tensor(wanted, device=raw.device)
+        raw, tokens = raw.index_select(0, rows), tokens.index_select(0, rows)
+    logprobs = raw.log_softmax(dim=-1)  # (R, V); cheaper than logsumexp on CPU
+    chosen = logprobs.gather(1, tokens.unsqueeze(1))
+    if num_top:
+        top_values, top_ids = logprobs.topk(num_top, dim=-1)
+    else:
+        top_values = top_ids = raw[:, :0]
+    return [chosen, top_values, top_ids]
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[list]:
+    """Each tensor as a flat Python list, in one device-to-host copy.
+
+    On CUDA the tensors travel packed in one float64 vector (token ids below 2**53 are exact)
+    through pinned memory; integer tensors come back as floats, which callers turn into ints.
+    """
+    device = tensors[0].device
+    if device.type == "cpu":
+        return [t.reshape(-1).tolist() for t in tensors]
+    packed = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    if device.type == "cuda":
+        host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        torch.cuda.current_stream(device).synchronize()
+    else:
+        host = packed.cpu()
+    values = host.tolist()
+    out, start = [], 0
+    for t in tensors:
+        out.append(values[start:start + t.numel()])
+        start += t.numel()
+    return out

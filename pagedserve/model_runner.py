@@ -131,7 +131,7 @@ class ModelRunner:
         results: list[SampledToken | None] = [None] * len(scheduled)
         if sample_rows:
             logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            sampled = self.sampler(logits.cpu(), [scheduled[i].request for i in sample_of])
+            sampled = self.sampler(logits, [scheduled[i].request for i in sample_of])
             for i, token in zip(sample_of, sampled, strict=True):
                 results[i] = token
         return results

@@ -103,6 +103,7 @@ _OLLAMA_PARAM_NAMES = {
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
     "repeat_penalty": "repetition_penalty",
+    "repeat_last_n": "repeat_last_n",
     "num_predict": "max_tokens",
     "num_ctx": "num_ctx",  # not a SamplingParams field: the engine's context per sequence
 }
@@ -121,7 +122,8 @@ def ollama_params_to_sampling(params: dict[str, Any]) -> dict[str, Any]:
     """Translate an Ollama params layer (or a request's ``options``) to SamplingParams names.
 
     Options we have no equivalent for (mirostat, tfs_z, num_gpu, ...) are dropped with a debug
-    log. ``num_predict`` below zero (-1 endless, -2 fill the context) becomes ``max_tokens=None``.
+    log. ``num_predict`` below zero (-1 endless, -2 fill the context) becomes ``max_tokens=None``,
+    ``repeat_last_n`` -1 (the whole context) ``None``.
     """
     out: dict[str, Any] = {}
     for key, value in params.items():
@@ -132,6 +134,8 @@ def ollama_params_to_sampling(params: dict[str, Any]) -> dict[str, Any]:
         if name == "stop":
             value = [value] if isinstance(value, str) else list(value)
         elif name == "max_tokens" and isinstance(value, int) and value < 0:
+            value = None
+        elif name == "repeat_last_n" and value == -1:  # the whole context
             value = None
         out[name] = value
     return out

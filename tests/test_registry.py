@@ -210,6 +210,11 @@ def test_num_predict_below_zero_means_no_limit() -> None:
         "max_tokens": None, "stop": ["x"]}
 
 
+def test_repeat_last_n_minus_one_means_the_whole_context() -> None:
+    assert registry.ollama_params_to_sampling({"repeat_last_n": -1}) == {"repeat_last_n": None}
+    assert registry.ollama_params_to_sampling({"repeat_last_n": 32}) == {"repeat_last_n": 32}
+
+
 def test_corrupt_blob_is_named(ollama_models: Path) -> None:
     params = json.dumps(PARAMS).encode()
     digest = hashlib.sha256(params).hexdigest()

@@ -145,6 +145,19 @@ def test_bad_option_names_the_option(server):
     assert resp.json()["error"].startswith("repeat_penalty")
 
 
+def test_repeat_last_n_window(client, server):
+    """Ollama's defaults penalize the last 64 tokens; -1 (whole context) and 0 (off) are
+    accepted from the official client, and a window below -1 is refused naming the option."""
+    for window in (-1, 0, 8):
+        reply = client.generate(model=MODEL, prompt="Count: 1 1 1 1", options={
+            **OPTIONS, "repeat_last_n": window, "repeat_penalty": 1.5})
+        _check_final(reply)
+    resp = httpx.post(f"{server.url}/api/generate", json={
+        "model": MODEL, "prompt": "Hi", "stream": False, "options": {"repeat_last_n": -2}})
+    assert resp.status_code == 400
+    assert resp.json()["error"].startswith("repeat_last_n")
+
+
 def test_version_and_root(server):
     assert httpx.get(f"{server.url}/api/version").json()["version"]
     assert httpx.get(f"{server.url}/").text == "Ollama is running"

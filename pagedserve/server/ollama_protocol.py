@@ -21,6 +21,7 @@ OPTION_FIELDS = {
     "stop": "stop",
     "seed": "seed",
     "repeat_penalty": "repetition_penalty",
+    "repeat_last_n": "repeat_last_n",
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
     # pagedserve's extras, so that a load generator can fix the output length
@@ -32,7 +33,8 @@ FIELD_OPTIONS = {v: k for k, v in OPTION_FIELDS.items()} | {"logprobs": "top_log
 
 # Ollama's own defaults where they differ from SamplingParams' (llama.cpp's sampler settings)
 OLLAMA_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.9,
-                                   "max_tokens": None}
+                                   "max_tokens": None,
+                                   "repetition_penalty": 1.1, "repeat_last_n": 64}
 
 
 class _Body(BaseModel):
@@ -50,6 +52,7 @@ class Options(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     num_ctx: int | None = None
@@ -64,6 +67,8 @@ class Options(BaseModel):
             if value is None:
                 continue
             if option == "num_predict" and value < 0:  # -1: no limit, -2: fill the context
+                value = None
+            if option == "repeat_last_n" and value == -1:  # the whole context
                 value = None
             values[name] = value
         return values

@@ -6,20 +6,13 @@ logprobs asked for) to the host: pinned memory and ``non_blocking`` on CUDA.
 
 Order of operations (vLLM's and transformers'):
 
-1. penalties on the raw logits: repetition (divide a positive logit, multiply a negative one),
-   then ``frequency * count + presence * (count > 0)`` subtracted; stop and EOS tokens at -inf
-   while fewer than ``min_tokens`` were produced;
+1. penalties and ``min_tokens`` on the raw logits (:mod:`pagedserve.penalties`);
 2. temperature below :data:`GREEDY_EPSILON`: argmax (vLLM's epsilon; a tinier divisor would turn
    logits into inf);
 3. otherwise logits / temperature, then top-k (every token tied with the k-th is kept), top-p on
    what is left (a token goes when the mass before it reaches ``top_p``), min-p (a token goes
    when its probability is below ``min_p`` times the top one's), and a draw;
 4. logprobs (of the sampled token and the top N) come from the raw distribution, before 1.
-
-Penalty windows (``SamplingParams.repeat_last_n``). ``None``: repetition over prompt + output,
-presence and frequency over the output (vLLM, OpenAI). ``N > 0``: all three count the last N
-tokens of prompt + output, as llama.cpp's penalties sampler does with ``penalty_last_n`` (Ollama
-feeds it the prompt too, and its ``repeat_last_n`` defaults to 64). ``0``: no penalties.
 
 The draw is the Gumbel-max trick: ``argmax(logits / T + g)`` with one Gumbel(0, 1) variate per
 (row, token) is a draw from ``softmax(logits / T)``. The variates are not taken from a stateful
@@ -33,13 +26,18 @@ Keyed by token id, a variate is the same whichever candidates survive the filter
 
 Where the filters act, only the candidates are worked on:
 
-    rows with top_k (k < V):      topk(max k + 1) -> the k kept -> top-p, min-p, draw over them
-    rows with top_p < 1, no top_k: a full sort of the vocabulary
-    rows with neither:            the whole vocabulary in place, min-p as a logit threshold
+    rows with top_k (k < V):       topk(max k + 1) -> the k kept, ties too -> top-p, min-p, draw
+    rows with top_p < 1, no top_k: the best 256 -> top-p -> min-p, draw
+    rows with neither:             the whole vocabulary in place, min-p as a logit threshold
 
-so the Gumbel variates (the costly part on CPU) are computed for k tokens, not the vocabulary.
-Candidates are ordered by (logit descending, token id ascending) whatever torch's topk returns,
-so that ties cannot make a row's result depend on its companions.
+so the Gumbel variates (the costly part on CPU) are computed for the candidates, not the
+vocabulary. Candidates are ordered by (logit descending, token id ascending) whatever order topk
+returns ties in, so that ties cannot make a row's result depend on its companions.
+
+Candidates can fall short: ties of the k-th logit beyond topk(k + 1), a nucleus wider than 256
+tokens. Such rows are flagged, the flags travel in the one copy, and only then are those rows
+(rarely any) drawn again exactly with the same keys: 4096 candidates, then a full sort. A usual
+step reads nothing back from the device before its one copy.
 
 Non-finite logits never crash and never yield an id outside [0, V): NaN counts as -inf (a row
 of nothing but NaN or -inf yields some id), +inf as the largest finite float. Gumbel variates have
@@ -55,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve.penalties import penalized
 from pagedserve.request import Request
 from pagedserve.sampling_params import SamplingParams
 
@@ -88,64 +87,100 @@ class Sampler:
         B, V = logits.shape
         params = [r.params for r in requests]
         raw = logits.float()  # (B, V); the caller's tensor when it is float32 already
-        logits = _adjusted(raw, requests)
-        tokens, greedy_max = self._choose(logits, requests)  # (B,) ids, (B,) or (0,) maxima
+        logits = penalized(raw, requests)
+        drawn = [i for i, p in enumerate(params) if p.temperature >= GREEDY_EPSILON]
+        numbers = self._row_numbers([requests[i] for i in drawn], V, logits.device)
+        # (B,) ids; the greedy maxima (B,) or (0,); flags (S,) of the drawn rows to settle
+        tokens, greedy_max, unsettled = self._choose(logits, drawn, numbers, params)
 
-        to_host = [tokens, greedy_max]
+        to_host = [tokens, greedy_max, unsettled]
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         num_top = min(max((params[i].logprobs for i in wanted), default=0), V)
         if wanted:
             to_host += _logprobs(raw, tokens, wanted, num_top)
-        host = _to_host(to_host)
+        host = _to_host(to_host)  # the one copy from the device
         token_ids = [int(t) for t in host[0]]
-        for i, value in enumerate(host[1]):
-            if value != value and params[i].temperature < GREEDY_EPSILON:
-                # NaN in a greedy row, which argmax takes for the largest: rare, so fixed here
-                token_ids[i] = int(logits[i].nan_to_num(nan=_NEG_INF).argmax())
+        # a greedy row with NaN, which argmax took for the largest value
+        unsure = [i for i, m in enumerate(host[1])
+                  if m != m and params[i].temperature < GREEDY_EPSILON]
+        unsure += [drawn[j] for j, flag in enumerate(host[2]) if flag]
+        if unsure:
+            self._settle(token_ids, unsure, logits, drawn, numbers, params)
 
         out = [SampledToken(t) for t in token_ids]
         if wanted:
-            chosen, top_values, top_ids = host[2], host[3], host[4]
+            chosen, top_values, top_ids = host[3], host[4], host[5]
             for j, i in enumerate(wanted):
                 n = params[i].logprobs
                 out[i].logprob = chosen[j]
                 row = slice(j * num_top, j * num_top + min(n, num_top))
                 out[i].top = [(int(t), v) for t, v in
                               zip(top_ids[row], top_values[row], strict=True)]
+            for i in set(unsure) & set(wanted):
+                out[i].logprob = float(raw[i].log_softmax(dim=-1)[token_ids[i]])
         return out
 
-    def _choose(self, logits: torch.Tensor, requests: list[Request]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B,), argmax for greedy rows, and the greedy rows' maxima (B,), or an
-        empty tensor when no row is greedy."""
+    def _choose(self, logits: torch.Tensor, drawn: list[int], numbers: torch.Tensor,
+                params: list[SamplingParams]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids (B,): argmax for greedy rows, a draw for the ``drawn`` ones; the row
+        maxima (B,) if any row is greedy; flags (S,) of drawn rows to settle after the copy."""
         B = logits.shape[0]
-        drawn = [i for i, r in enumerate(requests) if r.params.temperature >= GREEDY_EPSILON]
+        drawn_params = [params[i] for i in drawn]
         if len(drawn) == B:
-            return self._draw(logits, requests), logits[:0, 0]
+            tokens, unsettled = self._draw(logits, numbers, drawn_params, exact=False)
+            return tokens, logits[:0, 0], unsettled
         greedy_max, tokens = logits.max(dim=-1)
-        if drawn:
-            rows = torch.tensor(drawn, device=logits.device)
-            sampled = self._draw(logits.index_select(0, rows), [requests[i] for i in drawn])
-            tokens = tokens.index_copy(0, rows, sampled)
-        return tokens, greedy_max
+        if not drawn:
+            return tokens, greedy_max, tokens[:0]
+        rows = torch.tensor(drawn, device=logits.device)
+        sampled, unsettled = self._draw(logits.index_select(0, rows), numbers, drawn_params,
+                                        exact=False)
+        return tokens.index_copy(0, rows, sampled), greedy_max, unsettled
 
-    def _draw(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Sampled ids (S,) for rows that are not greedy, grouped by how they filter."""
+    def _settle(self, token_ids: list[int], rows: list[int], logits: torch.Tensor,
+                drawn: list[int], numbers: torch.Tensor, params: list[SamplingParams]) -> None:
+        """Redo, exactly, the rare rows whose first answer was not sure: a greedy row with
+        NaN, a top-k row with ties beyond its candidates, a nucleus wider than the first
+        candidates. Same row keys, so the same answer as if it had been exact at once."""
+        position = {i: j for j, i in enumerate(drawn)}
+        for i in rows:
+            if i not in position:
+                token_ids[i] = int(logits[i].nan_to_num(nan=_NEG_INF).argmax())
+        redo = [i for i in rows if i in position]
+        if redo:
+            device = logits.device
+            sampled, _ = self._draw(
+                logits.index_select(0, torch.tensor(redo, device=device)),
+                numbers.index_select(0, torch.tensor([position[i] for i in redo],
+                                                     device=device)),
+                [params[i] for i in redo], exact=True)
+            for i, t in zip(redo, sampled.tolist(), strict=True):
+                token_ids[i] = t
+
+    def _row_numbers(self, requests: list[Request], vocab: int, device: torch.device
+                     ) -> torch.Tensor:
+        """(S, 6) float64 on the device, see :class:`_Rows`; draws the unseeded rows' keys."""
+        if not requests:
+            return torch.empty(0, 6, dtype=torch.float64)  # unused: every row is greedy
+        rows = []
+        for r in requests:
+            p = r.params
+            rows.append([p.temperature, p.top_p if p.top_p < 1 else math.inf,
+                         math.log(p.min_p) if p.min_p > 0 else _NEG_INF,
+                         min(p.top_k, vocab) if p.top_k > 0 else vocab, *self._row_keys(r)])
+        return torch.tensor(rows, dtype=torch.float64).reshape(-1, 6).to(device,
+                                                                         non_blocking=True)
+
+    def _draw(self, logits: torch.Tensor, numbers: torch.Tensor, params: list[SamplingParams],
+              exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled ids (S,) for rows that are not greedy, grouped by how they filter, and (S,)
+        flags of rows whose candidates may have missed a token (never when ``exact``)."""
         S, V = logits.shape
-        params = [r.params for r in requests]
-        keys = [self._row_keys(r) for r in requests]
-        # per row, see _Rows: temperature, top_p (inf: off), log(min_p), k (V: off), hash keys
-        numbers = torch.tensor(
-            [[p.temperature, p.top_p if p.top_p < 1 else math.inf,
-              math.log(p.min_p) if p.min_p > 0 else _NEG_INF,
-              min(p.top_k, V) if p.top_k > 0 else V, k1, k2]
-             for p, (k1, k2) in zip(params, keys, strict=True)],
-            dtype=torch.float64,
-        ).to(logits.device, non_blocking=True)
         groups: dict[str, list[int]] = {"top_k": [], "top_p": [], "free": []}
         for i, p in enumerate(params):
             groups["top_k" if 0 < p.top_k < V else "top_p" if p.top_p < 1 else "free"].append(i)
-        tokens = None
+        tokens = unsettled = None
         for name, members in groups.items():
             if not members:
                 continue
@@ -156,18 +191,22 @@ class Sampler:
                          numbers if whole else numbers.index_select(0, index),
                          any(p.min_p > 0 for p in group))
             if name == "top_k":
-                sampled = self._draw_top_k(rows, max(p.top_k for p in group))
+                sampled, doubt = self._draw_top_k(rows, max(p.top_k for p in group), exact)
             elif name == "top_p":
-                sampled = self._draw_nucleus(rows.scaled(), rows, _NUCLEUS_WIDTHS)
+                widths = _NUCLEUS_WIDTHS[1:] if exact else _NUCLEUS_WIDTHS[:1]
+                sampled, doubt = self._draw_nucleus(rows.scaled(), rows, widths, exact)
             else:
                 sampled = self._draw_free(rows)
+                doubt = torch.zeros_like(sampled, dtype=torch.bool)
             if whole:
-                return sampled
+                return sampled, doubt
             if tokens is None:
                 tokens = torch.empty(S, dtype=torch.long, device=logits.device)
+                unsettled = torch.empty(S, dtype=torch.bool, device=logits.device)
             tokens.index_copy_(0, index, sampled)
-        assert tokens is not None
-        return tokens
+            unsettled.index_copy_(0, index, doubt)
+        assert tokens is not None and unsettled is not None
+        return tokens, unsettled
 
     def _draw_free(self, rows: _Rows) -> torch.Tensor:
         """No top-k, no top-p: the whole vocabulary, min-p as a threshold on the logits."""
@@ -179,40 +218,45 @@ class Sampler:
         scores.add_(_gumbel(hashes, rows.keys))
         return scores.argmax(dim=-1)
 
-    def _draw_top_k(self, rows: _Rows, k_max: int) -> torch.Tensor:
+    def _draw_top_k(self, rows: _Rows, k_max: int, exact: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """top_k < V: the k best of each row (with ties), then top-p renormalized over them."""
-        values, ids = _top_k(rows.scaled(), rows.k, k_max)  # (S, C)
+        values, ids, spilled = _top_k(rows.scaled(), rows.k, k_max, grow=exact)  # (S, C)
         probs = values.softmax(dim=-1)
         drop = (probs.cumsum(dim=-1) - probs) >= rows.top_p  # never where top_p is inf
-        return self._finish(values.masked_fill_(drop, _NEG_INF), ids, rows)
+        return self._finish(values.masked_fill_(drop, _NEG_INF), ids, rows), spilled
 
-    def _draw_nucleus(self, scores: torch.Tensor, rows: _Rows, widths: tuple[int, ...]
-                      ) -> torch.Tensor:
+    def _draw_nucleus(self, scores: torch.Tensor, rows: _Rows, widths: tuple[int, ...],
+                      exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """top_p < 1 without top_k: the nucleus, found among the best ``widths[0]`` tokens.
 
         The candidates settle a row when its nucleus ends before the last candidate with a
         value above it: every token the full sort would keep is then among them, in the same
-        order. Rows they do not settle try the next width; past the last, a full sort. The
-        choice is made per row, so it never depends on the companions.
+        order. Rows they do not settle are flagged, or when ``exact`` tried with the next
+        width and, past the last, a full sort. Decided per row: companions do not matter.
         """
-        V = scores.shape[1]
+        S, V = scores.shape
         if not widths or widths[0] + 1 >= V:
             values, ids = scores.sort(dim=-1, descending=True, stable=True)
             probs = values.softmax(dim=-1)
             drop = (probs.cumsum(dim=-1) - probs) >= rows.top_p
-            return self._finish(values.masked_fill_(drop, _NEG_INF), ids, rows)
+            tokens = self._finish(values.masked_fill_(drop, _NEG_INF), ids, rows)
+            return tokens, torch.zeros(S, dtype=torch.bool, device=scores.device)
         width = widths[0] + 1
         values, ids = _canonical(*scores.topk(width, dim=-1))  # (S, width)
         probs = scores.softmax(dim=-1).gather(1, ids)
         drop = (probs.cumsum(dim=-1) - probs) >= rows.top_p
         kept = width - drop.sum(dim=-1, keepdim=True)  # a prefix of at least one
-        settled = (kept < width) & (values.gather(1, kept - 1) > values[:, -1:])
-        tokens = self._finish(values.masked_fill(drop, _NEG_INF), ids, rows)
-        if bool(settled.all()):
-            return tokens
-        rest = (~settled).squeeze(1).nonzero().squeeze(1)
-        again = self._draw_nucleus(scores.index_select(0, rest), rows.select(rest), widths[1:])
-        return tokens.index_copy_(0, rest, again)
+        unsettled = ~((kept < width) & (values.gather(1, kept - 1) > values[:, -1:])).squeeze(1)
+        tokens = self._finish(values.masked_fill_(drop, _NEG_INF), ids, rows)
+        if not exact:
+            return tokens, unsettled
+        if bool(unsettled.any()):
+            rest = unsettled.nonzero().squeeze(1)
+            again, _ = self._draw_nucleus(scores.index_select(0, rest), rows.select(rest),
+                                          widths[1:], exact)
+            tokens.index_copy_(0, rest, again)
+        return tokens, torch.zeros_like(unsettled)
 
     def _finish(self, values: torch.Tensor, ids: torch.Tensor, rows: _Rows) -> torch.Tensor:
         """Min-p and the draw over candidates (S, C) sorted best first; their token ids."""
@@ -275,28 +319,30 @@ class _Rows:
         return self.numbers[:, 4:6].long()
 
 
-def _top_k(scores: torch.Tensor, k: torch.Tensor, k_max: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's top-k tokens with every tie of the k-th, as (values, ids) of shape (S, C),
-    in :func:`_canonical` order; positions past a row's own set hold -inf.
+def _top_k(scores: torch.Tensor, k: torch.Tensor, k_max: int, grow: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's top-k tokens with every tie of the k-th, as (values, ids) of shape (S, C) in
+    :func:`_canonical` order, positions past a row's own set at -inf; and (S,) flags of rows
+    whose ties may lie beyond the candidates.
 
-    topk(k_max + 1) usually holds every tie; when a row's last candidate still equals its k-th
-    value, ties may lie beyond, and the width doubles until none can (or the whole vocabulary
-    is sorted).
+    topk(k_max + 1) usually holds every tie: a row's set is sure when its last candidate is
+    below its k-th value. With ``grow``, the width doubles until every row is sure (or the
+    whole vocabulary is sorted); without, unsure rows are flagged.
     """
-    V = scores.shape[1]
+    S, V = scores.shape
     width = k_max + 1
     while width < V:
-        values, ids = scores.topk(width, dim=-1)
+        values, ids = scores.topk(width, dim=-1)  # ties in no particular order
         kth = values.gather(1, k - 1)
-        if not bool((values[:, -1:] >= kth).any()):
+        spilled = (values[:, -1:] >= kth).squeeze(1)
+        if not grow or not bool(spilled.any()):
             values, ids = _canonical(values, ids)
-            break
+            return values.masked_fill_(values < kth, _NEG_INF), ids, spilled
         width *= 2
-    else:
-        values, ids = scores.sort(dim=-1, descending=True, stable=True)
-        kth = values.gather(1, k - 1)
-    return values.masked_fill_(values < kth, _NEG_INF), ids
+    values, ids = scores.sort(dim=-1, descending=True, stable=True)
+    kth = values.gather(1, k - 1)
+    spilled = torch.zeros(S, dtype=torch.bool, device=scores.device)
+    return values.masked_fill_(values < kth, _NEG_INF), ids, spilled
 
 
 def _canonical(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,92 +380,6 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def _adjusted(raw: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """The logits after penalties and min_tokens; ``raw`` itself when no row has either."""
-    B, V = raw.shape
-    penalized = _penalty_windows(requests)
-    suppressed = [i * V + t for i, r in enumerate(requests)
-                  if r.num_output_tokens < r.params.min_tokens
-                  for t in _stop_ids(r) if t < V]
-    if not penalized and not suppressed:
-        return raw
-    logits = raw.clone(memory_format=torch.contiguous_format)
-    if penalized:
-        _apply_penalties(logits, penalized)
-    if suppressed:
-        logits.view(-1).index_fill_(0, torch.tensor(suppressed, device=raw.device), _NEG_INF)
-    return logits
-
-
-@dataclass(slots=True)
-class _Window:
-    row: int
-    tokens: list[int]  # what the repetition penalty reads
-    counted_from: int  # tokens[counted_from:] are what presence and frequency count
-    params: SamplingParams
-
-
-def _penalty_windows(requests: list[Request]) -> list[_Window]:
-    windows = []
-    for i, r in enumerate(requests):
-        p = r.params
-        repetition = p.repetition_penalty != 1.0
-        additive = bool(p.presence_penalty or p.frequency_penalty)
-        if not (repetition or additive) or p.repeat_last_n == 0:
-            continue
-        if p.repeat_last_n is not None:
-            tokens, counted_from = r.all_token_ids[-p.repeat_last_n:], 0
-        elif repetition:
-            tokens = r.all_token_ids
-            counted_from = len(tokens) - r.num_output_tokens
-        else:
-            tokens, counted_from = r.output_token_ids, 0
-        if tokens:
-            windows.append(_Window(i, tokens, counted_from, p))
-    return windows
-
-
-def _apply_penalties(logits: torch.Tensor, windows: list[_Window]) -> None:
-    """Penalize each window's tokens in place, all rows at once.
-
-    Windows are padded to one width with copies of their first token: every occurrence of a
-    token id in a row computes the same new value, so writing them all back is well defined.
-
-        ids      (P, L)   window tokens, padded
-        counted  (P, L)   True where presence/frequency count the position (not padding)
-        count    (P, L)   occurrences of ids[p, j] among the counted positions of row p
-    """
-    V = logits.shape[1]
-    device = logits.device
-    width = max(len(w.tokens) for w in windows)
-    flat: list[int] = []
-    for w in windows:
-        flat += w.tokens
-        flat += [w.tokens[0]] * (width - len(w.tokens))
-    ids = torch.tensor(flat, dtype=torch.long).view(len(windows), width).to(device)
-    ints = torch.tensor([[w.row, w.counted_from, len(w.tokens)] for w in windows],
-                        dtype=torch.long).to(device)
-    floats = torch.tensor([[w.params.repetition_penalty, w.params.presence_penalty,
-                            w.params.frequency_penalty] for w in windows]).to(device)
-    position = torch.arange(width, device=device).unsqueeze(0)
-    counted = (position >= ints[:, 1:2]) & (position < ints[:, 2:3])
-    ordered = ids.masked_fill(~counted, V).sort(dim=-1).values  # V sorts after every token
-    count = (torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids))
-    where = ints[:, 0:1] * V + ids  # flat index into logits
-    values = logits.view(-1)[where]
-    repetition = floats[:, 0:1]
-    values = torch.where(values > 0, values / repetition, values * repetition)
-    values -= floats[:, 2:3] * count + floats[:, 1:2] * (count > 0)
-    logits.view(-1)[where] = values
-
-
-def _stop_ids(r: Request) -> set[int]:
-    stops = set(r.params.stop_token_ids)
-    if not r.params.ignore_eos:
-        stops |= r.eos_token_ids
-    return stops
-
-
 def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, wanted: list[int], num_top: int
               ) -> list[torch.Tensor]:
     """Raw-distribution logprobs of the sampled tokens (R,), and the top ``num_top`` (R, N)
@@ -444,7 +404,7 @@ def _to_host(tensors: list[torch.Tensor]) -> list[list]:
     """
     device = tensors[0].device
     if device.type == "cpu":
-        return [t.reshape(-1).tolist() for t in tensors]
+        return [(t if t.dim() == 1 else t.reshape(-1)).tolist() for t in tensors]
     packed = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
     if device.type == "cuda":
         host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pagedserve.outputs import RequestMetrics
+from pagedserve.penalties import penalized
 from pagedserve.request import Request
-from pagedserve.sampler import Sampler, _adjusted
+from pagedserve.sampler import Sampler
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -403,5 +404,26 @@ def test_penalties_follow_llama_cpp_over_the_window():
     params = SamplingParams(temperature=0, repetition_penalty=2.0,
                             presence_penalty=0.25, frequency_penalty=0.5, repeat_last_n=4)
     r = req(params, prompt=(3, 0, 1), outputs=(0, 1))  # window: 0 1 0 1 (3 is out)
-    adjusted = _adjusted(logits, [r])[0].tolist()
+    adjusted = penalized(logits, [r])[0].tolist()
     assert adjusted == [2.0 / 2 - 2 * 0.5 - 0.25, -1.0 * 2 - 2 * 0.5 - 0.25, 0.5, 3.0]
+
+
+def test_the_common_path_reads_nothing_back_before_the_one_copy(monkeypatch):
+    """On CUDA every bool()/int()/float()/item() of a tensor is a device sync: the usual
+    step (no ties at the k-th logit, nuclei within the first candidates, no NaN) has none."""
+    requests = [req(p, outputs=(5, 6)) for p in MIXED]
+    logits = random_logits(len(MIXED), seed=1)
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    Sampler()(logits, requests)
+    assert reads == []
+    logits[0, 3] = float("nan")  # a greedy row with NaN is settled after the copy
+    Sampler()(logits, requests)
+    assert reads

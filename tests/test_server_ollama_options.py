@@ -3,6 +3,9 @@ request's, without a server (tests/test_server_ollama.py drives a real one)."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
 from pagedserve.sampling_params import SamplingParams
@@ -13,12 +16,23 @@ from pagedserve.server.served_model import ModelCard, ServedModel
 
 
 class RecordingEngine:
+    """The AsyncEngine's door, recording what a request would have been made with."""
+
     def __init__(self) -> None:
         self.params: list[SamplingParams] = []
 
-    def submit(self, prompt, params: SamplingParams):
+    def check_alive(self) -> None:
+        pass
+
+    def num_queued(self) -> int:
+        return 0
+
+    def make_request(self, prompt, params: SamplingParams) -> SimpleNamespace:
         self.params.append(params)
-        return object()
+        return SimpleNamespace(request_id="r", prompt_token_ids=[1])
+
+    def enqueue(self, request) -> SimpleNamespace:
+        return SimpleNamespace(request_id=request.request_id, abort=lambda: None)
 
 
 def submitted(body: dict, model_defaults: dict | None = None,
@@ -26,7 +40,7 @@ def submitted(body: dict, model_defaults: dict | None = None,
     engine = RecordingEngine()
     card = ModelCard("smol:latest", "/m.gguf", sampling_defaults=model_defaults or {})
     values = request_type.model_validate(body).sampling_values()
-    _start(ServedModel(card, engine), "Hi", values)
+    asyncio.run(_start(ServedModel(card, engine), "Hi", values))
     [params] = engine.params
     return params
 
@@ -44,6 +58,8 @@ def test_ollama_defaults_apply_when_nothing_is_set():
 @pytest.mark.parametrize(("options", "expected"), [
     ({"repeat_last_n": 0}, {"repeat_last_n": 0, "repetition_penalty": 1.1}),
     ({"repeat_last_n": -1}, {"repeat_last_n": None}),  # -1: the whole context
+    ({"seed": -1}, {"seed": None}),  # llama.cpp's -1: a random seed
+    ({"seed": 42}, {"seed": 42}),
     ({"repeat_last_n": 256, "repeat_penalty": 1.3}, {"repeat_last_n": 256,
                                                       "repetition_penalty": 1.3}),
     ({"repeat_penalty": 1.0, "temperature": 0, "top_k": 5}, {"repetition_penalty": 1.0,

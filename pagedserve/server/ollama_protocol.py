@@ -70,6 +70,8 @@ class Options(BaseModel):
                 value = None
             if option == "repeat_last_n" and value == -1:  # the whole context
                 value = None
+            if option == "seed" and value == -1:  # llama.cpp's "random seed"
+                continue
             values[name] = value
         return values
 

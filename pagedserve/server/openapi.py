@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from pagedserve.sampling_params import LIST_LIMITS, RANGES, Range
+from pagedserve.sampling_params import LIST_LIMITS, MAX_INT, RANGES, Range
 from pagedserve.server.errors import OLLAMA_PREFIX
 from pagedserve.server.ollama_protocol import (
     OPTION_FIELDS,
@@ -48,10 +48,13 @@ BODIES: dict[tuple[str, str], tuple[type[BaseModel], str | None]] = {
 NAMES_A_MODEL = {path for path, _ in BODIES} | {"/v1/models/{model_id}"}
 QUEUES_WORK = {"/v1/completions", "/v1/chat/completions", "/api/generate", "/api/chat"}
 
-# wire name -> SamplingParams field, where they differ (num_predict takes -1 and -2 as well)
+# wire name -> SamplingParams field, where they differ
 _WIRE_FIELDS = {"max_completion_tokens": "max_tokens", "top_logprobs": "logprobs",
-                **{option: name for option, name in OPTION_FIELDS.items()
-                   if option != name and option != "num_predict"}}
+                **{option: name for option, name in OPTION_FIELDS.items() if option != name}}
+# Ollama options whose wire values go below the field's range: -1 means "no limit" or
+# "the whole context" (num_predict also takes -2: fill the context)
+_WIRE_RANGES = {"num_predict": Range(-2, MAX_INT, integer=True),
+                "repeat_last_n": Range(-1, MAX_INT, integer=True)}
 
 _ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
     "OpenAIError": {
@@ -119,11 +122,12 @@ def _add_ranges(schema: dict[str, Any], ranges: dict[str, Range]) -> None:
     """Minimum, maximum, item counts and lengths on the properties SamplingParams checks."""
     for wire_name, prop in schema.get("properties", {}).items():
         name = _WIRE_FIELDS.get(wire_name, wire_name)
+        allowed = _WIRE_RANGES.get(wire_name) or ranges.get(name)
         branches = prop.get("anyOf", [prop])
         for branch in branches:
             kind = branch.get("type")
-            if name in ranges and kind in ("integer", "number"):
-                branch.update(ranges[name].json_schema())
+            if allowed is not None and kind in ("integer", "number"):
+                branch.update(allowed.json_schema())
             if name in LIST_LIMITS:
                 most, longest = LIST_LIMITS[name]
                 if kind == "array":

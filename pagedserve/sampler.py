@@ -222,8 +222,7 @@ class Sampler:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """top_k < V: the k best of each row (with ties), then top-p renormalized over them."""
         values, ids, spilled = _top_k(rows.scaled(), rows.k, k_max, grow=exact)  # (S, C)
-        probs = values.softmax(dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs) >= rows.top_p  # never where top_p is inf
+        drop = _beyond_nucleus(values.softmax(dim=-1), rows.top_p)
         return self._finish(values.masked_fill_(drop, _NEG_INF), ids, rows), spilled
 
     def _draw_nucleus(self, scores: torch.Tensor, rows: _Rows, widths: tuple[int, ...],
@@ -238,14 +237,12 @@ class Sampler:
         S, V = scores.shape
         if not widths or widths[0] + 1 >= V:
             values, ids = scores.sort(dim=-1, descending=True, stable=True)
-            probs = values.softmax(dim=-1)
-            drop = (probs.cumsum(dim=-1) - probs) >= rows.top_p
+            drop = _beyond_nucleus(values.softmax(dim=-1), rows.top_p)
             tokens = self._finish(values.masked_fill_(drop, _NEG_INF), ids, rows)
             return tokens, torch.zeros(S, dtype=torch.bool, device=scores.device)
         width = widths[0] + 1
         values, ids = _canonical(*scores.topk(width, dim=-1))  # (S, width)
-        probs = scores.softmax(dim=-1).gather(1, ids)
-        drop = (probs.cumsum(dim=-1) - probs) >= rows.top_p
+        drop = _beyond_nucleus(scores.softmax(dim=-1).gather(1, ids), rows.top_p)
         kept = width - drop.sum(dim=-1, keepdim=True)  # a prefix of at least one
         unsettled = ~((kept < width) & (values.gather(1, kept - 1) > values[:, -1:])).squeeze(1)
         tokens = self._finish(values.masked_fill_(drop, _NEG_INF), ids, rows)
@@ -361,6 +358,14 @@ def _mix(x: torch.Tensor, key: int | torch.Tensor, multiplier: int) -> torch.Ten
     x = x ^ key
     x.mul_(multiplier)
     return x.bitwise_xor_(x >> 31).bitwise_and_(_MASK31)
+
+
+def _beyond_nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which candidates (sorted best first) top-p drops: those whose predecessors already hold
+    ``top_p`` of the mass. The best one always stays, even for a top_p that rounds to 0."""
+    drop = (probs.cumsum(dim=-1) - probs) >= top_p  # never where top_p is inf
+    drop[:, 0] = False
+    return drop
 
 
 def _gumbel(token_hashes: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -227,6 +227,7 @@ def test_the_engine_seed_repeats_unseeded_draws():
 @pytest.mark.parametrize("limit", [
     {"top_k": 1}, {"top_p": 1e-9}, {"min_p": 1.0}, {"temperature": 1e-6},
     {"top_k": 1, "top_p": 1e-9, "min_p": 1.0},
+    {"top_p": 5e-324}, {"top_k": 3, "top_p": 5e-324},  # round to 0 in float32 (the fuzzer's)
 ])
 def test_filters_at_their_limit_are_greedy(limit):
     logits = random_logits(64, vocab=5000)

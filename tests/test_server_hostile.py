@@ -68,6 +68,7 @@ CASES = [
     ("/v1/completions", raw('{"prompt": "hi", "temperature": Infinity}'), 400, "temperature"),
     ("/v1/completions", raw('{"prompt": "hi", "top_p": NaN}'), 400, "top_p"),
     ("/v1/completions", {**OK, "temperature": 1e-30}, 200, None),
+    ("/v1/completions", {**OK, "top_p": 5e-324, "logprobs": 0, "echo": True}, 200, None),
     ("/v1/completions", {**OK, "repetition_penalty": 1e-300}, 200, None),
     ("/v1/chat/completions", {**CHAT, "top_k": BIG_INT}, 400, "top_k"),
     ("/api/generate", {**GEN, "options": {"top_k": BIG_INT}}, 400, None),

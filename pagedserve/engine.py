@@ -334,22 +334,12 @@ class Engine:
             return scheduled, self.runner.execute(scheduled), []
         except Exception as exc:  # noqa: BLE001 - isolated below, per request
             if len(scheduled) == 1:
-                failures = [(scheduled[0], exc)]
                 logger.exception("step failed for request %s", scheduled[0].request.request_id)
-                ok, sampled = [], []
+                ok, sampled, failures = [], [], [(scheduled[0], exc)]
             else:
                 logger.warning("a step of %d requests failed (%r); running each alone",
                                len(scheduled), exc)
-                ok, sampled, failures = [], [], []
-                for s in scheduled:
-                    try:
-                        [token] = self.runner.execute([s])
-                    except Exception as one_exc:  # noqa: BLE001 - this request fails alone
-                        logger.exception("step failed for request %s", s.request.request_id)
-                        failures.append((s, one_exc))
-                    else:
-                        ok.append(s)
-                        sampled.append(token)
+                ok, sampled, failures = self._execute_each_alone(scheduled)
         if ok:
             self._failed_steps = 0
         else:
@@ -358,6 +348,21 @@ class Engine:
                 raise EngineStepError(
                     f"{self._failed_steps} steps in a row failed for every request in them; "
                     f"the last error: {failures[-1][1]!r}") from failures[-1][1]
+        return ok, sampled, failures
+
+    def _execute_each_alone(self, scheduled: list[ScheduledRequest]) -> tuple[
+            list[ScheduledRequest], list[SampledToken | None],
+            list[tuple[ScheduledRequest, Exception]]]:
+        ok, sampled, failures = [], [], []
+        for s in scheduled:
+            try:
+                [token] = self.runner.execute([s])
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                logger.exception("step failed for request %s", s.request.request_id)
+                failures.append((s, exc))
+            else:
+                ok.append(s)
+                sampled.append(token)
         return ok, sampled, failures
 
     def _notify(self, stats: StepStats | None, outputs: list[RequestOutput]) -> None:

@@ -1,0 +1,254 @@
+"""Every PromQL expression we ship (dashboard panels and variables, alerts, KEDA triggers, for
+every values file) parses, names only series a real `pagedserve serve` exports, uses each the
+way its type allows, and gives data: evaluated over scrapes of that server after real traffic.
+The KEDA query must come back as one series however many pods there are."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import httpx
+import pytest
+
+from tests.deploy_chart import (
+    VALUES_FILES,
+    by_kind,
+    dashboard,
+    promql_eval,
+    render_file,
+)
+
+pp = pytest.importorskip("promql_parser")
+pytest.importorskip("helm_python")
+
+# Series Prometheus makes for every target, and labels it (the Prometheus Operator) adds.
+PROMETHEUS_SERIES = {"up"}
+TARGET_LABELS = {"namespace", "service", "pod", "job", "instance", "endpoint", "container"}
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
+            "gauge": ("",), "summary": ("", "_sum", "_count")}
+VARIABLE = re.compile(r"label_values\((?P<metric>[^,{]+)(?:\{[^}]*\})?,\s*(?P<label>\w+)\)")
+RATE_WINDOW = "10m"  # $__rate_interval here: the whole test run
+
+
+def _dashboard_exprs() -> list[tuple[str, str]]:
+    return [(f"dashboard: {p['title']} {t['refId']}", t["expr"])
+            for p in dashboard()["panels"] for t in p.get("targets", [])]
+
+
+def _rendered(kind: str) -> list:
+    return [obj for path in VALUES_FILES for obj in by_kind(render_file(path), kind)]
+
+
+def _alert_exprs() -> list[tuple[str, str]]:
+    exprs = {}
+    for rule_set in _rendered("PrometheusRule"):
+        for group in rule_set["spec"]["groups"]:
+            for rule in group["rules"]:
+                exprs[rule["expr"]] = f"alert: {rule['alert']}"
+    return [(where, expr) for expr, where in exprs.items()]
+
+
+def _keda_triggers() -> list[dict]:
+    return [t for obj in _rendered("ScaledObject") for t in obj["spec"]["triggers"]]
+
+
+def _ours() -> list[tuple[str, str]]:
+    """Expressions over pagedserve's series: all but the scale-to-zero wake query, which is the
+    user's, over their ingress's series."""
+    keda = [(f"keda: {t['name']}", t["metadata"]["query"]) for t in _keda_triggers()
+            if t["name"] == "requests-waiting"]
+    return _dashboard_exprs() + _alert_exprs() + sorted(set(keda))
+
+
+def _parse(expr: str):
+    return pp.parse(promql_eval().substitute(expr, RATE_WINDOW))
+
+
+def _nodes(node):
+    found = []
+    pp.walk(node, lambda n: found.append(n))
+    return found
+
+
+def test_every_expression_parses():
+    exprs = _ours() + [("keda wake", t["metadata"]["query"]) for t in _keda_triggers()]
+    assert len(_dashboard_exprs()) >= 20 and len(_alert_exprs()) >= 6
+    for where, expr in exprs:
+        try:
+            _parse(expr)
+        except Exception as exc:  # the parser's error type is not exported
+            pytest.fail(f"{where}: {expr!r} does not parse: {exc}")
+
+
+def test_wake_queries_read_traffic_in_front_of_the_pods():
+    wakes = [t for t in _keda_triggers() if t["name"] != "requests-waiting"]
+    assert wakes, "a values file scales to zero"
+    for trigger in wakes:
+        names = {n.name for n in _nodes(_parse(trigger["metadata"]["query"]))
+                 if isinstance(n, pp.VectorSelector)}
+        assert names and not any(n.startswith("pagedserve:") for n in names)
+
+
+def test_keda_query_is_a_single_series_sum():
+    """An unaggregated query returns one series per pod, and KEDA's Prometheus scaler then
+    fails at two pods: the top level must be a sum without by/without."""
+    queries = {t["metadata"]["query"] for t in _keda_triggers() if t["name"] == "requests-waiting"}
+    assert queries
+    for query in queries:
+        node = _parse(query)
+        assert isinstance(node, pp.AggregateExpr) and str(node.op) == "sum", query
+        assert node.modifier is None, f"{query}: 'by'/'without' gives several series"
+        [selector] = [n for n in _nodes(node) if isinstance(n, pp.VectorSelector)]
+        assert selector.name == "pagedserve:num_requests_waiting"
+
+
+# -- against a real server ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama_tokenized_dir):
+    """Scrapes of a real server around traffic that reaches every finish reason we can cause
+    from outside (stop, length, abort) and 2xx/4xx answers; scraped as two pods of one
+    Deployment would be, with the labels the Prometheus Operator adds."""
+    from pagedserve.bench.server_process import ServerProcess
+
+    ev = promql_eval()
+    scrapes, types = [], {}
+    with ServerProcess(str(tiny_llama_tokenized_dir), ["--max-num-seqs", "2", "--served-model-name", "tiny"]) as server:
+        client = httpx.Client(base_url=server.url, timeout=60)
+
+        def scrape():
+            text = client.get("/metrics").text
+            now = time.time()
+            for line in text.splitlines():
+                if line.startswith("# TYPE "):
+                    _, _, name, kind = line.split()
+                    types[name] = kind
+            for pod in ("pagedserve-0", "pagedserve-1"):
+                scrapes.append((now, ev.parse_scrape(text, {
+                    "namespace": "llm", "service": "pagedserve", "pod": pod, "job": "pagedserve",
+                    "instance": f"{pod}:11434", "endpoint": "http"})))
+            up = (("__name__", "up"), ("namespace", "llm"), ("pod", "pagedserve-0"),
+                  ("service", "pagedserve"))
+            scrapes[-1][1][up] = 1.0
+
+        scrape()
+        body = {"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 6}
+        for _ in range(3):
+            assert client.post("/v1/completions", json=body).status_code == 200
+        assert client.post("/v1/completions", json=body | {"temperature": -1}).status_code == 400
+        assert client.get("/no/such/route").status_code == 404
+        with client.stream("POST", "/v1/completions",
+                           json=body | {"max_tokens": 200, "stream": True}) as stream:
+            next(stream.iter_lines())  # a client that goes away mid-answer: abort
+        time.sleep(1.5)
+        scrape()
+        for _ in range(2):
+            client.post("/v1/completions", json=body | {"max_tokens": 12, "prompt": "Hello"})
+        time.sleep(1.5)
+        scrape()
+        client.close()
+    return ev.Evaluator(scrapes), types, scrapes
+
+
+def _exported(types: dict[str, str]) -> dict[str, str]:
+    """Sample name -> family type, by the exposition's suffix rules."""
+    names = {}
+    for family, kind in types.items():
+        base = family.removesuffix("_total") if kind == "counter" else family
+        for suffix in SUFFIXES.get(kind, ("",)):
+            names[base + suffix] = kind
+    return names
+
+
+def _labels_of(scrapes) -> dict[str, set[str]]:
+    labels: dict[str, set[str]] = {}
+    for _, samples in scrapes:
+        for key in samples:
+            d = dict(key)
+            labels.setdefault(d.pop("__name__"), set()).update(d)
+    return labels
+
+
+@pytest.mark.slow
+def test_names_functions_and_labels_fit_what_the_server_exports(served):
+    _, types, scrapes = served
+    exported = _exported(types)
+    assert {"pagedserve:prompt_tokens_total", "pagedserve:time_to_first_token_seconds_bucket",
+            "pagedserve:iteration_tokens_total_bucket"} <= set(exported)
+    seen = _labels_of(scrapes)
+    assert set(exported) - PROMETHEUS_SERIES <= set(seen) | {n for n in exported
+                                                             if n.endswith("_created")}
+    for where, expr in _ours():
+        root = _parse(expr)
+        for node in _nodes(root):
+            if isinstance(node, pp.VectorSelector):
+                name = node.name
+                assert name in exported or name in PROMETHEUS_SERIES, \
+                    f"{where}: {name} is not exported by pagedserve serve"
+                for m in node.matchers.matchers:
+                    assert m.name in seen.get(name, set()) | TARGET_LABELS, \
+                        f"{where}: {name} has no label {m.name}"
+            if isinstance(node, pp.Call) and node.func.name in ("rate", "increase", "irate"):
+                name = node.args[0].vector_selector.name
+                kind = exported.get(name, "unexported series")
+                assert kind in ("counter", "histogram"), \
+                    f"{where}: {node.func.name}() of the {kind} {name}"
+            if isinstance(node, pp.Call) and node.func.name == "histogram_quantile":
+                inner = [n for n in _nodes(node.args[1]) if isinstance(n, pp.VectorSelector)]
+                assert all(n.name.endswith("_bucket") for n in inner), where
+                for agg in (n for n in _nodes(node.args[1]) if isinstance(n, pp.AggregateExpr)):
+                    assert agg.modifier and "le" in agg.modifier.labels, \
+                        f"{where}: the aggregation inside histogram_quantile drops 'le'"
+            if isinstance(node, pp.AggregateExpr) and node.modifier is not None:
+                inner = {n.name for n in _nodes(node.expr) if isinstance(n, pp.VectorSelector)}
+                for label in node.modifier.labels:
+                    assert all(label in seen.get(n, set()) | TARGET_LABELS for n in inner), \
+                        f"{where}: no series of {inner} has the label {label}"
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] == "query":
+            m = VARIABLE.fullmatch(variable["query"]["query"])
+            assert m and m["metric"] in exported and m["label"] in seen[m["metric"]]
+
+
+@pytest.mark.slow
+def test_every_dashboard_panel_and_alert_has_data(served):
+    """Evaluated at the last scrape: every panel query returns at least one series (a label
+    mismatch in a division would return none), with finite values where traffic happened."""
+    evaluator, _, scrapes = served
+    ev = promql_eval()
+    t = scrapes[-1][0]
+    for where, expr in _dashboard_exprs():
+        result = evaluator.query(ev.substitute(expr, RATE_WINDOW, {"model_name": ".*"}), t)
+        assert result, f"{where}: {expr} returns nothing"
+    for where, expr in _alert_exprs():
+        # the alert's condition without its threshold measures something; of a ratio of
+        # failures (none happened here, so no series) the denominator
+        condition = _parse(expr)
+        assert str(condition.op) in ("==", ">"), where
+        quantity = condition.lhs
+        if isinstance(quantity, pp.BinaryExpr) and str(quantity.op) == "/":
+            quantity = quantity.rhs
+        assert evaluator.query(quantity.prettify(), t), f"{where}: {expr} measures nothing"
+    ttft = evaluator.query(ev.substitute(
+        'histogram_quantile(0.5, sum by (le) (rate(pagedserve:time_to_first_token_seconds_bucket'
+        '[$__rate_interval])))', RATE_WINDOW), t)
+    [value] = ttft.values()
+    assert 0 < value < 30 and not math.isnan(value)
+    reasons = evaluator.query(
+        f"sum by (finished_reason) (rate(pagedserve:request_success_total[{RATE_WINDOW}]))", t)
+    got = {dict(k)["finished_reason"] for k, v in reasons.items() if v > 0}
+    assert {"length", "abort"} <= got
+
+
+@pytest.mark.slow
+def test_keda_query_sums_the_pods(served):
+    evaluator, _, scrapes = served
+    t = scrapes[-1][0]
+    [query] = {t_["metadata"]["query"] for t_ in _keda_triggers()
+               if t_["name"] == "requests-waiting" and '"llm"' in t_["metadata"]["query"]}
+    assert len(evaluator.query(query, t)) == 1
+    unaggregated = query.removeprefix("sum(").removesuffix(")")
+    assert len(evaluator.query(unaggregated, t)) == 2, "two pods, two series"

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.deploy_chart import (
+from deploy_chart import (
     CHART,
     DASHBOARD,
     VALUES_FILES,

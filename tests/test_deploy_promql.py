@@ -11,8 +11,7 @@ import time
 
 import httpx
 import pytest
-
-from tests.deploy_chart import (
+from deploy_chart import (
     VALUES_FILES,
     by_kind,
     dashboard,

@@ -251,3 +251,45 @@ def test_keda_query_sums_the_pods(served):
     assert len(evaluator.query(query, t)) == 1
     unaggregated = query.removeprefix("sum(").removesuffix(")")
     assert len(evaluator.query(unaggregated, t)) == 2, "two pods, two series"
+
+
+# -- the evaluator itself, on hand-made samples ------------------------------------------------
+
+
+def _scrapes(*texts: str, step: float = 10.0):
+    ev = promql_eval()
+    return ev.Evaluator([(i * step, ev.parse_scrape(text)) for i, text in enumerate(texts)])
+
+
+def test_evaluator_rate_handles_counter_resets():
+    ev = _scrapes("# TYPE c counter\nc_total 10\n", "# TYPE c counter\nc_total 30\n",
+                  "# TYPE c counter\nc_total 5\n")  # restarted between the 2nd and 3rd
+    assert ev.query("rate(c_total[1m])", 20.0) == {(): pytest.approx((20 + 5) / 20)}
+    assert ev.query("rate(c_total[15s])", 20.0) == {(): pytest.approx(5 / 10)}
+
+
+def test_evaluator_histogram_quantile_interpolates_like_prometheus():
+    text = ('# TYPE h histogram\nh_bucket{le="1"} 0\nh_bucket{le="2"} 10\nh_bucket{le="4"} 20\n'
+            'h_bucket{le="+Inf"} 20\nh_sum 40\nh_count 20\n')
+    ev = _scrapes(text)
+    [value] = ev.query("histogram_quantile(0.75, sum by (le) (h_bucket))", 0).values()
+    assert value == pytest.approx(3.0)  # rank 15 of 20: halfway through the (2, 4] bucket
+    [value] = ev.query("histogram_quantile(0.25, h_bucket)", 0).values()
+    assert value == pytest.approx(1.5)
+    empty = "# TYPE h histogram\nh_bucket{le=\"1\"} 0\nh_bucket{le=\"+Inf\"} 0\n"
+    [value] = _scrapes(empty).query("histogram_quantile(0.5, h_bucket)", 0).values()
+    assert math.isnan(value)
+
+
+def test_evaluator_matches_vectors_on_labels():
+    text = ('# TYPE a gauge\na{m="x",pod="0"} 1\na{m="x",pod="1"} 3\na{m="y",pod="0"} 5\n'
+            '# TYPE b gauge\nb{m="x"} 2\n')
+    ev = _scrapes(text)
+    assert ev.query("sum(a)", 0) == {(): 9.0}
+    assert ev.query("sum by (m) (a) / on (m) b", 0) == {(("m", "x"),): 2.0}
+    assert ev.query("sum by (m) (a) / sum by (m) (b)", 0) == {(("m", "x"),): 2.0}
+    assert ev.query("avg(a) > 2", 0) == {(): 3.0} and ev.query("avg(a) > 4", 0) == {}
+    assert len(ev.query('a{m=~"x|y"} or b', 0)) == 4
+    assert ev.query('max by (pod) (a{m!="y"})', 0) == {(("pod", "0"),): 1.0, (("pod", "1"),): 3.0}
+    with pytest.raises(promql_eval().Unsupported):
+        ev.query("topk(1, a)", 0)

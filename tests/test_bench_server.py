@@ -59,3 +59,43 @@ def test_ollama_api_against_the_static_layout(smollm_gguf):
     assert level.total_output_tokens == 4 * 5
     # two slots for four requests: the second pair waits for the first to finish
     assert level.ttft_ms.p99 > level.ttft_ms.p50
+
+
+def test_compare_starts_a_peer_by_its_command_and_reports_its_best(tmp_path, smollm_gguf,
+                                                                    monkeypatch):
+    """The llama.cpp path without llama.cpp: a pagedserve server stands in for the peer binary,
+    started by command with {host} and {port} filled in, two configurations, one group."""
+    import sys
+
+    from pagedserve.bench import compare as compare_module
+
+    peer = tmp_path / "llama-server"
+    peer.write_text("")  # the binary must exist; the command below replaces it
+    real = compare_module.llama_cpp_targets
+
+    def standin(binary, model_path, *, threads, configs):
+        targets = real(binary, model_path, threads=threads, configs=configs)
+        for t in targets:
+            t.command = [sys.executable, "-m", "pagedserve", "serve", str(model_path),
+                         "--host", "{host}", "--port", "{port}", "--threads", str(threads),
+                         *t.command[t.command.index(str(threads)) + 1:]]
+        return targets
+
+    monkeypatch.setattr(compare_module, "llama_cpp_targets", standin)
+    rc = main(["bench", "compare", str(smollm_gguf), "--layouts", "paged", "--threads", "1",
+               "--llama-server", str(peer), "--llama-server-args", "--max-num-seqs 1",
+               "--llama-server-args", "--max-num-seqs 4", "--section", "llama.cpp",
+               "--concurrency", "1,3", "--num-prompts", "3", "--input-len", "24",
+               "--output-len", "8", "--out", str(tmp_path)])
+    assert rc == 0
+    files = sorted(p.name for p in tmp_path.glob("bench-llama-cpp*"))
+    assert files == ["bench-llama-cpp-llama-cpp---max-num-seqs-1.json",
+                     "bench-llama-cpp-llama-cpp---max-num-seqs-4.json",
+                     "bench-llama-cpp-paged.json", "bench-llama-cpp_throughput.png",
+                     "bench-llama-cpp_ttft_p99.png"]
+    peer_run = RunResult.load(tmp_path / "bench-llama-cpp-llama-cpp---max-num-seqs-4.json")
+    assert peer_run.server["group"] == "llama.cpp" and "{port}" not in peer_run.server["argv"]
+    assert all(lv.successful == 3 for lv in peer_run.levels)
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "<!-- bench:begin llama.cpp" in report and "llama.cpp's best configuration" in report
+    assert BEGIN not in report  # only the named section was written

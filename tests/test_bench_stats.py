@@ -9,7 +9,15 @@ import pytest
 
 from pagedserve.bench.loadgen import Workload, poisson_arrivals
 from pagedserve.bench.prompts import PromptSet
-from pagedserve.bench.report import BEGIN, END, ratio_rows, render, write_report
+from pagedserve.bench.report import (
+    BEGIN,
+    END,
+    best_rows,
+    markers,
+    ratio_rows,
+    render,
+    write_report,
+)
 from pagedserve.bench.results import KVSnapshot, LevelResult, RequestRecord, RunResult
 from pagedserve.bench.server_metrics import parse_gauges, summarize_samples
 from pagedserve.bench.stats import (
@@ -200,6 +208,31 @@ def test_report_ratios_and_markers(tmp_path):
     text = write_report(path, section).read_text()
     assert "stale numbers" not in text and "intro" in text and f"{END}\n\n## Discussion\nkept" in text
     assert text.count(BEGIN) == 1 and "| 16 | 4.00x | 15.0x |" in text
+
+
+def test_a_peer_group_is_compared_by_its_best_configuration_per_measure(tmp_path):
+    ours = _run("paged", [40, 400], [100, 1000])
+    few = _run("llama.cpp -np 4", [80, 100], [50, 20000])  # fast alone, queues many
+    many = _run("llama.cpp -np 64", [60, 120], [70, 8000])
+    for run in (few, many):
+        run.server = {"group": "llama.cpp"}
+    # each measure from the configuration best at it: -np 4's speed at 1, -np 64's at 16
+    assert best_rows(ours, [few, many]) == [(1, 80, 0.5, 50, 0.5), (16, 120, 400 / 120, 8000, 8.0)]
+    section = render([ours, few, many])
+    assert "| 16 | 400.0 | 120.0 | 3.33x | 1,000 / 8,000 | 8.0x |" in section
+    assert "of `llama.cpp -np 4`, `llama.cpp -np 64`" in section
+    assert "Ratios (paged over" not in section  # the group's table replaces the pairwise one
+
+
+def test_named_sections_share_a_page_and_keep_the_unnamed_one(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    write_report(path, "layouts v1\n")
+    write_report(path, "llama v1\n", section="llama.cpp")
+    write_report(path, "layouts v2\n")
+    text = write_report(path, "llama v2\n", section="llama.cpp").read_text()
+    begin, end = markers("llama.cpp")
+    assert text.count(BEGIN) == 1 and text.count(begin) == 1 and text.count(end) == 1
+    assert "v1" not in text and text.index("layouts v2") < text.index("llama v2")
 
 
 def test_tables_keep_their_numbers_when_not_printed_to_a_terminal():

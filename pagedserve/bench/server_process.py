@@ -3,7 +3,9 @@
 ``with ServerProcess(model, ["--kv-layout", "static"]) as server:`` picks a free loopback port,
 runs ``python -m pagedserve serve``, waits until /health answers 200 and, on exit, stops the
 child (SIGINT, then SIGKILL if it lingers). The child's output goes to a log file whose tail is
-quoted when it fails to start.
+quoted when it fails to start. ``ServerProcess(None, command=[...])`` runs another server the same
+way (a peer such as llama.cpp's ``llama-server``): ``{port}`` and ``{host}`` in its arguments are
+filled in, and it must answer ``/health`` with 200 once it is ready, as llama.cpp's does.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ class ServerStartError(RuntimeError):
 class ServerProcess:
     def __init__(self, model: str | None, extra_args: list[str] | None = None, *,
                  host: str = "127.0.0.1", port: int | None = None,
-                 startup_timeout: float = 300.0, log_path: str | Path | None = None):
+                 startup_timeout: float = 300.0, log_path: str | Path | None = None,
+                 command: list[str] | None = None):
         self.model = model
         self.extra_args = list(extra_args or [])
+        self.command = list(command) if command else None
         self.host = host
         self.port = port or free_port(host)
         self.startup_timeout = startup_timeout
@@ -55,12 +59,15 @@ class ServerProcess:
 
     @property
     def argv(self) -> list[str]:
+        if self.command:
+            return [arg.format(host=self.host, port=self.port) for arg in self.command]
         model = [self.model] if self.model else []
         return [sys.executable, "-m", "pagedserve", "serve", *model, "--host", self.host,
                 "--port", str(self.port), *self.extra_args]
 
     def start(self) -> ServerProcess:
-        log.info("starting %s (log: %s)", " ".join(self.argv[1:]), self.log_path)
+        shown = self.argv if self.command else self.argv[1:]
+        log.info("starting %s (log: %s)", " ".join(shown), self.log_path)
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:11434"  # where `pagedserve serve` listens by default
 DEFAULT_CONCURRENCY = "1,2,4,8,16,32"
+# llama.cpp's server with 4 slots sharing 16k tokens (its default, and Ollama's usual setting),
+# and tuned for many users: 64 slots over one unified KV cache; the report takes the best of them
+LLAMA_CPP_DEFAULTS = ("-np 4 -c 16384", "-np 64 -kvu -c 32768")
 
 
 def _int_list(text: str) -> list[int]:
@@ -102,15 +106,32 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pagedserve.bench.compare import compare, layout_targets, parse_peer
+    from pagedserve.bench.compare import compare, layout_targets, llama_cpp_targets, parse_peer
     from pagedserve.bench.progress import RichProgress, output_console, summary_table
 
     console = output_console()
     workload = _workload(args, _compare_prompts)
-    targets = layout_targets(args.max_parallel, args.num_ctx,
-                             paged_args=shlex.split(args.paged_args),
-                             static_args=shlex.split(args.static_args))
-    targets += [parse_peer(spec) for spec in args.peer]
+    threads = args.threads or os.cpu_count() or 1
+    paged_args = shlex.split(args.paged_args)
+    if args.threads and "--threads" not in paged_args:
+        paged_args += ["--threads", str(args.threads)]
+    try:
+        targets = layout_targets(args.max_parallel, args.num_ctx, paged_args=paged_args,
+                                 static_args=shlex.split(args.static_args),
+                                 layouts=[x.strip() for x in args.layouts.split(",") if x.strip()])
+        targets += [parse_peer(spec) for spec in args.peer]
+        if args.llama_server:
+            from pagedserve.registry import resolve
+
+            targets += llama_cpp_targets(args.llama_server, resolve(args.model).path,
+                                         threads=threads,
+                                         configs=args.llama_server_args or LLAMA_CPP_DEFAULTS)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if not targets:
+        log.error("nothing to compare: --layouts is empty and there is no peer")
+        return 2
     command = "pagedserve bench " + shlex.join(sys.argv[sys.argv.index("compare"):]) \
         if "compare" in sys.argv else None
     progress = RichProgress(console, "")
@@ -121,7 +142,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     with progress:
         result = compare(args.model, targets, workload, args.concurrency, api=args.api,
-                         out_dir=args.out, observer_for=observer_for, command=command)
+                         out_dir=args.out, observer_for=observer_for, command=command,
+                         section=args.section)
     for run in result.runs:
         console.print(summary_table(f"{run.label}: {run.model}", run.levels))
     console.print(f"report: {result.report}")
@@ -178,8 +200,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="static layout: tokens reserved per slot (default: %(default)s)")
     comp.add_argument("--paged-args", default="", help="extra `serve` arguments, paged run")
     comp.add_argument("--static-args", default="", help="extra `serve` arguments, static run")
+    comp.add_argument("--layouts", default="paged,static",
+                      help="our runs, in order: paged, static, or both (default: %(default)s; "
+                      "the first run is the one ratios are taken of)")
     comp.add_argument("--peer", action="append", default=[], metavar="URL[=LABEL]",
                       help="a running server to add to the sweep (repeatable)")
+    comp.add_argument("--llama-server", metavar="PATH", default=None,
+                      help="llama.cpp's llama-server binary: started on the same GGUF file, "
+                      "once per --llama-server-args, and compared by its best configuration "
+                      "at each level")
+    comp.add_argument("--llama-server-args", action="append", default=None, metavar="ARGS",
+                      help="one llama-server configuration (repeatable; default: "
+                      + " and ".join(repr(c) for c in LLAMA_CPP_DEFAULTS) + ")")
+    comp.add_argument("--threads", type=int, default=None,
+                      help="CPU threads for llama-server and pagedserve's paged run (default: "
+                      "llama-server gets every core, pagedserve its own default)")
+    comp.add_argument("--section", default="",
+                      help="name of this comparison's part of benchmarks.md and prefix of its "
+                      "files, so several comparisons share the page (default: the unnamed one)")
     comp.add_argument("--out", type=Path, default=Path("docs"),
                       help="directory for benchmarks.md, plots and results (default: %(default)s)")
     _add_workload_args(comp, num_prompts="max(16, 3 x concurrency)")

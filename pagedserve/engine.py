@@ -25,6 +25,8 @@ from pagedserve.request import Request, RequestStatus
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler import ScheduledRequest, Scheduler
 from pagedserve.static_slots import StaticSlotManager
+from pagedserve.structured.compiler import GrammarCompiler
+from pagedserve.structured.state import GrammarState, GrammarWaitingRoom
 
 if TYPE_CHECKING:
     from pagedserve.loader import LoadedModel, ModelInfo
@@ -37,6 +39,7 @@ DEFAULT_KV_CACHE_CAP = 2 << 30  # bytes, when neither kv_cache_memory nor a devi
 # Consecutive steps in which every request failed before the engine gives up: one bad request
 # fails alone, but a model that fails every step (a broken device) must not look healthy.
 MAX_FAILED_STEPS = 8
+GRAMMAR_WAIT_S = 0.02  # an engine with nothing to run but compiling grammars naps this long
 
 
 class ContextLengthError(ValueError):
@@ -102,6 +105,10 @@ class EngineStats:
     kv_waste_perc: float  # (reserved - used) / used * 100
     prompt_tokens_total: int
     generation_tokens_total: int
+    constrained_requests_total: int = 0  # requests with a grammar, cumulative
+    grammar_compiles_total: int = 0
+    grammar_compile_seconds_total: float = 0.0
+    grammar_cache_hits_total: int = 0
 
 
 class EngineObserver:
@@ -169,6 +176,11 @@ class Engine:
         self.max_prompt_chars = config.max_prompt_chars or self.max_model_len * token_chars
         self.runner = ModelRunner(model_config, weights, config, self.kv.num_blocks)
         self.scheduler = Scheduler(self.kv, max_num_seqs, config.max_num_batched_tokens)
+        # structured outputs: grammars compile in a thread; requests wait for theirs apart
+        self.grammars = (GrammarCompiler(tokenizer, model_config.vocab_size)
+                         if tokenizer is not None else None)
+        self._awaiting_grammar = GrammarWaitingRoom()
+        self._constrained_total = 0
         self.observers: list[EngineObserver] = []
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer | None] = {}
@@ -251,7 +263,20 @@ class Engine:
             eos_token_ids=eos,
             max_tokens=max_tokens,
             metrics=RequestMetrics(arrival_time or time.monotonic()),
+            grammar=self._grammar(params),
         )
+
+    def _grammar(self, params: SamplingParams) -> GrammarState | None:
+        """Start compiling the request's constraint, if it has one (in the compiler's thread:
+        ``request.grammar.wait()`` or ``.compiled`` tell when it is done, or why it failed)."""
+        constraint = params.constraint
+        if constraint is None:
+            return None
+        if self.grammars is None:
+            raise ValueError(f"{constraint.field}: this model has no tokenizer, which "
+                             "structured outputs need")
+        return GrammarState(constraint, self.grammars.compile(constraint),
+                            self.grammars.vocab_size)
 
     def add(self, request: Request) -> None:
         """Queue a request made by :meth:`make_request`; nothing is registered if this raises."""
@@ -269,7 +294,11 @@ class Engine:
         )
         self._requests[request.request_id] = request
         self._detok[request.request_id] = detok
-        self.scheduler.add(request)
+        if request.grammar is None:
+            self.scheduler.add(request)
+        else:
+            self._constrained_total += 1
+            self._awaiting_grammar.add(request)  # joins the scheduler once compiled
 
     def add_request(
         self,
@@ -278,6 +307,8 @@ class Engine:
         request_id: str | None = None,
     ) -> str:
         request = self.make_request(prompt, params, request_id)
+        if request.grammar is not None:
+            request.grammar.wait()  # offline: a constraint that does not compile raises here
         self.add(request)
         return request.request_id
 
@@ -298,17 +329,21 @@ class Engine:
         return self._finish(request, "error", None, out)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or len(self._awaiting_grammar) > 0
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = time.monotonic()
+        outputs = self._admit_compiled()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            return []
+            if not outputs:
+                self._awaiting_grammar.wait(GRAMMAR_WAIT_S)
+            self._notify(None, outputs)
+            return outputs
         num_decoding = sum(1 for s in plan.scheduled if s.is_decode)
         scheduled, sampled, failed = self._execute(plan.scheduled)
-        outputs = [self._fail(s.request, exc) for s, exc in failed]
+        outputs += [self._fail(s.request, exc) for s, exc in failed]
         outputs += self._postprocess(scheduled, sampled)
         stats = StepStats(
             num_scheduled_tokens=plan.num_batched_tokens,
@@ -319,6 +354,19 @@ class Engine:
         )
         self._notify(stats, outputs)
         return outputs
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Requests whose grammar has compiled go to the scheduler; those whose grammar failed
+        to compile end with an error (the server checks before queueing, so only offline)."""
+        failed = []
+        for request in self._awaiting_grammar.pop_compiled():
+            try:
+                request.grammar.start()
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                failed.append(self._fail(request, exc))
+            else:
+                self.scheduler.add(request)
+        return failed
 
     def _execute(self, scheduled: list[ScheduledRequest]) -> tuple[
             list[ScheduledRequest], list[SampledToken | None],
@@ -416,6 +464,10 @@ class Engine:
             out.delta_text = delta.text
             if delta.stop is not None:
                 finish = ("stop", delta.stop)
+        if request.grammar is not None:
+            request.grammar.advance(request.output_token_ids)
+            if request.grammar.finished and (finish is None or finish[0] == "length"):
+                finish = ("stop", None)  # the grammar admits nothing more: the answer is whole
         if finish:
             return self._finish(request, finish[0], finish[1], out)
         return self._fill(request, out)
@@ -432,6 +484,7 @@ class Engine:
         if detok is not None and not isinstance(stop_reason, str):
             out.delta_text += detok.flush()
         self.scheduler.finish(request)
+        self._awaiting_grammar.remove(request.request_id)
         del self._requests[request.request_id]
         request.finish_reason, request.stop_reason = reason, stop_reason
         request.metrics.finished_time = time.monotonic()
@@ -449,9 +502,10 @@ class Engine:
     # -- introspection -------------------------------------------------------------------
     def stats(self) -> EngineStats:
         usage = self.kv.usage()
+        grammars = self.grammars
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self._awaiting_grammar),
             kv_cache_usage=usage.usage,
             kv_blocks_total=usage.num_blocks,
             kv_blocks_free=usage.num_free_blocks,
@@ -463,6 +517,10 @@ class Engine:
             kv_waste_perc=usage.waste_perc,
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
+            constrained_requests_total=self._constrained_total,
+            grammar_compiles_total=grammars.num_compiled if grammars else 0,
+            grammar_compile_seconds_total=grammars.compile_seconds_total if grammars else 0.0,
+            grammar_cache_hits_total=grammars.num_cache_hits if grammars else 0,
         )
 
     def check_integrity(self) -> None:
@@ -470,7 +528,10 @@ class Engine:
         running = {r.request_id for r in self.scheduler.running}
         waiting = {r.request_id for r in self.scheduler.waiting}
         assert not running & waiting, f"requests both running and waiting: {running & waiting}"
-        assert running | waiting == set(self._requests), "engine and scheduler disagree"
+        awaiting = self._awaiting_grammar.ids()
+        assert not (running | waiting) & awaiting, "requests both compiling and scheduled"
+        assert running | waiting | awaiting == set(self._requests), \
+            "engine and scheduler disagree"
         for r in self.scheduler.running:
             assert r.status is RequestStatus.RUNNING
 

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedserve.outputs import FinishReason, RequestMetrics
 from pagedserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.structured.state import GrammarState
 
 
 class RequestStatus(enum.Enum):
@@ -39,6 +43,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    grammar: GrammarState | None = None  # when params.constraint is set
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -6,7 +6,8 @@ logprobs asked for) to the host: pinned memory and ``non_blocking`` on CUDA.
 
 Order of operations (vLLM's and transformers'):
 
-1. penalties and ``min_tokens`` on the raw logits (:mod:`pagedserve.penalties`);
+1. penalties and ``min_tokens`` on the raw logits (:mod:`pagedserve.penalties`), then the
+   grammar's token bitmask on constrained rows (:mod:`pagedserve.structured.bitmask`);
 2. temperature below :data:`GREEDY_EPSILON`: argmax (vLLM's epsilon; a tinier divisor would turn
    logits into inf);
 3. otherwise logits / temperature, then top-k (every token tied with the k-th is kept), top-p on
@@ -56,6 +57,7 @@ import torch
 from pagedserve.penalties import penalized
 from pagedserve.request import Request
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.structured.bitmask import GrammarBatch
 
 GREEDY_EPSILON = 1e-5  # temperatures below this are greedy
 
@@ -88,6 +90,9 @@ class Sampler:
         params = [r.params for r in requests]
         raw = logits.float()  # (B, V); the caller's tensor when it is float32 already
         logits = penalized(raw, requests)
+        grammars = GrammarBatch.of(requests)  # None unless a row is constrained
+        if grammars is not None:
+            logits = grammars.apply(logits.clone() if logits is raw else logits)
         drawn = [i for i, p in enumerate(params) if p.temperature >= GREEDY_EPSILON]
         numbers = self._row_numbers([requests[i] for i in drawn], V, logits.device)
         # (B,) ids; the greedy maxima (B,) or (0,); flags (S,) of the drawn rows to settle

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pagedserve.structured.constraint import Constraint
+
 MAX_LOGPROBS = 20
 MAX_INT = 2**63 - 1  # int64, what every count and id becomes in a tensor
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1  # a seed may be signed or unsigned 64-bit
@@ -109,8 +111,12 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives per sampled token
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # the answer must match it (JSON schema, regex, choice, grammar): structured outputs
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            raise ValueError(f"constraint must be a Constraint, got {self.constraint!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

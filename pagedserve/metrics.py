@@ -108,6 +108,12 @@ class _EngineStatsCollector(Collector):
         yield counter("prompt_tokens", "Prompt tokens processed (prefill).",
                       s.prompt_tokens_total)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
+        yield counter("constrained_requests",
+                      "Requests with structured outputs or forced tool calls (a grammar).",
+                      s.constrained_requests_total)
+        yield counter("grammar_cache_hits",
+                      "Constrained requests whose grammar was already compiled (or refused).",
+                      s.grammar_cache_hits_total)
 
 
 
@@ -172,6 +178,10 @@ class ServerMetrics:
         self.iteration_tokens = histogram(
             "iteration_tokens_total", "Tokens scheduled per engine step (prompt + generation).",
             token_buckets(max(max_model_len, 8192))).labels(model_name)
+        self.grammar_compile_time = histogram(
+            "grammar_compile_seconds",
+            "Time to compile one grammar (JSON schema, regex, choice, grammar, tool calls), in "
+            "the compiler's thread.", _LATENCY_BUCKETS).labels(model_name)
         self.http_requests = Counter(
             PREFIX + "http_requests", "HTTP requests answered, by route and status code.",
             ["model_name", "handler", "status"], registry=self.registry)
@@ -190,6 +200,11 @@ class ServerMetrics:
             self._observe_tokens(output.request_id, len(output.delta_token_ids), m)
         if output.finished:
             self._observe_finished(output)
+
+    def watch_grammars(self, compiler) -> None:
+        """Observe each grammar compilation of ``compiler`` (runs in its thread)."""
+        if compiler is not None and self.grammar_compile_time.observe not in compiler.on_compiled:
+            compiler.on_compiled.append(self.grammar_compile_time.observe)
 
     def forget(self, request_id: str) -> None:
         """Drop bookkeeping for a request that ended without a finished output."""

@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* and /api/* "
                    "(default: $PAGEDSERVE_API_KEY; none: open)")
 
+    p.add_argument("--tool-call-parser", choices=["auto", "hermes", "llama3_json"],
+                   default="auto",
+                   help="how tool calls are read from answers (tool_choice auto, Ollama's "
+                   "tools): hermes (<tool_call> JSON, Qwen2.5) or llama3_json; auto: the "
+                   "format the chat template uses, else hermes")
     lim = p.add_argument_group("limits (what one client may ask of the server)")
     lim.add_argument("--max-queue", type=int, metavar="N", default=DEFAULT_MAX_QUEUE,
                      help="answer 503 (with Retry-After) when more than N requests would wait "
@@ -227,7 +232,8 @@ def _load(args: argparse.Namespace, server, gate, limits, card, config) -> None:
     # vLLM's habit: no "_created" timestamp series next to every counter and histogram
     prometheus_client.disable_created_metrics()
     async_engine = AsyncEngine(engine, on_dead=server.engine_died)
-    served = ServedModel(card, async_engine, limits)
+    served = ServedModel(card, async_engine, limits,
+                         tool_call_parser=getattr(args, "tool_call_parser", "auto"))
     metrics = ServerMetrics(card.name, engine.stats, alive=lambda: async_engine.alive,
                             max_model_len=engine.max_model_len)
     app = create_app(served, metrics, api_key=args.api_key)

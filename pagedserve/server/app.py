@@ -44,6 +44,7 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
                                        max_model_len=served.max_model_len)
     if metrics not in served.engine.observers:
         served.engine.observers.append(metrics)
+    metrics.watch_grammars(getattr(served.engine, "grammars", None))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

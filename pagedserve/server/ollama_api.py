@@ -35,6 +35,13 @@ from pagedserve.server.ollama_protocol import (
 )
 from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
+from pagedserve.server.structured_outputs import (
+    ollama_constraint,
+    ollama_messages,
+    ollama_tool_plan,
+)
+from pagedserve.structured import Constraint
+from pagedserve.structured.tool_parsers import ToolParser
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +73,8 @@ async def generate(request: Request):
         messages = served.with_system_prompt([{"role": "user", "content": body.prompt}],
                                              system=body.system)
         prompt = await served.render_chat(messages)
-    generation = await _start(served, prompt, body.sampling_values())
+    generation = await _start(served, prompt, body.sampling_values(),
+                              ollama_constraint(body.format))
     reply = _Reply(name, started, lambda text: {"response": text})
     if body.stream:
         return _ndjson(reply.stream(generation), generation)
@@ -82,18 +90,23 @@ async def chat(request: Request):
     if not body.messages:
         return _loaded(name, body.keep_alive,
                        {"message": {"role": "assistant", "content": ""}})
-    messages = served.with_system_prompt(
-        [{"role": m.role, "content": m.content or ""} for m in body.messages])
-    generation = await _start(served, await served.render_chat(messages),
-                              body.sampling_values())
+    constraint = ollama_constraint(body.format)
+    plan = ollama_tool_plan(body, served.tool_parser_name)
+    messages = served.with_system_prompt(ollama_messages(body))
+    prompt = await served.render_chat(messages, plan.tools if plan else None)
+    generation = await _start(served, prompt, body.sampling_values(), constraint)
     reply = _Reply(name, started,
-                   lambda text: {"message": {"role": "assistant", "content": text}})
+                   lambda text: {"message": {"role": "assistant", "content": text}},
+                   plan.parser if plan else None)
     if body.stream:
         return _ndjson(reply.stream(generation), generation)
     return JSONResponse(await until_disconnected(request, reply.collect(generation)))
 
 
-async def _start(served: ServedModel, prompt: str, values: dict[str, Any]) -> Generation:
+async def _start(served: ServedModel, prompt: str, values: dict[str, Any],
+                 constraint: Constraint | None) -> Generation:
+    if constraint is not None:
+        values = {**values, "constraint": constraint}
     params = served.sampling_params(values, api_defaults=OLLAMA_DEFAULTS, renames=FIELD_OPTIONS)
     return await served.start([prompt], [params], FIELD_OPTIONS)
 
@@ -111,9 +124,13 @@ class _Reply:
     model: str
     started: float  # time.monotonic() at handler entry
     content: Callable[[str], dict]
+    tool_parser: ToolParser | None = None  # /api/chat with tools: calls read from the text
 
-    def chunk(self, text: str, logprobs: list[TokenLogprobs] | None = None) -> dict:
+    def chunk(self, text: str, logprobs: list[TokenLogprobs] | None = None,
+              tool_calls: list[dict] | None = None) -> dict:
         obj = {"model": self.model, "created_at": _now(), **self.content(text), "done": False}
+        if tool_calls:
+            obj["message"]["tool_calls"] = tool_calls
         if logprobs is not None:
             obj["logprobs"] = _logprobs(logprobs)
         return obj
@@ -142,11 +159,27 @@ class _Reply:
         }
 
     async def stream(self, generation: Generation) -> AsyncIterator[dict]:
+        """Chunks of text; tool calls come whole (Ollama's shape), in a chunk of their own
+        before the last one."""
+        tools = self.tool_parser.stream() if self.tool_parser else None
+        calls: dict[int, list[str]] = {}  # index -> [name, arguments so far]
         async for _, output in generation:
+            text = output.delta_text
+            if tools is not None:
+                text, deltas = tools.feed(text)
+                if output.finished:
+                    more, last = tools.finish()
+                    text, deltas = text + more, deltas + last
+                for d in deltas:
+                    entry = calls.setdefault(d.index, [d.name or "", ""])
+                    entry[1] += d.arguments
             if output.finished:
-                yield self.final(output.delta_text, output, output.delta_logprobs)
-            elif output.delta_text or output.delta_logprobs:
-                yield self.chunk(output.delta_text, output.delta_logprobs)
+                if calls:
+                    yield self.chunk("", tool_calls=[_tool_call(name, arguments)
+                                                     for name, arguments in calls.values()])
+                yield self.final(text, output, output.delta_logprobs)
+            elif text or output.delta_logprobs:
+                yield self.chunk(text, output.delta_logprobs)
 
     async def collect(self, generation: Generation) -> dict:
         text, logprobs, last = "", None, None
@@ -157,7 +190,23 @@ class _Reply:
             last = output
         if last is None:
             raise APIError(500, "the engine ended the request without an answer")
+        if self.tool_parser is not None:
+            parsed = self.tool_parser.parse(text)
+            if parsed.calls:
+                final = self.final(parsed.content, last, logprobs)
+                final["message"]["tool_calls"] = [_tool_call(c.name, c.arguments)
+                                                  for c in parsed.calls]
+                return final
         return self.final(text, last, logprobs)
+
+
+def _tool_call(name: str, arguments: str) -> dict:
+    """Ollama's shape: arguments as an object, not JSON text."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        value = arguments
+    return {"function": {"name": name, "arguments": value}}
 
 
 def _logprobs(logprobs: list[TokenLogprobs]) -> list[dict]:

@@ -7,7 +7,7 @@ model does not use.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -80,7 +80,7 @@ class _GenerationBody(_Body):
     model: str | None = None
     stream: bool = True
     options: Options | None = None
-    format: Any = None
+    format: Literal["", "json"] | dict[str, Any] | None = None
     keep_alive: str | int | float | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -102,17 +102,47 @@ class GenerateRequest(_GenerationBody):
     images: list[str] | None = None
 
 
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class CallFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    function: CallFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str
     content: str | None = ""
     images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_name: str | None = None  # a tool result's function
 
 
 class ChatRequest(_GenerationBody):
     messages: list[Message] | None = None
-    tools: list[dict] | None = None
+    tools: list[ToolSpec] | None = None
 
 
 class ShowRequest(_Body):

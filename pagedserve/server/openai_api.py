@@ -27,6 +27,12 @@ from pagedserve.server.generation import Generation, until_disconnected
 from pagedserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
+from pagedserve.server.structured_outputs import (
+    openai_constraint,
+    openai_messages,
+    openai_tool_plan,
+)
+from pagedserve.structured.tool_parsers import ToolCallDelta, ToolParser
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,9 @@ async def completions(request: Request):
         values["max_tokens"] = body.max_tokens
     if body.logprobs is not None:
         values["logprobs"] = body.logprobs
+    constraint = openai_constraint(body)
+    if constraint is not None:
+        values["constraint"] = constraint
     params = served.sampling_params(values, api_defaults={"max_tokens": 16})
     call = _Call("cmpl", served.name, body.n, body.include_usage)
     echo = [_prompt_text(served, p) for p in prompts] if body.echo else None
@@ -90,10 +99,16 @@ async def chat_completions(request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError.bad_request("top_logprobs requires logprobs to be true",
                                    param="top_logprobs")
-    messages = served.with_system_prompt(
-        [{"role": _template_role(m.role), "content": m.text()} for m in body.messages])
-    prompt = await served.render_chat(messages)
+    constraint = openai_constraint(body)
+    plan = openai_tool_plan(body, served.tool_parser_name, constraint)
+    parser = plan.parser if plan else None
+    if plan is not None and plan.constraint is not None:
+        constraint = plan.constraint
+    messages = served.with_system_prompt(openai_messages(body.messages))
+    prompt = await served.render_chat(messages, plan.tools if plan else None)
     values = body.sampling_values()
+    if constraint is not None:
+        values["constraint"] = constraint
     renames = {"logprobs": "top_logprobs"}
     if body.max_completion_tokens is not None:
         values["max_tokens"] = body.max_completion_tokens
@@ -107,8 +122,9 @@ async def chat_completions(request: Request):
     generation = await _start(served, [prompt], params, body.n, renames,
                               prompt_field="messages")
     if body.stream:
-        return _sse(_stream_chat(call, generation), generation)
-    return JSONResponse(await until_disconnected(request, _collect_chat(call, generation)))
+        return _sse(_stream_chat(call, generation, parser), generation)
+    return JSONResponse(await until_disconnected(request,
+                                                 _collect_chat(call, generation, parser)))
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -146,10 +162,6 @@ def _wrap_seed(seed: int) -> int:
 
 def _prompt_text(served: ServedModel, prompt: str | list[int]) -> str:
     return prompt if isinstance(prompt, str) else served.tokenizer.decode(prompt)
-
-
-def _template_role(role: str) -> str:
-    return {"developer": "system", "function": "tool"}.get(role, role)
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -220,14 +232,26 @@ async def _collect_completion(call: _Call, generation: Generation,
     return {**call.envelope("text_completion", out), "usage": call.usage()}
 
 
-async def _collect_chat(call: _Call, generation: Generation) -> dict:
+async def _collect_chat(call: _Call, generation: Generation,
+                        parser: ToolParser | None) -> dict:
     choices = await _collect(call, generation)
     out = []
     for index, choice in sorted(choices.items()):
         logprobs = ({"content": _chat_logprobs(choice.logprobs)}
                     if choice.logprobs is not None else None)
-        out.append({"index": index, "message": {"role": "assistant", "content": choice.text},
-                    "logprobs": logprobs, "finish_reason": choice.finish_reason})
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+        reason = choice.finish_reason
+        if parser is not None:
+            parsed = parser.parse(choice.text)
+            if parsed.calls:
+                message["content"] = parsed.content or None
+                message["tool_calls"] = [
+                    {"id": c.id, "type": "function",
+                     "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in parsed.calls]
+                reason = "tool_calls" if reason == "stop" else reason
+        out.append({"index": index, "message": message, "logprobs": logprobs,
+                    "finish_reason": reason})
     return {**call.envelope("chat.completion", out), "usage": call.usage()}
 
 
@@ -255,24 +279,47 @@ async def _stream_completion(call: _Call, generation: Generation,
         yield {**call.envelope("text_completion", []), "usage": call.usage()}
 
 
-async def _stream_chat(call: _Call, generation: Generation) -> AsyncIterator[dict]:
+async def _stream_chat(call: _Call, generation: Generation,
+                       parser: ToolParser | None) -> AsyncIterator[dict]:
+    """Chunks in OpenAI's shape; with a tool parser, each call's id and name come once, then
+    its arguments in fragments, and calls end the answer with ``finish_reason: tool_calls``."""
+    tool_streams = {i: parser.stream() for i in range(len(generation))} if parser else {}
     for index in range(len(generation)):
         yield call.envelope("chat.completion.chunk", [{
             "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
             "finish_reason": None}])
     async for index, output in generation:
         call.count(index, output)
-        if not output.delta_text and not output.finished and not output.delta_logprobs:
+        content, tool_deltas = output.delta_text, []
+        reason = output.finish_reason if output.finished else None
+        tools = tool_streams.get(index)
+        if tools is not None:
+            content, tool_deltas = tools.feed(output.delta_text)
+            if output.finished:
+                more, last = tools.finish()
+                content, tool_deltas = content + more, tool_deltas + last
+                if tools.num_calls and reason == "stop":
+                    reason = "tool_calls"
+        if not content and not tool_deltas and not output.finished \
+                and not output.delta_logprobs:
             continue
-        delta = {"content": output.delta_text} if output.delta_text else {}
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if tool_deltas:
+            delta["tool_calls"] = [_tool_call_delta(d) for d in tool_deltas]
         logprobs = None
         if output.delta_logprobs is not None:
             logprobs = {"content": _chat_logprobs(output.delta_logprobs)}
         yield call.envelope("chat.completion.chunk", [{
-            "index": index, "delta": delta, "logprobs": logprobs,
-            "finish_reason": output.finish_reason if output.finished else None}])
+            "index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}])
     if call.include_usage:
         yield {**call.envelope("chat.completion.chunk", []), "usage": call.usage()}
+
+
+def _tool_call_delta(d: ToolCallDelta) -> dict[str, Any]:
+    if d.name is None:
+        return {"index": d.index, "function": {"arguments": d.arguments}}
+    return {"index": d.index, "id": d.id, "type": "function",
+            "function": {"name": d.name, "arguments": d.arguments}}
 
 
 def _completion_logprobs(logprobs: list[TokenLogprobs], offset: int) -> dict[str, list]:

@@ -1,7 +1,10 @@
 """The OpenAI API's request bodies (with vLLM's sampling extras), as pydantic models.
 
 Only types are checked here; ranges are SamplingParams' business, so that each rule lives once.
-Unknown fields are ignored, as OpenAI's own server and vLLM do for fields they do not use.
+Unknown fields are ignored, as OpenAI's own server and vLLM do for fields they do not use,
+except where ignoring would change the answer's meaning: unknown keys of
+``structured_outputs`` are refused, and so are vLLM's removed ``guided_*`` fields (a client
+that asked for a constraint must never get unconstrained text with a 200).
 """
 
 from __future__ import annotations
@@ -22,7 +25,81 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _SamplingFields(_Body):
+class JSONSchemaFormat(_Body):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` extra: one of json, regex, choice, grammar, json_object."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+# vLLM's guided decoding fields, removed there in favour of structured_outputs: refused here
+REMOVED_GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                         "guided_json_object", "guided_decoding_backend",
+                         "guided_whitespace_pattern")
+
+
+class _ConstraintFields(_Body):
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Any = Field(None, description="Removed (as in vLLM): use structured_outputs.")
+    guided_regex: Any = Field(None, description="Removed: use structured_outputs.regex.")
+    guided_choice: Any = Field(None, description="Removed: use structured_outputs.choice.")
+    guided_grammar: Any = Field(None, description="Removed: use structured_outputs.grammar.")
+    guided_json_object: Any = Field(None, description="Removed: use response_format.")
+    guided_decoding_backend: Any = Field(None, description="Removed: llguidance is used.")
+    guided_whitespace_pattern: Any = Field(None, description="Removed: whitespace is capped.")
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class MessageFunctionCall(_Body):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class MessageToolCall(_Body):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+
+class _SamplingFields(_ConstraintFields):
     """Fields both completion kinds share, named as on the wire."""
 
     model: str | None = None
@@ -80,6 +157,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result's call
 
     def text(self) -> str:
         if self.content is None:
@@ -105,6 +184,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_Body):

@@ -26,9 +26,11 @@ from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation
 from pagedserve.server.limits import ServerLimits
+from pagedserve.structured.tool_parsers import detect_tool_parser
 
 if TYPE_CHECKING:
     from pagedserve.async_engine import AsyncEngine
+    from pagedserve.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +55,9 @@ class ServedModel:
     """The served model: its names, its defaults, and the door to the engine."""
 
     def __init__(self, card: ModelCard, async_engine: AsyncEngine,
-                 limits: ServerLimits | None = None) -> None:
+                 limits: ServerLimits | None = None, tool_call_parser: str = "auto") -> None:
         self.card = card
+        self.tool_call_parser = tool_call_parser  # a parser's name, or "auto": the template's
         self.async_engine = async_engine
         self.limits = limits or ServerLimits()
         self.draining = False  # set at SIGTERM: nothing new is admitted
@@ -97,6 +100,13 @@ class ServedModel:
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
                            f"`{self.name}`.", param="model", code="model_not_found")
 
+    @property
+    def tool_parser_name(self) -> str | None:
+        """The tool-call format to read: the server's choice, else the chat template's."""
+        if self.tool_call_parser != "auto":
+            return self.tool_call_parser
+        return detect_tool_parser(self.tokenizer.chat_template if self.tokenizer else None)
+
     # -- policy --------------------------------------------------------------------------------
 
     def sampling_params(self, request_values: Mapping[str, Any],
@@ -128,19 +138,21 @@ class ServedModel:
             messages.insert(0, {"role": "system", "content": prompt})
         return messages
 
-    async def render_chat(self, messages: Sequence[dict]) -> str:
+    async def render_chat(self, messages: Sequence[dict], tools: list[dict] | None = None
+                          ) -> str:
         """The chat as prompt text (off the event loop when it is long); 400 if the template
-        rejects it or the text cannot fit the context."""
+        rejects it or the text cannot fit the context. ``tools`` go to the template."""
         size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
         if size > self.engine.max_prompt_chars:
             raise _too_many_chars(self.max_model_len, "messages", size)
         if size < LONG_TEXT_CHARS:
-            return self._render_chat(messages)
-        return await asyncio.to_thread(self._render_chat, messages)
+            return self._render_chat(messages, tools)
+        return await asyncio.to_thread(self._render_chat, messages, tools)
 
-    def _render_chat(self, messages: Sequence[dict]) -> str:
+    def _render_chat(self, messages: Sequence[dict], tools: list[dict] | None = None) -> str:
         try:
-            return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                                      tools=tools or None)
         except ValueError as exc:
             message = str(exc)
             if not message.startswith("messages"):
@@ -188,6 +200,7 @@ class ServedModel:
             raise _context_error(exc, prompt_field) from exc
         except ValueError as exc:
             raise APIError.from_value_error(exc, renames) from exc
+        await _compiled(requests)
         streams = [self.async_engine.enqueue(r) for r in requests]
         generation = Generation(streams)
         self._live.add(generation)
@@ -240,6 +253,19 @@ class ServedModel:
         """End every answer in progress (at shutdown): streams close with an abort."""
         for generation in list(self._live):
             generation.abort()
+
+
+async def _compiled(requests: Sequence[Request]) -> None:
+    """Wait (off the event loop) for the requests' grammars; 400 naming the field of one that
+    does not compile, before anything is queued."""
+    for request in requests:
+        if request.grammar is not None:
+            await asyncio.wait([asyncio.wrap_future(request.grammar.compiled)])
+            try:
+                request.grammar.wait(0)
+            except ValueError as exc:
+                field = str(exc).split(":", 1)[0]
+                raise APIError.bad_request(str(exc), param=field) from exc
 
 
 def _with_tag(name: str) -> str:

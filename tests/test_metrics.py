@@ -26,6 +26,7 @@ SERIES = [
     "request_decode_time_seconds_count", "request_inference_time_seconds_count",
     "request_prompt_tokens_count", "request_generation_tokens_count",
     "iteration_tokens_total_count", "engine_healthy", "http_requests_total",
+    "constrained_requests_total", "grammar_cache_hits_total", "grammar_compile_seconds_count",
 ]
 
 
@@ -42,6 +43,8 @@ class FakeStats:
     kv_waste_perc: float = 28.0
     prompt_tokens_total: int = 120
     generation_tokens_total: int = 30
+    constrained_requests_total: int = 5
+    grammar_cache_hits_total: int = 4
 
 
 @dataclass
@@ -79,6 +82,8 @@ def test_gauges_and_counters_come_from_engine_stats():
     assert v["num_preemptions_total"] == 3
     assert v["prompt_tokens_total"] == 120
     assert v["generation_tokens_total"] == 30
+    assert v["constrained_requests_total"] == 5
+    assert v["grammar_cache_hits_total"] == 4
     assert v["request_success_total{stop}"] == 0  # present before the first request ends
 
 

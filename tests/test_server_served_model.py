@@ -46,7 +46,7 @@ class FakeAsyncEngine:
         self.made += 1
         self.prompts.append(prompt)
         ids = [ord(c) for c in prompt] if isinstance(prompt, str) else list(prompt)
-        return SimpleNamespace(request_id=f"r{self.made}", prompt_token_ids=ids)
+        return SimpleNamespace(request_id=f"r{self.made}", prompt_token_ids=ids, grammar=None)
 
     def enqueue(self, request: SimpleNamespace) -> FakeStream:
         self.streams.append(FakeStream(request.request_id))

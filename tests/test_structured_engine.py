@@ -205,3 +205,23 @@ def test_json_whitespace_is_capped(tiny):
     assert not accepts("{\n" + " " * 17)
     assert not accepts("{  ")  # a space, or a line break and indentation: no runs
     assert not accepts("{\n\n")
+
+
+def test_listed_properties_close_an_object_unless_the_schema_opens_it():
+    from pagedserve.structured.constraint import closed
+
+    schema = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"x": {"type": "integer"}}},
+        "b": {"type": "array", "items": {"$ref": "#/$defs/B"}},
+        "c": {"type": "object", "properties": {}, "additionalProperties": True},
+        "properties": {"anyOf": [{"type": "object", "properties": {"y": {}}}, {"type": "null"}]},
+    }, "$defs": {"B": {"type": "object", "properties": {"z": {}}}}}
+    out = closed(schema)
+    assert out["additionalProperties"] is False
+    assert out["properties"]["a"]["additionalProperties"] is False
+    assert out["$defs"]["B"]["additionalProperties"] is False
+    assert out["properties"]["c"]["additionalProperties"] is True
+    assert out["properties"]["properties"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in out["properties"]["b"]
+    assert "additionalProperties" not in schema  # the client's schema is not changed
+    assert closed({"type": "object"}) == {"type": "object"}  # json_object stays open

@@ -92,9 +92,9 @@ class GrammarCompiler:
         tokenizer = self._llg_tokenizer()
         try:
             grammar = _grammar_text(constraint)
-        except ValueError as exc:
-            raise GrammarError(str(exc)) from None
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+            matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        except Exception as exc:  # noqa: BLE001 - what the client sent does not compile
+            raise GrammarError(_first_line(str(exc)) or type(exc).__name__) from None
         if matcher.is_error():
             raise GrammarError(_first_line(matcher.get_error()))
         seconds = time.perf_counter() - start

@@ -6,6 +6,11 @@ from, which error messages name (``response_format``, ``structured_outputs.regex
 ``format``, ``tools``). It is checked for shape here; whether the grammar compiles is the
 compiler's business (see :mod:`pagedserve.structured.compiler`).
 
+An object schema that lists its properties takes no others unless it says so
+(``additionalProperties``), as llama.cpp's and Ollama's grammars have it and as OpenAI's strict
+mode requires: a pydantic model's schema leaves the keyword out, and a small model given the
+freedom invents keys until ``max_tokens``.
+
 JSON whitespace is capped: between two JSON tokens nothing, one space, or one line break and
 up to :data:`MAX_JSON_INDENT` spaces or tabs of indentation: enough for compact and for
 pretty-printed JSON, never a runaway (Ollama's JSON mode could loop on whitespace until the
@@ -44,7 +49,7 @@ class Constraint:
         if not isinstance(schema, dict | bool):  # true: anything, false: nothing
             raise ValueError(f"{field} must be a JSON schema (an object), got "
                              f"{type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema, ensure_ascii=False), field)
+        return cls("json_schema", json.dumps(closed(schema), ensure_ascii=False), field)
 
     @classmethod
     def json_object(cls, field: str) -> Constraint:
@@ -89,3 +94,29 @@ class Constraint:
         if self.kind == "grammar":
             return self.spec
         raise ValueError(f"{self.kind} has no Lark form here")
+
+
+# keywords whose value is a schema, a list of schemas, or a mapping of names to schemas
+_SCHEMA_KEYS = ("items", "additionalItems", "contains", "not", "if", "then", "else",
+                "propertyNames", "additionalProperties", "unevaluatedProperties")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed(schema: Any) -> Any:
+    """A copy of ``schema`` where every object schema with ``properties`` and no word on
+    other properties (``additionalProperties``, ``patternProperties``) takes no others."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if (isinstance(out.get("properties"), dict) and "additionalProperties" not in out
+            and "patternProperties" not in out and "unevaluatedProperties" not in out):
+        out["additionalProperties"] = False
+    for key, value in out.items():
+        if key in _SCHEMA_KEYS:
+            out[key] = closed(value)
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [closed(v) for v in value]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed(v) for name, v in value.items()}
+    return out

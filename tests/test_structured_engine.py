@@ -10,6 +10,7 @@ import time
 
 import jsonschema
 import pytest
+import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine import Engine
@@ -207,6 +208,29 @@ def test_json_whitespace_is_capped(tiny):
     assert not accepts("{\n\n")
 
 
+@pytest.mark.parametrize("parser, sep", [("hermes", "\n"), ("llama3_json", "; ")])
+def test_required_tool_calls_are_bounded(tiny, parser, sep):
+    """A small model repeats a forced call until max_tokens unless the grammar stops it."""
+    from pagedserve.structured.tool_parsers import MAX_PARALLEL_CALLS, TOOL_PARSERS
+
+    engine = make_engine(tiny)
+    tools = [{"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"enum": ["x"]}}, "required": ["a"]}}]
+    p = TOOL_PARSERS[parser]()
+    grammar = Constraint.grammar(p.required_grammar(tools, parallel=True), "tools")
+    compiled = engine.grammars.compile(grammar).result()
+    body = f'{{"name": "f", "{p.arguments_key}": {{"a": "x"}}}}'
+    call = f"<tool_call>\n{body}\n</tool_call>" if parser == "hermes" else body
+
+    def accepts(text: str) -> bool:
+        matcher = compiled.new_matcher()
+        return all(matcher.consume_token(t)
+                   for t in engine.tokenizer.encode(text, add_special_tokens=False))
+
+    assert accepts(sep.join([call] * MAX_PARALLEL_CALLS))
+    assert not accepts(sep.join([call] * MAX_PARALLEL_CALLS) + sep + call[:2])
+
+
 def test_listed_properties_close_an_object_unless_the_schema_opens_it():
     from pagedserve.structured.constraint import closed
 
@@ -225,3 +249,21 @@ def test_listed_properties_close_an_object_unless_the_schema_opens_it():
     assert "additionalProperties" not in out["properties"]["b"]
     assert "additionalProperties" not in schema  # the client's schema is not changed
     assert closed({"type": "object"}) == {"type": "object"}  # json_object stays open
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # host path, device path
+def test_the_bitmask_masks_exactly_the_constrained_rows(dtype, monkeypatch):
+    from pagedserve.structured.bitmask import GrammarBatch
+
+    V = 70  # not a multiple of 32: the last word is partly padding
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(-2**31, 2**31 - 1, (2, 3), dtype=torch.int32, generator=gen)
+    monkeypatch.setattr(GrammarBatch, "fill", lambda self: words)
+    logits = torch.randn(4, V, generator=gen).to(dtype)
+    before = logits.clone()
+    GrammarBatch(rows=[1, 3], matchers=[None, None], vocab_size=V).apply(logits)
+    for j, row in enumerate([1, 3]):
+        for t in range(V):
+            allowed = (int(words[j, t // 32]) >> (t % 32)) & 1
+            assert logits[row, t] == (before[row, t] if allowed else float("-inf"))
+    assert torch.equal(logits[[0, 2]], before[[0, 2]])  # unconstrained rows untouched

@@ -1,43 +1,148 @@
-"""Paged attention in plain torch: the reference backend, used on CPU.
+"""Paged attention: the step's metadata every backend reads, and the plain-torch backend.
 
-The cache of one layer is two tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``
-(the layout a CUDA kernel reads through block tables). Each step:
+The cache of one layer is two tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``, the
+layout a kernel reads through block tables. A step flattens the new tokens of its B requests into
+T rows, one-token requests (decodes) first, and padding (CUDA graph buckets) last::
 
-1. the new tokens' K/V are written at their slots (``slot_mapping``);
-2. decode tokens (one query each) attend over their request's blocks, all in one batched
-   matmul, keys past each request's context length masked;
-3. each prefill chunk attends causally over its request's cached prefix plus itself.
+    rows     [0 ...... D) [chunk of request D) [chunk of request D+1) ... [padding ..... T)
+              one query     prefill/extend chunks, any length              slot -1, seq_len 0
+              per decode
 
-The flattened tokens of a step are ordered decodes first::
+    request i, 0 <= i < B (padding rows count as one-query requests):
+      query rows   [query_start_loc[i], query_start_loc[i + 1])         q_len = the difference
+      context      positions [0, seq_lens[i]); its new tokens are the last q_len of them, so
+                   query row r sits at position seq_lens[i] - q_len + (r - query_start_loc[i])
+                   and sees the keys at positions <= its own (causal)
+      slot of position p = block_tables[i, p // block_size] * block_size + p % block_size
 
-    tokens  [0 ........ num_decodes) [chunk 0) [chunk 1) ...
-             one per decoding request  prefill chunks, one per request
+Invariants: a padded row has slot -1 (its K/V are written nowhere) and seq_len 0 (it reads
+nothing; its output is 0), and padding only follows real rows. Block-table entries past a
+request's last block are never read (any value). Every backend's K/V store runs before its
+attention in the same layer, so a chunk reads its own fresh K/V back from the cache.
+
+A backend is two functions behind :class:`AttentionBackend`: ``prepare(meta, dims)``, once per
+step (what every layer can share: masks, flattened tables, scratch), and
+``paged_attention(q, k, v, k_cache, v_cache, meta, scale)``, once per layer. This module is the
+reference and the CPU path; ``attention_triton.py`` is the CUDA one; :func:`select_backend`
+picks once at start-up.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(slots=True)
-class PrefillChunk:
-    start: int  # first token of the chunk in the flattened step
-    num_tokens: int
-    context_len: int  # tokens of the request in the cache after this step
-    block_table: torch.Tensor  # (num_blocks_of_request,) long
-    causal_mask: torch.Tensor | None  # (num_tokens, context_len) bool, None when no prefix
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # (T,) long: slot of each new token's K/V
-    num_decodes: int = 0
-    decode_block_tables: torch.Tensor | None = None  # (D, max_blocks) long, padded with 0
-    decode_mask: torch.Tensor | None = None  # (D, 1, 1, max_blocks * block_size) additive
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    # device tensors (views of the runner's persistent buffers)
+    slot_mapping: torch.Tensor  # (T,) int32; -1 on padded rows
+    query_start_loc: torch.Tensor  # (B + 1,) int32
+    seq_lens: torch.Tensor  # (B,) int32: tokens of each request in the cache after this step
+    block_tables: torch.Tensor  # (B, >= max blocks of any request) int32
+    # host-side facts (Python ints): what grid sizes and the torch backend's slicing need
+    num_decodes: int  # requests [0, D) have one query row each: rows [0, D)
+    num_actual_tokens: int  # rows [0, num_actual_tokens) are real, the rest padding
+    max_query_len: int
+    max_seq_len: int  # for CUDA graphs: the longest a captured step may see
+    query_start_loc_host: list[int] = field(default_factory=list)  # (B + 1,) as above
+    seq_lens_host: list[int] = field(default_factory=list)  # (B,)
+    block_size: int = 16
+    backend_state: Any = None  # what the backend's prepare() derived for this step
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def num_prefills(self) -> int:
+        return self.num_requests - self.num_decodes
+
+
+@dataclass(slots=True)
+class AttentionDims:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+class AttentionBackend(NamedTuple):
+    name: str
+    prepare: Callable[[AttentionMetadata, AttentionDims], None]
+    paged_attention: Callable[..., torch.Tensor]
+    supports_cuda_graphs: bool  # reads only device tensors and per-bucket constants
+
+
+def select_backend(choice: str, device: torch.device) -> AttentionBackend:
+    """``auto``: Triton on CUDA when it imports, else torch. ``triton`` on CPU runs under
+    ``TRITON_INTERPRET=1`` (tests only: the interpreter is slow)."""
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return TORCH_BACKEND
+    try:
+        from pagedserve.attention_triton import TRITON_BACKEND
+    except ImportError as exc:
+        if choice == "triton":
+            raise
+        logger.warning("triton is not importable (%s); attention runs in plain torch", exc)
+        return TORCH_BACKEND
+    return TRITON_BACKEND
+
+
+# -- the torch backend ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    start: int  # first row of the chunk
+    num_tokens: int
+    context_len: int  # tokens of the request in the cache after this step
+    block_table: torch.Tensor  # (cdiv(context_len, block_size),) long
+    causal_mask: torch.Tensor | None  # (num_tokens, context_len) bool, None when no prefix
+
+
+@dataclass(slots=True)
+class TorchStep:
+    slots: torch.Tensor  # (num_actual_tokens,) long: index_copy_ wants int64
+    num_real_decodes: int  # decodes before the padding
+    decode_blocks: torch.Tensor | None  # (Dr * W,) long: W blocks per real decode, flattened
+    decode_mask: torch.Tensor | None  # (Dr, 1, 1, W * block_size) additive: -inf past the end
+    prefills: list[PrefillChunk]
+
+
+def prepare(meta: AttentionMetadata, dims: AttentionDims | None = None) -> None:
+    """Masks and index tensors every layer shares, built once per step."""
+    bs = meta.block_size
+    qsl, lens = meta.query_start_loc_host, meta.seq_lens_host
+    real_decodes = sum(1 for n in lens[: meta.num_decodes] if n > 0)
+    decode_blocks = decode_mask = None
+    if real_decodes:
+        width = -(-max(lens[:real_decodes]) // bs)
+        decode_blocks = meta.block_tables[:real_decodes, :width].long().flatten()
+        key_pos = torch.arange(width * bs, device=meta.seq_lens.device)
+        ends = meta.seq_lens[:real_decodes].unsqueeze(1)
+        mask = torch.zeros(real_decodes, width * bs, device=meta.seq_lens.device)
+        mask.masked_fill_(key_pos.unsqueeze(0) >= ends, float("-inf"))
+        decode_mask = mask.view(real_decodes, 1, 1, width * bs)
+    prefills = []
+    for i in range(meta.num_decodes, meta.num_requests):
+        start, n, end = qsl[i], qsl[i + 1] - qsl[i], lens[i]
+        if end == 0:  # padding
+            continue
+        causal = None
+        if end > n:  # query j sits at position end - n + j and sees keys 0 .. end - n + j
+            causal = torch.ones(n, end, dtype=torch.bool, device=meta.seq_lens.device).tril(
+                diagonal=end - n)
+        table = meta.block_tables[i, : -(-end // bs)].long()
+        prefills.append(PrefillChunk(start, n, end, table, causal))
+    slots = meta.slot_mapping[: meta.num_actual_tokens].long()
+    meta.backend_state = TorchStep(slots, real_decodes, decode_blocks, decode_mask, prefills)
 
 
 def paged_attention(
@@ -49,15 +154,18 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
+    st: TorchStep = meta.backend_state
     T, nh, hd = q.shape
     nkv = k.shape[1]
-    k_cache.view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, nkv, hd).index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
-    D = meta.num_decodes
+    n = meta.num_actual_tokens
+    k_cache.view(-1, nkv, hd).index_copy_(0, st.slots, k[:n])
+    v_cache.view(-1, nkv, hd).index_copy_(0, st.slots, v[:n])
+    out = torch.empty_like(q) if n == T and st.num_real_decodes == meta.num_decodes \
+        else torch.zeros_like(q)  # padded rows read nothing: their output is 0
+    D = st.num_real_decodes
     if D:
-        out[:D] = _decode_attention(q[:D], k_cache, v_cache, meta, scale)
-    for chunk in meta.prefills:
+        out[:D] = _decode_attention(q[:D], k_cache, v_cache, st, scale)
+    for chunk in st.prefills:
         s, n = chunk.start, chunk.num_tokens
         if chunk.context_len == n:  # no cached prefix: the fresh K/V are the whole context
             keys, values = k[s : s + n], v[s : s + n]
@@ -69,15 +177,15 @@ def paged_attention(
     return out
 
 
-def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def _decode_attention(q, k_cache, v_cache, st: TorchStep, scale: float):
     D, nh, hd = q.shape
     nkv = k_cache.shape[2]
-    blocks = meta.decode_block_tables.flatten()  # index_select is ~6x faster than k_cache[tables]
-    keys = k_cache.index_select(0, blocks).view(D, -1, nkv, hd).transpose(1, 2)  # (D, nkv, L, hd)
-    values = v_cache.index_select(0, blocks).view(D, -1, nkv, hd).transpose(1, 2)
+    # index_select on the flattened tables is ~6x faster than k_cache[tables]
+    keys = k_cache.index_select(0, st.decode_blocks).view(D, -1, nkv, hd).transpose(1, 2)
+    values = v_cache.index_select(0, st.decode_blocks).view(D, -1, nkv, hd).transpose(1, 2)
     qg = q.view(D, nkv, nh // nkv, hd)  # (D, nkv, g, hd): query heads grouped by KV head
     scores = torch.matmul(qg, keys.transpose(2, 3)).float() * scale  # (D, nkv, g, L)
-    probs = torch.softmax(scores + meta.decode_mask, dim=-1).to(q.dtype)
+    probs = torch.softmax(scores + st.decode_mask, dim=-1).to(q.dtype)
     out = torch.matmul(probs, values)  # (D, nkv, g, hd)
     return out.reshape(D, nh, hd)
 
@@ -94,3 +202,6 @@ def _prefill_attention(q, keys, values, causal_mask, scale: float):
         enable_gqa=True,
     )
     return out.transpose(0, 1)  # (n, nh, hd)
+
+
+TORCH_BACKEND = AttentionBackend("torch", prepare, paged_attention, supports_cuda_graphs=False)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 KVLayout = Literal["paged", "static"]
+AttentionBackendName = Literal["auto", "torch", "triton"]
 
 
 @dataclass(slots=True)
@@ -79,6 +80,8 @@ class EngineConfig:
     # bf16 on CPU: steps of <= 8 tokens read int4/int8 copies of the weights (bandwidth-bound)
     low_bit_small_steps: bool = True
     device: str = "cpu"
+    # attention kernels: auto = Triton on CUDA (when importable), plain torch elsewhere
+    attention_backend: AttentionBackendName = "auto"
     seed: int | None = None  # unseeded requests: None draws differently every start
     num_threads: int | None = None
     extra: dict = field(default_factory=dict)
@@ -107,6 +110,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if self.kv_layout not in ("paged", "static"):
             raise ValueError(f"kv_layout must be 'paged' or 'static', got {self.kv_layout!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError("attention_backend must be auto, torch or triton, got "
+                             f"{self.attention_backend!r}")
         if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"

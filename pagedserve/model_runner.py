@@ -11,10 +11,11 @@ the model, and samples one token for every request whose chunk reached its last 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
-from pagedserve.attention import AttentionMetadata, PrefillChunk
+from pagedserve.attention import AttentionDims, AttentionMetadata, select_backend
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.models.llama import LlamaForCausalLM
 from pagedserve.sampler import SampledToken, Sampler
@@ -45,6 +46,19 @@ def kv_bytes_per_token(config: ModelConfig, dtype: str) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
 
 
+@dataclass(slots=True)
+class StepChunk:
+    """One request's share of a step: tokens at positions [start, start + len(token_ids))."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]  # covers at least positions [0, start + len(token_ids))
+    samples: bool  # the chunk ends at the request's last known token: sample after it
+    # one sampled token, the input of a decode: attends on the decode path (rows [0, D)). A
+    # one-token prompt tail is not one: it attends as a prefill chunk, as it would in a longer one
+    is_decode: bool = False
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -61,7 +75,10 @@ class ModelRunner:
             torch.set_num_threads(engine_config.num_threads)
         low_bit = (engine_config.low_bit_small_steps and self.dtype == torch.bfloat16
                    and self.device.type == "cpu")
-        self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit)
+        self.attention = select_backend(engine_config.attention_backend, self.device)
+        self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
+        self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit,
+                                      attention=self.attention.paged_attention)
         shape = (num_blocks, self.block_size, config.num_kv_heads, config.head_dim)
         # Zeroed, not empty: masked attention weights are exactly 0, but 0 * NaN garbage is not.
         self.kv_caches = [
@@ -76,61 +93,21 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledRequest]) -> list[SampledToken | None]:
         """Run one step; returns a sampled token per scheduled request (None mid-prefill)."""
         order = sorted(range(len(scheduled)), key=lambda i: not scheduled[i].is_decode)
-        batch = [scheduled[i] for i in order]
-        input_ids, positions, slots = [], [], []
-        bs = self.block_size
-        sample_rows: list[int] = []  # flattened index of the last token of each sampling request
-        sample_of: list[int] = []  # index into `scheduled` of each sampled row
-        meta = AttentionMetadata(slot_mapping=torch.empty(0))
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        for idx, s in zip(order, batch, strict=True):
+        chunks = []
+        for i in order:
+            s = scheduled[i]
             r = s.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            first = len(input_ids)
-            input_ids.extend(r.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            table = s.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if s.is_decode:
-                meta.num_decodes += 1
-                decode_tables.append(table[: -(-end // bs)])
-                decode_lens.append(end)
-            else:
-                for lo, hi in self._prefill_pieces(start, end, s.samples):
-                    mask = None
-                    if lo > 0:  # query i sits at position lo + i and sees keys 0..lo + i
-                        mask = torch.ones(
-                            hi - lo, hi, dtype=torch.bool, device=self.device
-                        ).tril(diagonal=lo)
-                    meta.prefills.append(PrefillChunk(
-                        first + lo - start, hi - lo, hi,
-                        torch.tensor(table[: -(-hi // bs)], device=self.device), mask,
-                    ))
-            if s.samples:
-                sample_rows.append(len(input_ids) - 1)
-                sample_of.append(idx)
-        meta.slot_mapping = torch.tensor(slots, device=self.device)
-        if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            meta.decode_block_tables = torch.tensor(
-                [t + [0] * (width - len(t)) for t in decode_tables], device=self.device
-            )
-            key_pos = torch.arange(width * bs, device=self.device)
-            lens = torch.tensor(decode_lens, device=self.device)
-            mask = torch.zeros(len(decode_lens), width * bs, device=self.device)
-            mask.masked_fill_(key_pos.unsqueeze(0) >= lens.unsqueeze(1), float("-inf"))
-            meta.decode_mask = mask.view(len(decode_lens), 1, 1, width * bs)
-
-        hidden = self.model.forward(
-            torch.tensor(input_ids, device=self.device),
-            torch.tensor(positions, device=self.device),
-            self.kv_caches,
-            meta,
-        )
+            pieces = [(start, end)] if s.is_decode else self._prefill_pieces(start, end, s.samples)
+            for lo, hi in pieces:
+                chunks.append(StepChunk(r.all_token_ids[lo:hi], lo, s.block_table,
+                                        samples=s.samples and hi == end, is_decode=s.is_decode))
+        input_ids, positions, meta, sample_rows = self._build(chunks)
+        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
         results: list[SampledToken | None] = [None] * len(scheduled)
-        if sample_rows:
-            logits = self.model.logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        sample_of = [i for i in order if scheduled[i].samples]  # in row order
+        if sample_of:
+            logits = self.model.logits(hidden[sample_rows])
             sampled = self.sampler(logits, [scheduled[i].request for i in sample_of])
             for i, token in zip(sample_of, sampled, strict=True):
                 results[i] = token
@@ -152,28 +129,54 @@ class ModelRunner:
             return [(start, end)]
         return [(start, split), (split, end)]
 
+    def _build(self, chunks: list[StepChunk]):
+        """Chunks (decodes first) -> input ids, positions, metadata, sampled rows."""
+        bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        lens: list[int] = []
+        tables: list[list[int]] = []
+        sample_rows: list[int] = []
+        num_decodes = 0
+        for i, c in enumerate(chunks):
+            n = len(c.token_ids)
+            end = c.start + n
+            if c.is_decode:
+                if n != 1 or i != num_decodes:
+                    raise ValueError("is_decode: a decode chunk has one token and comes first")
+                num_decodes += 1
+            ids.extend(c.token_ids)
+            positions.extend(range(c.start, end))
+            table = c.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(c.start, end))
+            qsl.append(qsl[-1] + n)
+            lens.append(end)
+            tables.append(table[: -(-end // bs)])
+            if c.samples:
+                sample_rows.append(qsl[-1] - 1)
+        width = max(len(t) for t in tables)
+        i32 = torch.int32
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=i32, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=i32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=i32, device=dev),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=i32,
+                                      device=dev),
+            num_decodes=num_decodes, num_actual_tokens=len(ids),
+            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:], strict=False)),
+            max_seq_len=max(lens), query_start_loc_host=qsl, seq_lens_host=lens, block_size=bs,
+        )
+        self.attention.prepare(meta, self.dims)
+        return (torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
+                torch.tensor(sample_rows, device=dev))
+
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], kv_block_table: list[int]) -> torch.Tensor:
         """All-position logits of one prompt (for correctness tests against a reference)."""
-        n = len(token_ids)
-        bs = self.block_size
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(
-                [kv_block_table[p // bs] * bs + p % bs for p in range(n)], device=self.device
-            ),
-            prefills=[PrefillChunk(0, n, n, torch.tensor(kv_block_table, device=self.device),
-                                   None)],
-        )
-        if n == 1:  # a single token takes the decode path
-            meta.prefills = []
-            meta.num_decodes = 1
-            meta.decode_block_tables = torch.tensor([kv_block_table[:1]], device=self.device)
-            meta.decode_mask = torch.zeros(1, 1, 1, bs, device=self.device)
-            meta.decode_mask[..., 1:] = float("-inf")
-        hidden = self.model.forward(
-            torch.tensor(token_ids, device=self.device),
-            torch.arange(n, device=self.device),
-            self.kv_caches,
-            meta,
-        )
+        single = len(token_ids) == 1  # a single token takes the decode path
+        input_ids, positions, meta, _ = self._build(
+            [StepChunk(token_ids, 0, kv_block_table, True, is_decode=single)])
+        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
         return self.model.logits(hidden).cpu()

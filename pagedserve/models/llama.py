@@ -17,7 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pagedserve.attention import AttentionMetadata, paged_attention
+from pagedserve import attention as torch_attention
+from pagedserve.attention import AttentionMetadata
 from pagedserve.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Linear:
 
 def low_bit_step(meta: AttentionMetadata, num_tokens: int) -> bool:
     """Whether a step reads the low-bit weights: decodes only, at most SMALL_STEP_TOKENS."""
-    return not meta.prefills and num_tokens <= SMALL_STEP_TOKENS
+    return meta.num_prefills == 0 and num_tokens <= SMALL_STEP_TOKENS
 
 
 class RMSNorm:
@@ -139,7 +140,9 @@ class Rotary:
 
 
 class Attention:
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str):
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str,
+                 paged_attention):
+        self.paged_attention = paged_attention  # the backend chosen at start-up
         self.nh, self.nkv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
         p = prefix + "self_attn."
         qkv_bias = None
@@ -159,7 +162,7 @@ class Attention:
         q = Rotary.apply(q.view(T, self.nh, self.hd), *rope)  # (T, nh, hd)
         k = Rotary.apply(k.view(T, self.nkv, self.hd), *rope)  # (T, nkv, hd)
         v = v.reshape(T, self.nkv, self.hd)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = self.paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o(out.view(T, self.nh * self.hd), small_step)
 
 
@@ -175,11 +178,11 @@ class MLP:
 
 
 class DecoderLayer:
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], i: int):
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], i: int, paged_attention):
         prefix = f"model.layers.{i}."
         eps, dtype = config.rms_norm_eps, w[prefix + "mlp.down_proj.weight"].dtype
         self.input_norm = RMSNorm(w[prefix + "input_layernorm.weight"], eps, dtype)
-        self.attn = Attention(config, w, prefix)
+        self.attn = Attention(config, w, prefix, paged_attention)
         self.post_attn_norm = RMSNorm(w[prefix + "post_attention_layernorm.weight"], eps, dtype)
         self.mlp = MLP(w, prefix)
 
@@ -192,13 +195,13 @@ class DecoderLayer:
 
 class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device,
-                 low_bit_small_steps: bool = False):
+                 low_bit_small_steps: bool = False, attention=torch_attention.paged_attention):
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         self.config = config
         self.embed = w["model.embed_tokens.weight"]  # (V, H)
         head = self.embed if config.tie_word_embeddings else w.get("lm_head.weight", self.embed)
         self.lm_head = Linear(head)
-        self.layers = [DecoderLayer(config, w, i) for i in range(config.num_layers)]
+        self.layers = [DecoderLayer(config, w, i, attention) for i in range(config.num_layers)]
         self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, dtype)
         self.rotary = Rotary(config, config.max_position_embeddings, dtype)
         if device != "cpu":

@@ -146,6 +146,7 @@ class Engine:
         self.model_info = model_info
         self.model_name = model_name
         per_token = kv_bytes_per_token(model_config, config.dtype)
+        self.runner = ModelRunner(model_config, weights, config)
         model_len = config.max_model_len or model_config.max_position_embeddings
         if model_len > model_config.max_position_embeddings:
             # positions past the model's own context have no rotary angles: cap, do not crash
@@ -174,7 +175,7 @@ class Engine:
         self.max_model_len = min(model_len, per_sequence)
         token_chars = tokenizer.max_token_chars if tokenizer is not None else 1
         self.max_prompt_chars = config.max_prompt_chars or self.max_model_len * token_chars
-        self.runner = ModelRunner(model_config, weights, config, self.kv.num_blocks)
+        self.runner.allocate(self.kv.num_blocks, max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.kv, max_num_seqs, config.max_num_batched_tokens)
         # structured outputs: grammars compile in a thread; requests wait for theirs apart
         self.grammars = (GrammarCompiler(tokenizer, model_config.vocab_size)

@@ -2,8 +2,10 @@
 
 The runner owns the model and the KV cache tensors (one K and one V tensor per layer, shaped
 ``[num_blocks, block_size, num_kv_heads, head_dim]``). For each step it flattens the scheduled
-tokens (decodes first, then prefill chunks), computes each token's position and cache slot, runs
-the model, and samples one token for every request whose chunk reached its last known token.
+tokens (decodes first, then prefill chunks) into the persistent buffers of
+:class:`~pagedserve.step_inputs.StepInputs` (positions, cache slots, block tables), runs the
+model, and samples one token for every request whose chunk reached its last known token; the LM
+head runs on those rows only.
 
     slot of position p = block_table[p // block_size] * block_size + p % block_size
 """
@@ -11,15 +13,15 @@ the model, and samples one token for every request whose chunk reached its last 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from pagedserve.attention import AttentionDims, AttentionMetadata, select_backend
+from pagedserve.attention import AttentionDims, select_backend
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.models.llama import LlamaForCausalLM
 from pagedserve.sampler import SampledToken, Sampler
 from pagedserve.scheduler import ScheduledRequest
+from pagedserve.step_inputs import StepBatch, StepChunk, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -46,28 +48,14 @@ def kv_bytes_per_token(config: ModelConfig, dtype: str) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
 
 
-@dataclass(slots=True)
-class StepChunk:
-    """One request's share of a step: tokens at positions [start, start + len(token_ids))."""
-
-    token_ids: list[int]
-    start: int
-    block_table: list[int]  # covers at least positions [0, start + len(token_ids))
-    samples: bool  # the chunk ends at the request's last known token: sample after it
-    # one sampled token, the input of a decode: attends on the decode path (rows [0, D)). A
-    # one-token prompt tail is not one: it attends as a prefill chunk, as it would in a longer one
-    is_decode: bool = False
-
-
 class ModelRunner:
-    def __init__(
-        self,
-        config: ModelConfig,
-        weights: dict[str, torch.Tensor],
-        engine_config: EngineConfig,
-        num_blocks: int,
-    ):
+    """Built in two phases: the model first (so that, on CUDA, what is left of the memory can
+    be measured), then :meth:`allocate` with the KV cache's size and the step limits."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
+                 engine_config: EngineConfig):
         self.config = config
+        self.engine_config = engine_config
         self.block_size = engine_config.block_size
         self.device = torch.device(engine_config.device)
         self.dtype = DTYPES[engine_config.dtype]
@@ -79,15 +67,26 @@ class ModelRunner:
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
         self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit,
                                       attention=self.attention.paged_attention)
-        shape = (num_blocks, self.block_size, config.num_kv_heads, config.head_dim)
+        self.sampler = Sampler(engine_config.seed)
+        self.align_prefix_tail = engine_config.enable_prefix_caching
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.inputs: StepInputs | None = None
+
+    def allocate(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
+        """The KV cache and the persistent step inputs."""
+        shape = (num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
         # Zeroed, not empty: masked attention weights are exactly 0, but 0 * NaN garbage is not.
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
              torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(config.num_layers)
+            for _ in range(self.config.num_layers)
         ]
-        self.sampler = Sampler(engine_config.seed)
-        self.align_prefix_tail = engine_config.enable_prefix_caching
+        max_tokens = max(self.engine_config.max_num_batched_tokens, max_num_seqs)
+        # a sampling prefill chunk (>= 2 tokens when cut) may attend as two pieces, two rows of
+        # the metadata (see _prefill_pieces)
+        max_pieces = max_num_seqs + min(max_num_seqs, max_tokens // 2)
+        self.inputs = StepInputs(max_tokens, max_pieces, -(-max_model_len // self.block_size),
+                                 self.block_size, self.device)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[SampledToken | None]:
@@ -102,12 +101,14 @@ class ModelRunner:
             for lo, hi in pieces:
                 chunks.append(StepChunk(r.all_token_ids[lo:hi], lo, s.block_table,
                                         samples=s.samples and hi == end, is_decode=s.is_decode))
-        input_ids, positions, meta, sample_rows = self._build(chunks)
-        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
+        batch = self.inputs.prepare(chunks)
+        hidden = self._forward(batch)
         results: list[SampledToken | None] = [None] * len(scheduled)
         sample_of = [i for i in order if scheduled[i].samples]  # in row order
         if sample_of:
-            logits = self.model.logits(hidden[sample_rows])
+            rows = hidden[: len(sample_of)] if batch.samples_are_prefix \
+                else hidden.index_select(0, batch.sample_rows)
+            logits = self.model.logits(rows)
             sampled = self.sampler(logits, [scheduled[i].request for i in sample_of])
             for i, token in zip(sample_of, sampled, strict=True):
                 results[i] = token
@@ -129,54 +130,18 @@ class ModelRunner:
             return [(start, end)]
         return [(start, split), (split, end)]
 
-    def _build(self, chunks: list[StepChunk]):
-        """Chunks (decodes first) -> input ids, positions, metadata, sampled rows."""
-        bs, dev = self.block_size, self.device
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        num_decodes = 0
-        for i, c in enumerate(chunks):
-            n = len(c.token_ids)
-            end = c.start + n
-            if c.is_decode:
-                if n != 1 or i != num_decodes:
-                    raise ValueError("is_decode: a decode chunk has one token and comes first")
-                num_decodes += 1
-            ids.extend(c.token_ids)
-            positions.extend(range(c.start, end))
-            table = c.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(c.start, end))
-            qsl.append(qsl[-1] + n)
-            lens.append(end)
-            tables.append(table[: -(-end // bs)])
-            if c.samples:
-                sample_rows.append(qsl[-1] - 1)
-        width = max(len(t) for t in tables)
-        i32 = torch.int32
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=i32, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=i32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=i32, device=dev),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=i32,
-                                      device=dev),
-            num_decodes=num_decodes, num_actual_tokens=len(ids),
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:], strict=False)),
-            max_seq_len=max(lens), query_start_loc_host=qsl, seq_lens_host=lens, block_size=bs,
-        )
-        self.attention.prepare(meta, self.dims)
-        return (torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), meta,
-                torch.tensor(sample_rows, device=dev))
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        self.attention.prepare(batch.meta, self.dims)
+        return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], kv_block_table: list[int]) -> torch.Tensor:
         """All-position logits of one prompt (for correctness tests against a reference)."""
         single = len(token_ids) == 1  # a single token takes the decode path
-        input_ids, positions, meta, _ = self._build(
-            [StepChunk(token_ids, 0, kv_block_table, True, is_decode=single)])
-        hidden = self.model.forward(input_ids, positions, self.kv_caches, meta)
+        chunks = [StepChunk(token_ids, 0, kv_block_table, True, is_decode=single)]
+        inputs = self.inputs
+        if not inputs.fits(chunks) or len(kv_block_table) > inputs.max_blocks:
+            inputs = StepInputs(len(token_ids), 1, len(kv_block_table), self.block_size,
+                                self.device)
+        hidden = self._forward(inputs.prepare(chunks))
         return self.model.logits(hidden).cpu()

@@ -82,6 +82,7 @@ class EngineConfig:
     device: str = "cpu"
     # attention kernels: auto = Triton on CUDA (when importable), plain torch elsewhere
     attention_backend: AttentionBackendName = "auto"
+    enforce_eager: bool = False  # CUDA: no graphs for decode steps (vLLM's flag)
     seed: int | None = None  # unseeded requests: None draws differently every start
     num_threads: int | None = None
     extra: dict = field(default_factory=dict)

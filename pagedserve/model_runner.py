@@ -18,6 +18,7 @@ import torch
 
 from pagedserve.attention import AttentionDims, select_backend
 from pagedserve.config import EngineConfig, ModelConfig
+from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pagedserve.models.llama import LlamaForCausalLM
 from pagedserve.sampler import SampledToken, Sampler
 from pagedserve.scheduler import ScheduledRequest
@@ -71,6 +72,7 @@ class ModelRunner:
         self.align_prefix_tail = engine_config.enable_prefix_caching
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs: StepInputs | None = None
+        self.graphs: DecodeGraphs | None = None
 
     def allocate(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
         """The KV cache and the persistent step inputs."""
@@ -87,6 +89,19 @@ class ModelRunner:
         max_pieces = max_num_seqs + min(max_num_seqs, max_tokens // 2)
         self.inputs = StepInputs(max_tokens, max_pieces, -(-max_model_len // self.block_size),
                                  self.block_size, self.device)
+        self.max_model_len = max_model_len
+        if self.device.type == "cuda" and not self.engine_config.enforce_eager:
+            if self.attention.supports_cuda_graphs:
+                self.graphs = DecodeGraphs()
+                self.graphs.capture(graph_batch_sizes(max_num_seqs), self._graph_inputs,
+                                    self._forward)
+            else:
+                logger.info("CUDA graphs need the triton attention backend; running eagerly")
+
+    def _graph_inputs(self, b: int) -> StepBatch:
+        batch = self.inputs.prepare([], pad_to=b)
+        batch.meta.max_seq_len = self.max_model_len  # split-KV sized for the longest context
+        return batch
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[SampledToken | None]:
@@ -101,8 +116,11 @@ class ModelRunner:
             for lo, hi in pieces:
                 chunks.append(StepChunk(r.all_token_ids[lo:hi], lo, s.block_table,
                                         samples=s.samples and hi == end, is_decode=s.is_decode))
-        batch = self.inputs.prepare(chunks)
-        hidden = self._forward(batch)
+        bucket = None  # a decode-only step replays the CUDA graph of its batch-size bucket
+        if self.graphs is not None and chunks[-1].is_decode:  # decodes come first
+            bucket = self.graphs.bucket_for(len(chunks))
+        batch = self.inputs.prepare(chunks, pad_to=bucket or 0)
+        hidden = self.graphs.replay(bucket, batch) if bucket else self._forward(batch)
         results: list[SampledToken | None] = [None] * len(scheduled)
         sample_of = [i for i in order if scheduled[i].samples]  # in row order
         if sample_of:

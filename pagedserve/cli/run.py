@@ -75,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--device", help="cpu (default) or cuda, which needs a CUDA build of "
                    "torch (README: 'With a GPU')")
     e.add_argument("--threads", type=int, help="torch CPU threads")
+    e.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="CUDA: run decode steps eagerly, without CUDA graphs")
     p.add_argument("--stats", action="store_true",
                    help="print token counts and speed after each answer (on stderr)")
     p.set_defaults(func=cmd_run)
@@ -91,6 +93,7 @@ def engine_config_from_args(args: argparse.Namespace) -> Any:
         "dtype": args.dtype,
         "device": args.device,
         "num_threads": args.threads,
+        "enforce_eager": args.enforce_eager,
     }
     return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
 

@@ -113,6 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--threads", type=int, help="torch CPU threads")
     e.add_argument("--seed", type=int, help="engine seed for requests that bring none "
                    "(default: random at each start, so answers vary between runs)")
+    e.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="CUDA: run decode steps eagerly, without CUDA graphs")
     p.set_defaults(func=cmd_serve)
 
 
@@ -134,6 +136,7 @@ def engine_config_from_args(args: argparse.Namespace):
         "num_threads": args.threads,
         "seed": args.seed,
         "max_prompt_chars": getattr(args, "max_prompt_chars", None),
+        "enforce_eager": args.enforce_eager,
     }
     return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
 

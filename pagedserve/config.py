@@ -65,8 +65,11 @@ class EngineConfig:
     # prompt texts longer than this are refused before tokenizing; None: as many characters
     # as max_model_len tokens of the vocabulary's longest entry can hold
     max_prompt_chars: int | None = None
-    kv_cache_memory: int | None = None  # bytes; None: kv_cache_fraction of free memory
-    kv_cache_fraction: float = 0.25
+    kv_cache_memory: int | None = None  # bytes; None: sized by the knobs below
+    kv_cache_fraction: float = 0.25  # CPU: share of available memory (capped at 2 GiB)
+    # CUDA: share of the GPU's total memory this process may use; the KV cache gets what the
+    # weights and a profiling pass at max_num_batched_tokens leave (vLLM's meaning)
+    gpu_memory_utilization: float = 0.9
     # None: the whole share above (a server); N: at most N sequences of max_model_len, as
     # Ollama sizes num_ctx x num_parallel (`run`, one user)
     kv_cache_sequences: int | None = None
@@ -109,6 +112,9 @@ class EngineConfig:
                 f"kv_cache_sequences must be a positive integer, got {self.kv_cache_sequences!r}")
         if not 0 < self.kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
         if self.kv_layout not in ("paged", "static"):
             raise ValueError(f"kv_layout must be 'paged' or 'static', got {self.kv_layout!r}")
         if self.attention_backend not in ("auto", "torch", "triton"):

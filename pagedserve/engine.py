@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_KV_CACHE_CAP = 2 << 30  # bytes, when neither kv_cache_memory nor a device says more
 # Consecutive steps in which every request failed before the engine gives up: one bad request
 # fails alone, but a model that fails every step (a broken device) must not look healthy.
 MAX_FAILED_STEPS = 8
@@ -160,8 +159,7 @@ class Engine:
             )
             max_num_seqs = min(config.max_num_seqs, config.max_parallel)
         else:
-            sequence_bytes = -(-model_len // config.block_size) * config.block_size * per_token
-            budget = config.kv_cache_memory or _default_kv_cache_memory(config, sequence_bytes)
+            budget = config.kv_cache_memory or self._kv_cache_budget(model_len, per_token)
             num_blocks = int(budget // (per_token * config.block_size))
             if num_blocks < 1:
                 raise ValueError(
@@ -196,6 +194,23 @@ class Engine:
             config.kv_layout, self.kv.num_blocks, config.block_size, capacity,
             capacity * per_token / 2**20, self.max_model_len, capacity / self.max_model_len,
         )
+
+    def _kv_cache_budget(self, model_len: int, per_token: int) -> int:
+        """Bytes for the paged KV cache when kv_cache_memory does not say: the device's share
+        (kv_sizing.py), and no more than kv_cache_sequences sequences of model_len when set."""
+        from pagedserve.kv_sizing import cpu_kv_cache_bytes, kv_cache_bytes_for_gpu
+
+        config = self.config
+        if not config.device.startswith("cuda"):
+            share = cpu_kv_cache_bytes(config.kv_cache_fraction)
+        else:
+            memory = self.runner.profile_gpu_memory(config.max_num_batched_tokens,
+                                                    config.max_num_seqs, model_len)
+            share = kv_cache_bytes_for_gpu(memory, config.gpu_memory_utilization)
+        if config.kv_cache_sequences is None:
+            return share
+        sequence_bytes = -(-model_len // config.block_size) * config.block_size * per_token
+        return min(share, config.kv_cache_sequences * sequence_bytes)
 
     @classmethod
     def from_model(
@@ -543,29 +558,3 @@ def _auto_dtype_note(dtype: str, device: str) -> str:
     if dtype == "bfloat16":
         return " (dtype auto: this CPU computes bfloat16 natively)"
     return " (dtype auto: this CPU has no native bfloat16; --dtype bfloat16 forces it)"
-
-
-def _default_kv_cache_memory(config: EngineConfig, sequence_bytes: int) -> int:
-    """kv_cache_fraction of the free memory (on CPU at most DEFAULT_KV_CACHE_CAP), and no more
-    than kv_cache_sequences sequences of ``sequence_bytes`` each when that is set."""
-    share = _free_memory_share(config)
-    if config.kv_cache_sequences is not None:
-        return min(share, config.kv_cache_sequences * sequence_bytes)
-    return share
-
-
-def _free_memory_share(config: EngineConfig) -> int:
-    if config.device.startswith("cuda"):
-        import torch
-
-        free, _ = torch.cuda.mem_get_info()
-        return int(free * config.kv_cache_fraction)
-    available = DEFAULT_KV_CACHE_CAP / config.kv_cache_fraction
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(min(available * config.kv_cache_fraction, DEFAULT_KV_CACHE_CAP))

@@ -19,6 +19,7 @@ import torch
 from pagedserve.attention import AttentionDims, select_backend
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from pagedserve.kv_sizing import GpuMemory
 from pagedserve.models.llama import LlamaForCausalLM
 from pagedserve.sampler import SampledToken, Sampler
 from pagedserve.scheduler import ScheduledRequest
@@ -97,6 +98,43 @@ class ModelRunner:
                                     self._forward)
             else:
                 logger.info("CUDA graphs need the triton attention backend; running eagerly")
+
+    @torch.inference_mode()
+    def profile_gpu_memory(self, num_tokens: int, num_seqs: int, model_len: int) -> GpuMemory:
+        """Memory after the largest step the engine will run: a forward pass over `num_tokens`
+        prompt tokens (requests of at most `model_len`), the LM head over `num_seqs` rows and
+        a sort of their logits (the sampler's largest scratch). The pass's own temporary KV
+        cache is not counted."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        bs = self.block_size
+        lens = [model_len] * (num_tokens // model_len) + [num_tokens % model_len] * (
+            num_tokens % model_len > 0)
+        chunks, next_block = [], 0
+        for n in lens:
+            table = list(range(next_block, next_block + -(-n // bs)))
+            next_block += len(table)
+            chunks.append(StepChunk([0] * n, 0, table, True))
+        shape = (next_block, bs, self.config.num_kv_heads, self.config.head_dim)
+        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                   torch.zeros(shape, dtype=self.dtype, device=self.device))
+                  for _ in range(self.config.num_layers)]
+        inputs = StepInputs(num_tokens, len(lens), max(len(c.block_table) for c in chunks), bs,
+                            self.device)
+        batch = inputs.prepare(chunks)
+        self.attention.prepare(batch.meta, self.dims)
+        hidden = self.model.forward(batch.input_ids, batch.positions, caches, batch.meta)
+        logits = self.model.logits(hidden[-1:].expand(num_seqs, -1).contiguous())
+        logits.sort(dim=-1)
+        torch.cuda.synchronize()
+        cache_bytes = 2 * len(caches) * caches[0][0].numel() * caches[0][0].element_size()
+        free, total = torch.cuda.mem_get_info(self.device)
+        memory = GpuMemory(total, free, torch.cuda.max_memory_allocated(self.device) - cache_bytes,
+                           torch.cuda.memory_reserved(self.device))
+        del caches, hidden, logits, batch, inputs
+        torch.cuda.empty_cache()
+        return memory
 
     def _graph_inputs(self, b: int) -> StepBatch:
         batch = self.inputs.prepare([], pad_to=b)

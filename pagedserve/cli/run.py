@@ -77,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--threads", type=int, help="torch CPU threads")
     e.add_argument("--enforce-eager", action="store_true", default=None,
                    help="CUDA: run decode steps eagerly, without CUDA graphs")
+    e.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
+                   help="CUDA: share of the GPU's memory this process may use; the KV cache "
+                   "gets what the weights and activations leave (default 0.9)")
     p.add_argument("--stats", action="store_true",
                    help="print token counts and speed after each answer (on stderr)")
     p.set_defaults(func=cmd_run)
@@ -94,6 +97,7 @@ def engine_config_from_args(args: argparse.Namespace) -> Any:
         "device": args.device,
         "num_threads": args.threads,
         "enforce_eager": args.enforce_eager,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
     }
     return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
 

@@ -115,6 +115,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "(default: random at each start, so answers vary between runs)")
     e.add_argument("--enforce-eager", action="store_true", default=None,
                    help="CUDA: run decode steps eagerly, without CUDA graphs")
+    e.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
+                   help="CUDA: share of the GPU's memory this process may use; the KV cache "
+                   "gets what the weights and activations leave (default 0.9)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -137,6 +140,7 @@ def engine_config_from_args(args: argparse.Namespace):
         "seed": args.seed,
         "max_prompt_chars": getattr(args, "max_prompt_chars", None),
         "enforce_eager": args.enforce_eager,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
     }
     return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
 

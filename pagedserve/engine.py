@@ -129,6 +129,8 @@ class Engine:
         config: EngineConfig | None = None,
         model_info: ModelInfo | None = None,
         model_name: str = "model",
+        *,
+        consume_weights: bool = False,  # may empty `weights` to free unfused copies early
     ):
         from pagedserve.device import check_device
         from pagedserve.model_runner import ModelRunner, kv_bytes_per_token, resolve_dtype
@@ -145,7 +147,7 @@ class Engine:
         self.model_info = model_info
         self.model_name = model_name
         per_token = kv_bytes_per_token(model_config, config.dtype)
-        self.runner = ModelRunner(model_config, weights, config)
+        self.runner = ModelRunner(model_config, weights, config, consume_weights)
         model_len = config.max_model_len or model_config.max_position_embeddings
         if model_len > model_config.max_position_embeddings:
             # positions past the model's own context have no rotary angles: cap, do not crash
@@ -220,19 +222,25 @@ class Engine:
         model_name: str | None = None,
         load_format: str = "auto",
         progress: bool = False,
+        consume_weights: bool | None = None,
     ) -> Engine:
+        """`consume_weights` (default: when this loads the model itself): the engine may empty
+        the weights dict as it fuses tensors, freeing the unfused copies early."""
         from pagedserve.device import check_device
         from pagedserve.loader import LoadedModel, load_model
         from pagedserve.model_runner import resolve_dtype
 
         config = config or EngineConfig()
         check_device(config.device)  # before loading: the CUDA build may be missing
-        if not isinstance(model, LoadedModel):
+        loaded_here = not isinstance(model, LoadedModel)
+        if loaded_here:
             model = load_model(model, load_format=load_format,
                                dtype=resolve_dtype(config.dtype, config.device),
-                               progress=progress)
+                               progress=progress, device=config.device)
         name = model_name or (Path(model.info.path).name if model.info else "model")
-        return cls(model.config, model.weights, model.tokenizer, config, model.info, name)
+        consume = loaded_here if consume_weights is None else consume_weights
+        return cls(model.config, model.weights, model.tokenizer, config, model.info, name,
+                   consume_weights=consume)
 
     # -- requests ------------------------------------------------------------------------
     def make_request(

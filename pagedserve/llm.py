@@ -37,7 +37,7 @@ class LLM:
             engine_config = EngineConfig(**engine_kwargs)
         elif engine_kwargs:
             engine_config = dataclasses.replace(engine_config, **engine_kwargs)
-        if load_format == "dummy":
+        if load_format == "dummy" or (isinstance(model, str) and model.startswith("dummy:")):
             path, name, self.model_defaults, self.system = model, str(model), {}, None
         else:
             resolved = resolve(None if model is None else str(model))

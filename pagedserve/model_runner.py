@@ -55,7 +55,7 @@ class ModelRunner:
     be measured), then :meth:`allocate` with the KV cache's size and the step limits."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
-                 engine_config: EngineConfig):
+                 engine_config: EngineConfig, consume_weights: bool = False):
         self.config = config
         self.engine_config = engine_config
         self.block_size = engine_config.block_size
@@ -68,7 +68,8 @@ class ModelRunner:
         self.attention = select_backend(engine_config.attention_backend, self.device)
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
         self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit,
-                                      attention=self.attention.paged_attention)
+                                      attention=self.attention.paged_attention,
+                                      consume_weights=consume_weights)
         self.sampler = Sampler(engine_config.seed)
         self.align_prefix_tail = engine_config.enable_prefix_caching
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []

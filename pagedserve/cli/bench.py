@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pagedserve.bench import offline
+from pagedserve.bench import offline_cli
 from pagedserve.bench.clients import CLIENTS
 
 if TYPE_CHECKING:  # imported by the commands: matplotlib alone takes a second or two
@@ -223,4 +223,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_workload_args(comp, num_prompts="max(16, 3 x concurrency)")
     comp.set_defaults(func=cmd_compare)
 
-    offline.add_parser(sub)
+    offline_cli.add_parser(sub)

@@ -155,12 +155,14 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     progress: bool = False,
     config: ModelConfig | None = None,
+    device: str = "cpu",
 ) -> LoadedModel:
     """Load config, weights (as `dtype`: a torch dtype or its name; default float32) and
     tokenizer from `path`.
 
-    `load_format="dummy"` makes random weights shaped by `config`, or by the config.json in
-    `path` when no config is given (path may then be None).
+    `load_format="dummy"` (implied by a ``dummy:NAME`` path) makes random weights on `device`
+    shaped by `config`, by the named shape (``dummy:llama-3.1-8b``, see shapes.py) or by the
+    config.json in `path` (path may be None when a config is given). Files load on the CPU.
     """
     import torch
 
@@ -170,10 +172,10 @@ def load_model(
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         dtype = getattr(torch, dtype)
-    if load_format == "dummy":
+    if load_format == "dummy" or (isinstance(path, str) and path.startswith("dummy:")):
         from pagedserve.loader import dummy
 
-        return dummy.load_dummy(path, config=config, dtype=dtype)
+        return dummy.load_dummy(path, config=config, dtype=dtype, device=device)
     if path is None:
         raise ModelLoadError("a model path is required unless load_format is 'dummy'")
     path, fmt = _resolve(path, load_format)

@@ -14,6 +14,7 @@ import torch
 
 from pagedserve.config import ModelConfig
 from pagedserve.loader import LoadedModel, ModelInfo, ModelLoadError, expected_weight_names
+from pagedserve.loader.shapes import is_dummy_name, shape_for
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ logger = logging.getLogger(__name__)
 def _config_from(path: str | Path | None, config: ModelConfig | None) -> ModelConfig:
     if config is not None:
         return config
+    if is_dummy_name(path):
+        return shape_for(path)
     if path is None:
         raise ModelLoadError("load_format 'dummy' needs a ModelConfig or a config.json path")
     from pagedserve.loader.hf import model_config_from_hf, read_config_json
@@ -56,15 +59,21 @@ def _shape(name: str, config: ModelConfig) -> tuple[int, ...]:
 
 
 def dummy_weights(config: ModelConfig, dtype: torch.dtype = torch.float32,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
+                  seed: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Made where they will be used: on a GPU, an 8B model never passes through host memory.
+    The same seed gives the same weights on the same device (CPU and CUDA generators differ)."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     weights = {}
     for name in expected_weight_names(config):
         shape = _shape(name, config)
         if name.endswith("norm.weight"):
-            weights[name] = torch.ones(shape, dtype=dtype)
-        else:
+            weights[name] = torch.ones(shape, dtype=dtype, device=device)
+        elif device.type == "cpu":
             weights[name] = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+        else:  # drawn in the target dtype: no float32 copy of a large matrix on the device
+            weights[name] = torch.randn(shape, generator=generator, dtype=dtype,
+                                        device=device).mul_(0.02)
     return weights
 
 
@@ -84,19 +93,21 @@ def dummy_info(path: str | Path | None, config: ModelConfig | None = None) -> Mo
 
 
 def load_dummy(path: str | Path | None, config: ModelConfig | None = None,
-               dtype: torch.dtype = torch.float32, seed: int = 0) -> LoadedModel:
-    """Random weights shaped by `config`, or by the config.json at `path`. A tokenizer in that
-    directory is loaded too, so a dummy model can still serve text."""
+               dtype: torch.dtype = torch.float32, seed: int = 0,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Random weights on `device` shaped by `config`, by a name (``dummy:llama-3.1-8b``, see
+    shapes.py) or by the config.json at `path`. A tokenizer in that directory is loaded too,
+    so a dummy model can still serve text."""
     start = time.perf_counter()
     config = _config_from(path, config)
     tokenizer = None
     generation_config: dict = {}
-    if path is not None and Path(path).is_dir():
+    if path is not None and not is_dummy_name(path) and Path(path).is_dir():
         from pagedserve.loader.hf import load_hf_tokenizer, read_generation_config
 
         generation_config = read_generation_config(Path(path))
         tokenizer = load_hf_tokenizer(Path(path), generation_config)
-    weights = dummy_weights(config, dtype, seed)
+    weights = dummy_weights(config, dtype, seed, device)
     logger.info("made dummy weights (%d parameters) in %.2f s", config.num_parameters,
                 time.perf_counter() - start)
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer,

@@ -195,13 +195,23 @@ class DecoderLayer:
 
 class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device,
-                 low_bit_small_steps: bool = False, attention=torch_attention.paged_attention):
+                 low_bit_small_steps: bool = False, attention=torch_attention.paged_attention,
+                 consume_weights: bool = False):
+        """`consume_weights`: the caller hands `weights` over; it is emptied, so that each
+        layer's unfused q/k/v and gate/up tensors are freed once the fused copies exist."""
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        if consume_weights:
+            weights.clear()
         self.config = config
         self.embed = w["model.embed_tokens.weight"]  # (V, H)
         head = self.embed if config.tie_word_embeddings else w.get("lm_head.weight", self.embed)
         self.lm_head = Linear(head)
-        self.layers = [DecoderLayer(config, w, i, attention) for i in range(config.num_layers)]
+        self.layers = []
+        for i in range(config.num_layers):
+            self.layers.append(DecoderLayer(config, w, i, attention))
+            prefix = f"model.layers.{i}."
+            for name in [n for n in w if n.startswith(prefix)]:
+                del w[name]
         self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, dtype)
         self.rotary = Rotary(config, config.max_position_embeddings, dtype)
         if device != "cpu":

@@ -1,0 +1,187 @@
+"""`pagedserve bench offline`: the command line of the offline benchmark (offline.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pagedserve.cli.options import parse_bytes
+
+DESCRIPTION = """\
+Submits NUM_PROMPTS random prompts of INPUT_LEN tokens at once, each generating exactly
+OUTPUT_LEN tokens, and reports output tokens per second (prefill included) and the time of a
+decode step with the whole batch. --batch-sizes runs several batches on one engine. MODEL may be
+a random-weight shape (dummy:llama-3.1-8b, dummy:llama-3.2-1b, dummy:llama-3.2-3b,
+dummy:qwen2.5-7b, dummy:qwen2.5-0.5b), made directly on --device. --peer transformers runs
+transformers' batched generate on the same prompts in the same process (for a dummy shape, on
+the very same weight tensors), for a ratio.
+
+examples:
+  pagedserve bench offline --num-prompts 64 --input-len 80 --output-len 64 --single
+  pagedserve bench offline dummy:llama-3.1-8b --device cuda --batch-sizes 1,128,256 \\
+      --input-len 128 --output-len 128 --peer transformers --peer-batch-size 128
+"""
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,128,256: {text!r}")
+    return sizes
+
+
+def add_parser(sub) -> None:
+    """Registered by pagedserve/cli/bench.py."""
+    p = sub.add_parser("offline", help="engine throughput without HTTP, beside transformers' "
+                       "generate", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=None,
+                   help="model name, path or dummy:SHAPE (default: the bundled one)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=80)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--batch-sizes", type=_sizes, default=None, metavar="N,N,...",
+                   help="batches to run in turn on one engine (default: NUM_PROMPTS, and 1 "
+                   "with --single)")
+    p.add_argument("--single", action="store_true", help="also time one sequence alone")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="matmul dtype (default: %(default)s; float32 is the exact reference)")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="at least the largest batch (default: %(default)s)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES",
+                   help="KV cache size (default: 1GiB on CPU; on CUDA, what "
+                   "--gpu-memory-utilization leaves)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
+    p.add_argument("--peer", choices=["transformers"], default=None,
+                   help="run a peer on the same prompts, in the same process")
+    p.add_argument("--peer-dtype", default=None, help="the peer's dtype (default: --dtype)")
+    p.add_argument("--peer-batch-size", type=int, default=None,
+                   help="the peer's batch (default: the first batch size)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    p.set_defaults(func=cmd_offline)
+
+
+def engine_config(args) -> object:
+    from pagedserve.config import EngineConfig
+
+    kv = args.kv_cache_memory
+    if kv is None and not args.device.startswith("cuda"):
+        kv = 1 << 30
+    return EngineConfig(dtype=args.dtype, device=args.device,
+                        max_num_seqs=max(args.max_num_seqs, *batch_sizes(args)),
+                        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=kv,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        enforce_eager=args.enforce_eager)
+
+
+def batch_sizes(args) -> list[int]:
+    if args.batch_sizes:
+        return args.batch_sizes
+    return [args.num_prompts] + ([1] if args.single else [])
+
+
+def cmd_offline(args) -> int:
+    from pagedserve.bench.progress import output_console
+
+    results = run_offline(args)
+    console = output_console()  # full width when piped: the table keeps its numbers
+    console.print(results_table(results, args))
+    if args.out:
+        args.out.write_text(json.dumps([r.to_dict() for r in results], indent=2))
+        console.print(f"results: {args.out}")
+    return 0
+
+
+def run_offline(args) -> list:
+    """Every batch on one engine, then the peer (after the engine's memory is released)."""
+    import gc
+
+    from pagedserve.bench import offline
+    from pagedserve.engine import Engine
+    from pagedserve.loader import load_model
+    from pagedserve.loader.shapes import is_dummy_name
+
+    config = engine_config(args)
+    sizes = batch_sizes(args)
+    peer_size = args.peer_batch_size or sizes[0]
+    loaded = path = None
+    if is_dummy_name(args.model):
+        loaded = load_model(args.model, dtype=config.dtype, device=config.device)
+        vocab = loaded.config.vocab_size
+    else:
+        from pagedserve.loader import read_model_info
+        from pagedserve.registry import resolve
+
+        path = resolve(args.model).path
+        metadata = read_model_info(path).metadata
+        vocab = next((int(v) for k, v in metadata.items() if k.endswith("vocab_size")), 32000)
+    # without a peer, the engine may free the unfused weights as it fuses them
+    engine = Engine.from_model(loaded if loaded is not None else path, config,
+                               model_name=args.model, consume_weights=args.peer is None)
+    offline.warm_up(engine, make(1, args, vocab, seed=10**6)[0])
+    results = []
+    for n in sizes:
+        label = f"pagedserve {n} seq" + ("s" if n > 1 else "")
+        results.append(offline.run_batch(engine, make(n, args, vocab, seed=n), args.output_len,
+                                         label=label))
+    del engine
+    gc.collect()
+    if args.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+    if args.peer == "transformers":
+        from pagedserve.bench import offline_peer
+
+        dtype = args.peer_dtype or args.dtype
+        prompts = make(peer_size, args, vocab, seed=peer_size)
+        label = f"transformers generate, batch {peer_size}"
+        if loaded is not None:
+            if dtype != args.dtype:
+                raise SystemExit("--peer-dtype must equal --dtype for a dummy shape: the peer "
+                                 "runs on the engine's own weight tensors")
+            model = offline_peer.transformers_on(loaded.config, loaded.weights)
+            results.append(offline_peer.run_generate(model, prompts, args.output_len, dtype,
+                                                     label))
+        else:
+            results.append(offline_peer.run_transformers(path, prompts, args.output_len, dtype,
+                                                         label, device=args.device))
+    return results
+
+
+def make(n: int, args, vocab: int, seed: int) -> list[list[int]]:
+    from pagedserve.bench.offline import make_prompts
+
+    return make_prompts(n, args.input_len, vocab, seed=seed)
+
+
+def results_table(results: list, args):
+    from rich.table import Table
+
+    table = Table(title=f"offline throughput, {args.input_len} in / {args.output_len} out, "
+                  f"on {device_name(args.device)}")
+    for col in ("run", "dtype", "seqs", "seconds", "output tok/s", "decode step", "vs first"):
+        table.add_column(col, justify="right" if col != "run" else "left")
+    base = results[0].output_tok_s
+    for r in results:
+        step = f"{r.decode_step_ms:.1f} ms" if r.decode_step_ms is not None else ""
+        table.add_row(r.label, r.dtype, str(r.num_prompts), f"{r.duration:.2f}",
+                      f"{r.output_tok_s:.1f}", step, f"{r.output_tok_s / base:.2f}x")
+    return table
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    from pagedserve.bench.machine import cpu_model
+
+    return cpu_model()

@@ -150,11 +150,11 @@ def _reduce(part_out_ptr, part_lse_ptr, out_ptr, stride_o_t, stride_o_h,
     parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
                     mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    tl.store(out_ptr + seq * stride_o_t + head * stride_o_h + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_request"])  # one compile whatever the decode count
 def _prefill(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qsl_ptr,
              out_ptr, first_request, scale_log2,
              stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt,

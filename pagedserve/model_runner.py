@@ -75,6 +75,7 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
+        self.max_model_len = 0  # set by allocate()
 
     def allocate(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
         """The KV cache and the persistent step inputs."""

@@ -198,3 +198,12 @@ def test_engine_with_triton_attention_generates_what_the_torch_backend_does(tiny
     assert engine.runner.attention.name == "triton"
     assert got == expected
     assert engine.kv.prefix_hits > 0
+
+
+def test_backend_is_chosen_by_device_at_start_up():
+    from pagedserve.attention import select_backend
+
+    assert select_backend("auto", torch.device("cpu")).name == "torch"
+    assert select_backend("torch", torch.device("cuda")).name == "torch"
+    triton_backend = select_backend("triton", torch.device("cpu"))  # the interpreter
+    assert triton_backend.name == "triton" and triton_backend.supports_cuda_graphs

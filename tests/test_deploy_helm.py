@@ -245,30 +245,17 @@ def test_grace_period_is_computed_from_drain():
 
 # -- the commands the pods run are pagedserve's --------------------------------------------------
 
-# Flags of `pagedserve serve` that land with the server's drain (issue 10, items 1-2). Until the
-# serve parser knows them they are left out of the parse below; once it does, they are checked.
-PENDING_SERVE_FLAGS = {"--shutdown-timeout", "--gpu-memory-utilization", "--enforce-eager"}
-
-
 def _parse_cli(argv: list[str]):
+    """Parse a pod's arguments with pagedserve's own parser: every flag the chart passes must be
+    one that command knows (argparse would also accept a unique prefix of one)."""
     from pagedserve.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[argv[0]]
     known = set(sub._option_string_actions)
-    pending = PENDING_SERVE_FLAGS - known
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in pending:
-            skip = arg != "--enforce-eager"  # the others take a value
-            continue
-        kept.append(arg)
-    flags = {a for a in kept if a.startswith("--")}
+    flags = {a for a in argv if a.startswith("--")}
     assert flags <= known, f"unknown {argv[0]} flags: {flags - known}"
-    return parser.parse_args(kept)
+    return parser.parse_args(argv)
 
 
 @pytest.mark.parametrize("path", VALUES_FILES, ids=ids)
@@ -288,6 +275,16 @@ def test_pod_commands_parse_with_pagedserve_cli(path):
         assert init["command"] == ["pagedserve"]
         pull = _parse_cli(init["args"])
         assert pull.command == "pull" and pull.name == args.model
+
+
+def test_gpu_knobs_reach_the_engine_config():
+    from pagedserve.cli.serve import engine_config_from_args
+
+    objects = render({"profile": "gpu",
+                      "server": {"gpuMemoryUtilization": 0.8, "enforceEager": True}})
+    config = engine_config_from_args(_parse_cli(_container(objects)["args"]))
+    assert (config.device, config.gpu_memory_utilization, config.enforce_eager) == (
+        "cuda", 0.8, True)
 
 
 def test_init_container_fills_the_store_the_server_reads(tmp_path, smollm_gguf):

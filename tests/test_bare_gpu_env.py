@@ -1,5 +1,6 @@
 """The engine path imports on a bare GPU box: torch, triton and transformers, but no fastapi,
-uvicorn, gguf or matplotlib (what scripts/gpu-check relies on)."""
+uvicorn, gguf or matplotlib, and no llguidance (loaded only when a request brings a grammar):
+what scripts/gpu-check relies on."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MISSING = ("fastapi", "uvicorn", "starlette", "pydantic", "gguf", "matplotlib", "openai",
-           "ollama")
+           "ollama", "llguidance")
 
 SCRIPT = f"""
 import importlib.machinery, importlib.util, sys

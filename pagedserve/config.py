@@ -80,8 +80,10 @@ class EngineConfig:
     # "auto": bf16 where the hardware computes it natively, else fp32 (fp16 on CUDA without
     # bf16), as run, serve and vLLM default; "float32" is exact (the correctness tests use it)
     dtype: str = "auto"
-    # bf16 on CPU: steps of <= 8 tokens read int4/int8 copies of the weights (bandwidth-bound)
-    low_bit_small_steps: bool = True
+    # CPU: decode steps of <= 8 tokens read int4/int8 copies of the weights (bandwidth-bound).
+    # None: in bf16, and in float32 when dtype "auto" chose it (a CPU without native bf16);
+    # an explicit dtype="float32" stays exact. True: in either dtype. False: never.
+    low_bit_small_steps: bool | None = None
     device: str = "cpu"
     # attention kernels: auto = Triton on CUDA (when importable), plain torch elsewhere
     attention_backend: AttentionBackendName = "auto"

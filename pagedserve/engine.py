@@ -133,13 +133,20 @@ class Engine:
         consume_weights: bool = False,  # may empty `weights` to free unfused copies early
     ):
         from pagedserve.device import check_device
-        from pagedserve.model_runner import ModelRunner, kv_bytes_per_token, resolve_dtype
+        from pagedserve.model_runner import (
+            ModelRunner,
+            kv_bytes_per_token,
+            resolve_dtype,
+            resolve_low_bit,
+        )
 
         config = config or EngineConfig()
         check_device(config.device)
         requested = config.dtype
+        dtype = resolve_dtype(config.dtype, config.device)
         self.config = config = dataclasses.replace(
-            config, dtype=resolve_dtype(config.dtype, config.device))
+            config, dtype=dtype,
+            low_bit_small_steps=resolve_low_bit(config.low_bit_small_steps, requested, dtype))
         logger.info("computing in %s on %s%s", config.dtype, config.device,
                     _auto_dtype_note(config.dtype, config.device) if requested == "auto" else "")
         self.model_config = model_config
@@ -565,4 +572,5 @@ def _auto_dtype_note(dtype: str, device: str) -> str:
         return " (dtype auto: bfloat16 where the GPU has it, else float16)"
     if dtype == "bfloat16":
         return " (dtype auto: this CPU computes bfloat16 natively)"
-    return " (dtype auto: this CPU has no native bfloat16; --dtype bfloat16 forces it)"
+    return (" (dtype auto: this CPU has no native bfloat16; decode steps of a few tokens read "
+            "int4 weights in bfloat16, --dtype float32 keeps them exact)")

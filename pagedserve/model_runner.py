@@ -30,6 +30,15 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_low_bit(setting: bool | None, requested_dtype: str, dtype: str) -> bool:
+    """Whether small CPU steps read low-bit weights (``EngineConfig.low_bit_small_steps``):
+    ``None`` means in bfloat16, and in float32 only when ``"auto"`` chose it, so that an
+    explicit ``float32`` stays the exact reference."""
+    if setting is not None:
+        return setting
+    return dtype == "bfloat16" or (dtype == "float32" and requested_dtype == "auto")
+
+
 def resolve_dtype(dtype: str, device: str = "cpu") -> str:
     """``"auto"``: bfloat16 where the hardware computes it natively, else float32."""
     if dtype != "auto":
@@ -63,8 +72,8 @@ class ModelRunner:
         self.dtype = DTYPES[engine_config.dtype]
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
-        low_bit = (engine_config.low_bit_small_steps and self.dtype == torch.bfloat16
-                   and self.device.type == "cpu")
+        low_bit = (engine_config.low_bit_small_steps is not False and self.device.type == "cpu"
+                   and self.dtype in (torch.bfloat16, torch.float32))
         self.attention = select_backend(engine_config.attention_backend, self.device)
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
         self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit,

@@ -48,3 +48,33 @@ def test_bf16_engine_logits_stay_close_to_float32(smollm):
         ref, got = logits["float32"][big_or_small], logits["bfloat16"][big_or_small]
         assert (got - ref).abs().max() / ref.abs().max() < 0.1
         assert (got[-1].argmax() == ref[-1].argmax()).item()
+
+
+def test_low_bit_small_steps_by_default_except_in_an_explicit_float32():
+    from pagedserve.model_runner import resolve_low_bit
+
+    assert resolve_low_bit(None, "auto", "bfloat16") and resolve_low_bit(None, "bfloat16",
+                                                                          "bfloat16")
+    assert resolve_low_bit(None, "auto", "float32")  # auto on a CPU without native bf16
+    assert not resolve_low_bit(None, "float32", "float32")  # the exact reference
+    assert resolve_low_bit(True, "float32", "float32") and not resolve_low_bit(False, "auto",
+                                                                               "bfloat16")
+
+
+def test_float32_small_steps_read_int4_in_bf16_and_stay_close(smollm):
+    ids = smollm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    logits, layers = {}, {}
+    for low_bit in (False, True):
+        engine = Engine.from_model(smollm, EngineConfig(kv_cache_memory=32 << 20, dtype="float32",
+                                                        low_bit_small_steps=low_bit))
+        blocks = list(range(engine.kv.blocks_needed(len(ids))))
+        full = engine.runner.prompt_logits(ids, blocks)  # a prompt: dense float32 either way
+        small = engine.runner.prompt_logits(ids[:1], blocks)  # a decode-size step
+        logits[low_bit], layers[low_bit] = (full, small), engine.runner.model.layers[0]
+    assert layers[False].mlp.down._int4 is None and layers[True].mlp.down._int4 is not None
+    assert torch.equal(logits[True][0], logits[False][0])  # prompts never read low-bit copies
+    ref, got = logits[False][1], logits[True][1]
+    assert not torch.equal(got, ref)  # the small step did take the int4 path
+    assert (got - ref).abs().max() / ref.abs().max() < 0.1
+    assert (got[-1].argmax() == ref[-1].argmax()).item()
+    assert got.dtype == torch.float32

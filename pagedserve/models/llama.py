@@ -36,6 +36,8 @@ class Linear:
     GGUF blocks, which are min/max-quantized over the same groups) or an int8 copy (a scale per
     output row), read by torch's weight-only kernels at a quarter or half the bytes of bf16.
     Large steps are compute-bound and keep the dense bf16 matmul, which is faster there.
+    Those kernels want bf16 activations on CPU (given float32 they fall back to a reference
+    loop ~10x slower), so a float32 model's small steps cast their few rows to bf16 and back.
 
     Prompt tokens always take the dense weights (see :func:`low_bit_step`), so that the few
     tokens a prefix-cache hit leaves to compute round as they did within the whole prompt.
@@ -46,6 +48,8 @@ class Linear:
         self.bias = bias
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        # what the low-bit kernels compute in: bf16, also for a float32 model (see above)
+        self._low_dtype = torch.bfloat16 if weight.dtype == torch.float32 else weight.dtype
 
     def pack_low_bit(self, bits: int) -> None:
         w = self.weight.float()
@@ -58,23 +62,25 @@ class Linear:
             packed = torch._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 1)
             # the kernel computes (q - 8) * scale + zero
             zeros = lo + 8 * scale
-            scales_zeros = torch.stack([scale.t(), zeros.t()], -1).to(self.weight.dtype)
+            scales_zeros = torch.stack([scale.t(), zeros.t()], -1).to(self._low_dtype)
             self._int4 = (packed, scales_zeros.contiguous())
         elif bits == 8:
             scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
             q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-            self._int8 = (q, scale.to(self.weight.dtype))
+            self._int8 = (q, scale.to(self._low_dtype))
 
     def __call__(self, x: torch.Tensor, small_step: bool | None = None) -> torch.Tensor:
         if small_step is None:  # the LM head: only the rows that sample
             small_step = x.shape[0] <= SMALL_STEP_TOKENS
-        if small_step:
+        if small_step and (self._int4 is not None or self._int8 is not None):
+            xl = x.to(self._low_dtype)
             if self._int4 is not None:
-                y = torch._weight_int4pack_mm_for_cpu(x, self._int4[0], INT4_GROUP, self._int4[1])
-                return y if self.bias is None else y + self.bias
-            if self._int8 is not None:
-                y = torch._weight_int8pack_mm(x, *self._int8)
-                return y if self.bias is None else y + self.bias
+                y = torch._weight_int4pack_mm_for_cpu(xl, self._int4[0], INT4_GROUP,
+                                                      self._int4[1])
+            else:
+                y = torch._weight_int8pack_mm(xl, *self._int8)
+            y = y.to(x.dtype)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 

@@ -40,7 +40,7 @@ def submitted(body: dict, model_defaults: dict | None = None,
     engine = RecordingEngine()
     card = ModelCard("smol:latest", "/m.gguf", sampling_defaults=model_defaults or {})
     values = request_type.model_validate(body).sampling_values()
-    asyncio.run(_start(ServedModel(card, engine), "Hi", values))
+    asyncio.run(_start(ServedModel(card, engine), "Hi", values, None))
     [params] = engine.params
     return params
 

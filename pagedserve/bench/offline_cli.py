@@ -49,8 +49,10 @@ def add_parser(sub) -> None:
                    help="batches to run in turn on one engine (default: NUM_PROMPTS, and 1 "
                    "with --single)")
     p.add_argument("--single", action="store_true", help="also time one sequence alone")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="matmul dtype (default: %(default)s; float32 is the exact reference)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="matmul dtype (default: %(default)s, as for serve and run: bfloat16 "
+                   "where the hardware has it, else float32 with low-bit small steps; float32 "
+                   "is the exact reference)")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="at least the largest batch (default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -113,7 +115,10 @@ def run_offline(args) -> list:
     peer_size = args.peer_batch_size or sizes[0]
     loaded = path = None
     if is_dummy_name(args.model):
-        loaded = load_model(args.model, dtype=config.dtype, device=config.device)
+        from pagedserve.model_runner import resolve_dtype
+
+        loaded = load_model(args.model, dtype=resolve_dtype(config.dtype, config.device),
+                            device=config.device)
         vocab = loaded.config.vocab_size
     else:
         from pagedserve.loader import read_model_info
@@ -139,12 +144,14 @@ def run_offline(args) -> list:
         torch.cuda.empty_cache()
     if args.peer == "transformers":
         from pagedserve.bench import offline_peer
+        from pagedserve.model_runner import resolve_dtype
 
-        dtype = args.peer_dtype or args.dtype
+        ours = resolve_dtype(args.dtype, args.device)
+        dtype = args.peer_dtype or ours
         prompts = make(peer_size, args, vocab, seed=peer_size)
         label = f"transformers generate, batch {peer_size}"
         if loaded is not None:
-            if dtype != args.dtype:
+            if dtype != ours:
                 raise SystemExit("--peer-dtype must equal --dtype for a dummy shape: the peer "
                                  "runs on the engine's own weight tensors")
             model = offline_peer.transformers_on(loaded.config, loaded.weights)

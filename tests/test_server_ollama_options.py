@@ -29,7 +29,7 @@ class RecordingEngine:
 
     def make_request(self, prompt, params: SamplingParams) -> SimpleNamespace:
         self.params.append(params)
-        return SimpleNamespace(request_id="r", prompt_token_ids=[1])
+        return SimpleNamespace(request_id="r", prompt_token_ids=[1], grammar=None)
 
     def enqueue(self, request) -> SimpleNamespace:
         return SimpleNamespace(request_id=request.request_id, abort=lambda: None)

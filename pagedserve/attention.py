@@ -112,7 +112,7 @@ class TorchStep:
     slots: torch.Tensor  # (num_actual_tokens,) long: index_copy_ wants int64
     num_real_decodes: int  # decodes before the padding
     decode_blocks: torch.Tensor | None  # (Dr * W,) long: W blocks per real decode, flattened
-    decode_mask: torch.Tensor | None  # (Dr, 1, 1, W * block_size) additive: -inf past the end
+    decode_mask: torch.Tensor | None  # (Dr, 1, 1, W * block_size) bool: False past the end
     prefills: list[PrefillChunk]
 
 
@@ -127,9 +127,7 @@ def prepare(meta: AttentionMetadata, dims: AttentionDims | None = None) -> None:
         decode_blocks = meta.block_tables[:real_decodes, :width].long().flatten()
         key_pos = torch.arange(width * bs, device=meta.seq_lens.device)
         ends = meta.seq_lens[:real_decodes].unsqueeze(1)
-        mask = torch.zeros(real_decodes, width * bs, device=meta.seq_lens.device)
-        mask.masked_fill_(key_pos.unsqueeze(0) >= ends, float("-inf"))
-        decode_mask = mask.view(real_decodes, 1, 1, width * bs)
+        decode_mask = (key_pos.unsqueeze(0) < ends).view(real_decodes, 1, 1, width * bs)
     prefills = []
     for i in range(meta.num_decodes, meta.num_requests):
         start, n, end = qsl[i], qsl[i + 1] - qsl[i], lens[i]
@@ -180,14 +178,18 @@ def paged_attention(
 def _decode_attention(q, k_cache, v_cache, st: TorchStep, scale: float):
     D, nh, hd = q.shape
     nkv = k_cache.shape[2]
-    # index_select on the flattened tables is ~6x faster than k_cache[tables]
+    # index_select on the flattened tables is ~6x faster than k_cache[tables]; the gathered
+    # (D, L, nkv, hd) is read in place as (D, nkv, L, hd) by SDPA's CPU kernel, where two
+    # matmuls would first copy both transposes (at 64 sequences those copies were a quarter of
+    # a decode step; SDPA is 2x faster at 64 rows, 4x at 16, and ahead at 1)
     keys = k_cache.index_select(0, st.decode_blocks).view(D, -1, nkv, hd).transpose(1, 2)
     values = v_cache.index_select(0, st.decode_blocks).view(D, -1, nkv, hd).transpose(1, 2)
-    qg = q.view(D, nkv, nh // nkv, hd)  # (D, nkv, g, hd): query heads grouped by KV head
-    scores = torch.matmul(qg, keys.transpose(2, 3)).float() * scale  # (D, nkv, g, L)
-    probs = torch.softmax(scores + st.decode_mask, dim=-1).to(q.dtype)
-    out = torch.matmul(probs, values)  # (D, nkv, g, hd)
-    return out.reshape(D, nh, hd)
+    out = F.scaled_dot_product_attention(
+        q.view(D, nh, 1, hd), keys, values,
+        attn_mask=st.decode_mask,  # (D, 1, 1, L): False past each sequence's end
+        scale=scale, enable_gqa=True,
+    )
+    return out.view(D, nh, hd)
 
 
 def _prefill_attention(q, keys, values, causal_mask, scale: float):

@@ -81,6 +81,9 @@ class ModelRunner:
                                       consume_weights=consume_weights)
         self.sampler = Sampler(engine_config.seed)
         self.align_prefix_tail = engine_config.enable_prefix_caching
+        # MKL's float32 GEMM gives a row different last bits with 1-3 (or, on 2 threads, 5-7,
+        # 9-11) rows than within more; bf16 and CUDA kernels do not (measured)
+        self._row_variant_matmuls = self.device.type == "cpu" and self.dtype == torch.float32
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
@@ -156,26 +159,42 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledRequest]) -> list[SampledToken | None]:
         """Run one step; returns a sampled token per scheduled request (None mid-prefill)."""
         order = sorted(range(len(scheduled)), key=lambda i: not scheduled[i].is_decode)
-        chunks = []
+        chunks, owners, tails = [], [], []
         for i in order:
             s = scheduled[i]
             r = s.request
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
             pieces = [(start, end)] if s.is_decode else self._prefill_pieces(start, end, s.samples)
             for lo, hi in pieces:
+                if len(pieces) > 1 and hi == end:
+                    tails.append(len(chunks))
                 chunks.append(StepChunk(r.all_token_ids[lo:hi], lo, s.block_table,
                                         samples=s.samples and hi == end, is_decode=s.is_decode))
-        bucket = None  # a decode-only step replays the CUDA graph of its batch-size bucket
-        if self.graphs is not None and chunks[-1].is_decode:  # decodes come first
-            bucket = self.graphs.bucket_for(len(chunks))
-        batch = self.inputs.prepare(chunks, pad_to=bucket or 0)
-        hidden = self.graphs.replay(bucket, batch) if bucket else self._forward(batch)
+                owners.append(i)
+        if tails and self._row_variant_matmuls:
+            # float32 CPU matmuls round a row differently with the number of rows beside it:
+            # the prompt tails go through a pass of their own, the shape a prefix-cache hit
+            # gives them later (see _prefill_pieces)
+            rest = [j for j in range(len(chunks)) if j not in set(tails)]
+            passes = [rest, tails]
+        else:
+            passes = [list(range(len(chunks)))]
+        sample_of, rows = [], []
+        for part in passes:
+            part_chunks = [chunks[j] for j in part]
+            bucket = None  # a decode-only step replays the CUDA graph of its batch-size bucket
+            if self.graphs is not None and part_chunks[-1].is_decode:  # decodes come first
+                bucket = self.graphs.bucket_for(len(part_chunks))
+            batch = self.inputs.prepare(part_chunks, pad_to=bucket or 0)
+            hidden = self.graphs.replay(bucket, batch) if bucket else self._forward(batch)
+            sampling = [owners[j] for j in part if chunks[j].samples]  # in row order
+            if sampling:
+                sample_of += sampling
+                rows.append(hidden[: len(sampling)] if batch.samples_are_prefix
+                            else hidden.index_select(0, batch.sample_rows))
         results: list[SampledToken | None] = [None] * len(scheduled)
-        sample_of = [i for i in order if scheduled[i].samples]  # in row order
         if sample_of:
-            rows = hidden[: len(sample_of)] if batch.samples_are_prefix \
-                else hidden.index_select(0, batch.sample_rows)
-            logits = self.model.logits(rows)
+            logits = self.model.logits(rows[0] if len(rows) == 1 else torch.cat(rows))
             sampled = self.sampler(logits, [scheduled[i].request for i in sample_of])
             for i, token in zip(sample_of, sampled, strict=True):
                 results[i] = token

@@ -234,11 +234,16 @@ def _greedy_logprobs(engine: Engine, prompt: list[int]) -> tuple[list[float], in
     return logprobs, cached
 
 
-def test_a_repeated_greedy_request_repeats_its_logprobs_in_bf16(tiny):
+@pytest.mark.parametrize("dtype, low_bit", [("bfloat16", None), ("float32", None),
+                                            ("float32", True)],  # the last: auto without bf16
+                         ids=["bf16", "float32", "float32-low-bit"])
+def test_a_repeated_greedy_request_repeats_its_logprobs(tiny, dtype, low_bit):
     """The second time, a prompt's full blocks come from the prefix cache and only its tail is
     computed: the runner computes that tail alike both times (its own attention chunk, dense
-    weights), so in bf16 the repeat gives the same logprobs, not just nearly the same."""
-    engine = Engine.from_model(tiny, EngineConfig(kv_cache_memory=8 << 20, dtype="bfloat16"))
+    weights, and in float32 a pass of its own, since float32 CPU matmuls round a row by how
+    many rows share it), so the repeat gives the same logprobs, not just nearly the same."""
+    engine = Engine.from_model(tiny, EngineConfig(kv_cache_memory=8 << 20, dtype=dtype,
+                                                  low_bit_small_steps=low_bit))
     rng = random.Random(0)
     for n in (20, 33, 37, 41, 47, 60):  # tails of 1 to 15 tokens after the cached blocks
         prompt = [rng.randrange(4, 300) for _ in range(n)]

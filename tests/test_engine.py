@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from engine_drain import drain
 
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.engine import ContextLengthError, Engine
@@ -29,17 +30,7 @@ def make_engine(loaded, num_blocks: int = 256, **kw) -> Engine:
 
 def run(engine: Engine, prompts, params=GREEDY) -> dict[str, dict]:
     ids = [engine.add_request(p, params) for p in prompts]
-    res = {i: {"text": "", "tokens": [], "reason": None, "stop": None} for i in ids}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            r = res[out.request_id]
-            r["text"] += out.delta_text
-            r["tokens"] += out.delta_token_ids
-            if out.finished:
-                r["reason"], r["stop"] = out.finish_reason, out.stop_reason
-        engine.check_integrity()
-    assert engine.kv.all_free()
-    return [res[i] for i in ids]
+    return drain(engine, ids)
 
 
 def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:

@@ -11,6 +11,7 @@ import time
 import jsonschema
 import pytest
 import torch
+from engine_drain import drain
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine import Engine
@@ -50,17 +51,7 @@ def make_engine(loaded, num_blocks: int = 256) -> Engine:
 
 def run(engine: Engine, requests: list[tuple[str | list[int], SamplingParams]]) -> list[dict]:
     ids = [engine.add_request(p, params) for p, params in requests]
-    res = {i: {"text": "", "tokens": [], "reason": None, "error": None} for i in ids}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            r = res[out.request_id]
-            r["text"] += out.delta_text
-            r["tokens"] += out.delta_token_ids
-            if out.finished:
-                r["reason"], r["error"] = out.finish_reason, out.error
-        engine.check_integrity()
-    assert engine.kv.all_free()
-    return [res[i] for i in ids]
+    return drain(engine, ids)
 
 
 def sampled(seed: int, constraint: Constraint | None = JSON, **kw) -> SamplingParams:

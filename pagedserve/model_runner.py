@@ -175,8 +175,8 @@ class ModelRunner:
             # float32 CPU matmuls round a row differently with the number of rows beside it:
             # the prompt tails go through a pass of their own, the shape a prefix-cache hit
             # gives them later (see _prefill_pieces)
-            rest = [j for j in range(len(chunks)) if j not in set(tails)]
-            passes = [rest, tails]
+            tail_set = set(tails)
+            passes = [[j for j in range(len(chunks)) if j not in tail_set], tails]
         else:
             passes = [list(range(len(chunks)))]
         sample_of, rows = [], []

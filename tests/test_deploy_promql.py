@@ -29,6 +29,7 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
             "gauge": ("",), "summary": ("", "_sum", "_count")}
 VARIABLE = re.compile(r"label_values\((?P<metric>[^,{]+)(?:\{[^}]*\})?,\s*(?P<label>\w+)\)")
 RATE_WINDOW = "10m"  # $__rate_interval here: the whole test run
+ABANDON_TRIES = 3
 
 
 def _dashboard_exprs() -> list[tuple[str, str]]:
@@ -133,16 +134,20 @@ def served(tiny_llama_tokenized_dir):
                   ("service", "pagedserve"))
             scrapes[-1][1][up] = 1.0
 
+        def finished(reason: str | None = None) -> float:
+            """The server's request_success_total now, of one finished_reason or of all."""
+            return sum(v for k, v in ev.parse_scrape(client.get("/metrics").text).items()
+                       if dict(k)["__name__"] == "pagedserve:request_success_total"
+                       and reason in (None, dict(k)["finished_reason"]))
+
         scrape()
         body = {"model": "tiny", "prompt": "The cat sat on the", "max_tokens": 6}
-        for _ in range(3):
-            assert client.post("/v1/completions", json=body).status_code == 200
+        for _ in range(3):  # no EOS can cut these short: "length" for certain
+            assert client.post("/v1/completions",
+                               json=body | {"ignore_eos": True}).status_code == 200
         assert client.post("/v1/completions", json=body | {"temperature": -1}).status_code == 400
         assert client.get("/no/such/route").status_code == 404
-        with client.stream("POST", "/v1/completions",
-                           json=body | {"max_tokens": 200, "stream": True}) as stream:
-            next(stream.iter_lines())  # a client that goes away mid-answer: abort
-        time.sleep(1.5)
+        _abandon_a_request(client, body, finished)
         scrape()
         for _ in range(2):
             client.post("/v1/completions", json=body | {"max_tokens": 12, "prompt": "Hello"})
@@ -150,6 +155,30 @@ def served(tiny_llama_tokenized_dir):
         scrape()
         client.close()
     return ev.Evaluator(scrapes), types, scrapes
+
+
+def _abandon_a_request(client: httpx.Client, body: dict, finished) -> None:
+    """A client that goes away mid-answer: the request ends as "abort", counted before this
+    returns, so the next scrape shows it.
+
+    The request must still be running when the server notices the disconnect (a few steps
+    after the first event): a random tiny model samples EOS early often enough that a request
+    which may stop ends "stop" before that now and then, so this one ignores EOS and has
+    hundreds of tokens left to go. Its end is then awaited in /metrics, not slept on. Should
+    it still outrun the disconnect on a starved machine, it ends "length" and another try is
+    made; every try ending so is a failure."""
+    long_answer = body | {"max_tokens": 400, "ignore_eos": True, "stream": True}
+    for _ in range(ABANDON_TRIES):
+        ended, aborted = finished(), finished("abort")
+        with client.stream("POST", "/v1/completions", json=long_answer) as stream:
+            next(stream.iter_lines())  # the request is running; then the client closes
+        deadline = time.monotonic() + 60
+        while finished() == ended:
+            assert time.monotonic() < deadline, "the abandoned request never ended"
+            time.sleep(0.01)  # between polls, not a guess at how long the abort takes
+        if finished("abort") > aborted:
+            return
+    pytest.fail(f"none of {ABANDON_TRIES} requests abandoned mid-answer ended as an abort")
 
 
 def _exported(types: dict[str, str]) -> dict[str, str]:

@@ -28,21 +28,21 @@ KVManager = BlockManager | StaticSlotManager
 
 @dataclass(slots=True)
 class ScheduledRequest:
+    """One request's share of a step, read before the step advances the request (so its two
+    flags are computed once, when scheduled, not once per use in the step's hot loops)."""
+
     request: Request
     num_new_tokens: int  # positions [num_computed_tokens, num_computed_tokens + num_new_tokens)
     block_table: list[int]
+    # whether this chunk reaches the last known token, so the step samples a new one
+    samples: bool = field(init=False)
+    # one token that was itself sampled: the input of a decode step
+    is_decode: bool = field(init=False)
 
-    @property
-    def is_decode(self) -> bool:
-        """One token that was itself sampled: the input of a decode step."""
+    def __post_init__(self) -> None:
         r = self.request
-        return self.num_new_tokens == 1 and self.samples and r.num_output_tokens > 0
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the last known token, so the step samples a new one."""
-        r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        self.samples = r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        self.is_decode = self.num_new_tokens == 1 and self.samples and r.num_output_tokens > 0
 
 
 @dataclass(slots=True)

@@ -74,6 +74,11 @@ class StepInputs:
         (self._ids, self._pos, self._slots, self._qsl, self._lens, self._rows,
          tables) = regions(self._np)
         self._tables = tables.reshape(max_seqs, max_blocks)
+        # what each host table row holds: the block manager's own list for the request that
+        # last used the row (tables only grow, by appending) and how much of it is written, so
+        # a decode step writes only a new block id instead of every row again
+        self._row_table: list[list[int] | None] = [None] * max_seqs
+        self._row_written = [0] * max_seqs
         (self.input_ids, self.positions, self.slot_mapping, self.query_start_loc, self.seq_lens,
          self.sample_rows, tables) = regions(self.device_buffer)
         self.block_tables = tables.view(max_seqs, max_blocks)
@@ -112,7 +117,13 @@ class StepInputs:
                 pos[row : row + n] = p
                 slots[row : row + n] = np.asarray(table[:num_blocks], np.int32)[p // bs] * bs \
                     + p % bs
-            tables[i, :num_blocks] = table[:num_blocks]
+            if self._row_table[i] is not table:
+                tables[i, :num_blocks] = table[:num_blocks]
+                self._row_table[i], self._row_written[i] = table, num_blocks
+            elif num_blocks > self._row_written[i]:
+                written = self._row_written[i]
+                tables[i, written:num_blocks] = table[written:num_blocks]
+                self._row_written[i] = num_blocks
             row += n
             qsl[i + 1] = row
             lens[i] = end

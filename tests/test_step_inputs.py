@@ -86,3 +86,23 @@ def test_fits_counts_padding():
     assert inputs.fits(one, pad_to=3)
     assert not inputs.fits(one, pad_to=4)
     assert not inputs.fits([StepChunk([1] * 5, 0, [0, 1], True)])
+
+
+def test_table_rows_follow_growth_and_a_change_of_owner():
+    """A row written for one request's table is topped up as the table grows, and rewritten
+    whole when another request (another table) takes the row."""
+    inputs = make_inputs()
+    a, b = [3, 1], [6]
+    first = inputs.prepare([StepChunk([1], 7, a, True, is_decode=True),
+                            StepChunk([2], 2, b, True, is_decode=True)])
+    assert first.meta.block_tables[0, :2].tolist() == [3, 1]
+    a.append(5)  # the block manager appends as the request reaches position 8
+    grown = inputs.prepare([StepChunk([4], 8, a, True, is_decode=True),
+                            StepChunk([5], 3, b, True, is_decode=True)])
+    assert grown.meta.block_tables[0, :3].tolist() == [3, 1, 5]
+    assert grown.meta.slot_mapping.tolist() == [20, 27]
+    swapped = inputs.prepare([StepChunk([6], 3, b, True, is_decode=True),
+                              StepChunk([7], 1, [2], True, is_decode=True)])
+    assert swapped.meta.block_tables[0, :1].tolist() == [6]
+    assert swapped.meta.block_tables[1, :1].tolist() == [2]
+    assert swapped.meta.slot_mapping.tolist() == [27, 9]

@@ -73,8 +73,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        catching_up = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        decoding, catching_up = [], []
+        for r in self.running:  # one pass: this runs for every sequence on every step
+            left = len(r.all_token_ids) - r.num_computed_tokens
+            if left == 1:
+                decoding.append(r)
+            elif left > 1:
+                catching_up.append(r)
         for request in decoding + catching_up:
             if budget <= 0:
                 break

@@ -87,6 +87,9 @@ class EngineConfig:
     device: str = "cpu"
     # attention kernels: auto = Triton on CUDA (when importable), plain torch elsewhere
     attention_backend: AttentionBackendName = "auto"
+    # the decoder's norms, residual adds, rotary and SwiGLU as fused Triton kernels (see
+    # fused_ops.py): None = on CUDA only; True on CPU runs them under the Triton interpreter
+    fused_ops: bool | None = None
     enforce_eager: bool = False  # CUDA: no graphs for decode steps (vLLM's flag)
     seed: int | None = None  # unseeded requests: None draws differently every start
     num_threads: int | None = None

@@ -78,7 +78,8 @@ class ModelRunner:
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
         self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit,
                                       attention=self.attention.paged_attention,
-                                      consume_weights=consume_weights)
+                                      consume_weights=consume_weights,
+                                      fused_ops=engine_config.fused_ops)
         self.sampler = Sampler(engine_config.seed)
         self.align_prefix_tail = engine_config.enable_prefix_caching
         # MKL's float32 GEMM gives a row different last bits with 1-3 (or, on 2 threads, 5-7,

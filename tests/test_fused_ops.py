@@ -1,7 +1,9 @@
 """The decoder's fused Triton ops against their torch references, on CPU under the interpreter.
 
 Ragged shapes (1, 3 and 17 tokens; widths that are not powers of two, rows wider than a block),
-float32, float16 and bfloat16 (elementwise only: the interpreter lacks just the bf16 dot).
+float32, float16 and bfloat16 (elementwise only: the interpreter lacks just the bf16 dot), then
+tiny Llama and Qwen2 models run by the engine with every CUDA kernel (fused ops and Triton
+attention) giving transformers' greedy tokens.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated (at their import)
 
 import importlib  # noqa: E402
+import random  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -124,3 +127,42 @@ def test_ops_are_chosen_once_by_device():
     assert ref.select_ops(False, torch.device("cuda")).name == "torch"
     assert ref.select_ops(True, torch.device("cpu")).name == "triton"  # the interpreter
 
+
+# -- the whole model ------------------------------------------------------------------------
+
+
+def hf_greedy(model_dir, prompts: list[list[int]], n: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=n, pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_engine_with_every_cuda_kernel_generates_what_transformers_does(model, request):
+    """Fused ops and Triton attention on CPU, float32: chunked prefills mixed with decodes,
+    greedy tokens equal to transformers'. Qwen2's q/k/v biases pass through rotary_qkv."""
+    from pagedserve.config import EngineConfig
+    from pagedserve.engine import Engine
+    from pagedserve.loader import load_model
+    from pagedserve.sampling_params import SamplingParams
+
+    model_dir = request.getfixturevalue(model)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 512) for _ in range(12)] for _ in range(3)]
+    n = 5
+    engine = Engine.from_model(load_model(model_dir), EngineConfig(
+        dtype="float32", kv_cache_memory=1 << 20, max_num_batched_tokens=16,
+        attention_backend="triton", fused_ops=True))
+    assert engine.runner.model.ops.name == "triton"
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    out = {engine.add_request(p, params): [] for p in prompts}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id] += o.delta_token_ids
+    assert list(out.values()) == hf_greedy(model_dir, prompts, n)
+    assert engine.kv.all_free()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pagedserve import attention as torch_attention
 from pagedserve.attention import AttentionMetadata
 from pagedserve.config import ModelConfig
+from pagedserve.fused_ops import DecoderOps, select_ops
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +91,19 @@ def low_bit_step(meta: AttentionMetadata, num_tokens: int) -> bool:
 
 
 class RMSNorm:
-    """Normalizes in float32 (the residual stream's dtype), returns the matmul dtype."""
+    """Adds the previous sublayer's output to the float32 residual stream and normalizes the
+    sum in float32: returns (the new stream, the normed rows in the matmul dtype)."""
 
-    def __init__(self, weight: torch.Tensor, eps: float, out_dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
+                 ops: DecoderOps):
         self.weight = weight.float()
         self.eps = eps
         self.out_dtype = out_dtype
+        self.add_rms_norm = ops.add_rms_norm
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps).to(self.out_dtype)
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.add_rms_norm(x, residual, self.weight, self.eps, self.out_dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -125,7 +130,8 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Rotary:
-    """cos/sin tables for every position, applied the Hugging Face way (rotate halves)."""
+    """cos/sin tables for every position, applied the Hugging Face way (rotate halves) by
+    :func:`~pagedserve.fused_ops.rotary_qkv`."""
 
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype):
         inv_freq = rope_inv_freq(config)
@@ -138,17 +144,12 @@ class Rotary:
         """cos, sin for a step's positions, (T, 1, hd/2) each: gathered once for all layers."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
-    @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: (T, heads, hd)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
 
 class Attention:
     def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], prefix: str,
-                 paged_attention):
+                 paged_attention, ops: DecoderOps):
         self.paged_attention = paged_attention  # the backend chosen at start-up
+        self.rotary_qkv = ops.rotary_qkv
         self.nh, self.nkv, self.hd = config.num_heads, config.num_kv_heads, config.head_dim
         p = prefix + "self_attn."
         qkv_bias = None
@@ -164,61 +165,68 @@ class Attention:
     def __call__(self, x, rope, kv_cache, meta: AttentionMetadata, small_step: bool = False):
         T = x.shape[0]
         qkv = self.qkv(x, small_step)  # (T, (nh + 2 nkv) hd)
-        q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = Rotary.apply(q.view(T, self.nh, self.hd), *rope)  # (T, nh, hd)
-        k = Rotary.apply(k.view(T, self.nkv, self.hd), *rope)  # (T, nkv, hd)
-        v = v.reshape(T, self.nkv, self.hd)
+        # q (T, nh, hd), k and v (T, nkv, hd); q and k rotated
+        q, k, v = self.rotary_qkv(qkv, *rope, self.nh, self.nkv, self.hd)
         out = self.paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o(out.view(T, self.nh * self.hd), small_step)
 
 
 class MLP:
-    def __init__(self, w: dict[str, torch.Tensor], prefix: str):
+    def __init__(self, w: dict[str, torch.Tensor], prefix: str, ops: DecoderOps):
         p = prefix + "mlp."
         self.gate_up = Linear(torch.cat([w[p + "gate_proj.weight"], w[p + "up_proj.weight"]]))
         self.down = Linear(w[p + "down_proj.weight"])
+        self.silu_mul = ops.silu_mul
 
     def __call__(self, x: torch.Tensor, small_step: bool = False) -> torch.Tensor:
-        gate, up = self.gate_up(x, small_step).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up, small_step)
+        return self.down(self.silu_mul(self.gate_up(x, small_step)), small_step)
 
 
 class DecoderLayer:
-    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], i: int, paged_attention):
+    def __init__(self, config: ModelConfig, w: dict[str, torch.Tensor], i: int, paged_attention,
+                 ops: DecoderOps):
         prefix = f"model.layers.{i}."
         eps, dtype = config.rms_norm_eps, w[prefix + "mlp.down_proj.weight"].dtype
-        self.input_norm = RMSNorm(w[prefix + "input_layernorm.weight"], eps, dtype)
-        self.attn = Attention(config, w, prefix, paged_attention)
-        self.post_attn_norm = RMSNorm(w[prefix + "post_attention_layernorm.weight"], eps, dtype)
-        self.mlp = MLP(w, prefix)
+        self.input_norm = RMSNorm(w[prefix + "input_layernorm.weight"], eps, dtype, ops)
+        self.attn = Attention(config, w, prefix, paged_attention, ops)
+        self.post_attn_norm = RMSNorm(w[prefix + "post_attention_layernorm.weight"], eps, dtype,
+                                      ops)
+        self.mlp = MLP(w, prefix, ops)
 
-    def __call__(self, x, rope, kv_cache, meta):
-        # x: (T, H) float32 residual stream; the sublayers compute in the weights' dtype
+    def __call__(self, x, residual, rope, kv_cache, meta):
+        """x: (T, H) float32 residual stream, still without `residual`, the output of the
+        previous layer's MLP (None before the first layer); the sublayers compute in the
+        weights' dtype. Returns the same pair for the next layer: each norm adds the residual
+        it is handed, so an add and a norm are one fused op."""
         small = low_bit_step(meta, x.shape[0])
-        x = x + self.attn(self.input_norm(x), rope, kv_cache, meta, small)
-        return x + self.mlp(self.post_attn_norm(x), small)
+        x, h = self.input_norm(x, residual)
+        x, h = self.post_attn_norm(x, self.attn(h, rope, kv_cache, meta, small))
+        return x, self.mlp(h, small)
 
 
 class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device,
                  low_bit_small_steps: bool = False, attention=torch_attention.paged_attention,
-                 consume_weights: bool = False):
+                 consume_weights: bool = False, fused_ops: bool | None = None):
         """`consume_weights`: the caller hands `weights` over; it is emptied, so that each
-        layer's unfused q/k/v and gate/up tensors are freed once the fused copies exist."""
+        layer's unfused q/k/v and gate/up tensors are freed once the fused copies exist.
+        `fused_ops`: the norms, residual adds, rotary and SwiGLU as Triton kernels; None: on
+        CUDA only (True on CPU runs them under the Triton interpreter: tests)."""
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         if consume_weights:
             weights.clear()
         self.config = config
+        self.ops = select_ops(fused_ops, torch.device(device))
         self.embed = w["model.embed_tokens.weight"]  # (V, H)
         head = self.embed if config.tie_word_embeddings else w.get("lm_head.weight", self.embed)
         self.lm_head = Linear(head)
         self.layers = []
         for i in range(config.num_layers):
-            self.layers.append(DecoderLayer(config, w, i, attention))
+            self.layers.append(DecoderLayer(config, w, i, attention, self.ops))
             prefix = f"model.layers.{i}."
             for name in [n for n in w if n.startswith(prefix)]:
                 del w[name]
-        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, dtype)
+        self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, dtype, self.ops)
         self.rotary = Rotary(config, config.max_position_embeddings, dtype)
         if device != "cpu":
             self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
@@ -241,11 +249,11 @@ class LlamaForCausalLM:
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (T,) -> final hidden states (T, H)."""
-        x = self.embed[input_ids].float()
+        x, residual = self.embed[input_ids].float(), None  # x: a new tensor, updated in place
         rope = self.rotary.at(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return self.norm(x, residual)[1]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 
+import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from pagedserve.bench.clients import make_client
 from pagedserve.bench.compare import parse_peer, sweep_run
 from pagedserve.bench.loadgen import Workload
 from pagedserve.bench.results import RunResult
@@ -35,6 +37,7 @@ class FakeServer:
         self.max_in_flight = 0
         self.bodies: list[dict] = []
         self.fail_every = 0  # answer every n-th generation request with HTTP 500
+        self.done_delay = 0.0  # seconds between the last token and the closing message
         self.port = free_port()
         routes = [
             Route("/v1/completions", self.openai, methods=["POST"]),
@@ -86,6 +89,7 @@ class FakeServer:
                 choice = {"delta": {"content": " w"}} if chat else {"text": " w"}
                 yield f"data: {json.dumps({'choices': [choice]})}\n\n"
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n}
+            await asyncio.sleep(self.done_delay)
             yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -99,6 +103,7 @@ class FakeServer:
             n = body["options"]["num_predict"]
             async for _ in self._tokens(n):
                 yield json.dumps({"response": " w", "done": False}) + "\n"
+            await asyncio.sleep(self.done_delay)
             yield json.dumps({"response": "", "done": True, "prompt_eval_count": prompt_tokens,
                               "eval_count": n}) + "\n"
 
@@ -145,7 +150,9 @@ def test_sweep_measures_every_level(fake_server, api):
         assert level.total_output_tokens == 24 and level.total_input_tokens == 6 * 20
         assert level.ttft_ms.p50 >= TOKEN_DELAY * 1000
         assert level.itl_ms.p50 >= TOKEN_DELAY * 1000 * 0.9
-        assert level.tpot_ms.mean == pytest.approx(level.itl_ms.mean, rel=0.05)
+        # every request has 4 tokens, so 3 gaps: with e2e taken at the last token, each TPOT is
+        # the mean of its request's ITLs and the level's means agree up to rounding, under any load
+        assert level.tpot_ms.mean == pytest.approx(level.itl_ms.mean, rel=1e-6)
         assert level.e2e_ms.p99 >= 4 * TOKEN_DELAY * 1000
         assert level.output_throughput == pytest.approx(24 / level.duration_s)
     if api != "ollama":
@@ -156,6 +163,26 @@ def test_sweep_measures_every_level(fake_server, api):
     assert fake_server.max_in_flight == 3
     # 3 at a time, 2 rounds of 4 tokens: about 8 token delays, not 24
     assert run.levels[1].duration_s < run.levels[0].duration_s
+
+
+@pytest.mark.parametrize("api", ["openai", "openai-chat", "ollama"])
+def test_latency_ends_at_the_last_token(fake_server, api):
+    """The closing message (usage and [DONE], or Ollama's "done": true) carries no token: it
+    comes 5 token delays late here, and neither e2e nor TPOT may include that wait."""
+
+    async def send():
+        async with httpx.AsyncClient(base_url=fake_server.url) as http:
+            return await make_client(api, "fake-1").send(http, "one two three", 4)
+
+    fake_server.done_delay = 5 * TOKEN_DELAY
+    try:
+        record = asyncio.run(send())
+    finally:
+        fake_server.done_delay = 0.0
+    assert record.success and record.output_tokens == 4 and len(record.itl) == 3
+    assert record.ttft >= TOKEN_DELAY and record.e2e >= 4 * TOKEN_DELAY
+    assert record.e2e == pytest.approx(record.ttft + sum(record.itl), rel=1e-6)
+    assert record.tpot == pytest.approx(sum(record.itl) / 3, rel=1e-6)
 
 
 def test_concurrency_caps_requests_in_flight(fake_server):

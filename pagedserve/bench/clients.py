@@ -6,6 +6,9 @@ Ollama (its /v1 routes for ``openai``, /api/generate for ``ollama``).
 
 A token's arrival is a chunk that carries output text. Output tokens are counted from the usage
 the server reports at the end; a server that reports none is credited one token per such chunk.
+As in vLLM's benchmark, a request ends at its last such chunk: the trailing usage, ``[DONE]`` or
+``"done": true`` message carries no token, so neither its delay nor the wait to read it counts in
+the end-to-end latency, and TPOT = (e2e - TTFT) / (tokens - 1) spans the same gaps as the ITLs.
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ class ChunkClock:
         self.chunks += 1
 
     def record(self, prompt_tokens: int | None, output_tokens: int | None) -> RequestRecord:
-        e2e = time.perf_counter() - self.start
-        if self.ttft is None:
-            return RequestRecord(start=self.start, e2e=e2e, error="the stream carried no output")
+        if self.last is None or self.ttft is None:
+            return RequestRecord(start=self.start, e2e=time.perf_counter() - self.start,
+                                 error="the stream carried no output")
         return RequestRecord(
-            success=True, start=self.start, ttft=self.ttft, itl=self.itl, e2e=e2e,
+            success=True, start=self.start, ttft=self.ttft, itl=self.itl,
+            e2e=self.last - self.start,  # the last token's arrival, not the stream's close
             prompt_tokens=prompt_tokens,
             output_tokens=output_tokens if output_tokens is not None else self.chunks,
         )

@@ -26,7 +26,7 @@ class RequestRecord:
     start: float = 0.0
     ttft: float | None = None  # send -> first chunk carrying output text
     itl: list[float] = field(default_factory=list)  # gaps between output chunks
-    e2e: float | None = None  # send -> end of the stream
+    e2e: float | None = None  # send -> last chunk carrying output text (not the done message)
     prompt_tokens: int | None = None  # as the server reported it
     output_tokens: int = 0  # from usage when reported, else chunks with text
     error: str | None = None

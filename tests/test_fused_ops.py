@@ -21,8 +21,6 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from hf_reference import hf_greedy  # noqa: E402
-
 from pagedserve import fused_ops as ref  # noqa: E402
 from pagedserve.config import ModelConfig  # noqa: E402
 from pagedserve.models.llama import Rotary  # noqa: E402
@@ -131,6 +129,17 @@ def test_ops_are_chosen_once_by_device():
 
 
 # -- the whole model ------------------------------------------------------------------------
+
+
+def hf_greedy(model_dir, prompts: list[list[int]], n: int) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=n, pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:].tolist()
 
 
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_qwen2_dir"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +51,6 @@ class Linear:
         self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
         # what the low-bit kernels compute in: bf16, also for a float32 model (see above)
         self._low_dtype = torch.bfloat16 if weight.dtype == torch.float32 else weight.dtype
-        # on CUDA, the one-row kernel and its config, where it measured faster than cuBLAS
-        # (see :meth:`LlamaForCausalLM._choose_one_row_kernels`)
-        self.one_row: tuple[Callable, object] | None = None
 
     def pack_low_bit(self, bits: int) -> None:
         w = self.weight.float()
@@ -75,9 +71,6 @@ class Linear:
             self._int8 = (q, scale.to(self._low_dtype))
 
     def __call__(self, x: torch.Tensor, small_step: bool | None = None) -> torch.Tensor:
-        if self.one_row is not None and x.shape[0] == 1 and x.is_contiguous():
-            kernel, config = self.one_row
-            return kernel(x, self.weight, self.bias, config)
         if small_step is None:  # the LM head: only the rows that sample
             small_step = x.shape[0] <= SMALL_STEP_TOKENS
         if small_step and (self._int4 is not None or self._int8 is not None):
@@ -239,45 +232,19 @@ class LlamaForCausalLM:
             self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
         if low_bit_small_steps:
             self._pack_low_bit()
-        self.one_row_choices: dict = {}  # role -> gemv_triton.GemvChoice, on CUDA
-        if (self.ops.name == "triton" and torch.device(device).type == "cuda"
-                and dtype in (torch.bfloat16, torch.float16)):
-            self._choose_one_row_kernels()
-
-    def _linears(self) -> dict[str, list[Linear]]:
-        """Every matmul by role; the layers' matrices of one role share a shape."""
-        layers = self.layers
-        roles = {"qkv": [layer.attn.qkv for layer in layers],
-                 "o": [layer.attn.o for layer in layers],
-                 "gate_up": [layer.mlp.gate_up for layer in layers],
-                 "down": [layer.mlp.down for layer in layers]}
-        return roles | {"lm_head": [self.lm_head]}
-
-    def _choose_one_row_kernels(self) -> None:
-        """One-sequence decode steps: per role, the Triton one-row kernel where it measured
-        faster than cuBLAS on this GPU (timed once on the first matrix of the role)."""
-        from pagedserve import gemv_triton
-
-        for role, linears in self._linears().items():
-            try:
-                choice = gemv_triton.choose(linears[0].weight, linears[0].bias, role)
-            except Exception as exc:  # noqa: BLE001 - cuBLAS stays: correct, maybe slower
-                logger.warning("one-row kernel for %s unavailable (%s); cuBLAS", role, exc)
-                continue
-            self.one_row_choices[role] = choice
-            for linear in linears:
-                linear.one_row = (gemv_triton.gemv, choice.config) if choice.config else None
 
     def _pack_low_bit(self) -> None:
-        linears = [(linear, 8 if role == "lm_head" else 4)
-                   for role, group in self._linears().items() for linear in group]
         try:
-            for linear, bits in linears:
-                linear.pack_low_bit(bits)
+            for layer in self.layers:
+                for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
+                    linear.pack_low_bit(4)
+            self.lm_head.pack_low_bit(8)
         except (RuntimeError, AttributeError) as exc:  # kernels missing in this torch build
             logger.warning("low-bit weights for small steps unavailable (%s); using dense", exc)
-            for linear, _ in linears:
-                linear._int4 = linear._int8 = None
+            for layer in self.layers:
+                for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
+                    linear._int4 = None
+            self.lm_head._int8 = None
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:

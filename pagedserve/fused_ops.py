@@ -1,9 +1,9 @@
 """The elementwise work of a decoder layer between its matmuls, as three fused ops.
 
 A layer runs four matmuls and attention; around them sit the norms, the residual adds, the
-rotary embedding and the SwiGLU product. In plain torch those are ~25 small kernels per layer,
-a third of a one-sequence decode step on a GPU; :mod:`pagedserve.fused_ops_triton` does each op
-below in one kernel. The functions here are the torch reference, and the CPU path: the very
+rotary embedding and the SwiGLU product. In plain torch those are ~25 small kernels per layer;
+:mod:`pagedserve.fused_ops_triton` does each op below in one kernel, which took a one-sequence
+decode step of the Llama-3.1-8B shape on an H100 from 7.9 to 6.7 ms (docs/performance.md). The functions here are the torch reference, and the CPU path: the very
 ops the model ran before they were fused, with the same numerics.
 
     add_rms_norm(x, r, w, eps, dtype) -> (x + r, rms_norm(x + r) * w in dtype)

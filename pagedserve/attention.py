@@ -158,9 +158,11 @@ def paged_attention(
     n = meta.num_actual_tokens
     k_cache.view(-1, nkv, hd).index_copy_(0, st.slots, k[:n])
     v_cache.view(-1, nkv, hd).index_copy_(0, st.slots, v[:n])
+    D = st.num_real_decodes
+    if D == T and not st.prefills:  # decodes only, no padding: the common small step
+        return _decode_attention(q, k_cache, v_cache, st, scale)
     out = torch.empty_like(q) if n == T and st.num_real_decodes == meta.num_decodes \
         else torch.zeros_like(q)  # padded rows read nothing: their output is 0
-    D = st.num_real_decodes
     if D:
         out[:D] = _decode_attention(q[:D], k_cache, v_cache, st, scale)
     for chunk in st.prefills:

@@ -63,9 +63,10 @@ def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, nh: int, nkv: int,
                hd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T = qkv.shape[0]
-    q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-    q = rotate_halves(q.view(T, nh, hd), cos, sin)  # (T, nh, hd)
-    k = rotate_halves(k.view(T, nkv, hd), cos, sin)  # (T, nkv, hd)
+    qk, v = qkv.split([(nh + nkv) * hd, nkv * hd], dim=-1)
+    # q and k heads sit side by side in a row: one rotation for both (half the ops of two)
+    qk = rotate_halves(qk.view(T, nh + nkv, hd), cos, sin)  # (T, nh + nkv, hd)
+    q, k = qk.split([nh, nkv], dim=1)  # views; rows of hd stay contiguous
     return q, k, v.reshape(T, nkv, hd)  # a view: the split keeps rows of hd contiguous
 
 

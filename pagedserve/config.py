@@ -84,6 +84,11 @@ class EngineConfig:
     # None: in bf16, and in float32 when dtype "auto" chose it (a CPU without native bf16);
     # an explicit dtype="float32" stays exact. True: in either dtype. False: never.
     low_bit_small_steps: bool | None = None
+    # CPU: those small steps multiply Q4_1 blocks by int8-rounded activations in an AVX2 kernel
+    # compiled on this machine (native_q4.py; llama.cpp's arithmetic). None: when a start finds
+    # it built; a start that does not compiles it in the background for the next one. True:
+    # build it now, an error where it cannot be. False: torch's int4 kernel.
+    native_kernels: bool | None = None
     device: str = "cpu"
     # attention kernels: auto = Triton on CUDA (when importable), plain torch elsewhere
     attention_backend: AttentionBackendName = "auto"

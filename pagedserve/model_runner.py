@@ -16,6 +16,7 @@ import logging
 
 import torch
 
+from pagedserve import native_q4
 from pagedserve.attention import AttentionDims, select_backend
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
@@ -76,10 +77,11 @@ class ModelRunner:
                    and self.dtype in (torch.bfloat16, torch.float32))
         self.attention = select_backend(engine_config.attention_backend, self.device)
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
+        native = low_bit and native_q4.resolve(engine_config.native_kernels)
         self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit,
                                       attention=self.attention.paged_attention,
                                       consume_weights=consume_weights,
-                                      fused_ops=engine_config.fused_ops)
+                                      fused_ops=engine_config.fused_ops, native_int4=native)
         self.sampler = Sampler(engine_config.seed)
         self.align_prefix_tail = engine_config.enable_prefix_caching
         # MKL's float32 GEMM gives a row different last bits with 1-3 (or, on 2 threads, 5-7,

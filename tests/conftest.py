@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # pagedserve's own store and caches go to a throwaway home, never the user's ~/.pagedserve
 os.environ.setdefault("PAGEDSERVE_HOME", tempfile.mkdtemp(prefix="pagedserve-test-home-"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_kernel_built() -> None:
+    """The AVX2 int4 kernel built before the first test (half a minute, once), so that every
+    engine of the suite finds the same kernels; without it the first engine would start the
+    build in the background and later ones would use what it left (native_q4.resolve)."""
+    from pagedserve import native_q4
+
+    if native_q4.cpu_supports_avx2() and shutil.which("c++"):
+        try:
+            native_q4.load()
+        except native_q4.NativeKernelUnavailable:
+            pass  # test_native_q4 fails with the reason
 
 
 @pytest.fixture(scope="session")

@@ -65,8 +65,10 @@ def test_float32_small_steps_read_int4_in_bf16_and_stay_close(smollm):
     ids = smollm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
     logits, layers = {}, {}
     for low_bit in (False, True):
+        # torch's int4 kernel (test_native_q4 covers the AVX2 one)
         engine = Engine.from_model(smollm, EngineConfig(kv_cache_memory=32 << 20, dtype="float32",
-                                                        low_bit_small_steps=low_bit))
+                                                        low_bit_small_steps=low_bit,
+                                                        native_kernels=False))
         blocks = list(range(engine.kv.blocks_needed(len(ids))))
         full = engine.runner.prompt_logits(ids, blocks)  # a prompt: dense float32 either way
         small = engine.runner.prompt_logits(ids[:1], blocks)  # a decode-size step

@@ -38,3 +38,15 @@ def test_pyproject_metadata_has_no_deprecated_license_table() -> None:
         warnings.simplefilter("always")
         apply_configuration(Distribution(), ROOT / "pyproject.toml")
     assert not [w for w in caught if "license" in str(w.message)]
+
+
+def test_the_native_kernels_source_ships_in_the_package() -> None:
+    """native_q4.py compiles native_q4.cpp on the user's machine: a wheel without it would
+    fall back to torch's kernel on every start."""
+    pytest.importorskip("setuptools")
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
+    assert "native_q4.cpp" in dist.package_data["pagedserve"]
+    assert (ROOT / "pagedserve" / "native_q4.cpp").is_file()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve import attention as torch_attention
+from pagedserve import native_q4
 from pagedserve.attention import AttentionMetadata
 from pagedserve.config import ModelConfig
 from pagedserve.fused_ops import DecoderOps, select_ops
@@ -40,6 +41,10 @@ class Linear:
     Those kernels want bf16 activations on CPU (given float32 they fall back to a reference
     loop ~10x slower), so a float32 model's small steps cast their few rows to bf16 and back.
 
+    On an AVX2 CPU the int4 copy can instead be Q4_1 blocks for the kernel of
+    :mod:`pagedserve.native_q4` (int8-rounded activations, llama.cpp's arithmetic), which reads
+    them faster than torch's kernel does.
+
     Prompt tokens always take the dense weights (see :func:`low_bit_step`), so that the few
     tokens a prefix-cache hit leaves to compute round as they did within the whole prompt.
     """
@@ -49,13 +54,17 @@ class Linear:
         self.bias = bias
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._q4: torch.Tensor | None = None  # native_q4's blocks
         # what the low-bit kernels compute in: bf16, also for a float32 model (see above)
         self._low_dtype = torch.bfloat16 if weight.dtype == torch.float32 else weight.dtype
 
-    def pack_low_bit(self, bits: int) -> None:
+    def pack_low_bit(self, bits: int, native: bool = False) -> None:
+        """`native`: int4 in native_q4's layout, for its AVX2 kernel, instead of torch's."""
         w = self.weight.float()
         n, k = w.shape
-        if bits == 4 and k % INT4_GROUP == 0:
+        if bits == 4 and native and k % INT4_GROUP == 0:
+            self._q4 = native_q4.pack(w)
+        elif bits == 4 and k % INT4_GROUP == 0:
             groups = w.view(n, k // INT4_GROUP, INT4_GROUP)
             lo, hi = groups.amin(-1), groups.amax(-1)
             scale = ((hi - lo) / 15).clamp(min=1e-12)
@@ -73,6 +82,9 @@ class Linear:
     def __call__(self, x: torch.Tensor, small_step: bool | None = None) -> torch.Tensor:
         if small_step is None:  # the LM head: only the rows that sample
             small_step = x.shape[0] <= SMALL_STEP_TOKENS
+        if small_step and self._q4 is not None:
+            y = native_q4.matmul(x, self._q4).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         if small_step and (self._int4 is not None or self._int8 is not None):
             xl = x.to(self._low_dtype)
             if self._int4 is not None:
@@ -207,9 +219,11 @@ class DecoderLayer:
 class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device,
                  low_bit_small_steps: bool = False, attention=torch_attention.paged_attention,
-                 consume_weights: bool = False, fused_ops: bool | None = None):
+                 consume_weights: bool = False, fused_ops: bool | None = None,
+                 native_int4: bool = False):
         """`consume_weights`: the caller hands `weights` over; it is emptied, so that each
         layer's unfused q/k/v and gate/up tensors are freed once the fused copies exist.
+        `native_int4`: the int4 copies of the layers are for the AVX2 kernel of native_q4.py.
         `fused_ops`: the norms, residual adds, rotary and SwiGLU as Triton kernels; None: on
         CUDA only (True on CPU runs them under the Triton interpreter: tests)."""
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
@@ -231,19 +245,19 @@ class LlamaForCausalLM:
         if device != "cpu":
             self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
         if low_bit_small_steps:
-            self._pack_low_bit()
+            self._pack_low_bit(native_int4)
 
-    def _pack_low_bit(self) -> None:
+    def _pack_low_bit(self, native: bool) -> None:
         try:
             for layer in self.layers:
                 for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
-                    linear.pack_low_bit(4)
+                    linear.pack_low_bit(4, native)
             self.lm_head.pack_low_bit(8)
         except (RuntimeError, AttributeError) as exc:  # kernels missing in this torch build
             logger.warning("low-bit weights for small steps unavailable (%s); using dense", exc)
             for layer in self.layers:
                 for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
-                    linear._int4 = None
+                    linear._int4 = linear._q4 = None
             self.lm_head._int8 = None
 
     @torch.inference_mode()

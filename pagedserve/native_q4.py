@@ -1,0 +1,189 @@
+"""The matmul of small CPU steps as one AVX2 kernel: int4 weights times int8 activations.
+
+A decode step of one sequence reads every weight for one multiply-add; torch's weight-only int4
+kernel spends much of that time unpacking and converting. ``native_q4.cpp`` does what llama.cpp
+does for Q4_1: weights in Q4_1's blocks (float16 scale and minimum, 16 bytes of nibbles), each
+group of 32 activations rounded to int8 with its own scale, 32 multiply-adds per integer
+instruction. The 120 layer matmuls of the bundled model take 7.6 ms a token against 9.9-12.5 ms
+with torch's kernel (docs/performance.md). Weights keep the grid of :meth:`Linear.pack_low_bit`
+(exact for Q4_1 GGUF blocks); rounding the activations costs about what the bf16 activations of
+torch's kernel do, and each row's result is independent of the other rows of the step.
+
+The kernel is C++ compiled on this machine (about half a minute with the compiler torch's
+extension builder would use), into ``~/.pagedserve/cache/kernels`` under a name that carries the
+source's and torch's versions, written to a temporary file and renamed into place, so that a
+build that is killed leaves nothing half-written and two builds at once do no harm. With
+``EngineConfig.native_kernels`` None (the default) a start that finds the kernel built uses it;
+one that does not starts the build in a process of its own, for the next start, and keeps
+torch's kernel for its whole life (no step changes kernels mid-run). True builds it in the
+foreground and fails if it cannot; False never uses it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_q4.cpp")
+GROUP = 32
+
+
+class NativeKernelUnavailable(RuntimeError):
+    pass
+
+
+def cpu_supports_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return {"avx2", "fma", "f16c"} <= set(flags)
+
+
+def cache_dir() -> Path:
+    """``$PAGEDSERVE_KERNEL_DIR``, else ``$PAGEDSERVE_HOME/cache/kernels`` (``~/.pagedserve``)."""
+    if os.environ.get("PAGEDSERVE_KERNEL_DIR"):
+        return Path(os.environ["PAGEDSERVE_KERNEL_DIR"])
+    home = os.environ.get("PAGEDSERVE_HOME") or Path.home() / ".pagedserve"
+    return Path(home) / "cache" / "kernels"
+
+
+def module_name() -> str:
+    """The source's hash and torch's version: an edited kernel or another torch builds anew."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return f"pagedserve_native_q4_{digest}"
+
+
+def library_path() -> Path:
+    return cache_dir() / f"{module_name()}.so"
+
+
+def is_built() -> bool:
+    return library_path().exists()
+
+
+def build() -> Path:
+    """Compile the kernel (about half a minute on 2 cores); returns the library's path."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise NativeKernelUnavailable("no C++ compiler (c++ or g++) on PATH")
+    name, target = module_name(), library_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    libs = library_paths()
+    fd, tmp = tempfile.mkstemp(prefix=name, suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    cmd = [compiler, "-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=c++20", "-w",
+           f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
+           str(SOURCE), "-o", tmp, *[f"-L{p}" for p in libs],
+           "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", *[f"-Wl,-rpath,{p}" for p in libs]]
+    start = time.monotonic()
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise NativeKernelUnavailable(
+                f"the kernel did not compile ({compiler}): {result.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: a reader sees no library or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("compiled the AVX2 int4 kernel in %.1f s: %s", time.monotonic() - start, target)
+    return target
+
+
+@functools.cache
+def load() -> ModuleType:
+    """The compiled kernel, built first if needed; raises NativeKernelUnavailable."""
+    if not cpu_supports_avx2():
+        raise NativeKernelUnavailable("this CPU has no AVX2/FMA/F16C")
+    path = library_path() if is_built() else build()
+    name = module_name()
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except ImportError as exc:
+        raise NativeKernelUnavailable(f"the compiled kernel did not load: {exc}") from exc
+    return module
+
+
+def build_in_background() -> None:
+    """Start the build in a process of its own (it outlives a short run), for the next start."""
+    if not cpu_supports_avx2() or is_built():
+        return
+    code = "from pagedserve import native_q4; native_q4.build()"
+    subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True,
+                     preexec_fn=lambda: os.nice(19))
+    logger.info("compiling the AVX2 int4 kernel in the background (about half a minute, once); "
+                "starts after it use it for small steps")
+
+
+def resolve(setting: bool | None) -> bool:
+    """Whether this engine's small CPU steps use the kernel (``EngineConfig.native_kernels``)."""
+    if setting is False:
+        return False
+    if setting:
+        load()  # raises NativeKernelUnavailable with the reason
+        return True
+    if not cpu_supports_avx2():
+        return False
+    if not is_built():
+        try:
+            build_in_background()
+        except OSError as exc:
+            logger.warning("could not start compiling the AVX2 int4 kernel: %s", exc)
+        return False
+    try:
+        load()
+    except NativeKernelUnavailable as exc:
+        logger.warning("small CPU steps use torch's int4 kernel: %s", exc)
+        return False
+    return True
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) weight -> (N, K/32, 20) uint8 blocks, laid out as a Q4_1 GGUF file's: d and lo in
+    float16, then 16 bytes of 4-bit q (q_j low, q_{j+16} high), each group of 32 as lo + d * q,
+    q in 0..15, the min/max grid of ``Linear.pack_low_bit``. Exact for weights that came from
+    Q4_1 blocks, whose d and lo are float16 already."""
+    w = weight.float()
+    n, k = w.shape
+    if k % GROUP:
+        raise ValueError(f"the input dimension ({k}) must be a multiple of {GROUP}")
+    groups = w.view(n, k // GROUP, GROUP)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    d = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((groups - lo[..., None]) / d[..., None]).round().clamp(0, 15).to(torch.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    halves = torch.stack([d, lo], -1).half().view(torch.uint8)  # (n, groups, 4)
+    return torch.cat([halves, nibbles], -1).contiguous()
+
+
+def matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x (M, K) -> (M, N) float32."""
+    return load().q4_matmul(x.float().contiguous(), blocks)

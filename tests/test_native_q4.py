@@ -4,6 +4,8 @@ its batch-mates, an engine reads it on its small steps and stays close to float3
 that finds no kernel builds one in the background instead of waiting."""
 
 import shutil
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +16,9 @@ from pagedserve.llm import LLM
 from pagedserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(
-    not native_q4.cpu_supports_avx2() or shutil.which("c++") is None,
-    reason="needs an x86 CPU with AVX2/FMA/F16C and a C++ compiler")
+    not native_q4.cpu_supports_avx2() or shutil.which("c++") is None
+    or not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists(),
+    reason="needs an x86 CPU with AVX2/FMA/F16C, a C++ compiler and Python's headers")
 
 
 def dequantize(blocks: torch.Tensor) -> torch.Tensor:

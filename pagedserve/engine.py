@@ -573,4 +573,4 @@ def _auto_dtype_note(dtype: str, device: str) -> str:
     if dtype == "bfloat16":
         return " (dtype auto: this CPU computes bfloat16 natively)"
     return (" (dtype auto: this CPU has no native bfloat16; decode steps of a few tokens read "
-            "int4 weights in bfloat16, --dtype float32 keeps them exact)")
+            "int4 weights, --dtype float32 keeps them exact)")

@@ -21,7 +21,7 @@ from pagedserve.attention import AttentionDims, select_backend
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pagedserve.kv_sizing import GpuMemory
-from pagedserve.models.llama import LlamaForCausalLM
+from pagedserve.models.llama import SMALL_STEP_TOKENS, LlamaForCausalLM
 from pagedserve.sampler import SampledToken, Sampler
 from pagedserve.scheduler import ScheduledRequest
 from pagedserve.step_inputs import StepBatch, StepChunk, StepInputs
@@ -78,6 +78,10 @@ class ModelRunner:
         self.attention = select_backend(engine_config.attention_backend, self.device)
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
         native = low_bit and native_q4.resolve(engine_config.native_kernels)
+        if low_bit:
+            logger.info("decode steps of up to %d tokens read int4 weights with %s",
+                        SMALL_STEP_TOKENS, "the AVX2 kernel (int8-rounded activations)" if native
+                        else "torch's kernel (bfloat16 activations)")
         self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit,
                                       attention=self.attention.paged_attention,
                                       consume_weights=consume_weights,

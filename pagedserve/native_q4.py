@@ -69,8 +69,10 @@ def cache_dir() -> Path:
 
 
 def module_name() -> str:
-    """The source's hash and torch's version: an edited kernel or another torch builds anew."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    """The source's hash with torch's and Python's versions: an edited kernel, another torch or
+    another Python builds anew."""
+    versions = f"{torch.__version__} {sys.implementation.cache_tag}".encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + versions).hexdigest()[:12]
     return f"pagedserve_native_q4_{digest}"
 
 
@@ -102,7 +104,10 @@ def build() -> Path:
            "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python", *[f"-Wl,-rpath,{p}" for p in libs]]
     start = time.monotonic()
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as exc:  # CXX names no program, say
+            raise NativeKernelUnavailable(f"could not run {compiler}: {exc}") from exc
         if result.returncode != 0:
             raise NativeKernelUnavailable(
                 f"the kernel did not compile ({compiler}): {result.stderr.strip()[-2000:]}")

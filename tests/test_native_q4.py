@@ -123,3 +123,7 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(native_q4.NativeKernelUnavailable, match="did not compile"):
         native_q4.build()
     assert not list(tmp_path.iterdir())
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native_q4.NativeKernelUnavailable, match="could not run"):
+        native_q4.build()
+    assert not list(tmp_path.iterdir())

@@ -13,6 +13,15 @@ CUDA_TORCH_INSTALL = (
 )
 
 
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()
+
+
 class DeviceError(ValueError):
     """The device asked for cannot be used by this torch on this machine."""
 

@@ -20,6 +20,7 @@ from pagedserve import native_q4
 from pagedserve.attention import AttentionDims, select_backend
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from pagedserve.device import cpu_flags
 from pagedserve.kv_sizing import GpuMemory
 from pagedserve.models.llama import SMALL_STEP_TOKENS, LlamaForCausalLM
 from pagedserve.sampler import SampledToken, Sampler
@@ -46,12 +47,7 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> str:
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        flags = []
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: str) -> int:

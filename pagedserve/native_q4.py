@@ -39,6 +39,8 @@ from types import ModuleType
 
 import torch
 
+from pagedserve.device import cpu_flags
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native_q4.cpp")
@@ -52,12 +54,7 @@ class NativeKernelUnavailable(RuntimeError):
 def cpu_supports_avx2() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
 def cache_dir() -> Path:

@@ -168,19 +168,26 @@ def resolve(setting: bool | None) -> bool:
     return True
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) weight -> (N, K/32, 20) uint8 blocks, laid out as a Q4_1 GGUF file's: d and lo in
-    float16, then 16 bytes of 4-bit q (q_j low, q_{j+16} high), each group of 32 as lo + d * q,
-    q in 0..15, the min/max grid of ``Linear.pack_low_bit``. Exact for weights that came from
-    Q4_1 blocks, whose d and lo are float16 already."""
-    w = weight.float()
-    n, k = w.shape
+def int4_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float32 weight -> q (N, K/32, 32) in 0..15, d and lo (N, K/32): each group of 32
+    along K as lo + d * q, min/max-quantized like a Q4_0/Q4_1 GGUF block (so exact for
+    weights that came from Q4_1 blocks). Both int4 copies of ``Linear`` use this grid."""
+    n, k = weight.shape
     if k % GROUP:
         raise ValueError(f"the input dimension ({k}) must be a multiple of {GROUP}")
-    groups = w.view(n, k // GROUP, GROUP)
+    groups = weight.view(n, k // GROUP, GROUP)
     lo, hi = groups.amin(-1), groups.amax(-1)
     d = ((hi - lo) / 15).clamp(min=1e-12)
-    q = ((groups - lo[..., None]) / d[..., None]).round().clamp(0, 15).to(torch.uint8)
+    q = ((groups - lo[..., None]) / d[..., None]).round().clamp(0, 15)
+    return q, d, lo
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) weight -> (N, K/32, 20) uint8 blocks, laid out as a Q4_1 GGUF file's: d and lo in
+    float16, then 16 bytes of 4-bit q (q_j low, q_{j+16} high), on :func:`int4_grid`'s grid.
+    Exact for weights that came from Q4_1 blocks, whose d and lo are float16 already."""
+    q, d, lo = int4_grid(weight.float())
+    q = q.to(torch.uint8)
     nibbles = q[..., :16] | (q[..., 16:] << 4)
     halves = torch.stack([d, lo], -1).half().view(torch.uint8)  # (n, groups, 4)
     return torch.cat([halves, nibbles], -1).contiguous()

@@ -65,10 +65,7 @@ class Linear:
         if bits == 4 and native and k % INT4_GROUP == 0:
             self._q4 = native_q4.pack(w)
         elif bits == 4 and k % INT4_GROUP == 0:
-            groups = w.view(n, k // INT4_GROUP, INT4_GROUP)
-            lo, hi = groups.amin(-1), groups.amax(-1)
-            scale = ((hi - lo) / 15).clamp(min=1e-12)
-            q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15)
+            q, scale, lo = native_q4.int4_grid(w)
             packed = torch._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 1)
             # the kernel computes (q - 8) * scale + zero
             zeros = lo + 8 * scale

@@ -21,12 +21,16 @@ pytestmark = pytest.mark.skipif(
     reason="needs an x86 CPU with AVX2/FMA/F16C, a C++ compiler and Python's headers")
 
 
-def dequantize(blocks: torch.Tensor) -> torch.Tensor:
-    n, groups, _ = blocks.shape
-    d, lo = blocks[..., :4].contiguous().view(torch.float16).float().unbind(-1)
+def unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """blocks (n, G, 20) -> q (n, G, 32), d and lo (n, G), in float64."""
+    d, lo = blocks[..., :4].contiguous().view(torch.float16).double().unbind(-1)
     nibbles = blocks[..., 4:]
-    q = torch.cat([nibbles & 0x0F, nibbles >> 4], -1).float()  # (n, groups, 32)
-    return (lo[..., None] + d[..., None] * q).view(n, groups * 32)
+    return torch.cat([nibbles & 0x0F, nibbles >> 4], -1).double(), d, lo
+
+
+def dequantize(blocks: torch.Tensor) -> torch.Tensor:
+    q, d, lo = unpack(blocks)
+    return (lo[..., None] + d[..., None] * q).flatten(1).float()
 
 
 def reference(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -35,9 +39,7 @@ def reference(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     groups = x.view(m, k // 32, 32).double()
     scale = groups.abs().amax(-1) / 127
     p = torch.where(scale[..., None] > 0, (groups / scale[..., None]).round(), 0.0)
-    d, lo = blocks[..., :4].contiguous().view(torch.float16).double().unbind(-1)  # (n, G)
-    nibbles = blocks[..., 4:]
-    q = torch.cat([nibbles & 0x0F, nibbles >> 4], -1).double()  # (n, G, 32)
+    q, d, lo = unpack(blocks)
     dots = torch.einsum("mgj,ngj->mng", p, q)  # integer sums, exact in float64
     offsets = lo[None] * (scale * p.sum(-1))[:, None]  # (m, n, G)
     return (dots * (d[None] * scale[:, None])).sum(-1) + offsets.sum(-1)

@@ -34,6 +34,15 @@ SILU_BLOCK = 1024
 
 
 @triton.jit
+def _stream_chunk(x_row, r_row, offs, mask, HAS_RESIDUAL: tl.constexpr):
+    """x + residual over one chunk of a row, in float32 (the stream, as the next layer sees it)."""
+    x = tl.load(x_row + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x += tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _add_rms_norm(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, eps,
                   HIDDEN: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -42,18 +51,14 @@ def _add_rms_norm(x_ptr, r_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, ep
     squares = tl.zeros([BLOCK], tl.float32)
     for start in range(0, HIDDEN, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        mask = offs < HIDDEN
-        x = tl.load(x_row + offs, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            x += tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
+        x = _stream_chunk(x_row, r_row, offs, offs < HIDDEN, HAS_RESIDUAL)
         squares += x * x
     rstd = tl.rsqrt(tl.sum(squares, 0) / HIDDEN + eps)
     for start in range(0, HIDDEN, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < HIDDEN
-        x = tl.load(x_row + offs, mask=mask, other=0.0)
+        x = _stream_chunk(x_row, r_row, offs, mask, HAS_RESIDUAL)
         if HAS_RESIDUAL:
-            x += tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(x_row + offs, x, mask=mask)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
         tl.store(out_ptr + t * stride_o + offs, (x * rstd * w).to(out_ptr.dtype.element_ty),

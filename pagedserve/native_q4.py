@@ -65,6 +65,7 @@ def cache_dir() -> Path:
     return Path(home) / "cache" / "kernels"
 
 
+@functools.cache
 def module_name() -> str:
     """The source's hash with torch's and Python's versions: an edited kernel, another torch or
     another Python builds anew."""

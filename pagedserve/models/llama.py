@@ -26,7 +26,7 @@ from pagedserve.fused_ops import DecoderOps, select_ops
 logger = logging.getLogger(__name__)
 
 SMALL_STEP_TOKENS = 8  # decode-only steps of at most this many tokens read low-bit weights
-INT4_GROUP = 32
+INT4_GROUP = native_q4.GROUP  # along the input dimension, as Q4_0/Q4_1 blocks
 
 
 class Linear:

@@ -220,7 +220,8 @@ class ModelRunner:
         return [(start, split), (split, end)]
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
-        self.attention.prepare(batch.meta, self.dims)
+        if not self.model.takes_native_step(batch.meta, batch.input_ids.shape[0]):
+            self.attention.prepare(batch.meta, self.dims)
         return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 
     @torch.inference_mode()

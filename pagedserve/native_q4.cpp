@@ -1,24 +1,32 @@
-// One small step's matmul on an AVX2 CPU: int4 weights times int8 activations.
+// A small step on an AVX2 CPU: int4 weights times int8 activations, and the whole decoder of a
+// decode step of a few sequences in one call (pagedserve/native_q4.py).
 //
-// y[m, n] = sum_k x[m, k] W[n, k], for the few rows of a decode step (pagedserve/native_q4.py).
-// W is held as groups of 32 along k, each w = lo + d * q with q in 0..15: the grid of a Q4_1
-// GGUF block, so a Q4_1 model's weights are held exactly. Each group of 32 activations is
-// rounded to int8 with its own scale s (s = max|x| / 127), as llama.cpp does for Q4_1, so that
-// a group's dot product is one integer multiply-add over 32 bytes:
+// The matmul: y[m, n] = sum_k x[m, k] W[n, k], for the few rows of a decode step. W is held as
+// groups of 32 along k, each w = lo + d * q with q in 0..15: the grid of a Q4_1 GGUF block, so
+// a Q4_1 model's weights are held exactly. Each group of 32 activations is rounded to int8 with
+// its own scale s (s = max|x| / 127), as llama.cpp does for Q4_1, so that a group's dot product
+// is one integer multiply-add over 32 bytes:
 //
 //   sum_j (lo + d q_j)(s p_j) = d s sum_j q_j p_j + lo s sum_j p_j
 //
 // Layout: blocks (N, K/32, 20) uint8, one block per group as in a Q4_1 GGUF file: d and lo as
 // float16, then 16 bytes whose byte j holds q_j in its low nibble and q_{j+16} in its high one.
 // Rows are independent: a row's result does not depend on the other rows of the step.
+//
+// The decoder (class Decoder): every layer of a Llama-family model for T decoding sequences, one
+// token each, float32 throughout except the matmuls above: the same arithmetic as the torch ops
+// of pagedserve/models/llama.py in one call instead of ~1,500 (their dispatch was half of a
+// one-sequence step). The KV cache is the paged one of pagedserve/attention.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/python.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -48,57 +56,281 @@ void quantize_rows(const float* x, int64_t rows, int64_t groups, int8_t* q, floa
   }
 }
 
+// Columns [begin, end) of rows [row0, row0 + R) of out: each block's nibbles are unpacked once
+// for the R rows. A row's arithmetic is the same whatever R is, so its result does not depend on
+// the other rows of the step.
+template <int R>
+void q4_columns(const uint8_t* w, int64_t k, const int8_t* q, const float* s, int64_t n,
+                int64_t row0, int64_t begin, int64_t end, float* out) {
+  const int64_t groups = k / 32;
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t col = begin; col < end; ++col) {
+    const uint8_t* wc = w + col * groups * 20;
+    __m256 acc[R];
+    float offset[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm256_setzero_ps();
+      offset[r] = 0.f;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* block = wc + g * 20;
+      uint16_t half_d, half_lo;
+      std::memcpy(&half_d, block, 2);
+      std::memcpy(&half_lo, block + 2, 2);
+      const float d = _cvtsh_ss(half_d), lo = _cvtsh_ss(half_lo);
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
+      const __m256i q4 = _mm256_and_si256(
+          _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low_nibbles);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* qr = q + (row0 + r) * k + g * 32;
+        const float* sr = s + ((row0 + r) * groups + g) * 2;
+        const __m256i p8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr));
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, p8), ones);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * sr[0]), acc[r]);
+        offset[r] += lo * sr[1];
+      }
+    }
+    for (int r = 0; r < R; ++r) out[(row0 + r) * n + col] = horizontal_sum(acc[r]) + offset[r];
+  }
+}
+
+// out (rows, n) = x (rows, k) times the blocks of W (n, k/32, 20), on torch's thread pool
+// (at::parallel_for, not a second OpenMP runtime), split over the output columns; rows go
+// through in tiles of up to 4.
+void q4_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t n, float* out) {
+  const int64_t groups = k / 32;
+  std::vector<int8_t> xq(rows * k);
+  std::vector<float> xs(rows * groups * 2);
+  quantize_rows(x, rows, groups, xq.data(), xs.data());
+  const int8_t* q = xq.data();
+  const float* s = xs.data();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row0 = 0; row0 < rows; row0 += 4) {
+      switch (std::min<int64_t>(4, rows - row0)) {
+        case 4: q4_columns<4>(w, k, q, s, n, row0, begin, end, out); break;
+        case 3: q4_columns<3>(w, k, q, s, n, row0, begin, end, out); break;
+        case 2: q4_columns<2>(w, k, q, s, n, row0, begin, end, out); break;
+        default: q4_columns<1>(w, k, q, s, n, row0, begin, end, out); break;
+      }
+    }
+  });
+}
+
+void check_blocks(const at::Tensor& blocks, int64_t k, const char* what) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(2) == 20 && blocks.scalar_type() == at::kByte
+              && blocks.is_contiguous(), what, ": blocks must be contiguous uint8 (N, K/32, 20)");
+  TORCH_CHECK(k == blocks.size(1) * 32, what, ": the input has ", k, " columns, the weights ",
+              blocks.size(1) * 32);
+}
+
+// a . b over n floats (n a multiple of 8 is the fast path)
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = horizontal_sum(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// y += a * x over n floats
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// out = x * rsqrt(mean(x^2) + eps) * w, for one row of n
+void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) {
+  const float inverse = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inverse * w[i];
+}
+
+// the Hugging Face rotation of one head of hd values: [x1 cos - x2 sin | x2 cos + x1 sin]
+void rotate_halves(float* x, const float* cos, const float* sin, int64_t half) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+struct Layer {
+  at::Tensor input_norm, qkv, qkv_bias, o, post_norm, gate_up, down;
+};
+
 }  // namespace
 
 at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous float32 matrix");
-  TORCH_CHECK(blocks.dim() == 3 && blocks.size(2) == 20 && blocks.scalar_type() == at::kByte
-              && blocks.is_contiguous(), "blocks must be contiguous uint8 (N, K/32, 20)");
-  const int64_t rows = x.size(0), k = x.size(1), n = blocks.size(0), groups = blocks.size(1);
-  TORCH_CHECK(k == groups * 32, "x has ", k, " columns, the weights ", groups * 32);
-
-  auto xq = at::empty({rows, k}, at::kChar);
-  auto xs = at::empty({rows, groups, 2}, at::kFloat);
-  auto y = at::empty({rows, n}, at::kFloat);
-  quantize_rows(x.data_ptr<float>(), rows, groups, xq.data_ptr<int8_t>(), xs.data_ptr<float>());
-
-  const uint8_t* w = blocks.data_ptr<uint8_t>();
-  const int8_t* q = xq.data_ptr<int8_t>();
-  const float* s = xs.data_ptr<float>();
-  float* out = y.data_ptr<float>();
-  // torch's own thread pool (at::parallel_for), not a second OpenMP runtime
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t col = begin; col < end; ++col) {
-      const uint8_t* wc = w + col * groups * 20;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int8_t* qr = q + r * k;
-        const float* sr = s + r * groups * 2;
-        __m256 acc = _mm256_setzero_ps();
-        float offset = 0.f;
-        for (int64_t g = 0; g < groups; ++g) {
-          const uint8_t* block = wc + g * 20;
-          uint16_t half_d, half_lo;
-          std::memcpy(&half_d, block, 2);
-          std::memcpy(&half_lo, block + 2, 2);
-          const float d = _cvtsh_ss(half_d), lo = _cvtsh_ss(half_lo);
-          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
-          const __m256i q4 = _mm256_and_si256(
-              _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low_nibbles);
-          const __m256i p8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + g * 32));
-          const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, p8), ones);
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * sr[g * 2]), acc);
-          offset += lo * sr[g * 2 + 1];
-        }
-        out[r * n + col] = horizontal_sum(acc) + offset;
-      }
-    }
-  });
+  check_blocks(blocks, x.size(1), "q4_matmul");
+  auto y = at::empty({x.size(0), blocks.size(0)}, at::kFloat);
+  q4_gemm(x.data_ptr<float>(), x.size(0), x.size(1), blocks.data_ptr<uint8_t>(), blocks.size(0),
+          y.data_ptr<float>());
   return y;
 }
 
+// The layers of a Llama-family model, held for decode steps: per layer, in this order,
+//   input_norm (H) float32, qkv blocks ((nh + 2 nkv) hd, H/32, 20), qkv bias ((nh + 2 nkv) hd)
+//   float32 or an empty tensor, o blocks (H, nh hd/32, 20), post_norm (H) float32,
+//   gate_up blocks (2I, H/32, 20) as [gate | up], down blocks (H, I/32, 20);
+// cos, sin (max positions, hd/2) float32: the rotary tables of pagedserve/models/llama.py.
+class Decoder {
+ public:
+  Decoder(const std::vector<at::Tensor>& weights, at::Tensor cos, at::Tensor sin,
+          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps)
+      : cos_(std::move(cos)), sin_(std::move(sin)), nh_(num_heads), nkv_(num_kv_heads),
+        hd_(head_dim), eps_(static_cast<float>(eps)) {
+    TORCH_CHECK(weights.size() % 7 == 0, "7 tensors per layer, got ", weights.size());
+    TORCH_CHECK(nh_ % nkv_ == 0 && hd_ % 2 == 0, "heads: ", nh_, " query, ", nkv_, " kv, dim ", hd_);
+    TORCH_CHECK(cos_.scalar_type() == at::kFloat && cos_.is_contiguous() && sin_.sizes() == cos_.sizes()
+                && sin_.scalar_type() == at::kFloat && sin_.is_contiguous() && cos_.size(1) == hd_ / 2,
+                "cos and sin must be contiguous float32 (positions, head_dim / 2)");
+    for (size_t i = 0; i < weights.size(); i += 7) {
+      Layer l{weights[i], weights[i + 1], weights[i + 2], weights[i + 3], weights[i + 4],
+              weights[i + 5], weights[i + 6]};
+      hidden_ = l.input_norm.numel();
+      intermediate_ = l.gate_up.size(0) / 2;
+      const int64_t qkv_n = (nh_ + 2 * nkv_) * hd_;
+      check_blocks(l.qkv, hidden_, "qkv");
+      check_blocks(l.o, nh_ * hd_, "o");
+      check_blocks(l.gate_up, hidden_, "gate_up");
+      check_blocks(l.down, intermediate_, "down");
+      TORCH_CHECK(l.qkv.size(0) == qkv_n && l.o.size(0) == hidden_ && l.down.size(0) == hidden_,
+                  "layer ", i / 7, ": the matrices' shapes do not fit the heads");
+      for (const at::Tensor* t : {&l.input_norm, &l.post_norm})
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == hidden_,
+                    "layer ", i / 7, ": norm weights must be contiguous float32 (H)");
+      TORCH_CHECK(l.qkv_bias.numel() == 0 || (l.qkv_bias.scalar_type() == at::kFloat
+                  && l.qkv_bias.is_contiguous() && l.qkv_bias.numel() == qkv_n),
+                  "layer ", i / 7, ": the qkv bias must be contiguous float32 or empty");
+      layers_.push_back(std::move(l));
+    }
+  }
+
+  // x (T, H) float32: the embedded tokens, one per decoding sequence; it becomes the residual
+  // stream after the last layer, before the final norm, and is returned. positions, slots,
+  // seq_lens (T,) int32; block_tables (T, >= blocks of the longest) int32, rows of unit stride;
+  // caches: per layer its K and V, (num_blocks, block_size, nkv, hd) float32 each.
+  at::Tensor forward(at::Tensor x, const at::Tensor& positions, const at::Tensor& slots,
+                     const at::Tensor& seq_lens, const at::Tensor& block_tables,
+                     const std::vector<at::Tensor>& caches) {
+    const int64_t T = x.size(0), H = hidden_, I = intermediate_;
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == H && x.scalar_type() == at::kFloat
+                && x.is_contiguous(), "x must be contiguous float32 (T, ", H, ")");
+    for (const at::Tensor* t : {&positions, &slots, &seq_lens})
+      TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) >= T
+                  && t->stride(0) == 1, "positions, slots and seq_lens must be int32 (T,)");
+    TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2
+                && block_tables.size(0) >= T && block_tables.stride(1) == 1,
+                "block_tables must be int32 (T, W) with rows of unit stride");
+    TORCH_CHECK(caches.size() == 2 * layers_.size(), "a K and a V cache per layer");
+    const int64_t bs = caches[0].size(1);
+    for (const at::Tensor& c : caches)
+      TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4
+                  && c.size(1) == bs && c.size(2) == nkv_ && c.size(3) == hd_,
+                  "caches must be contiguous float32 (blocks, block_size, nkv, hd)");
+    const int32_t* pos = positions.data_ptr<int32_t>();
+    const int32_t* slot = slots.data_ptr<int32_t>();
+    const int32_t* lens = seq_lens.data_ptr<int32_t>();
+    const int32_t* tables = block_tables.data_ptr<int32_t>();
+    const int64_t table_stride = block_tables.stride(0);
+    const int64_t cache_slots = caches[0].size(0) * bs;
+    const int64_t max_pos = cos_.size(0);
+    int64_t max_len = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(pos[t] >= 0 && pos[t] < max_pos && pos[t] == lens[t] - 1,
+                  "row ", t, ": position ", pos[t], " for a context of ", lens[t]);
+      TORCH_CHECK(slot[t] >= 0 && slot[t] < cache_slots, "row ", t, ": slot ", slot[t],
+                  " outside the cache");
+      TORCH_CHECK((lens[t] + bs - 1) / bs <= block_tables.size(1), "row ", t,
+                  ": the block table is too short");
+      max_len = std::max<int64_t>(max_len, lens[t]);
+    }
+    const int64_t qkv_n = (nh_ + 2 * nkv_) * hd_, half = hd_ / 2, group = nh_ / nkv_;
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
+    std::vector<float> h(T * H), qkv(T * qkv_n), attn(T * nh_ * hd_), out(T * H),
+        gate_up(T * 2 * I), act(T * I);
+    float* stream = x.data_ptr<float>();
+    // attention is worth splitting over threads only when there is enough of it
+    const int64_t attention_grain = max_len * hd_ * nh_ * T > (1 << 16) ? 1 : T * nh_;
+
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      const Layer& l = layers_[li];
+      float* k_cache = caches[2 * li].data_ptr<float>();
+      float* v_cache = caches[2 * li + 1].data_ptr<float>();
+      for (int64_t t = 0; t < T; ++t)
+        rms_norm(stream + t * H, l.input_norm.data_ptr<float>(), eps_, H, h.data() + t * H);
+      q4_gemm(h.data(), T, H, l.qkv.data_ptr<uint8_t>(), qkv_n, qkv.data());
+      for (int64_t t = 0; t < T; ++t) {
+        float* row = qkv.data() + t * qkv_n;
+        if (l.qkv_bias.numel())
+          for (int64_t i = 0; i < qkv_n; ++i) row[i] += l.qkv_bias.data_ptr<float>()[i];
+        const float* c = cos_.data_ptr<float>() + pos[t] * half;
+        const float* s = sin_.data_ptr<float>() + pos[t] * half;
+        for (int64_t head = 0; head < nh_ + nkv_; ++head) rotate_halves(row + head * hd_, c, s, half);
+        // this token's K and V into its slot, before attention reads the context back
+        std::memcpy(k_cache + slot[t] * nkv_ * hd_, row + nh_ * hd_, nkv_ * hd_ * sizeof(float));
+        std::memcpy(v_cache + slot[t] * nkv_ * hd_, row + (nh_ + nkv_) * hd_,
+                    nkv_ * hd_ * sizeof(float));
+      }
+      at::parallel_for(0, T * nh_, attention_grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(max_len);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t t = task / nh_, head = task % nh_, g = head / group, len = lens[t];
+          const float* q = qkv.data() + t * qkv_n + head * hd_;
+          const int32_t* table = tables + t * table_stride;
+          float top = -INFINITY;
+          for (int64_t p = 0; p < len; ++p) {
+            const int64_t at_slot = static_cast<int64_t>(table[p / bs]) * bs + p % bs;
+            scores[p] = dot(q, k_cache + (at_slot * nkv_ + g) * hd_, hd_) * scale;
+            top = std::max(top, scores[p]);
+          }
+          float sum = 0.f;
+          for (int64_t p = 0; p < len; ++p) sum += scores[p] = std::exp(scores[p] - top);
+          float* o = attn.data() + t * nh_ * hd_ + head * hd_;
+          std::fill(o, o + hd_, 0.f);
+          for (int64_t p = 0; p < len; ++p) {
+            const int64_t at_slot = static_cast<int64_t>(table[p / bs]) * bs + p % bs;
+            axpy(scores[p] / sum, v_cache + (at_slot * nkv_ + g) * hd_, o, hd_);
+          }
+        }
+      });
+      q4_gemm(attn.data(), T, nh_ * hd_, l.o.data_ptr<uint8_t>(), H, out.data());
+      for (int64_t i = 0; i < T * H; ++i) stream[i] += out[i];
+      for (int64_t t = 0; t < T; ++t)
+        rms_norm(stream + t * H, l.post_norm.data_ptr<float>(), eps_, H, h.data() + t * H);
+      q4_gemm(h.data(), T, H, l.gate_up.data_ptr<uint8_t>(), 2 * I, gate_up.data());
+      for (int64_t t = 0; t < T; ++t) {
+        const float* gate = gate_up.data() + t * 2 * I;
+        const float* up = gate + I;
+        float* a = act.data() + t * I;
+        for (int64_t i = 0; i < I; ++i) a[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      }
+      q4_gemm(act.data(), T, I, l.down.data_ptr<uint8_t>(), H, out.data());
+      for (int64_t i = 0; i < T * H; ++i) stream[i] += out[i];
+    }
+    return x;
+  }
+
+ private:
+  std::vector<Layer> layers_;
+  at::Tensor cos_, sin_;
+  int64_t nh_, nkv_, hd_, hidden_ = 0, intermediate_ = 0;
+  float eps_;
+};
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_matmul", &q4_matmul, "Q4_1 blocks times int8-rounded activations");
+  // both release the GIL while they compute: the server's asyncio thread runs meanwhile
+  m.def("q4_matmul", &q4_matmul, "Q4_1 blocks times int8-rounded activations",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  pybind11::class_<Decoder>(m, "Decoder")
+      .def(pybind11::init<const std::vector<at::Tensor>&, at::Tensor, at::Tensor, int64_t,
+                          int64_t, int64_t, double>())
+      .def("forward", &Decoder::forward, "the layers of a decode step; returns x",
+           pybind11::call_guard<pybind11::gil_scoped_release>());
 }

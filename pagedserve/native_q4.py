@@ -197,3 +197,12 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """x (M, K) -> (M, N) float32."""
     return load().q4_matmul(x.float().contiguous(), blocks)
+
+
+def decoder(weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+            num_kv_heads: int, head_dim: int, eps: float):
+    """The native decoder of small decode steps (``Decoder`` in native_q4.cpp, where the
+    weights' order is documented): ``forward(x, positions, slots, seq_lens, block_tables,
+    caches)`` runs every layer of a decode-only step of a few sequences in one call."""
+    return load().Decoder(weights, cos.float().contiguous(), sin.float().contiguous(), num_heads,
+                          num_kv_heads, head_dim, eps)

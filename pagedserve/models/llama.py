@@ -241,8 +241,11 @@ class LlamaForCausalLM:
         self.rotary = Rotary(config, config.max_position_embeddings, dtype)
         if device != "cpu":
             self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
+        self.native_decoder = None  # native_q4.Decoder: the layers of small decode steps
         if low_bit_small_steps:
             self._pack_low_bit(native_int4)
+            if native_int4 and dtype == torch.float32:
+                self.native_decoder = self._build_native_decoder()
 
     def _pack_low_bit(self, native: bool) -> None:
         try:
@@ -257,10 +260,45 @@ class LlamaForCausalLM:
                     linear._int4 = linear._q4 = None
             self.lm_head._int8 = None
 
+    def native_weights(self, num_layers: int | None = None) -> list[torch.Tensor] | None:
+        """The first `num_layers` layers (all by default) as native_q4.Decoder takes them, or
+        None unless each of their matmuls holds Q4_1 blocks."""
+        weights = []
+        for layer in self.layers[:num_layers]:
+            linears = (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)
+            if any(linear._q4 is None for linear in linears):
+                return None
+            bias = layer.attn.qkv.bias
+            weights += [layer.input_norm.weight, layer.attn.qkv._q4,
+                        torch.empty(0) if bias is None else bias.float().contiguous(),
+                        layer.attn.o._q4, layer.post_attn_norm.weight, layer.mlp.gate_up._q4,
+                        layer.mlp.down._q4]
+        return weights
+
+    def _build_native_decoder(self):
+        """Every layer of a small decode step in one native call, when each matmul holds Q4_1
+        blocks (a float32 model: the decoder computes in float32 around them)."""
+        weights = self.native_weights()
+        if weights is None:
+            return None
+        c = self.config
+        return native_q4.decoder(weights, self.rotary.cos, self.rotary.sin, c.num_heads,
+                                 c.num_kv_heads, c.head_dim, c.rms_norm_eps)
+
+    def takes_native_step(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+        """Whether :meth:`forward` runs this step's layers as one native call (then the
+        attention backend's per-step preparation is not needed)."""
+        return (self.native_decoder is not None and low_bit_step(meta, num_tokens)
+                and meta.num_actual_tokens == num_tokens)
+
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (T,) -> final hidden states (T, H)."""
         x, residual = self.embed[input_ids].float(), None  # x: a new tensor, updated in place
+        if self.takes_native_step(meta, x.shape[0]):
+            x = self.native_decoder.forward(x, positions, meta.slot_mapping, meta.seq_lens,
+                                            meta.block_tables, [c for kv in kv_caches for c in kv])
+            return self.norm(x, None)[1]
         rope = self.rotary.at(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, rope, kv_cache, meta)

@@ -22,7 +22,7 @@ from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pagedserve.device import cpu_flags
 from pagedserve.kv_sizing import GpuMemory
-from pagedserve.models.llama import SMALL_STEP_TOKENS, LlamaForCausalLM
+from pagedserve.models.llama import NATIVE_STEP_TOKENS, SMALL_STEP_TOKENS, LlamaForCausalLM
 from pagedserve.sampler import SampledToken, Sampler
 from pagedserve.scheduler import ScheduledRequest
 from pagedserve.step_inputs import StepBatch, StepChunk, StepInputs
@@ -82,6 +82,9 @@ class ModelRunner:
                                       attention=self.attention.paged_attention,
                                       consume_weights=consume_weights,
                                       fused_ops=engine_config.fused_ops, native_int4=native)
+        if self.model.native_decoder is not None:
+            logger.info("decode steps of up to %d sequences run the native decoder (AVX2)",
+                        NATIVE_STEP_TOKENS)
         self.sampler = Sampler(engine_config.seed)
         self.align_prefix_tail = engine_config.enable_prefix_caching
         # MKL's float32 GEMM gives a row different last bits with 1-3 (or, on 2 threads, 5-7,

@@ -13,6 +13,7 @@ import torch
 from pagedserve import native_q4
 from pagedserve.config import EngineConfig
 from pagedserve.llm import LLM
+from pagedserve.models import llama
 from pagedserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.skipif(
@@ -151,23 +152,35 @@ def decode_steps_both_ways(llm: LLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("model_dir", ["tiny_llama_dir", "tiny_qwen2_dir"])
-def test_native_decoder_computes_what_the_per_op_path_does(model_dir, request):
-    """Every decode step of three sequences (contexts over several blocks, finishing one by one)
-    computed both ways on the same cache: GQA, llama3 rope scaling, Qwen2's q/k/v biases."""
+def test_native_decoder_computes_what_the_per_op_path_does(model_dir, request, monkeypatch):
+    """Every decode step computed both ways on the same cache, one sequence alone and then 12
+    at once (contexts over several blocks, finishing one by one): GQA, llama3 rope scaling,
+    Qwen2's q/k/v biases."""
+    # the per-op path reads the int4 weights in steps of up to 16 rows too, as the native one
+    monkeypatch.setattr(llama, "SMALL_STEP_TOKENS", llama.NATIVE_STEP_TOKENS)
     config = EngineConfig(low_bit_small_steps=True, native_kernels=True, dtype="float32",
-                          max_num_seqs=4)
+                          max_num_seqs=16)
     llm = LLM(str(request.getfixturevalue(model_dir)), engine_config=config)
     pairs = decode_steps_both_ways(llm)
-    prompts = [[3 + (7 * i) % 500 for i in range(n)] for n in (5, 21, 40)]
-    outs = [llm.generate([p], SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
-            for p, m in zip(prompts, (3, 6, 9), strict=True)]  # one at a time, then together
-    together = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
-    assert {got.shape[0] for got, _ in pairs} == {1, 3}
+    prompts = [[3 + (7 * i + n) % 500 for i in range(n)] for n in range(5, 65, 5)]
+    alone = llm.generate([prompts[-1]], SamplingParams(temperature=0, max_tokens=6,
+                                                        ignore_eos=True))
+    engine, tokens = llm.engine, {}
+    for i, prompt in enumerate(prompts):  # finishing one by one
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4 + i,
+                                                  ignore_eos=True), request_id=str(i))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.delta_token_ids)
+    assert {got.shape[0] for got, _ in pairs} == set(range(1, 13))
     for got, want in pairs:
+        # float32's last bits may differ (sums in another order), and now and then that moves
+        # an activation of the second layer across an int8 rounding step (1/127 of its group)
         assert got.shape == want.shape
-        assert (got - want).abs().max() <= 1e-3 * want.abs().max()
-    assert [o[0].token_ids for o in outs] == [t.token_ids[: m] for t, m in
-                                              zip(together, (3, 6, 9), strict=True)]
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+    errors = sorted(((got - want).abs().max() / want.abs().max()).item() for got, want in pairs)
+    assert errors[len(errors) // 2] < 1e-6  # most steps: float32's rounding alone
+    assert alone[0].token_ids == tokens["11"][:6]
 
 
 def test_native_decoder_on_the_bundled_model_layer_by_layer(smollm_gguf):

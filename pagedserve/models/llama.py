@@ -26,6 +26,10 @@ from pagedserve.fused_ops import DecoderOps, select_ops
 logger = logging.getLogger(__name__)
 
 SMALL_STEP_TOKENS = 8  # decode-only steps of at most this many tokens read low-bit weights
+# ... and up to this many take the native decoder (native_q4.Decoder), where it is built: on the
+# 2-core AVX2 machine a 16-sequence step took 100 ms there against 116-144 ms with dense float32
+# weights, and at 32 sequences both took ~200 ms (docs/performance.md)
+NATIVE_STEP_TOKENS = 16
 INT4_GROUP = native_q4.GROUP  # along the input dimension, as Q4_0/Q4_1 blocks
 
 
@@ -288,7 +292,8 @@ class LlamaForCausalLM:
     def takes_native_step(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         """Whether :meth:`forward` runs this step's layers as one native call (then the
         attention backend's per-step preparation is not needed)."""
-        return (self.native_decoder is not None and low_bit_step(meta, num_tokens)
+        return (self.native_decoder is not None and meta.num_prefills == 0
+                and num_tokens <= NATIVE_STEP_TOKENS
                 and meta.num_actual_tokens == num_tokens)
 
     @torch.inference_mode()

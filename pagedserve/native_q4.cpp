@@ -37,8 +37,10 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(sum);
 }
 
-// Each group of 32 activations -> 32 int8, its scale, and scale * (sum of the int8).
-void quantize_rows(const float* x, int64_t rows, int64_t groups, int8_t* q, float* scales) {
+// Each group of 32 activations -> 32 int8, its scale s, and s * (sum of the int8), the last two
+// in arrays of their own (index: row * groups + group), so that 8 groups' load as one vector.
+void quantize_rows(const float* x, int64_t rows, int64_t groups, int8_t* q, float* scales,
+                   float* sums) {
   for (int64_t r = 0; r < rows * groups; ++r) {
     const float* v = x + r * 32;
     float amax = 0.f;
@@ -51,47 +53,96 @@ void quantize_rows(const float* x, int64_t rows, int64_t groups, int8_t* q, floa
       q[r * 32 + j] = static_cast<int8_t>(p);
       sum += p;
     }
-    scales[r * 2] = scale;
-    scales[r * 2 + 1] = scale * static_cast<float>(sum);
+    scales[r] = scale;
+    sums[r] = scale * static_cast<float>(sum);
   }
 }
 
-// Columns [begin, end) of rows [row0, row0 + R) of out: each block's nibbles are unpacked once
-// for the R rows. A row's arithmetic is the same whatever R is, so its result does not depend on
-// the other rows of the step.
+// A block's 32 weights' q (0..15) as 32 bytes: q_j from the low nibbles, q_{j+16} the high ones.
+inline __m256i unpack_nibbles(const uint8_t* block) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes),
+                          _mm256_set1_epi8(0x0F));
+}
+
+// Columns [begin, end) of rows [row0, row0 + R) of out. Groups go 8 at a time: their integer
+// dot products are summed into one vector of 8, then scaled by 8 (d s) and offset by 8 (lo s
+// sum p) in two vector multiply-adds; a column's last groups (k/32 mod 8) go one at a time.
+// Each block is unpacked once for the R rows. A row's arithmetic is the same whatever R is, so
+// its result does not depend on the other rows of the step.
 template <int R>
-void q4_columns(const uint8_t* w, int64_t k, const int8_t* q, const float* s, int64_t n,
-                int64_t row0, int64_t begin, int64_t end, float* out) {
+void q4_columns(const uint8_t* w, int64_t k, const int8_t* q, const float* scales,
+                const float* sums, int64_t n, int64_t row0, int64_t begin, int64_t end,
+                float* out) {
   const int64_t groups = k / 32;
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
+  // (d0 lo0 d1 lo1 ...) -> d0..d7 or lo0..lo7, after the per-128-bit shuffle below
+  const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
   for (int64_t col = begin; col < end; ++col) {
     const uint8_t* wc = w + col * groups * 20;
     __m256 acc[R];
-    float offset[R];
+    float tail[R];
     for (int r = 0; r < R; ++r) {
       acc[r] = _mm256_setzero_ps();
-      offset[r] = 0.f;
+      tail[r] = 0.f;
     }
-    for (int64_t g = 0; g < groups; ++g) {
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      const uint8_t* b = wc + g * 20;
+      uint32_t pairs[8];  // each block's float16 d and lo
+      for (int j = 0; j < 8; ++j) std::memcpy(&pairs[j], b + j * 20, 4);
+      const __m256 first =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs)));
+      const __m256 second =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs + 4)));
+      const __m256 d = _mm256_permutevar8x32_ps(
+          _mm256_shuffle_ps(first, second, _MM_SHUFFLE(2, 0, 2, 0)), order);
+      const __m256 lo = _mm256_permutevar8x32_ps(
+          _mm256_shuffle_ps(first, second, _MM_SHUFFLE(3, 1, 3, 1)), order);
+      // integer dot products of groups 4c .. 4c+3 with each row, summed pairwise as they come
+      // (few registers live: the unpacked blocks of 4 groups, and two vectors a row)
+      __m256i half[2][R];
+      for (int c = 0; c < 2; ++c) {
+        const uint8_t* quad = b + 4 * c * 20;
+        const __m256i q0 = unpack_nibbles(quad), q1 = unpack_nibbles(quad + 20),
+                      q2 = unpack_nibbles(quad + 40), q3 = unpack_nibbles(quad + 60);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* p = q + (row0 + r) * k + (g + 4 * c) * 32;
+          const auto dot = [&](__m256i q4, int j) {
+            return _mm256_madd_epi16(_mm256_maddubs_epi16(
+                q4, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j * 32))), ones);
+          };
+          half[c][r] = _mm256_hadd_epi32(_mm256_hadd_epi32(dot(q0, 0), dot(q1, 1)),
+                                         _mm256_hadd_epi32(dot(q2, 2), dot(q3, 3)));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        // half[c][r]: groups 4c..4c+3 from the low 128 bits, then the same from the high ones
+        const __m256i sums8 = _mm256_add_epi32(
+            _mm256_permute2x128_si256(half[0][r], half[1][r], 0x20),
+            _mm256_permute2x128_si256(half[0][r], half[1][r], 0x31));
+        const int64_t at = (row0 + r) * groups + g;
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums8),
+                                 _mm256_mul_ps(d, _mm256_loadu_ps(scales + at)), acc[r]);
+        acc[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(sums + at), acc[r]);
+      }
+    }
+    for (; g < groups; ++g) {
       const uint8_t* block = wc + g * 20;
       uint16_t half_d, half_lo;
       std::memcpy(&half_d, block, 2);
       std::memcpy(&half_lo, block + 2, 2);
       const float d = _cvtsh_ss(half_d), lo = _cvtsh_ss(half_lo);
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
-      const __m256i q4 = _mm256_and_si256(
-          _mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low_nibbles);
+      const __m256i q4 = unpack_nibbles(block);
       for (int r = 0; r < R; ++r) {
-        const int8_t* qr = q + (row0 + r) * k + g * 32;
-        const float* sr = s + ((row0 + r) * groups + g) * 2;
-        const __m256i p8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr));
+        const __m256i p8 = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(q + (row0 + r) * k + g * 32));
         const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, p8), ones);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * sr[0]), acc[r]);
-        offset[r] += lo * sr[1];
+        const int64_t at = (row0 + r) * groups + g;
+        tail[r] += d * scales[at] * horizontal_sum(_mm256_cvtepi32_ps(dot)) + lo * sums[at];
       }
     }
-    for (int r = 0; r < R; ++r) out[(row0 + r) * n + col] = horizontal_sum(acc[r]) + offset[r];
+    for (int r = 0; r < R; ++r) out[(row0 + r) * n + col] = horizontal_sum(acc[r]) + tail[r];
   }
 }
 
@@ -101,17 +152,18 @@ void q4_columns(const uint8_t* w, int64_t k, const int8_t* q, const float* s, in
 void q4_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t n, float* out) {
   const int64_t groups = k / 32;
   std::vector<int8_t> xq(rows * k);
-  std::vector<float> xs(rows * groups * 2);
-  quantize_rows(x, rows, groups, xq.data(), xs.data());
+  std::vector<float> xs(rows * groups), xsum(rows * groups);
+  quantize_rows(x, rows, groups, xq.data(), xs.data(), xsum.data());
   const int8_t* q = xq.data();
   const float* s = xs.data();
+  const float* m = xsum.data();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row0 = 0; row0 < rows; row0 += 4) {
       switch (std::min<int64_t>(4, rows - row0)) {
-        case 4: q4_columns<4>(w, k, q, s, n, row0, begin, end, out); break;
-        case 3: q4_columns<3>(w, k, q, s, n, row0, begin, end, out); break;
-        case 2: q4_columns<2>(w, k, q, s, n, row0, begin, end, out); break;
-        default: q4_columns<1>(w, k, q, s, n, row0, begin, end, out); break;
+        case 4: q4_columns<4>(w, k, q, s, m, n, row0, begin, end, out); break;
+        case 3: q4_columns<3>(w, k, q, s, m, n, row0, begin, end, out); break;
+        case 2: q4_columns<2>(w, k, q, s, m, n, row0, begin, end, out); break;
+        default: q4_columns<1>(w, k, q, s, m, n, row0, begin, end, out); break;
       }
     }
   });
@@ -128,7 +180,8 @@ void check_blocks(const at::Tensor& blocks, int64_t k, const char* what) {
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
   float sum = horizontal_sum(acc);
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
@@ -186,9 +239,11 @@ class Decoder {
       : cos_(std::move(cos)), sin_(std::move(sin)), nh_(num_heads), nkv_(num_kv_heads),
         hd_(head_dim), eps_(static_cast<float>(eps)) {
     TORCH_CHECK(weights.size() % 7 == 0, "7 tensors per layer, got ", weights.size());
-    TORCH_CHECK(nh_ % nkv_ == 0 && hd_ % 2 == 0, "heads: ", nh_, " query, ", nkv_, " kv, dim ", hd_);
-    TORCH_CHECK(cos_.scalar_type() == at::kFloat && cos_.is_contiguous() && sin_.sizes() == cos_.sizes()
-                && sin_.scalar_type() == at::kFloat && sin_.is_contiguous() && cos_.size(1) == hd_ / 2,
+    TORCH_CHECK(nh_ % nkv_ == 0 && hd_ % 2 == 0, "heads: ", nh_, " query, ", nkv_, " kv, dim ",
+                hd_);
+    TORCH_CHECK(cos_.scalar_type() == at::kFloat && cos_.is_contiguous()
+                && sin_.sizes() == cos_.sizes() && sin_.scalar_type() == at::kFloat
+                && sin_.is_contiguous() && cos_.size(1) == hd_ / 2,
                 "cos and sin must be contiguous float32 (positions, head_dim / 2)");
     for (size_t i = 0; i < weights.size(); i += 7) {
       Layer l{weights[i], weights[i + 1], weights[i + 2], weights[i + 3], weights[i + 4],
@@ -272,7 +327,8 @@ class Decoder {
           for (int64_t i = 0; i < qkv_n; ++i) row[i] += l.qkv_bias.data_ptr<float>()[i];
         const float* c = cos_.data_ptr<float>() + pos[t] * half;
         const float* s = sin_.data_ptr<float>() + pos[t] * half;
-        for (int64_t head = 0; head < nh_ + nkv_; ++head) rotate_halves(row + head * hd_, c, s, half);
+        for (int64_t head = 0; head < nh_ + nkv_; ++head)
+          rotate_halves(row + head * hd_, c, s, half);
         // this token's K and V into its slot, before attention reads the context back
         std::memcpy(k_cache + slot[t] * nkv_ * hd_, row + nh_ * hd_, nkv_ * hd_ * sizeof(float));
         std::memcpy(v_cache + slot[t] * nkv_ * hd_, row + (nh_ + nkv_) * hd_,
@@ -328,7 +384,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // both release the GIL while they compute: the server's asyncio thread runs meanwhile
   m.def("q4_matmul", &q4_matmul, "Q4_1 blocks times int8-rounded activations",
         pybind11::call_guard<pybind11::gil_scoped_release>());
-  pybind11::class_<Decoder>(m, "Decoder")
+  // module_local: builds of other versions may be loaded in the same process (benchmarks)
+  pybind11::class_<Decoder>(m, "Decoder", pybind11::module_local())
       .def(pybind11::init<const std::vector<at::Tensor>&, at::Tensor, at::Tensor, int64_t,
                           int64_t, int64_t, double>())
       .def("forward", &Decoder::forward, "the layers of a decode step; returns x",

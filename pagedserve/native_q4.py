@@ -1,4 +1,4 @@
-"""The matmul of small CPU steps as one AVX2 kernel: int4 weights times int8 activations.
+"""Small CPU steps in C++ (AVX2): the int4 x int8 matmul, and the native decoder built on it.
 
 A decode step of one sequence reads every weight for one multiply-add; torch's weight-only int4
 kernel spends much of that time unpacking and converting. ``native_q4.cpp`` does what llama.cpp
@@ -8,6 +8,11 @@ instruction. The 120 layer matmuls of the bundled model take 7.6 ms a token agai
 with torch's kernel (docs/performance.md). Weights keep the grid of :meth:`Linear.pack_low_bit`
 (exact for Q4_1 GGUF blocks); rounding the activations costs about what the bf16 activations of
 torch's kernel do, and each row's result is independent of the other rows of the step.
+
+On that matmul, ``Decoder`` (see :func:`decoder`) runs every layer of a decode-only step of up
+to 16 sequences in one call (norms, rotary, the paged KV write and attention, SwiGLU, residual
+adds, in float32), where the same step op by op dispatched ~5,000 torch ops: a one-sequence step
+on the 2-core AVX2 machine 31.6 -> 17.9 ms (docs/performance.md, the native decoder).
 
 The kernel is C++ compiled on this machine (about half a minute with the compiler torch's
 extension builder would use), into ``~/.pagedserve/cache/kernels`` under a name that carries the

@@ -238,24 +238,26 @@ class Decoder {
           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps)
       : cos_(std::move(cos)), sin_(std::move(sin)), nh_(num_heads), nkv_(num_kv_heads),
         hd_(head_dim), eps_(static_cast<float>(eps)) {
-    TORCH_CHECK(weights.size() % 7 == 0, "7 tensors per layer, got ", weights.size());
+    TORCH_CHECK(!weights.empty() && weights.size() % 7 == 0, "7 tensors per layer, got ",
+                weights.size());
     TORCH_CHECK(nh_ % nkv_ == 0 && hd_ % 2 == 0, "heads: ", nh_, " query, ", nkv_, " kv, dim ",
                 hd_);
     TORCH_CHECK(cos_.scalar_type() == at::kFloat && cos_.is_contiguous()
                 && sin_.sizes() == cos_.sizes() && sin_.scalar_type() == at::kFloat
                 && sin_.is_contiguous() && cos_.size(1) == hd_ / 2,
                 "cos and sin must be contiguous float32 (positions, head_dim / 2)");
+    hidden_ = weights[0].numel();  // every layer is checked against the first one's sizes
+    intermediate_ = weights[5].size(0) / 2;
     for (size_t i = 0; i < weights.size(); i += 7) {
       Layer l{weights[i], weights[i + 1], weights[i + 2], weights[i + 3], weights[i + 4],
               weights[i + 5], weights[i + 6]};
-      hidden_ = l.input_norm.numel();
-      intermediate_ = l.gate_up.size(0) / 2;
       const int64_t qkv_n = (nh_ + 2 * nkv_) * hd_;
       check_blocks(l.qkv, hidden_, "qkv");
       check_blocks(l.o, nh_ * hd_, "o");
       check_blocks(l.gate_up, hidden_, "gate_up");
       check_blocks(l.down, intermediate_, "down");
-      TORCH_CHECK(l.qkv.size(0) == qkv_n && l.o.size(0) == hidden_ && l.down.size(0) == hidden_,
+      TORCH_CHECK(l.qkv.size(0) == qkv_n && l.o.size(0) == hidden_ && l.down.size(0) == hidden_
+                  && l.gate_up.size(0) == 2 * intermediate_,
                   "layer ", i / 7, ": the matrices' shapes do not fit the heads");
       for (const at::Tensor* t : {&l.input_norm, &l.post_norm})
         TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == hidden_,
@@ -294,7 +296,7 @@ class Decoder {
     const int32_t* lens = seq_lens.data_ptr<int32_t>();
     const int32_t* tables = block_tables.data_ptr<int32_t>();
     const int64_t table_stride = block_tables.stride(0);
-    const int64_t cache_slots = caches[0].size(0) * bs;
+    const int64_t num_blocks = caches[0].size(0), cache_slots = num_blocks * bs;
     const int64_t max_pos = cos_.size(0);
     int64_t max_len = 0;
     for (int64_t t = 0; t < T; ++t) {
@@ -304,6 +306,11 @@ class Decoder {
                   " outside the cache");
       TORCH_CHECK((lens[t] + bs - 1) / bs <= block_tables.size(1), "row ", t,
                   ": the block table is too short");
+      for (int64_t b = 0; b < (lens[t] + bs - 1) / bs; ++b) {
+        const int32_t block = tables[t * table_stride + b];
+        TORCH_CHECK(block >= 0 && block < num_blocks, "row ", t, ": block ", block,
+                    " outside the cache");
+      }
       max_len = std::max<int64_t>(max_len, lens[t]);
     }
     const int64_t qkv_n = (nh_ + 2 * nkv_) * hd_, half = hd_ / 2, group = nh_ / nkv_;
@@ -318,13 +325,14 @@ class Decoder {
       const Layer& l = layers_[li];
       float* k_cache = caches[2 * li].data_ptr<float>();
       float* v_cache = caches[2 * li + 1].data_ptr<float>();
+      const float* bias = l.qkv_bias.numel() ? l.qkv_bias.data_ptr<float>() : nullptr;
       for (int64_t t = 0; t < T; ++t)
         rms_norm(stream + t * H, l.input_norm.data_ptr<float>(), eps_, H, h.data() + t * H);
       q4_gemm(h.data(), T, H, l.qkv.data_ptr<uint8_t>(), qkv_n, qkv.data());
       for (int64_t t = 0; t < T; ++t) {
         float* row = qkv.data() + t * qkv_n;
-        if (l.qkv_bias.numel())
-          for (int64_t i = 0; i < qkv_n; ++i) row[i] += l.qkv_bias.data_ptr<float>()[i];
+        if (bias != nullptr)
+          for (int64_t i = 0; i < qkv_n; ++i) row[i] += bias[i];
         const float* c = cos_.data_ptr<float>() + pos[t] * half;
         const float* s = sin_.data_ptr<float>() + pos[t] * half;
         for (int64_t head = 0; head < nh_ + nkv_; ++head)

@@ -231,6 +231,8 @@ def test_native_decoder_refuses_inconsistent_steps(tiny_llama_dir):
         decoder.forward(x, ints(0), ints(10**9), ints(1), table, caches)
     with pytest.raises(RuntimeError, match="position 5 for a context of 1"):
         decoder.forward(x, ints(5), ints(0), ints(1), table, caches)
+    with pytest.raises(RuntimeError, match="block -1 outside the cache"):
+        decoder.forward(x, ints(0), ints(0), ints(1), table - 1, caches)
     with pytest.raises(RuntimeError, match="block table is too short"):
         decoder.forward(x, ints(99), ints(0), ints(100), table, caches)
     with pytest.raises(RuntimeError, match="a K and a V cache per layer"):

@@ -9,9 +9,11 @@
 //
 //   sum_j (lo + d q_j)(s p_j) = d s sum_j q_j p_j + lo s sum_j p_j
 //
-// Layout: blocks (N, K/32, 20) uint8, one block per group as in a Q4_1 GGUF file: d and lo as
-// float16, then 16 bytes whose byte j holds q_j in its low nibble and q_{j+16} in its high one.
-// Rows are independent: a row's result does not depend on the other rows of the step.
+// Layout: blocks (N, G, 20) uint8, G = K/32 rounded up to even: per group the 20 bytes of a
+// Q4_1 GGUF block (float16 d and lo, 32 nibbles), arranged for AVX2 (q4_columns, pack() in
+// native_q4.py). Rows are independent: a row's result does not depend on the other rows.
+// Built with -fopenmp: at::parallel_for is OpenMP pragmas in a header, and without the flag it
+// runs every loop on the calling thread (parallel_threads() below says which it is).
 //
 // The decoder (class Decoder): every layer of a Llama-family model for T decoding sequences, one
 // token each, float32 throughout except the matmuls above: the same arithmetic as the torch ops
@@ -38,132 +40,129 @@ inline float horizontal_sum(__m256 v) {
 }
 
 // Each group of 32 activations -> 32 int8, its scale s, and s * (sum of the int8), the last two
-// in arrays of their own (index: row * groups + group), so that 8 groups' load as one vector.
-void quantize_rows(const float* x, int64_t rows, int64_t groups, int8_t* q, float* scales,
-                   float* sums) {
-  for (int64_t r = 0; r < rows * groups; ++r) {
-    const float* v = x + r * 32;
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
-    const float scale = amax / 127.f;
-    const float inverse = scale > 0.f ? 1.f / scale : 0.f;
-    int sum = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int p = static_cast<int>(std::nearbyint(v[j] * inverse));
-      q[r * 32 + j] = static_cast<int8_t>(p);
-      sum += p;
+// in arrays of their own (index: row * padded + group), so that 8 groups' load as one vector.
+// A row holds `padded` groups (k/32 rounded up to even); the groups past k/32 stay zero.
+void quantize_rows(const float* x, int64_t rows, int64_t groups, int64_t padded, int8_t* q,
+                   float* scales, float* sums) {
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* v = x + (row * groups + g) * 32;
+      const int64_t r = row * padded + g;
+      float amax = 0.f;
+      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+      const float scale = amax / 127.f;
+      const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+      int sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        const int p = static_cast<int>(std::nearbyint(v[j] * inverse));
+        q[r * 32 + j] = static_cast<int8_t>(p);
+        sum += p;
+      }
+      scales[r] = scale;
+      sums[r] = scale * static_cast<float>(sum);
     }
-    scales[r] = scale;
-    sums[r] = scale * static_cast<float>(sum);
   }
 }
 
-// A block's 32 weights' q (0..15) as 32 bytes: q_j from the low nibbles, q_{j+16} the high ones.
-inline __m256i unpack_nibbles(const uint8_t* block) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
-  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes),
-                          _mm256_set1_epi8(0x0F));
+// A chunk of 2 * PAIRS groups (8 but for a column's last chunk) of a column, for R rows: the
+// integer dot products of each row with its groups, summed within each group, as one vector
+// (group i in lane i; lanes past the chunk are 0). PAIRS is known to the compiler, so that
+// the loops unroll.
+template <int R, int PAIRS>
+inline void chunk_dots(const uint8_t* nibbles, const int8_t* const* p, __m256i* dots) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i pair[R][4];
+  for (int j = 0; j < 4; ++j) {
+    if (j >= PAIRS) {
+      for (int r = 0; r < R; ++r) pair[r][j] = _mm256_setzero_si256();
+      continue;
+    }
+    // 32 bytes: group 2j's q in their low nibbles, group 2j+1's in the high ones
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles + 32 * j));
+    const __m256i a = _mm256_and_si256(v, low);
+    const __m256i b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    for (int r = 0; r < R; ++r) {
+      const __m256i pa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + 64 * j));
+      const __m256i pb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + 64 * j + 32));
+      pair[r][j] = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(a, pa), ones),
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(b, pb), ones));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    // each 128-bit half holds the 4-lane partial sums of groups 0..3 (first) and 4..7 (second)
+    const __m256i first = _mm256_hadd_epi32(pair[r][0], pair[r][1]);
+    const __m256i second = _mm256_hadd_epi32(pair[r][2], pair[r][3]);
+    dots[r] = _mm256_add_epi32(_mm256_permute2x128_si256(first, second, 0x20),
+                               _mm256_permute2x128_si256(first, second, 0x31));
+  }
 }
 
-// Columns [begin, end) of rows [row0, row0 + R) of out. Groups go 8 at a time: their integer
-// dot products are summed into one vector of 8, then scaled by 8 (d s) and offset by 8 (lo s
-// sum p) in two vector multiply-adds; a column's last groups (k/32 mod 8) go one at a time.
-// Each block is unpacked once for the R rows. A row's arithmetic is the same whatever R is, so
-// its result does not depend on the other rows of the step.
+// Columns [begin, end) of rows [row0, row0 + R) of out, R <= 4. A column of W is `padded`
+// groups (k/32 rounded up to even, the extra one all zero) in chunks of 8 (the last one may be
+// 2, 4 or 6): the chunk's float16 d, then its float16 lo, then one 32-byte vector per pair of
+// groups, the first group's q in the low nibbles, the second's in the high ones (pack() in
+// native_q4.py). Each chunk's dot products are scaled by 8 (d s) and offset by 8 (lo s sum p)
+// in two vector multiply-adds. Each chunk is unpacked once for the R rows, and a row's
+// arithmetic is the same whatever R is: its result does not depend on the other rows.
 template <int R>
-void q4_columns(const uint8_t* w, int64_t k, const int8_t* q, const float* scales,
+void q4_columns(const uint8_t* w, int64_t padded, const int8_t* q, const float* scales,
                 const float* sums, int64_t n, int64_t row0, int64_t begin, int64_t end,
                 float* out) {
-  const int64_t groups = k / 32;
-  const __m256i ones = _mm256_set1_epi16(1);
-  // (d0 lo0 d1 lo1 ...) -> d0..d7 or lo0..lo7, after the per-128-bit shuffle below
-  const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  const int64_t tail = padded % 8;
+  const __m256i keep = _mm256_cmpgt_epi32(  // lanes of the last chunk's groups
+      _mm256_set1_epi32(static_cast<int>(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   for (int64_t col = begin; col < end; ++col) {
-    const uint8_t* wc = w + col * groups * 20;
+    const uint8_t* wc = w + col * padded * 20;
     __m256 acc[R];
-    float tail[R];
-    for (int r = 0; r < R; ++r) {
-      acc[r] = _mm256_setzero_ps();
-      tail[r] = 0.f;
-    }
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) {
-      const uint8_t* b = wc + g * 20;
-      uint32_t pairs[8];  // each block's float16 d and lo
-      for (int j = 0; j < 8; ++j) std::memcpy(&pairs[j], b + j * 20, 4);
-      const __m256 first =
-          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs)));
-      const __m256 second =
-          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pairs + 4)));
-      const __m256 d = _mm256_permutevar8x32_ps(
-          _mm256_shuffle_ps(first, second, _MM_SHUFFLE(2, 0, 2, 0)), order);
-      const __m256 lo = _mm256_permutevar8x32_ps(
-          _mm256_shuffle_ps(first, second, _MM_SHUFFLE(3, 1, 3, 1)), order);
-      // integer dot products of groups 4c .. 4c+3 with each row, summed pairwise as they come
-      // (few registers live: the unpacked blocks of 4 groups, and two vectors a row)
-      __m256i half[2][R];
-      for (int c = 0; c < 2; ++c) {
-        const uint8_t* quad = b + 4 * c * 20;
-        const __m256i q0 = unpack_nibbles(quad), q1 = unpack_nibbles(quad + 20),
-                      q2 = unpack_nibbles(quad + 40), q3 = unpack_nibbles(quad + 60);
-        for (int r = 0; r < R; ++r) {
-          const int8_t* p = q + (row0 + r) * k + (g + 4 * c) * 32;
-          const auto dot = [&](__m256i q4, int j) {
-            return _mm256_madd_epi16(_mm256_maddubs_epi16(
-                q4, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j * 32))), ones);
-          };
-          half[c][r] = _mm256_hadd_epi32(_mm256_hadd_epi32(dot(q0, 0), dot(q1, 1)),
-                                         _mm256_hadd_epi32(dot(q2, 2), dot(q3, 3)));
-        }
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < padded; g += 8) {
+      const uint8_t* c = wc + g * 20;
+      const int size = static_cast<int>(std::min<int64_t>(8, padded - g));
+      __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+      __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 2 * size)));
+      const int8_t* p[R];
+      for (int r = 0; r < R; ++r) p[r] = q + ((row0 + r) * padded + g) * 32;
+      __m256i dots[R];
+      switch (size) {
+        case 8: chunk_dots<R, 4>(c + 32, p, dots); break;
+        case 6: chunk_dots<R, 3>(c + 24, p, dots); break;
+        case 4: chunk_dots<R, 2>(c + 16, p, dots); break;
+        default: chunk_dots<R, 1>(c + 8, p, dots); break;
+      }
+      if (size < 8) {  // the 16 bytes read past this chunk's d and lo: not its groups'
+        d = _mm256_and_ps(d, _mm256_castsi256_ps(keep));
+        lo = _mm256_and_ps(lo, _mm256_castsi256_ps(keep));
       }
       for (int r = 0; r < R; ++r) {
-        // half[c][r]: groups 4c..4c+3 from the low 128 bits, then the same from the high ones
-        const __m256i sums8 = _mm256_add_epi32(
-            _mm256_permute2x128_si256(half[0][r], half[1][r], 0x20),
-            _mm256_permute2x128_si256(half[0][r], half[1][r], 0x31));
-        const int64_t at = (row0 + r) * groups + g;
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums8),
+        const int64_t at = (row0 + r) * padded + g;
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]),
                                  _mm256_mul_ps(d, _mm256_loadu_ps(scales + at)), acc[r]);
         acc[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(sums + at), acc[r]);
       }
     }
-    for (; g < groups; ++g) {
-      const uint8_t* block = wc + g * 20;
-      uint16_t half_d, half_lo;
-      std::memcpy(&half_d, block, 2);
-      std::memcpy(&half_lo, block + 2, 2);
-      const float d = _cvtsh_ss(half_d), lo = _cvtsh_ss(half_lo);
-      const __m256i q4 = unpack_nibbles(block);
-      for (int r = 0; r < R; ++r) {
-        const __m256i p8 = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(q + (row0 + r) * k + g * 32));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, p8), ones);
-        const int64_t at = (row0 + r) * groups + g;
-        tail[r] += d * scales[at] * horizontal_sum(_mm256_cvtepi32_ps(dot)) + lo * sums[at];
-      }
-    }
-    for (int r = 0; r < R; ++r) out[(row0 + r) * n + col] = horizontal_sum(acc[r]) + tail[r];
+    for (int r = 0; r < R; ++r) out[(row0 + r) * n + col] = horizontal_sum(acc[r]);
   }
 }
 
-// out (rows, n) = x (rows, k) times the blocks of W (n, k/32, 20), on torch's thread pool
+// out (rows, n) = x (rows, k) times the blocks of W (n, padded, 20), on torch's thread pool
 // (at::parallel_for, not a second OpenMP runtime), split over the output columns; rows go
 // through in tiles of up to 4.
 void q4_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t n, float* out) {
-  const int64_t groups = k / 32;
-  std::vector<int8_t> xq(rows * k);
-  std::vector<float> xs(rows * groups), xsum(rows * groups);
-  quantize_rows(x, rows, groups, xq.data(), xs.data(), xsum.data());
+  const int64_t groups = k / 32, padded = (groups + 1) / 2 * 2;
+  // zero past the end: a last chunk's vector loads read up to 8 groups' scales and sums
+  std::vector<int8_t> xq(rows * padded * 32, 0);
+  std::vector<float> xs(rows * padded + 8, 0.f), xsum(rows * padded + 8, 0.f);
+  quantize_rows(x, rows, groups, padded, xq.data(), xs.data(), xsum.data());
   const int8_t* q = xq.data();
   const float* s = xs.data();
   const float* m = xsum.data();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row0 = 0; row0 < rows; row0 += 4) {
       switch (std::min<int64_t>(4, rows - row0)) {
-        case 4: q4_columns<4>(w, k, q, s, m, n, row0, begin, end, out); break;
-        case 3: q4_columns<3>(w, k, q, s, m, n, row0, begin, end, out); break;
-        case 2: q4_columns<2>(w, k, q, s, m, n, row0, begin, end, out); break;
-        default: q4_columns<1>(w, k, q, s, m, n, row0, begin, end, out); break;
+        case 4: q4_columns<4>(w, padded, q, s, m, n, row0, begin, end, out); break;
+        case 3: q4_columns<3>(w, padded, q, s, m, n, row0, begin, end, out); break;
+        case 2: q4_columns<2>(w, padded, q, s, m, n, row0, begin, end, out); break;
+        default: q4_columns<1>(w, padded, q, s, m, n, row0, begin, end, out); break;
       }
     }
   });
@@ -172,8 +171,8 @@ void q4_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t 
 void check_blocks(const at::Tensor& blocks, int64_t k, const char* what) {
   TORCH_CHECK(blocks.dim() == 3 && blocks.size(2) == 20 && blocks.scalar_type() == at::kByte
               && blocks.is_contiguous(), what, ": blocks must be contiguous uint8 (N, K/32, 20)");
-  TORCH_CHECK(k == blocks.size(1) * 32, what, ": the input has ", k, " columns, the weights ",
-              blocks.size(1) * 32);
+  TORCH_CHECK(k % 32 == 0 && (k / 32 + 1) / 2 * 2 == blocks.size(1), what, ": the input has ", k,
+              " columns, the weights ", blocks.size(1) * 32, " (groups of 32, an even number)");
 }
 
 // a . b over n floats (n a multiple of 8 is the fast path)
@@ -388,7 +387,17 @@ class Decoder {
   float eps_;
 };
 
+// How many threads at::parallel_for gives a loop of `tasks` items: at most torch's thread count.
+// 1 where the library was built without OpenMP, whose pragmas the header's parallel_for is
+// made of (it then runs every loop on the calling thread).
+int64_t parallel_threads(int64_t tasks) {
+  std::vector<int> seen(at::get_num_threads(), 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
+  return std::count(seen.begin(), seen.end(), 1);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_threads", &parallel_threads, "threads that at::parallel_for used");
   // both release the GIL while they compute: the server's asyncio thread runs meanwhile
   m.def("q4_matmul", &q4_matmul, "Q4_1 blocks times int8-rounded activations",
         pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -99,7 +99,7 @@ def build() -> Path:
     libs = library_paths()
     fd, tmp = tempfile.mkstemp(prefix=name, suffix=".so.tmp", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, "-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=c++20", "-w",
+    cmd = [compiler, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w",
            f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
@@ -189,14 +189,39 @@ def int4_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) weight -> (N, K/32, 20) uint8 blocks, laid out as a Q4_1 GGUF file's: d and lo in
-    float16, then 16 bytes of 4-bit q (q_j low, q_{j+16} high), on :func:`int4_grid`'s grid.
-    Exact for weights that came from Q4_1 blocks, whose d and lo are float16 already."""
+    """(N, K) weight -> (N, G, 20) uint8 blocks on :func:`int4_grid`'s grid, G = K/32 rounded up
+    to even (an odd count gets an all-zero group). 20 bytes a group as in a Q4_1 GGUF block
+    (float16 d and lo, 16 bytes of nibbles), arranged for AVX2: each column's groups in chunks of
+    8 (the last one 2, 4 or 6), a chunk its float16 d's, then its lo's, then 32 bytes per pair of
+    groups, the first group's 32 q in the low nibbles, the second's in the high ones. Exact for
+    weights that came from Q4_1 blocks, whose d and lo are float16 already."""
     q, d, lo = int4_grid(weight.float())
+    n, groups = d.shape
+    if groups % 2:  # one more group, all zero: d = lo = 0
+        q = torch.cat([q, q.new_zeros(n, 1, GROUP)], 1)
+        d, lo = (torch.cat([t, t.new_zeros(n, 1)], 1) for t in (d, lo))
     q = q.to(torch.uint8)
-    nibbles = q[..., :16] | (q[..., 16:] << 4)
-    halves = torch.stack([d, lo], -1).half().view(torch.uint8)  # (n, groups, 4)
-    return torch.cat([halves, nibbles], -1).contiguous()
+    chunks = []
+    for g in range(0, q.shape[1], 8):
+        pairs = q[:, g : g + 8].unflatten(1, (-1, 2))  # (n, pairs, 2, 32)
+        chunks += [d[:, g : g + 8].half().view(torch.uint8), lo[:, g : g + 8].half().view(torch.uint8),
+                   (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).flatten(1)]
+    return torch.cat(chunks, 1).view(n, -1, 20).contiguous()
+
+
+def unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`pack`'s blocks (N, G, 20) -> q (N, G, 32) in 0..15, d and lo (N, G) float32."""
+    n, groups, _ = blocks.shape
+    flat = blocks.reshape(n, -1)
+    q, d, lo = [], [], []
+    for g in range(0, groups, 8):
+        size = min(8, groups - g)
+        chunk = flat[:, g * 20 : (g + size) * 20]
+        d.append(chunk[:, : 2 * size].contiguous().view(torch.float16).float())
+        lo.append(chunk[:, 2 * size : 4 * size].contiguous().view(torch.float16).float())
+        nibbles = chunk[:, 4 * size :].reshape(n, size // 2, 32)
+        q.append(torch.stack([nibbles & 0x0F, nibbles >> 4], 2).reshape(n, size, 32))
+    return torch.cat(q, 1), torch.cat(d, 1), torch.cat(lo, 1)
 
 
 def matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

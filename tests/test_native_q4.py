@@ -22,15 +22,15 @@ pytestmark = pytest.mark.skipif(
     reason="needs an x86 CPU with AVX2/FMA/F16C, a C++ compiler and Python's headers")
 
 
-def unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """blocks (n, G, 20) -> q (n, G, 32), d and lo (n, G), in float64."""
-    d, lo = blocks[..., :4].contiguous().view(torch.float16).double().unbind(-1)
-    nibbles = blocks[..., 4:]
-    return torch.cat([nibbles & 0x0F, nibbles >> 4], -1).double(), d, lo
+def unpack(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """blocks (n, G, 20) -> q (n, k/32, 32), d and lo (n, k/32), in float64."""
+    q, d, lo = native_q4.unpack(blocks)
+    groups = k // 32
+    return q[:, :groups].double(), d[:, :groups].double(), lo[:, :groups].double()
 
 
-def dequantize(blocks: torch.Tensor) -> torch.Tensor:
-    q, d, lo = unpack(blocks)
+def dequantize(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    q, d, lo = unpack(blocks, k)
     return (lo[..., None] + d[..., None] * q).flatten(1).float()
 
 
@@ -40,7 +40,7 @@ def reference(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     groups = x.view(m, k // 32, 32).double()
     scale = groups.abs().amax(-1) / 127
     p = torch.where(scale[..., None] > 0, (groups / scale[..., None]).round(), 0.0)
-    q, d, lo = unpack(blocks)
+    q, d, lo = unpack(blocks, k)
     dots = torch.einsum("mgj,ngj->mng", p, q)  # integer sums, exact in float64
     offsets = lo[None] * (scale * p.sum(-1))[:, None]  # (m, n, G)
     return (dots * (d[None] * scale[:, None])).sum(-1) + offsets.sum(-1)
@@ -51,11 +51,33 @@ def test_blocks_hold_q4_1_weights_exactly(smollm_gguf):
     w = llm.engine.runner.model.layers[3].mlp.down.weight
     blocks = native_q4.pack(w)
     assert blocks.shape == (w.shape[0], w.shape[1] // 32, 20) and blocks.dtype == torch.uint8
-    assert torch.equal(dequantize(blocks), w)
+    assert torch.equal(dequantize(blocks, w.shape[1]), w)
+
+
+def test_an_odd_number_of_groups_gets_an_all_zero_one():
+    w = torch.randn(8, 96)
+    blocks = native_q4.pack(w)
+    assert blocks.shape == (8, 4, 20)
+    q, d, lo = native_q4.unpack(blocks)
+    assert not q[:, 3].any() and not d[:, 3].any() and not lo[:, 3].any()
+    q0, d0, lo0 = native_q4.int4_grid(w)
+    assert torch.equal(q[:, :3].float(), q0) and torch.equal(d[:, :3], d0.half().float())
+
+
+def test_the_kernels_loops_use_torchs_threads():
+    """Built without OpenMP, at::parallel_for would run every loop on one thread, silently."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert native_q4.load().parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert native_q4.load().parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (40, 64)])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (40, 64), (24, 224), (8, 96)])
 def test_kernel_computes_llama_cpp_arithmetic(rows, shape):
     torch.manual_seed(rows)
     n, k = shape
@@ -66,7 +88,7 @@ def test_kernel_computes_llama_cpp_arithmetic(rows, shape):
     want = reference(x, blocks)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5)
-    exact = x @ dequantize(blocks).t()
+    exact = x @ dequantize(blocks, k).t()
     assert (got - exact).abs().max() / exact.abs().max() < 2e-2  # the int8 rounding of x
 
 

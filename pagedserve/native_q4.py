@@ -224,9 +224,45 @@ def unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return torch.cat(q, 1), torch.cat(d, 1), torch.cat(lo, 1)
 
 
+def pack_q8(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) weight -> (N, K/32, 34) uint8 Q8_0 blocks for :func:`matmul_q8`: each group of 32
+    along K as d * q, d = max|w| / 127 in float16, q in -127..127 (llama.cpp's Q8_0 grid, so exact
+    for weights that came from Q8_0 blocks), arranged as :func:`pack`'s chunks of 8 groups: the
+    chunk's float16 d's, then 32 bytes of q per group."""
+    n, k = weight.shape
+    if k % GROUP:
+        raise ValueError(f"the input dimension ({k}) must be a multiple of {GROUP}")
+    groups = weight.float().view(n, k // GROUP, GROUP)
+    d = (groups.abs().amax(-1) / 127).half()
+    inverse = torch.where(d > 0, 1 / d.float(), 0.0)
+    q = (groups * inverse[..., None]).round().clamp(-127, 127).to(torch.int8)
+    chunks = []
+    for g in range(0, k // GROUP, 8):
+        chunks += [d[:, g : g + 8].view(torch.uint8), q[:, g : g + 8].flatten(1).view(torch.uint8)]
+    return torch.cat(chunks, 1).view(n, -1, 34).contiguous()
+
+
+def unpack_q8(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pack_q8`'s blocks (N, G, 34) -> q (N, G, 32) int8, d (N, G) float32."""
+    n, groups, _ = blocks.shape
+    flat = blocks.reshape(n, -1)
+    q, d = [], []
+    for g in range(0, groups, 8):
+        size = min(8, groups - g)
+        chunk = flat[:, g * 34 : (g + size) * 34]
+        d.append(chunk[:, : 2 * size].contiguous().view(torch.float16).float())
+        q.append(chunk[:, 2 * size :].contiguous().view(torch.int8).reshape(n, size, 32))
+    return torch.cat(q, 1), torch.cat(d, 1)
+
+
 def matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """x (M, K) -> (M, N) float32."""
     return load().q4_matmul(x.float().contiguous(), blocks)
+
+
+def matmul_q8(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x (M, K) -> (M, N) float32, W in :func:`pack_q8`'s blocks."""
+    return load().q8_matmul(x.float().contiguous(), blocks)
 
 
 def decoder(weights: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, num_heads: int,

@@ -107,6 +107,48 @@ def test_kernel_refuses_mismatched_shapes():
         native_q4.matmul(torch.randn(1, 96), blocks)
 
 
+def reference_q8(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """llama.cpp's Q8_0 x Q8 arithmetic, in float64."""
+    m, k = x.shape
+    groups = x.view(m, k // 32, 32).double()
+    scale = groups.abs().amax(-1) / 127
+    p = torch.where(scale[..., None] > 0, (groups / scale[..., None]).round(), 0.0)
+    q, d = native_q4.unpack_q8(blocks)
+    dots = torch.einsum("mgj,ngj->mng", p, q.double())
+    return (dots * (d.double()[None] * scale[:, None])).sum(-1)
+
+
+def test_q8_blocks_hold_the_bundled_models_q8_0_embedding_exactly(smollm_gguf):
+    llm = LLM(str(smollm_gguf), dtype="float32")  # token_embd is Q8_0 in the file
+    w = llm.engine.runner.model.embed[:4096]
+    blocks = native_q4.pack_q8(w)
+    assert blocks.shape == (4096, 18, 34) and blocks.dtype == torch.uint8
+    q, d = native_q4.unpack_q8(blocks)
+    assert torch.equal((d[..., None] * q.float()).flatten(1), w)
+    assert q.abs().max() == 127
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("shape", [(49, 576), (40, 64), (17, 416), (9, 32)])
+def test_q8_kernel_computes_llama_cpp_arithmetic(rows, shape):
+    """Chunks of 8 groups, and a last one of 2 (576), 5 (416) or a single group (32)."""
+    torch.manual_seed(rows)
+    n, k = shape
+    w = torch.randn(n, k) * 0.05
+    w[0, :32] = 0  # an all-zero group of weights: d 0
+    blocks = native_q4.pack_q8(w)
+    x = torch.randn(rows, k)
+    x[0, 32:64] = 0
+    got = native_q4.matmul_q8(x, blocks)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert torch.allclose(got.double(), reference_q8(x, blocks), rtol=1e-4, atol=1e-5)
+    assert (got - x @ w.t()).abs().max() / (x @ w.t()).abs().max() < 2e-2
+    for r in range(rows):  # a row's result does not depend on its batch-mates
+        assert torch.equal(native_q4.matmul_q8(x[r : r + 1], blocks)[0], got[r])
+    with pytest.raises(RuntimeError, match="columns"):
+        native_q4.matmul_q8(torch.randn(1, k + 32), blocks)
+
+
 class Recorder:
     """Stands in for a model's native decoder and counts its steps."""
 
@@ -125,6 +167,7 @@ def test_engine_small_steps_read_the_kernel_and_stay_close_to_float32(smollm_ggu
     model = llm.engine.runner.model
     down = model.layers[0].mlp.down
     assert down._q4 is not None and down._int4 is None
+    assert model.lm_head._q8 is not None and model.lm_head._int8 is None
     params = SamplingParams(temperature=0, max_tokens=12)
     got = llm.generate(["The capital of France is"], params)[0]
     want = exact.generate(["The capital of France is"], params)[0]
@@ -145,7 +188,7 @@ def test_engine_small_steps_read_the_kernel_and_stay_close_to_float32(smollm_ggu
         assert not torch.equal(out, ref)
         assert (out - ref).abs().max() / ref.abs().max() < 0.1
         assert (out[-1].argmax() == ref[-1].argmax()).item()
-    # the same computation up to float32 rounding, seen through the int8 LM head's bf16 logits
+    # the same computation up to float32 rounding, seen through the int8 LM head
     assert (logits - per_op).abs().max() / per_op.abs().max() < 1e-2
 
 

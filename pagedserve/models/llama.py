@@ -45,9 +45,9 @@ class Linear:
     Those kernels want bf16 activations on CPU (given float32 they fall back to a reference
     loop ~10x slower), so a float32 model's small steps cast their few rows to bf16 and back.
 
-    On an AVX2 CPU the int4 copy can instead be Q4_1 blocks for the kernel of
-    :mod:`pagedserve.native_q4` (int8-rounded activations, llama.cpp's arithmetic), which reads
-    them faster than torch's kernel does.
+    On an AVX2 CPU the int4 copy can instead be Q4_1 blocks, and the int8 one Q8_0 blocks (a
+    scale per group of 32), for the kernels of :mod:`pagedserve.native_q4` (int8-rounded
+    activations, llama.cpp's arithmetic), which read them faster than torch's kernels do.
 
     Prompt tokens always take the dense weights (see :func:`low_bit_step`), so that the few
     tokens a prefix-cache hit leaves to compute round as they did within the whole prompt.
@@ -59,11 +59,13 @@ class Linear:
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
         self._q4: torch.Tensor | None = None  # native_q4's blocks
+        self._q8: torch.Tensor | None = None  # native_q4's Q8_0 blocks
         # what the low-bit kernels compute in: bf16, also for a float32 model (see above)
         self._low_dtype = torch.bfloat16 if weight.dtype == torch.float32 else weight.dtype
 
     def pack_low_bit(self, bits: int, native: bool = False) -> None:
-        """`native`: int4 in native_q4's layout, for its AVX2 kernel, instead of torch's."""
+        """`native`: int4 (Q4_1) or int8 (Q8_0) in native_q4's layouts, for its AVX2 kernels,
+        instead of torch's."""
         w = self.weight.float()
         n, k = w.shape
         if bits == 4 and native and k % INT4_GROUP == 0:
@@ -75,6 +77,8 @@ class Linear:
             zeros = lo + 8 * scale
             scales_zeros = torch.stack([scale.t(), zeros.t()], -1).to(self._low_dtype)
             self._int4 = (packed, scales_zeros.contiguous())
+        elif bits == 8 and native and k % INT4_GROUP == 0:
+            self._q8 = native_q4.pack_q8(w)
         elif bits == 8:
             scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
             q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -83,8 +87,11 @@ class Linear:
     def __call__(self, x: torch.Tensor, small_step: bool | None = None) -> torch.Tensor:
         if small_step is None:  # the LM head: only the rows that sample
             small_step = x.shape[0] <= SMALL_STEP_TOKENS
-        if small_step and self._q4 is not None:
-            y = native_q4.matmul(x, self._q4).to(x.dtype)
+        if small_step and (self._q4 is not None or self._q8 is not None):
+            if self._q4 is not None:
+                y = native_q4.matmul(x, self._q4).to(x.dtype)
+            else:
+                y = native_q4.matmul_q8(x, self._q8).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if small_step and (self._int4 is not None or self._int8 is not None):
             xl = x.to(self._low_dtype)
@@ -256,13 +263,13 @@ class LlamaForCausalLM:
             for layer in self.layers:
                 for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
                     linear.pack_low_bit(4, native)
-            self.lm_head.pack_low_bit(8)
+            self.lm_head.pack_low_bit(8, native)
         except (RuntimeError, AttributeError) as exc:  # kernels missing in this torch build
             logger.warning("low-bit weights for small steps unavailable (%s); using dense", exc)
             for layer in self.layers:
                 for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
                     linear._int4 = linear._q4 = None
-            self.lm_head._int8 = None
+            self.lm_head._int8 = self.lm_head._q8 = None
 
     def native_weights(self, num_layers: int | None = None) -> list[torch.Tensor] | None:
         """The first `num_layers` layers (all by default) as native_q4.Decoder takes them, or

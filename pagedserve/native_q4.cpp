@@ -9,8 +9,8 @@
 //
 //   sum_j (lo + d q_j)(s p_j) = d s sum_j q_j p_j + lo s sum_j p_j
 //
-// Layout: blocks (N, G, 20) uint8, G = K/32 rounded up to even: per group the 20 bytes of a
-// Q4_1 GGUF block (float16 d and lo, 32 nibbles), arranged for AVX2 (q4_columns, pack() in
+// Layout: blocks (N/8, K/32, 160) uint8: per tile of 8 columns and group, the 8 x 20 bytes of
+// Q4_1 GGUF blocks (float16 d and lo, 32 nibbles), arranged for AVX2 (q4_tile, pack() in
 // native_q4.py). Rows are independent: a row's result does not depend on the other rows.
 // Built with -fopenmp: at::parallel_for is OpenMP pragmas in a header, and without the flag it
 // runs every loop on the calling thread (parallel_threads() below says which it is).
@@ -40,135 +40,120 @@ inline float horizontal_sum(__m256 v) {
 }
 
 // Each group of 32 activations -> 32 int8, its scale s, and s * (sum of the int8), the last two
-// in arrays of their own (index: row * padded + group), so that 8 groups' load as one vector.
-// A row holds `padded` groups (k/32 rounded up to even); the groups past k/32 stay zero.
-void quantize_rows(const float* x, int64_t rows, int64_t groups, int64_t padded, int8_t* q,
-                   float* scales, float* sums) {
-  for (int64_t row = 0; row < rows; ++row) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* v = x + (row * groups + g) * 32;
-      const int64_t r = row * padded + g;
-      float amax = 0.f;
-      for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
-      const float scale = amax / 127.f;
-      const float inverse = scale > 0.f ? 1.f / scale : 0.f;
-      int sum = 0;
-      for (int j = 0; j < 32; ++j) {
-        const int p = static_cast<int>(std::nearbyint(v[j] * inverse));
-        q[r * 32 + j] = static_cast<int8_t>(p);
-        sum += p;
-      }
-      scales[r] = scale;
-      sums[r] = scale * static_cast<float>(sum);
-    }
+// in arrays of their own (index: row * groups + group). Rounded to nearest even, as nearbyint.
+void quantize_rows(const float* x, int64_t rows, int64_t groups, int8_t* q, float* scales,
+                   float* sums) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t r = 0; r < rows * groups; ++r) {
+    const float* v = x + r * 32;
+    __m256 in[4];
+    for (int i = 0; i < 4; ++i) in[i] = _mm256_loadu_ps(v + 8 * i);
+    const __m256 top = _mm256_max_ps(
+        _mm256_max_ps(_mm256_andnot_ps(sign, in[0]), _mm256_andnot_ps(sign, in[1])),
+        _mm256_max_ps(_mm256_andnot_ps(sign, in[2]), _mm256_andnot_ps(sign, in[3])));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float scale = _mm_cvtss_f32(m) / 127.f;
+    const __m256 inverse = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+    __m256i p[4];
+    for (int i = 0; i < 4; ++i) p[i] = _mm256_cvtps_epi32(_mm256_mul_ps(in[i], inverse));
+    // int32 -> int8 (packs work within 128-bit lanes; the permute puts the 8 dwords in order)
+    const __m256i bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(p[0], p[1]), _mm256_packs_epi32(p[2], p[3])),
+        order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + r * 32), bytes);
+    const __m256i total = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]),
+                                           _mm256_add_epi32(p[2], p[3]));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
+    scales[r] = scale;
+    sums[r] = scale * static_cast<float>(_mm_cvtsi128_si32(t));
   }
 }
 
-// A chunk of 2 * PAIRS groups (8 but for a column's last chunk) of a column, for R rows: the
-// integer dot products of each row with its groups, summed within each group, as one vector
-// (group i in lane i; lanes past the chunk are 0). PAIRS is known to the compiler, so that
-// the loops unroll.
-template <int R, int PAIRS>
-inline void chunk_dots(const uint8_t* nibbles, const int8_t* const* p, __m256i* dots) {
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256i pair[R][4];
-  for (int j = 0; j < 4; ++j) {
-    if (j >= PAIRS) {
-      for (int r = 0; r < R; ++r) pair[r][j] = _mm256_setzero_si256();
-      continue;
-    }
-    // 32 bytes: group 2j's q in their low nibbles, group 2j+1's in the high ones
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(nibbles + 32 * j));
-    const __m256i a = _mm256_and_si256(v, low);
-    const __m256i b = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    for (int r = 0; r < R; ++r) {
-      const __m256i pa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + 64 * j));
-      const __m256i pb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + 64 * j + 32));
-      pair[r][j] = _mm256_hadd_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(a, pa), ones),
-                                     _mm256_madd_epi16(_mm256_maddubs_epi16(b, pb), ones));
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    // each 128-bit half holds the 4-lane partial sums of groups 0..3 (first) and 4..7 (second)
-    const __m256i first = _mm256_hadd_epi32(pair[r][0], pair[r][1]);
-    const __m256i second = _mm256_hadd_epi32(pair[r][2], pair[r][3]);
-    dots[r] = _mm256_add_epi32(_mm256_permute2x128_si256(first, second, 0x20),
-                               _mm256_permute2x128_si256(first, second, 0x31));
-  }
+// v is computed here, in a register: keeps the compiler from reordering a chain of sums
+inline void in_register(__m256i& v) { asm("" : "+x"(v)); }
+
+// 4 activation bytes (int8) as every 32-bit lane of a vector
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
 }
 
-// Columns [begin, end) of rows [row0, row0 + R) of out, R <= 4. A column of W is `padded`
-// groups (k/32 rounded up to even, the extra one all zero) in chunks of 8 (the last one may be
-// 2, 4 or 6): the chunk's float16 d, then its float16 lo, then one 32-byte vector per pair of
-// groups, the first group's q in the low nibbles, the second's in the high ones (pack() in
-// native_q4.py). Each chunk's dot products are scaled by 8 (d s) and offset by 8 (lo s sum p)
-// in two vector multiply-adds. Each chunk is unpacked once for the R rows, and a row's
+// Columns [8 tile, 8 tile + 8) of rows [row0, row0 + R) of out, R <= 4. W comes in tiles of 8
+// columns; a tile holds, per group of 32 along k, 160 bytes (pack() in native_q4.py): the 8
+// columns' float16 d, their float16 lo, then 4 vectors of 32 bytes, vector v byte 4c + i holding
+// column c's q at 8v + i in its low nibble and at 8v + 4 + i in its high one. So one maddubs
+// multiplies 4 positions of 8 columns by the same 4 activation bytes (broadcast): the 32-bit
+// lanes of the sums are the 8 columns, and no horizontal sum is needed. A group's pair sums
+// stay int16 (8 of them at most 8 * 2 * 15 * 127 = 30,480), one madd makes them int32, and the
+// group is scaled by the 8 columns' d (times s) and offset by their lo (times s sum p) in two
+// vector multiply-adds, groups in order. The tile is unpacked once for the R rows, and a row's
 // arithmetic is the same whatever R is: its result does not depend on the other rows.
 template <int R>
-void q4_columns(const uint8_t* w, int64_t padded, const int8_t* q, const float* scales,
-                const float* sums, int64_t n, int64_t row0, int64_t begin, int64_t end,
-                float* out) {
-  const int64_t tail = padded % 8;
-  const __m256i keep = _mm256_cmpgt_epi32(  // lanes of the last chunk's groups
-      _mm256_set1_epi32(static_cast<int>(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  for (int64_t col = begin; col < end; ++col) {
-    const uint8_t* wc = w + col * padded * 20;
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < padded; g += 8) {
-      const uint8_t* c = wc + g * 20;
-      const int size = static_cast<int>(std::min<int64_t>(8, padded - g));
-      __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-      __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 2 * size)));
-      const int8_t* p[R];
-      for (int r = 0; r < R; ++r) p[r] = q + ((row0 + r) * padded + g) * 32;
-      __m256i dots[R];
-      switch (size) {
-        case 8: chunk_dots<R, 4>(c + 32, p, dots); break;
-        case 6: chunk_dots<R, 3>(c + 24, p, dots); break;
-        case 4: chunk_dots<R, 2>(c + 16, p, dots); break;
-        default: chunk_dots<R, 1>(c + 8, p, dots); break;
-      }
-      if (size < 8) {  // the 16 bytes read past this chunk's d and lo: not its groups'
-        d = _mm256_and_ps(d, _mm256_castsi256_ps(keep));
-        lo = _mm256_and_ps(lo, _mm256_castsi256_ps(keep));
+void q4_tile(const uint8_t* w, int64_t groups, const int8_t* q, const float* scales,
+             const float* sums, int64_t k, int64_t n, int64_t row0, int64_t tile, float* out) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const uint8_t* wt = w + tile * groups * 160;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* b = wt + g * 160;
+    // the group's q in two halves of 4 x 32, each unpacked once for the R rows; the sums go
+    // in order (pinned: reassociated, they were all computed first and spilled to the stack)
+    __m256i pairs[R];
+    for (int half = 0; half < 2; ++half) {
+      __m256i nibbles[4];
+      for (int v = 0; v < 2; ++v) {
+        const __m256i bytes = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(b + 32 + 64 * half + 32 * v));
+        nibbles[2 * v] = _mm256_and_si256(bytes, low);
+        nibbles[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
       }
       for (int r = 0; r < R; ++r) {
-        const int64_t at = (row0 + r) * padded + g;
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]),
-                                 _mm256_mul_ps(d, _mm256_loadu_ps(scales + at)), acc[r]);
-        acc[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(sums + at), acc[r]);
+        const int8_t* p = q + (row0 + r) * k + g * 32 + 16 * half;
+        for (int j = 0; j < 4; ++j) {
+          const __m256i product = _mm256_maddubs_epi16(nibbles[j], broadcast4(p + 4 * j));
+          pairs[r] = half == 0 && j == 0 ? product : _mm256_add_epi16(pairs[r], product);
+          in_register(pairs[r]);
+        }
       }
     }
-    for (int r = 0; r < R; ++r) out[(row0 + r) * n + col] = horizontal_sum(acc[r]);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (row0 + r) * groups + g;
+      const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs[r], ones));
+      acc[r] = _mm256_fmadd_ps(dots, _mm256_mul_ps(d, _mm256_set1_ps(scales[at])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(lo, _mm256_set1_ps(sums[at]), acc[r]);
+    }
   }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + (row0 + r) * n + tile * 8, acc[r]);
 }
 
-// Columns at a time that each tile of rows reads from cache, not memory: 64 columns of the
-// widest matrices here (k = 1536 int4, or 576 int8) are 60 KB or 39 KB, well inside L2.
-constexpr int64_t kColumnsInCache = 64;
-
-// out (rows, n) = x (rows, k) times the blocks of W (n, padded, 20), on torch's thread pool
-// (at::parallel_for, not a second OpenMP runtime), split over the output columns; rows go
-// through in tiles of up to 4, each over 64 columns before the next 64 come from memory.
+// out (rows, n) = x (rows, k) times the blocks of W (n / 8, k / 32, 160), on torch's thread
+// pool (at::parallel_for, not a second OpenMP runtime), split over the tiles of 8 columns; rows
+// go through in tiles of up to 4, each tile of columns read from cache after the first.
 void q4_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t n, float* out) {
-  const int64_t groups = k / 32, padded = (groups + 1) / 2 * 2;
-  // zero past the end: a last chunk's vector loads read up to 8 groups' scales and sums
-  std::vector<int8_t> xq(rows * padded * 32, 0);
-  std::vector<float> xs(rows * padded + 8, 0.f), xsum(rows * padded + 8, 0.f);
-  quantize_rows(x, rows, groups, padded, xq.data(), xs.data(), xsum.data());
+  const int64_t groups = k / 32;
+  std::vector<int8_t> xq(rows * k);
+  std::vector<float> xs(rows * groups), xsum(rows * groups);
+  quantize_rows(x, rows, groups, xq.data(), xs.data(), xsum.data());
   const int8_t* q = xq.data();
   const float* s = xs.data();
   const float* m = xsum.data();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t from = begin; from < end; from += kColumnsInCache) {
-      const int64_t to = std::min(end, from + kColumnsInCache);
+  at::parallel_for(0, n / 8, 2, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
       for (int64_t row0 = 0; row0 < rows; row0 += 4) {
         switch (std::min<int64_t>(4, rows - row0)) {
-          case 4: q4_columns<4>(w, padded, q, s, m, n, row0, from, to, out); break;
-          case 3: q4_columns<3>(w, padded, q, s, m, n, row0, from, to, out); break;
-          case 2: q4_columns<2>(w, padded, q, s, m, n, row0, from, to, out); break;
-          default: q4_columns<1>(w, padded, q, s, m, n, row0, from, to, out); break;
+          case 4: q4_tile<4>(w, groups, q, s, m, k, n, row0, tile, out); break;
+          case 3: q4_tile<3>(w, groups, q, s, m, k, n, row0, tile, out); break;
+          case 2: q4_tile<2>(w, groups, q, s, m, k, n, row0, tile, out); break;
+          default: q4_tile<1>(w, groups, q, s, m, k, n, row0, tile, out); break;
         }
       }
     }
@@ -245,12 +230,17 @@ void q8_columns(const uint8_t* w, int64_t groups, const int8_t* q, const float* 
   }
 }
 
-// out (rows, n) = x (rows, k) times W's Q8_0 blocks (n, k/32, 34), as q4_gemm.
+// Columns at a time that each tile of rows reads from cache, not memory: 64 columns of k = 576
+// int8 are 39 KB, well inside L2.
+constexpr int64_t kColumnsInCache = 64;
+
+// out (rows, n) = x (rows, k) times W's Q8_0 blocks (n, k/32, 34), on torch's threads, split
+// over the columns; rows go through in tiles of up to 4, each over 64 columns at a time.
 void q8_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t n, float* out) {
   const int64_t groups = k / 32;
   std::vector<int8_t> xq(rows * groups * 32);
   std::vector<float> xs(rows * groups + 8, 0.f), xsum(rows * groups + 8, 0.f);
-  quantize_rows(x, rows, groups, groups, xq.data(), xs.data(), xsum.data());
+  quantize_rows(x, rows, groups, xq.data(), xs.data(), xsum.data());
   const int8_t* q = xq.data();
   const float* s = xs.data();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
@@ -269,10 +259,11 @@ void q8_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t 
 }
 
 void check_blocks(const at::Tensor& blocks, int64_t k, const char* what) {
-  TORCH_CHECK(blocks.dim() == 3 && blocks.size(2) == 20 && blocks.scalar_type() == at::kByte
-              && blocks.is_contiguous(), what, ": blocks must be contiguous uint8 (N, K/32, 20)");
-  TORCH_CHECK(k % 32 == 0 && (k / 32 + 1) / 2 * 2 == blocks.size(1), what, ": the input has ", k,
-              " columns, the weights ", blocks.size(1) * 32, " (groups of 32, an even number)");
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(2) == 160 && blocks.scalar_type() == at::kByte
+              && blocks.is_contiguous(), what,
+              ": blocks must be contiguous uint8 (N/8, K/32, 160)");
+  TORCH_CHECK(k == blocks.size(1) * 32, what, ": the input has ", k, " columns, the weights ",
+              blocks.size(1) * 32);
 }
 
 // a . b over n floats (n a multiple of 8 is the fast path)
@@ -320,9 +311,9 @@ at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous float32 matrix");
   check_blocks(blocks, x.size(1), "q4_matmul");
-  auto y = at::empty({x.size(0), blocks.size(0)}, at::kFloat);
-  q4_gemm(x.data_ptr<float>(), x.size(0), x.size(1), blocks.data_ptr<uint8_t>(), blocks.size(0),
-          y.data_ptr<float>());
+  auto y = at::empty({x.size(0), blocks.size(0) * 8}, at::kFloat);
+  q4_gemm(x.data_ptr<float>(), x.size(0), x.size(1), blocks.data_ptr<uint8_t>(),
+          blocks.size(0) * 8, y.data_ptr<float>());
   return y;
 }
 
@@ -340,9 +331,9 @@ at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
 }
 
 // The layers of a Llama-family model, held for decode steps: per layer, in this order,
-//   input_norm (H) float32, qkv blocks ((nh + 2 nkv) hd, H/32, 20), qkv bias ((nh + 2 nkv) hd)
-//   float32 or an empty tensor, o blocks (H, nh hd/32, 20), post_norm (H) float32,
-//   gate_up blocks (2I, H/32, 20) as [gate | up], down blocks (H, I/32, 20);
+//   input_norm (H) float32, qkv blocks ((nh + 2 nkv) hd / 8, H/32, 160), qkv bias
+//   ((nh + 2 nkv) hd) float32 or an empty tensor, o blocks (H/8, nh hd/32, 160), post_norm (H)
+//   float32, gate_up blocks (2I/8, H/32, 160) as [gate | up], down blocks (H/8, I/32, 160);
 // cos, sin (max positions, hd/2) float32: the rotary tables of pagedserve/models/llama.py.
 class Decoder {
  public:
@@ -359,7 +350,7 @@ class Decoder {
                 && sin_.is_contiguous() && cos_.size(1) == hd_ / 2,
                 "cos and sin must be contiguous float32 (positions, head_dim / 2)");
     hidden_ = weights[0].numel();  // every layer is checked against the first one's sizes
-    intermediate_ = weights[5].size(0) / 2;
+    intermediate_ = weights[5].size(0) * 8 / 2;
     for (size_t i = 0; i < weights.size(); i += 7) {
       Layer l{weights[i], weights[i + 1], weights[i + 2], weights[i + 3], weights[i + 4],
               weights[i + 5], weights[i + 6]};
@@ -368,8 +359,8 @@ class Decoder {
       check_blocks(l.o, nh_ * hd_, "o");
       check_blocks(l.gate_up, hidden_, "gate_up");
       check_blocks(l.down, intermediate_, "down");
-      TORCH_CHECK(l.qkv.size(0) == qkv_n && l.o.size(0) == hidden_ && l.down.size(0) == hidden_
-                  && l.gate_up.size(0) == 2 * intermediate_,
+      TORCH_CHECK(l.qkv.size(0) * 8 == qkv_n && l.o.size(0) * 8 == hidden_
+                  && l.down.size(0) * 8 == hidden_ && l.gate_up.size(0) * 8 == 2 * intermediate_,
                   "layer ", i / 7, ": the matrices' shapes do not fit the heads");
       for (const at::Tensor* t : {&l.input_norm, &l.post_norm})
         TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == hidden_,

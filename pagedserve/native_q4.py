@@ -189,39 +189,34 @@ def int4_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) weight -> (N, G, 20) uint8 blocks on :func:`int4_grid`'s grid, G = K/32 rounded up
-    to even (an odd count gets an all-zero group). 20 bytes a group as in a Q4_1 GGUF block
-    (float16 d and lo, 16 bytes of nibbles), arranged for AVX2: each column's groups in chunks of
-    8 (the last one 2, 4 or 6), a chunk its float16 d's, then its lo's, then 32 bytes per pair of
-    groups, the first group's 32 q in the low nibbles, the second's in the high ones. Exact for
-    weights that came from Q4_1 blocks, whose d and lo are float16 already."""
+    """(N, K) weight -> (N/8, K/32, 160) uint8 blocks on :func:`int4_grid`'s grid: per tile of 8
+    columns (rows of W) and group of 32 along K, the 8 columns' Q4_1 GGUF blocks (float16 d and
+    lo, 32 q of 4 bits: 20 bytes each) arranged for AVX2: the 8 d, the 8 lo, then 4 vectors of
+    32 bytes, vector v byte 4c + i holding column c's q at 8v + i (low nibble) and at 8v + 4 + i
+    (high nibble). Exact for weights that came from Q4_1 blocks, whose d and lo are float16
+    already. N must be a multiple of 8."""
+    n, k = weight.shape
+    if n % 8:
+        raise ValueError(f"the output dimension ({n}) must be a multiple of 8")
     q, d, lo = int4_grid(weight.float())
-    n, groups = d.shape
-    if groups % 2:  # one more group, all zero: d = lo = 0
-        q = torch.cat([q, q.new_zeros(n, 1, GROUP)], 1)
-        d, lo = (torch.cat([t, t.new_zeros(n, 1)], 1) for t in (d, lo))
-    q = q.to(torch.uint8)
-    chunks = []
-    for g in range(0, q.shape[1], 8):
-        pairs = q[:, g : g + 8].unflatten(1, (-1, 2))  # (n, pairs, 2, 32)
-        chunks += [d[:, g : g + 8].half().view(torch.uint8), lo[:, g : g + 8].half().view(torch.uint8),
-                   (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).flatten(1)]
-    return torch.cat(chunks, 1).view(n, -1, 20).contiguous()
+    groups = k // GROUP
+    # (tiles, 8 columns, groups, 4 vectors, 2 nibbles, 4 positions) -> (tiles, groups, v, c, i)
+    q = q.to(torch.uint8).view(n // 8, 8, groups, 4, 2, 4).permute(0, 2, 3, 1, 4, 5)
+    nibbles = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(n // 8, groups, 128)
+    scales = [t.half().view(n // 8, 8, groups).transpose(1, 2).contiguous().view(torch.uint8)
+              for t in (d, lo)]  # (tiles, groups, 16) each
+    return torch.cat([*scales, nibbles], -1).contiguous()
 
 
 def unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`pack`'s blocks (N, G, 20) -> q (N, G, 32) in 0..15, d and lo (N, G) float32."""
-    n, groups, _ = blocks.shape
-    flat = blocks.reshape(n, -1)
-    q, d, lo = [], [], []
-    for g in range(0, groups, 8):
-        size = min(8, groups - g)
-        chunk = flat[:, g * 20 : (g + size) * 20]
-        d.append(chunk[:, : 2 * size].contiguous().view(torch.float16).float())
-        lo.append(chunk[:, 2 * size : 4 * size].contiguous().view(torch.float16).float())
-        nibbles = chunk[:, 4 * size :].reshape(n, size // 2, 32)
-        q.append(torch.stack([nibbles & 0x0F, nibbles >> 4], 2).reshape(n, size, 32))
-    return torch.cat(q, 1), torch.cat(d, 1), torch.cat(lo, 1)
+    """:func:`pack`'s blocks (N/8, G, 160) -> q (N, G, 32) in 0..15, d and lo (N, G) float32."""
+    tiles, groups, _ = blocks.shape
+    d, lo = (blocks[..., a : a + 16].contiguous().view(torch.float16).float()
+             .transpose(1, 2).reshape(tiles * 8, groups) for a in (0, 16))
+    nibbles = blocks[..., 32:].reshape(tiles, groups, 4, 8, 4)  # (tile, g, v, c, i)
+    q = torch.stack([nibbles & 0x0F, nibbles >> 4], 4)  # (tile, g, v, c, 2, i)
+    q = q.permute(0, 3, 1, 2, 4, 5).reshape(tiles * 8, groups, 32)
+    return q, d, lo
 
 
 def pack_q8(weight: torch.Tensor) -> torch.Tensor:

@@ -50,18 +50,24 @@ def test_blocks_hold_q4_1_weights_exactly(smollm_gguf):
     llm = LLM(str(smollm_gguf), dtype="float32")  # dense float32, as dequantized from Q4_1
     w = llm.engine.runner.model.layers[3].mlp.down.weight
     blocks = native_q4.pack(w)
-    assert blocks.shape == (w.shape[0], w.shape[1] // 32, 20) and blocks.dtype == torch.uint8
+    assert blocks.shape == (w.shape[0] // 8, w.shape[1] // 32, 160) and blocks.dtype == torch.uint8
     assert torch.equal(dequantize(blocks, w.shape[1]), w)
 
 
-def test_an_odd_number_of_groups_gets_an_all_zero_one():
-    w = torch.randn(8, 96)
+def test_blocks_come_in_tiles_of_8_columns():
+    w = torch.randn(16, 96)  # 3 groups
     blocks = native_q4.pack(w)
-    assert blocks.shape == (8, 4, 20)
+    assert blocks.shape == (2, 3, 160)
     q, d, lo = native_q4.unpack(blocks)
-    assert not q[:, 3].any() and not d[:, 3].any() and not lo[:, 3].any()
     q0, d0, lo0 = native_q4.int4_grid(w)
-    assert torch.equal(q[:, :3].float(), q0) and torch.equal(d[:, :3], d0.half().float())
+    assert torch.equal(q.float(), q0) and torch.equal(d, d0.half().float())
+    assert torch.equal(lo, lo0.half().float())
+    # the first tile's first group: 8 d, 8 lo, then column c's q at 4c + i (low nibbles)
+    assert torch.equal(blocks[0, 0, :16].view(torch.float16).float(), d[:8, 0])
+    assert torch.equal(blocks[0, 0, 32:64:4] & 0x0F, q[:8, 0, 0])
+    assert torch.equal(blocks[0, 0, 32:64:4] >> 4, q[:8, 0, 4])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        native_q4.pack(torch.randn(12, 64))
 
 
 def test_the_kernels_loops_use_torchs_threads():
@@ -77,7 +83,7 @@ def test_the_kernels_loops_use_torchs_threads():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (40, 64), (24, 224), (8, 96)])
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (40, 64), (24, 224), (16, 96)])
 def test_kernel_computes_llama_cpp_arithmetic(rows, shape):
     torch.manual_seed(rows)
     n, k = shape

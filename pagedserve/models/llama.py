@@ -81,7 +81,7 @@ class Linear:
             zeros = lo + 8 * scale
             scales_zeros = torch.stack([scale.t(), zeros.t()], -1).to(self._low_dtype)
             self._int4 = (packed, scales_zeros.contiguous())
-        elif bits == 8 and native and k % INT4_GROUP == 0:
+        elif bits == 8 and native and k % INT4_GROUP == 0 and n % 8 == 0:
             self._q8 = native_q4.pack_q8(w)
         elif bits == 8:
             scale = (w.abs().amax(1) / 127).clamp(min=1e-12)

@@ -244,13 +244,111 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-// y += a * x over n floats
-inline void axpy(float a, const float* x, float* y, int64_t n) {
-  const __m256 va = _mm256_set1_ps(a);
+// y += x over n floats
+inline void add(const float* x, float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
+    _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) y[i] += x[i];
+}
+
+// e^x for 8 floats, within 2 ulp (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r,
+// then 2^n in the exponent bits); x is clamped to [-87, 88], where 2^n stays a normal float
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// out = silu(gate) * up = gate / (1 + e^-gate) * up, gate_up one row of [gate | up] (2 n)
+void swiglu(const float* gate_up, int64_t n, float* out) {
+  const float* up = gate_up + n;
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate_up + i);
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, sign))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate_up[i] / (1.f + std::exp(-gate_up[i])) * up[i];
+}
+
+// x = softmax(x) over n floats: e^(x - max) / sum, the exponentials 8 at a time
+void softmax(float* x, int64_t n) {
+  float top = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, x[i]);
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 sums = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift));
+    _mm256_storeu_ps(x + i, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float sum = horizontal_sum(sums);
+  for (; i < n; ++i) sum += x[i] = std::exp(x[i] - top);
+  const __m256 total = _mm256_set1_ps(sum);
+  for (i = 0; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(x + i, _mm256_div_ps(_mm256_loadu_ps(x + i), total));
+  for (; i < n; ++i) x[i] /= sum;
+}
+
+// scores[p] = q . k_rows[p] * scale for p < n: 4 rows at a time, 4 independent sums
+void attention_scores(const float* q, const float* const* k_rows, int64_t n, int64_t hd,
+                      float scale, float* scores) {
+  int64_t p = 0;
+  for (; p + 4 <= n && hd % 8 == 0; p += 4) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    for (int64_t d = 0; d < hd; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int j = 0; j < 4; ++j)
+        acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k_rows[p + j] + d), acc[j]);
+    }
+    for (int j = 0; j < 4; ++j) scores[p + j] = horizontal_sum(acc[j]) * scale;
+  }
+  for (; p < n; ++p) scores[p] = dot(q, k_rows[p], hd) * scale;
+}
+
+// out (hd) = sum_p weights[p] v_rows[p], 64 of the hd values at a time held in registers
+void weighted_sum(const float* weights, const float* const* v_rows, int64_t n, int64_t hd,
+                  float* out) {
+  int64_t d = 0;
+  for (; d + 64 <= hd; d += 64) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < n; ++p) {
+      const __m256 w = _mm256_set1_ps(weights[p]);
+      for (int j = 0; j < 8; ++j)
+        acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v_rows[p] + d + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d + 8 * j, acc[j]);
+  }
+  for (; d < hd; ++d) {  // a head dimension that is not a multiple of 64: the rest one by one
+    float sum = 0.f;
+    for (int64_t p = 0; p < n; ++p) sum += weights[p] * v_rows[p][d];
+    out[d] = sum;
+  }
+}
+
+// fn(t) for each row t < rows, the rows split over torch's threads (one row: this thread)
+template <typename F>
+void each_row(int64_t rows, const F& fn) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) fn(t);
+  });
 }
 
 // out = x * rsqrt(mean(x^2) + eps) * w, for one row of n
@@ -389,17 +487,18 @@ class Decoder {
         gate_up(T * 2 * I), act(T * I);
     float* stream = x.data_ptr<float>();
     // attention is worth splitting over threads only when there is enough of it
-    const int64_t attention_grain = max_len * hd_ * nh_ * T > (1 << 16) ? 1 : T * nh_;
+    const int64_t attention_grain = max_len * hd_ * nh_ * T > (1 << 16) ? 1 : T * nkv_;
 
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& l = layers_[li];
       float* k_cache = caches[2 * li].data_ptr<float>();
       float* v_cache = caches[2 * li + 1].data_ptr<float>();
       const float* bias = l.qkv_bias.numel() ? l.qkv_bias.data_ptr<float>() : nullptr;
-      for (int64_t t = 0; t < T; ++t)
+      each_row(T, [&](int64_t t) {
         rms_norm(stream + t * H, l.input_norm.data_ptr<float>(), eps_, H, h.data() + t * H);
+      });
       q4_gemm(h.data(), T, H, l.qkv.data_ptr<uint8_t>(), qkv_n, qkv.data());
-      for (int64_t t = 0; t < T; ++t) {
+      each_row(T, [&](int64_t t) {
         float* row = qkv.data() + t * qkv_n;
         if (bias != nullptr)
           for (int64_t i = 0; i < qkv_n; ++i) row[i] += bias[i];
@@ -407,46 +506,44 @@ class Decoder {
         const float* s = sin_.data_ptr<float>() + pos[t] * half;
         for (int64_t head = 0; head < nh_ + nkv_; ++head)
           rotate_halves(row + head * hd_, c, s, half);
-        // this token's K and V into its slot, before attention reads the context back
+        // this token's K and V into its slot (each row its own), before attention reads them
         std::memcpy(k_cache + slot[t] * nkv_ * hd_, row + nh_ * hd_, nkv_ * hd_ * sizeof(float));
         std::memcpy(v_cache + slot[t] * nkv_ * hd_, row + (nh_ + nkv_) * hd_,
                     nkv_ * hd_ * sizeof(float));
-      }
-      at::parallel_for(0, T * nh_, attention_grain, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(max_len);
+      });
+      // one task per sequence and KV head, for its `group` query heads
+      at::parallel_for(0, T * nkv_, attention_grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(group * max_len);
+        std::vector<const float*> k_rows(max_len), v_rows(max_len);
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t t = task / nh_, head = task % nh_, g = head / group, len = lens[t];
-          const float* q = qkv.data() + t * qkv_n + head * hd_;
+          const int64_t t = task / nkv_, g = task % nkv_, len = lens[t];
           const int32_t* table = tables + t * table_stride;
-          float top = -INFINITY;
-          for (int64_t p = 0; p < len; ++p) {
-            const int64_t at_slot = static_cast<int64_t>(table[p / bs]) * bs + p % bs;
-            scores[p] = dot(q, k_cache + (at_slot * nkv_ + g) * hd_, hd_) * scale;
-            top = std::max(top, scores[p]);
+          for (int64_t p = 0; p < len; ++p) {  // where each position's K and V rows are
+            const int64_t block = p / bs, at_slot = (table[block] * bs + p - block * bs) * nkv_ + g;
+            k_rows[p] = k_cache + at_slot * hd_;
+            v_rows[p] = v_cache + at_slot * hd_;
           }
-          float sum = 0.f;
-          for (int64_t p = 0; p < len; ++p) sum += scores[p] = std::exp(scores[p] - top);
-          float* o = attn.data() + t * nh_ * hd_ + head * hd_;
-          std::fill(o, o + hd_, 0.f);
-          for (int64_t p = 0; p < len; ++p) {
-            const int64_t at_slot = static_cast<int64_t>(table[p / bs]) * bs + p % bs;
-            axpy(scores[p] / sum, v_cache + (at_slot * nkv_ + g) * hd_, o, hd_);
+          for (int64_t head = 0; head < group; ++head) {
+            const int64_t qh = g * group + head;
+            float* row = scores.data() + head * max_len;
+            attention_scores(qkv.data() + t * qkv_n + qh * hd_, k_rows.data(), len, hd_, scale,
+                             row);
+            softmax(row, len);
+            weighted_sum(row, v_rows.data(), len, hd_, attn.data() + (t * nh_ + qh) * hd_);
           }
         }
       });
       q4_gemm(attn.data(), T, nh_ * hd_, l.o.data_ptr<uint8_t>(), H, out.data());
-      for (int64_t i = 0; i < T * H; ++i) stream[i] += out[i];
-      for (int64_t t = 0; t < T; ++t)
+      each_row(T, [&](int64_t t) {
+        add(out.data() + t * H, stream + t * H, H);
         rms_norm(stream + t * H, l.post_norm.data_ptr<float>(), eps_, H, h.data() + t * H);
+      });
       q4_gemm(h.data(), T, H, l.gate_up.data_ptr<uint8_t>(), 2 * I, gate_up.data());
-      for (int64_t t = 0; t < T; ++t) {
-        const float* gate = gate_up.data() + t * 2 * I;
-        const float* up = gate + I;
-        float* a = act.data() + t * I;
-        for (int64_t i = 0; i < I; ++i) a[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-      }
+      each_row(T, [&](int64_t t) {
+        swiglu(gate_up.data() + t * 2 * I, I, act.data() + t * I);
+      });
       q4_gemm(act.data(), T, I, l.down.data_ptr<uint8_t>(), H, out.data());
-      for (int64_t i = 0; i < T * H; ++i) stream[i] += out[i];
+      each_row(T, [&](int64_t t) { add(out.data() + t * H, stream + t * H, H); });
     }
     return x;
   }

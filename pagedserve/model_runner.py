@@ -85,13 +85,15 @@ class ModelRunner:
                                       consume_weights=consume_weights,
                                       fused_ops=engine_config.fused_ops, native_int4=native)
         if self.model.native_decoder is not None:
-            logger.info("decode steps of up to %d sequences run the native decoder (AVX2)",
+            logger.info("every step of up to %d tokens runs the native decoder (AVX2)",
                         NATIVE_STEP_TOKENS)
         self.sampler = Sampler(engine_config.seed)
         self.align_prefix_tail = engine_config.enable_prefix_caching
         # MKL's float32 GEMM gives a row different last bits with 1-3 (or, on 2 threads, 5-7,
-        # 9-11) rows than within more; bf16 and CUDA kernels do not (measured)
-        self._row_variant_matmuls = self.device.type == "cpu" and self.dtype == torch.float32
+        # 9-11) rows than within more; bf16, CUDA and the native decoder's kernels do not
+        # (measured; the native decoder computes each row alone, tests/test_native_q4.py)
+        self._row_variant_matmuls = (self.device.type == "cpu" and self.dtype == torch.float32
+                                     and self.model.native_decoder is None)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None

@@ -1,20 +1,27 @@
-"""Small CPU steps in C++ (AVX2): the int4 x int8 matmul, and the native decoder built on it.
+"""CPU kernels in C++ (AVX2): int4 and int8 matmuls with int8 activations, and the native
+decoder built on them.
 
 A decode step of one sequence reads every weight for one multiply-add; torch's weight-only int4
 kernel spends much of that time unpacking and converting. ``native_q4.cpp`` does what llama.cpp
-does for Q4_1: weights in Q4_1's blocks (float16 scale and minimum, 16 bytes of nibbles), each
-group of 32 activations rounded to int8 with its own scale, 32 multiply-adds per integer
-instruction. The 120 layer matmuls of the bundled model take 7.6 ms a token against 9.9-12.5 ms
-with torch's kernel (docs/performance.md). Weights keep the grid of :meth:`Linear.pack_low_bit`
-(exact for Q4_1 GGUF blocks); rounding the activations costs about what the bf16 activations of
-torch's kernel do, and each row's result is independent of the other rows of the step.
+does for Q4_1: weights held as Q4_1 blocks (float16 scale and minimum, 32 nibbles: 20 bytes per
+32 weights), each group of 32 activations rounded to int8 with its own scale, 32 multiply-adds
+per integer instruction; and for the LM head Q8_0 blocks (a float16 scale per 32 int8). Both
+come in tiles of 8 columns (:func:`pack`, :func:`pack_q8`) so that one instruction serves 8
+columns and no horizontal sums are needed. The 120 layer matmuls of the bundled model take
+~3 ms a token (the memory's rate on the 2-core AVX2 machine) against 9.9-12.5 ms with torch's
+kernel, and many rows run at 240-330 G int ops/s against ~100 GFLOPS for dense float32
+(docs/performance.md). Weights keep the grid of :meth:`Linear.pack_low_bit` (exact for Q4_1 and
+Q8_0 GGUF blocks), and each row's result is independent of the other rows of the step, so the
+kernels serve prompts too.
 
-On that matmul, ``Decoder`` (see :func:`decoder`) runs every layer of a decode-only step of up
-to 16 sequences in one call (norms, rotary, the paged KV write and attention, SwiGLU, residual
-adds, in float32), where the same step op by op dispatched ~5,000 torch ops: a one-sequence step
-on the 2-core AVX2 machine 31.6 -> 17.9 ms (docs/performance.md, the native decoder).
+On them, ``Decoder`` (see :func:`decoder`) runs every layer of a decode-only step in one call
+(norms, rotary, the paged KV write and attention, SwiGLU, residual adds, in float32), where the
+same step op by op dispatched ~5,000 torch ops.
 
-The kernel is C++ compiled on this machine (about half a minute with the compiler torch's
+The library is built with ``-fopenmp``: ``at::parallel_for`` is OpenMP pragmas in an ATen
+header, and without the flag every loop ran on one thread (``parallel_threads()`` tells).
+
+The library is C++ compiled on this machine (about half a minute with the compiler torch's
 extension builder would use), into ``~/.pagedserve/cache/kernels`` under a name that carries the
 source's and torch's versions, written to a temporary file and renamed into place, so that a
 build that is killed leaves nothing half-written and two builds at once do no harm. With

@@ -26,11 +26,11 @@ from pagedserve.fused_ops import DecoderOps, select_ops
 logger = logging.getLogger(__name__)
 
 SMALL_STEP_TOKENS = 8  # decode-only steps of at most this many tokens read torch's low-bit kernels
-# ... and up to this many take the native decoder (native_q4.Decoder), where it is built: every
-# decode-only step of the default 128 sequences. On the 2-core AVX2 machine a step of 16 / 32 /
-# 64 sequences took 47 / 72-90 / 170-183 ms there against 131-142 / 178-187 / 333-366 ms op by
-# op with dense float32 weights (docs/performance.md)
-NATIVE_STEP_TOKENS = 256
+# ... and steps of up to this many tokens, prompts included, take the native decoder
+# (native_q4.Decoder), where it is built: in practice every step. On the 2-core AVX2 machine a
+# decode step of 16 / 32 / 64 sequences took 47 / 72-90 / 170-183 ms there against 131-142 /
+# 178-187 / 333-366 ms op by op with dense float32 weights (docs/performance.md)
+NATIVE_STEP_TOKENS = 1 << 16
 INT4_GROUP = native_q4.GROUP  # along the input dimension, as Q4_0/Q4_1 blocks
 
 
@@ -303,17 +303,29 @@ class LlamaForCausalLM:
     def takes_native_step(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         """Whether :meth:`forward` runs this step's layers as one native call (then the
         attention backend's per-step preparation is not needed)."""
-        return (self.native_decoder is not None and meta.num_prefills == 0
-                and num_tokens <= NATIVE_STEP_TOKENS
+        return (self.native_decoder is not None and num_tokens <= NATIVE_STEP_TOKENS
                 and meta.num_actual_tokens == num_tokens)
+
+    @staticmethod
+    def native_rows(positions: torch.Tensor, meta: AttentionMetadata
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's context length and block table row, as the native decoder takes them:
+        a prompt's token at position p is a query over the p + 1 tokens up to itself (causal
+        attention, row by row), in its request's blocks."""
+        if meta.num_prefills == 0:  # one token per request
+            return meta.seq_lens, meta.block_tables
+        counts = torch.tensor(meta.query_start_loc_host).diff()
+        tables = meta.block_tables[: len(counts)].repeat_interleave(counts, dim=0)
+        return (positions + 1).to(torch.int32), tables
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (T,) -> final hidden states (T, H)."""
         x, residual = self.embed[input_ids].float(), None  # x: a new tensor, updated in place
         if self.takes_native_step(meta, x.shape[0]):
-            x = self.native_decoder.forward(x, positions, meta.slot_mapping, meta.seq_lens,
-                                            meta.block_tables, [c for kv in kv_caches for c in kv])
+            lens, tables = self.native_rows(positions, meta)
+            x = self.native_decoder.forward(x, positions, meta.slot_mapping, lens, tables,
+                                            [c for kv in kv_caches for c in kv])
             return self.norm(x, None)[1]
         rope = self.rotary.at(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):

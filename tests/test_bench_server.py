@@ -24,7 +24,7 @@ STATIC = ["--max-parallel", "2", "--num-ctx", "256"]
 
 
 def test_compare_runs_both_layouts_and_writes_the_report(tmp_path, smollm_gguf):
-    rc = main(["bench", "compare", str(smollm_gguf), "--concurrency", "1,3", "--num-prompts", "3",
+    rc = main(["bench", "compare", str(smollm_gguf), "--concurrency", "1,3", "--num-prompts", "9",
                "--input-len", "24", "--output-len", "16", *STATIC, "--out", str(tmp_path)])
     assert rc == 0
     paged = RunResult.load(tmp_path / "bench-paged.json")
@@ -32,9 +32,9 @@ def test_compare_runs_both_layouts_and_writes_the_report(tmp_path, smollm_gguf):
     for run in (paged, static):
         assert [lv.concurrency for lv in run.levels] == [1, 3]
         for level in run.levels:
-            assert (level.successful, level.failed) == (3, 0), level.errors
-            assert level.total_output_tokens == 3 * 16  # ignore_eos: exactly output-len
-            assert 3 * 16 <= level.total_input_tokens <= 3 * 32  # calibrated to about 24
+            assert (level.successful, level.failed) == (9, 0), level.errors
+            assert level.total_output_tokens == 9 * 16  # ignore_eos: exactly output-len
+            assert 9 * 16 <= level.total_input_tokens <= 9 * 32  # calibrated to about 24
             assert level.ttft_ms.p50 > 0 and level.tpot_ms.p50 > 0
     # a running request holds a whole static slot of 256 positions, but only the blocks its
     # ~40 tokens need when paged (3 blocks of 16)
@@ -85,7 +85,7 @@ def test_compare_starts_a_peer_by_its_command_and_reports_its_best(tmp_path, smo
     rc = main(["bench", "compare", str(smollm_gguf), "--layouts", "paged", "--threads", "1",
                "--llama-server", str(peer), "--llama-server-args", "--max-num-seqs 1",
                "--llama-server-args", "--max-num-seqs 4", "--section", "llama.cpp",
-               "--concurrency", "1,3", "--num-prompts", "3", "--input-len", "24",
+               "--concurrency", "1,3", "--num-prompts", "9", "--input-len", "24",
                "--output-len", "8", "--out", str(tmp_path)])
     assert rc == 0
     files = sorted(p.name for p in tmp_path.glob("bench-llama-cpp*"))

@@ -278,6 +278,22 @@ def test_a_prefix_cache_hit_rounds_as_the_whole_prompt_did(tiny_llama_dir):
     assert all(tokens == outputs[0] for tokens in outputs)
 
 
+def test_a_requests_tokens_do_not_depend_on_its_batch_mates(tiny_qwen2_dir):
+    """Alone, or beside 7 other requests of other lengths (prompts prefilled beside its decode
+    steps, batches of every size as they finish), a greedy request gets the same tokens and
+    the same logprobs, to the bit."""
+    config = EngineConfig(low_bit_small_steps=True, native_kernels=True, dtype="float32",
+                          max_num_batched_tokens=48)
+    llm = LLM(str(tiny_qwen2_dir), engine_config=config)
+    prompt = [5 + (13 * i) % 300 for i in range(37)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
+    alone = llm.generate([prompt], params)[0]
+    others = [[7 + (3 * i + n) % 250 for i in range(n)] for n in (9, 20, 41, 3, 60, 17, 33)]
+    together = llm.generate([others[0], others[1], prompt, *others[2:]], params)[2]
+    assert together.token_ids == alone.token_ids
+    assert together.logprobs == alone.logprobs
+
+
 def test_native_decoder_on_the_bundled_model_layer_by_layer(smollm_gguf):
     """The real shapes (9 query heads over 3 KV heads of 64, 576 wide, 1536 in the MLP): one
     layer computes what the per-op layer does up to float32 rounding; over 30 layers the int8

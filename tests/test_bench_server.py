@@ -85,7 +85,7 @@ def test_compare_starts_a_peer_by_its_command_and_reports_its_best(tmp_path, smo
     rc = main(["bench", "compare", str(smollm_gguf), "--layouts", "paged", "--threads", "1",
                "--llama-server", str(peer), "--llama-server-args", "--max-num-seqs 1",
                "--llama-server-args", "--max-num-seqs 4", "--section", "llama.cpp",
-               "--concurrency", "1,3", "--num-prompts", "9", "--input-len", "24",
+               "--concurrency", "1,3", "--num-prompts", "3", "--input-len", "24",
                "--output-len", "8", "--out", str(tmp_path)])
     assert rc == 0
     files = sorted(p.name for p in tmp_path.glob("bench-llama-cpp*"))

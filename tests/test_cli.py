@@ -519,6 +519,7 @@ def test_interactive_chat_in_a_terminal(ollama_models, home) -> None:
     import os
     import pty
     import select
+    import signal
     import subprocess
     import termios
     import time
@@ -528,6 +529,10 @@ def test_interactive_chat_in_a_terminal(ollama_models, home) -> None:
     def own_terminal() -> None:  # the pty becomes the child's terminal: ^C is SIGINT
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # as a shell starts it: SIGINT neither ignored nor blocked, whatever the test process
+        # inherited (an ignored SIGINT survives exec, and Python then leaves it ignored)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     leader, follower = pty.openpty()
     proc = subprocess.Popen(

@@ -51,10 +51,11 @@ class Linear:
 
     On an AVX2 CPU the int4 copy can instead be Q4_1 blocks, and the int8 one Q8_0 blocks (a
     scale per group of 32), for the kernels of :mod:`pagedserve.native_q4` (int8-rounded
-    activations, llama.cpp's arithmetic). Those serve every step, prompts included: they are
-    faster than dense float32 at every size measured (1 to 512 rows, 2-3x from 16 rows on), and
-    a row's result does not depend on the other rows of the step, so a prompt's tokens round
-    the same whole or after a prefix-cache hit.
+    activations, llama.cpp's arithmetic). In a float32 model those serve every step, prompts
+    included: they are faster than dense float32 at every size measured (1 to 512 rows, 2-3x
+    from 16 rows on), and a row's result does not depend on the other rows of the step, so a
+    prompt's tokens round the same whole or after a prefix-cache hit. A bf16 model keeps its
+    dense weights for large steps (on AVX-512 BF16 / AMX they were not measured against).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -89,14 +90,16 @@ class Linear:
             self._int8 = (q, scale.to(self._low_dtype))
 
     def __call__(self, x: torch.Tensor, small_step: bool | None = None) -> torch.Tensor:
-        if self._q4 is not None or self._q8 is not None:  # every step: see the class docstring
+        if small_step is None:  # the LM head: only the rows that sample
+            small_step = x.shape[0] <= SMALL_STEP_TOKENS
+        native = self._q4 is not None or self._q8 is not None
+        # float32: every step (see the class docstring); bf16's dense kernels may use AMX
+        if native and (small_step or self.weight.dtype == torch.float32):
             if self._q4 is not None:
                 y = native_q4.matmul(x, self._q4).to(x.dtype)
             else:
                 y = native_q4.matmul_q8(x, self._q8).to(x.dtype)
             return y if self.bias is None else y + self.bias
-        if small_step is None:  # the LM head: only the rows that sample
-            small_step = x.shape[0] <= SMALL_STEP_TOKENS
         if small_step and (self._int4 is not None or self._int8 is not None):
             xl = x.to(self._low_dtype)
             if self._int4 is not None:

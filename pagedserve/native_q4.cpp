@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -135,6 +136,24 @@ void q4_tile(const uint8_t* w, int64_t groups, const int8_t* q, const float* sca
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + (row0 + r) * n + tile * 8, acc[r]);
 }
 
+// tile(std::integral_constant<int, R>{}, row0, t) for each tile t of 8 of the n columns and
+// each tile of R <= 4 of the rows, the column tiles split over torch's threads
+template <typename F>
+void each_tile(int64_t rows, int64_t n, const F& tile) {
+  at::parallel_for(0, n / 8, 2, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t row0 = 0; row0 < rows; row0 += 4) {
+        switch (std::min<int64_t>(4, rows - row0)) {
+          case 4: tile(std::integral_constant<int, 4>{}, row0, t); break;
+          case 3: tile(std::integral_constant<int, 3>{}, row0, t); break;
+          case 2: tile(std::integral_constant<int, 2>{}, row0, t); break;
+          default: tile(std::integral_constant<int, 1>{}, row0, t); break;
+        }
+      }
+    }
+  });
+}
+
 // out (rows, n) = x (rows, k) times the blocks of W (n / 8, k / 32, 160), on torch's thread
 // pool (at::parallel_for, not a second OpenMP runtime), split over the tiles of 8 columns; rows
 // go through in tiles of up to 4, each tile of columns read from cache after the first.
@@ -146,17 +165,8 @@ void q4_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t 
   const int8_t* q = xq.data();
   const float* s = xs.data();
   const float* m = xsum.data();
-  at::parallel_for(0, n / 8, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      for (int64_t row0 = 0; row0 < rows; row0 += 4) {
-        switch (std::min<int64_t>(4, rows - row0)) {
-          case 4: q4_tile<4>(w, groups, q, s, m, k, n, row0, tile, out); break;
-          case 3: q4_tile<3>(w, groups, q, s, m, k, n, row0, tile, out); break;
-          case 2: q4_tile<2>(w, groups, q, s, m, k, n, row0, tile, out); break;
-          default: q4_tile<1>(w, groups, q, s, m, k, n, row0, tile, out); break;
-        }
-      }
-    }
+  each_tile(rows, n, [&](auto r, int64_t row0, int64_t tile) {
+    q4_tile<decltype(r)::value>(w, groups, q, s, m, k, n, row0, tile, out);
   });
 }
 
@@ -211,17 +221,8 @@ void q8_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t 
   quantize_rows(x, rows, groups, xq.data(), xs.data(), xsum.data());
   const int8_t* q = xq.data();
   const float* s = xs.data();
-  at::parallel_for(0, n / 8, 2, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      for (int64_t row0 = 0; row0 < rows; row0 += 4) {
-        switch (std::min<int64_t>(4, rows - row0)) {
-          case 4: q8_tile<4>(w, groups, q, s, k, n, row0, tile, out); break;
-          case 3: q8_tile<3>(w, groups, q, s, k, n, row0, tile, out); break;
-          case 2: q8_tile<2>(w, groups, q, s, k, n, row0, tile, out); break;
-          default: q8_tile<1>(w, groups, q, s, k, n, row0, tile, out); break;
-        }
-      }
-    }
+  each_tile(rows, n, [&](auto r, int64_t row0, int64_t tile) {
+    q8_tile<decltype(r)::value>(w, groups, q, s, k, n, row0, tile, out);
   });
 }
 

@@ -16,7 +16,7 @@ in one process never collide on the global registry.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -210,8 +210,13 @@ class ServerMetrics:
         """Drop bookkeeping for a request that ended without a finished output."""
         self._last_token_time.pop(request_id, None)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, names: Iterable[str] = ()) -> bytes:
+        """The exposition; with ``names`` (full sample names, as Prometheus' ``name[]`` query
+        parameter gives them) only the families that have them: a poller of a few gauges does
+        not pay for rendering every histogram."""
+        names = list(names)
+        registry = self.registry.restricted_registry(names) if names else self.registry
+        return generate_latest(registry)
 
     # -- helpers -------------------------------------------------------------------------------
 

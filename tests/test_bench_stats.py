@@ -250,3 +250,39 @@ def test_tables_keep_their_numbers_when_not_printed_to_a_terminal():
     assert "…" not in text
     for value in ("128", "123.4", "12346", "123.4", "TTFT p99", "KV waste"):
         assert value in text
+
+
+def test_kv_probe_asks_for_its_gauges_by_name_after_the_first_scrape():
+    import asyncio
+
+    import httpx
+
+    from pagedserve.bench.server_metrics import KVProbe
+
+    asked: list[list[str]] = []
+    full = METRICS.format(waste=0.5, reserved=64, running=2, usage=0.5) + (
+        "# TYPE pagedserve:prompt_tokens_total counter\n"
+        'pagedserve:prompt_tokens_total{model_name="m"} 9\n')
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        names = request.url.params.get_list("name[]")
+        asked.append(names)
+        # as prometheus_client's exporters do: only the named families when names are given
+        lines = full.splitlines()
+        if names:
+            lines = [line for i, line in enumerate(lines) if any(
+                n in line or (i + 1 < len(lines) and n in lines[i + 1]) for n in names)]
+        return httpx.Response(200, text="\n".join(lines) + "\n")
+
+    async def scrape_twice():
+        transport = httpx.MockTransport(answer)
+        async with httpx.AsyncClient(transport=transport, base_url="http://server") as http:
+            probe = KVProbe(http)
+            return await probe.scrape(), await probe.scrape()
+
+    first, second = asyncio.run(scrape_twice())
+    gauges = ["pagedserve:kv_cache_usage_perc", "pagedserve:kv_cache_waste_perc",
+              "pagedserve:kv_reserved_tokens", "pagedserve:num_requests_running"]
+    assert asked == [[], gauges]  # the counter is not a gauge the probe reads
+    assert first["pagedserve:prompt_tokens_total"] == 9
+    assert second == {name: first[name] for name in gauges}

@@ -95,6 +95,19 @@ def test_every_series_is_labelled_with_the_model_name():
             assert sample.labels["model_name"] == "smol"
 
 
+def test_name_filter_renders_only_the_named_series():
+    metrics = ServerMetrics("m", FakeStats)
+    wanted = ["pagedserve:kv_used_tokens", "pagedserve:time_to_first_token_seconds_count"]
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render(wanted).decode())}
+    assert set(families) == {"pagedserve:kv_used_tokens", "pagedserve:time_to_first_token_seconds"}
+    assert families["pagedserve:kv_used_tokens"].samples[0].value == 50
+    # a histogram asked for by one of its series gives that series only, not its buckets
+    assert [s.name for s in families["pagedserve:time_to_first_token_seconds"].samples] == [
+        "pagedserve:time_to_first_token_seconds_count"]
+    assert metrics.render(["no_such_series"]) == b""
+    assert len(metrics.render()) > 10 * len(metrics.render(wanted))
+
+
 def test_observer_latencies_and_token_histograms():
     metrics = ServerMetrics("m", FakeStats)
     t0 = 1000.0
@@ -175,6 +188,11 @@ def test_metrics_after_known_traffic(server):
     time.sleep(0.2)  # the observer runs on the engine thread right after the last step
     text = httpx.get(f"{url}/metrics").text
     v = samples(text)
+    narrowed = samples(httpx.get(f"{url}/metrics", params=[
+        ("name[]", "pagedserve:generation_tokens_total"),
+        ("name[]", "pagedserve:num_requests_running")]).text)
+    assert narrowed == {"generation_tokens_total": v["generation_tokens_total"],
+                        "num_requests_running": 0}
     for name in SERIES:
         assert name in v or any(k.startswith(name + "{") for k in v), name
 

@@ -111,9 +111,11 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
         return PlainTextResponse("Ollama is running")
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def prometheus() -> Response:
-        """Prometheus metrics (text exposition format)."""
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+    async def prometheus(request: Request) -> Response:
+        """Prometheus metrics (text exposition format); ``?name[]=X&name[]=Y`` restricts the
+        answer to those series, as prometheus_client's own exporters do."""
+        return Response(metrics.render(request.query_params.getlist("name[]")),
+                        media_type=CONTENT_TYPE)
 
     install_openapi(app)
     return app

@@ -156,6 +156,11 @@ def paged_attention(
     T, nh, hd = q.shape
     nkv = k.shape[1]
     n = meta.num_actual_tokens
+    if k_cache.dtype != q.dtype:
+        # a cache in another dtype (EngineConfig.kv_cache_dtype): rounded once as stored, and
+        # a chunk without cached prefix attends to the rounded values too, as every later
+        # read of the cache (and the native decoder) does
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
     k_cache.view(-1, nkv, hd).index_copy_(0, st.slots, k[:n])
     v_cache.view(-1, nkv, hd).index_copy_(0, st.slots, v[:n])
     D = st.num_real_decodes
@@ -173,7 +178,8 @@ def paged_attention(
             keys = k_cache.index_select(0, chunk.block_table).view(-1, nkv, hd)
             values = v_cache.index_select(0, chunk.block_table).view(-1, nkv, hd)
             keys, values = keys[: chunk.context_len], values[: chunk.context_len]
-        out[s : s + n] = _prefill_attention(q[s : s + n], keys, values, chunk.causal_mask, scale)
+        out[s : s + n] = _prefill_attention(q[s : s + n], keys.to(q.dtype), values.to(q.dtype),
+                                            chunk.causal_mask, scale)
     return out
 
 
@@ -186,6 +192,8 @@ def _decode_attention(q, k_cache, v_cache, st: TorchStep, scale: float):
     # a decode step; SDPA is 2x faster at 64 rows, 4x at 16, and ahead at 1)
     keys = k_cache.index_select(0, st.decode_blocks).view(D, -1, nkv, hd).transpose(1, 2)
     values = v_cache.index_select(0, st.decode_blocks).view(D, -1, nkv, hd).transpose(1, 2)
+    if keys.dtype != q.dtype:  # a float16 cache under a float32 model: SDPA wants one dtype
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.view(D, nh, 1, hd), keys, values,
         attn_mask=st.decode_mask,  # (D, 1, 1, L): False past each sequence's end

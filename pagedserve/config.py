@@ -80,6 +80,11 @@ class EngineConfig:
     # "auto": bf16 where the hardware computes it natively, else fp32 (fp16 on CUDA without
     # bf16), as run, serve and vLLM default; "float32" is exact (the correctness tests use it)
     dtype: str = "auto"
+    # the KV cache's element type (vLLM's --kv-cache-dtype). "auto": the dtype above, except
+    # float16 where dtype "auto" chose float32 on a CPU (llama.cpp's f16 cache: half the memory,
+    # half of attention's reads; the native decoder converts with F16C and computes in float32).
+    # An explicit dtype="float32" keeps a float32 cache: exact, as the correctness tests want.
+    kv_cache_dtype: str = "auto"
     # CPU: decode steps of <= 8 tokens read int4/int8 copies of the weights (bandwidth-bound).
     # None: in bf16, and in float32 when dtype "auto" chose it (a CPU without native bf16);
     # an explicit dtype="float32" stays exact. True: in either dtype. False: never.
@@ -134,6 +139,9 @@ class EngineConfig:
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
+        if self.kv_cache_dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError("kv_cache_dtype must be auto, float32, bfloat16 or float16, got "
+                             f"{self.kv_cache_dtype!r}")
 
     def with_model_defaults(self, defaults: dict) -> EngineConfig:
         """Apply a model's own context length (Ollama's ``num_ctx`` parameter) unless set."""

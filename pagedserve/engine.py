@@ -137,6 +137,7 @@ class Engine:
             ModelRunner,
             kv_bytes_per_token,
             resolve_dtype,
+            resolve_kv_cache_dtype,
             resolve_low_bit,
         )
 
@@ -146,14 +147,18 @@ class Engine:
         dtype = resolve_dtype(config.dtype, config.device)
         self.config = config = dataclasses.replace(
             config, dtype=dtype,
-            low_bit_small_steps=resolve_low_bit(config.low_bit_small_steps, requested, dtype))
+            low_bit_small_steps=resolve_low_bit(config.low_bit_small_steps, requested, dtype),
+            kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, requested, dtype,
+                                                  config.device))
         logger.info("computing in %s on %s%s", config.dtype, config.device,
                     _auto_dtype_note(config.dtype, config.device) if requested == "auto" else "")
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_info = model_info
         self.model_name = model_name
-        per_token = kv_bytes_per_token(model_config, config.dtype)
+        if config.kv_cache_dtype != config.dtype:
+            logger.info("KV cache in %s", config.kv_cache_dtype)
+        per_token = kv_bytes_per_token(model_config, config.kv_cache_dtype)
         self.runner = ModelRunner(model_config, weights, config, consume_weights)
         model_len = config.max_model_len or model_config.max_position_embeddings
         if model_len > model_config.max_position_embeddings:

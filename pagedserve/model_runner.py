@@ -50,6 +50,17 @@ def resolve_dtype(dtype: str, device: str = "cpu") -> str:
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
 
 
+def resolve_kv_cache_dtype(setting: str, requested_dtype: str, dtype: str, device: str) -> str:
+    """``EngineConfig.kv_cache_dtype``: ``"auto"`` is the compute dtype, except float16 where
+    ``"auto"`` chose float32 on a CPU (as llama.cpp caches K and V), so that an explicit
+    ``float32`` stays the exact reference."""
+    if setting != "auto":
+        return setting
+    if dtype == "float32" and requested_dtype == "auto" and not device.startswith("cuda"):
+        return "float16"
+    return dtype
+
+
 def kv_bytes_per_token(config: ModelConfig, dtype: str) -> int:
     """Bytes of K and V for one token across all layers."""
     itemsize = torch.tensor([], dtype=DTYPES[dtype]).element_size()
@@ -67,11 +78,19 @@ class ModelRunner:
         self.block_size = engine_config.block_size
         self.device = torch.device(engine_config.device)
         self.dtype = DTYPES[engine_config.dtype]
+        # the Engine resolves "auto" (resolve_kv_cache_dtype); a runner built alone follows dtype
+        kv_dtype = engine_config.kv_cache_dtype
+        self.kv_dtype = self.dtype if kv_dtype == "auto" else DTYPES[kv_dtype]
         if engine_config.num_threads:
             torch.set_num_threads(engine_config.num_threads)
         low_bit = (engine_config.low_bit_small_steps is not False and self.device.type == "cpu"
                    and self.dtype in (torch.bfloat16, torch.float32))
         self.attention = select_backend(engine_config.attention_backend, self.device)
+        if self.kv_dtype != self.dtype and self.attention.name != "torch":
+            raise ValueError(
+                f"kv_cache_dtype {kv_dtype} under dtype {engine_config.dtype} needs "
+                f"attention_backend torch: the {self.attention.name} kernels read the cache in "
+                "the model's dtype")
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
         native = low_bit and native_q4.resolve(engine_config.native_kernels)
         if native:
@@ -84,6 +103,11 @@ class ModelRunner:
                                       attention=self.attention.paged_attention,
                                       consume_weights=consume_weights,
                                       fused_ops=engine_config.fused_ops, native_int4=native)
+        if self.model.native_decoder is not None and self.kv_dtype not in (torch.float32,
+                                                                             torch.float16):
+            logger.info("the native decoder reads float32 or float16 KV caches; with a %s "
+                        "cache the layers run op by op", kv_dtype)
+            self.model.native_decoder = None
         if self.model.native_decoder is not None:
             logger.info("every step of up to %d tokens runs the native decoder (AVX2)",
                         NATIVE_STEP_TOKENS)
@@ -104,8 +128,8 @@ class ModelRunner:
         shape = (num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
         # Zeroed, not empty: masked attention weights are exactly 0, but 0 * NaN garbage is not.
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+             torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
             for _ in range(self.config.num_layers)
         ]
         max_tokens = max(self.engine_config.max_num_batched_tokens, max_num_seqs)
@@ -141,8 +165,8 @@ class ModelRunner:
             next_block += len(table)
             chunks.append(StepChunk([0] * n, 0, table, True))
         shape = (next_block, bs, self.config.num_kv_heads, self.config.head_dim)
-        caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                   torch.zeros(shape, dtype=self.dtype, device=self.device))
+        caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                   torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
                   for _ in range(self.config.num_layers)]
         inputs = StepInputs(num_tokens, len(lens), max(len(c.block_table) for c in chunks), bs,
                             self.device)

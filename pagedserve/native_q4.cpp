@@ -18,7 +18,8 @@
 // The decoder (class Decoder): every layer of a Llama-family model for T decoding sequences, one
 // token each, float32 throughout except the matmuls above: the same arithmetic as the torch ops
 // of pagedserve/models/llama.py in one call instead of ~1,500 (their dispatch was half of a
-// one-sequence step). The KV cache is the paged one of pagedserve/attention.py.
+// one-sequence step). The KV cache is the paged one of pagedserve/attention.py, in float32 or
+// float16 (EngineConfig.kv_cache_dtype; F16C converts, attention computes in float32).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/python.h>
@@ -306,8 +307,29 @@ void softmax(float* x, int64_t n) {
   for (; i < n; ++i) x[i] /= sum;
 }
 
+// A KV cache row holds float32 or float16 (uint16_t bits: F16C converts 8 at a time, the
+// halves rounded to nearest even as torch's .to(float16))
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x) { return _cvtsh_ss(x); }
+
+inline void store_row(const float* x, int64_t n, float* out) {
+  std::memcpy(out, x, n * sizeof(float));
+}
+inline void store_row(const float* x, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) out[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
 // scores[p] = q . k_rows[p] * scale for p < n: 4 rows at a time, 4 independent sums
-void attention_scores(const float* q, const float* const* k_rows, int64_t n, int64_t hd,
+template <typename E>
+void attention_scores(const float* q, const E* const* k_rows, int64_t n, int64_t hd,
                       float scale, float* scores) {
   int64_t p = 0;
   for (; p + 4 <= n && hd % 8 == 0; p += 4) {
@@ -316,15 +338,26 @@ void attention_scores(const float* q, const float* const* k_rows, int64_t n, int
     for (int64_t d = 0; d < hd; d += 8) {
       const __m256 qv = _mm256_loadu_ps(q + d);
       for (int j = 0; j < 4; ++j)
-        acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k_rows[p + j] + d), acc[j]);
+        acc[j] = _mm256_fmadd_ps(qv, load8(k_rows[p + j] + d), acc[j]);
     }
     for (int j = 0; j < 4; ++j) scores[p + j] = horizontal_sum(acc[j]) * scale;
   }
-  for (; p < n; ++p) scores[p] = dot(q, k_rows[p], hd) * scale;
+  for (; p < n && hd % 8 == 0; ++p) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k_rows[p] + d), acc);
+    scores[p] = horizontal_sum(acc) * scale;
+  }
+  for (; p < n; ++p) {  // a head dimension that is not a multiple of 8
+    float sum = 0.f;
+    for (int64_t d = 0; d < hd; ++d) sum += q[d] * to_float(k_rows[p][d]);
+    scores[p] = sum * scale;
+  }
 }
 
 // out (hd) = sum_p weights[p] v_rows[p], 64 of the hd values at a time held in registers
-void weighted_sum(const float* weights, const float* const* v_rows, int64_t n, int64_t hd,
+template <typename E>
+void weighted_sum(const float* weights, const E* const* v_rows, int64_t n, int64_t hd,
                   float* out) {
   int64_t d = 0;
   for (; d + 64 <= hd; d += 64) {
@@ -333,13 +366,13 @@ void weighted_sum(const float* weights, const float* const* v_rows, int64_t n, i
     for (int64_t p = 0; p < n; ++p) {
       const __m256 w = _mm256_set1_ps(weights[p]);
       for (int j = 0; j < 8; ++j)
-        acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v_rows[p] + d + 8 * j), acc[j]);
+        acc[j] = _mm256_fmadd_ps(w, load8(v_rows[p] + d + 8 * j), acc[j]);
     }
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + d + 8 * j, acc[j]);
   }
   for (; d < hd; ++d) {  // a head dimension that is not a multiple of 64: the rest one by one
     float sum = 0.f;
-    for (int64_t p = 0; p < n; ++p) sum += weights[p] * v_rows[p][d];
+    for (int64_t p = 0; p < n; ++p) sum += weights[p] * to_float(v_rows[p][d]);
     out[d] = sum;
   }
 }
@@ -441,13 +474,14 @@ class Decoder {
   // x (T, H) float32: the embedded tokens, one per decoding sequence; it becomes the residual
   // stream after the last layer, before the final norm, and is returned. positions, slots,
   // seq_lens (T,) int32; block_tables (T, >= blocks of the longest) int32, rows of unit stride;
-  // caches: per layer its K and V, (num_blocks, block_size, nkv, hd) float32 each.
+  // caches: per layer its K and V, (num_blocks, block_size, nkv, hd) each, all float32 or all
+  // float16 (attention reads float16 rows through F16C, computing in float32).
   at::Tensor forward(at::Tensor x, const at::Tensor& positions, const at::Tensor& slots,
                      const at::Tensor& seq_lens, const at::Tensor& block_tables,
                      const std::vector<at::Tensor>& caches) {
-    const int64_t T = x.size(0), H = hidden_, I = intermediate_;
-    TORCH_CHECK(x.dim() == 2 && x.size(1) == H && x.scalar_type() == at::kFloat
-                && x.is_contiguous(), "x must be contiguous float32 (T, ", H, ")");
+    const int64_t T = x.size(0);
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden_ && x.scalar_type() == at::kFloat
+                && x.is_contiguous(), "x must be contiguous float32 (T, ", hidden_, ")");
     for (const at::Tensor* t : {&positions, &slots, &seq_lens})
       TORCH_CHECK(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) >= T
                   && t->stride(0) == 1, "positions, slots and seq_lens must be int32 (T,)");
@@ -456,15 +490,18 @@ class Decoder {
                 "block_tables must be int32 (T, W) with rows of unit stride");
     TORCH_CHECK(caches.size() == 2 * layers_.size(), "a K and a V cache per layer");
     const int64_t bs = caches[0].size(1);
+    const at::ScalarType cache_type = caches[0].scalar_type();
+    TORCH_CHECK(cache_type == at::kFloat || cache_type == at::kHalf,
+                "caches must be float32 or float16");
     for (const at::Tensor& c : caches)
-      TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 4
-                  && c.size(1) == bs && c.size(2) == nkv_ && c.size(3) == hd_,
-                  "caches must be contiguous float32 (blocks, block_size, nkv, hd)");
+      TORCH_CHECK(c.scalar_type() == cache_type && c.is_contiguous() && c.dim() == 4
+                  && c.size(0) == caches[0].size(0) && c.size(1) == bs && c.size(2) == nkv_
+                  && c.size(3) == hd_,
+                  "caches must be contiguous, of one dtype and shape (blocks, block_size, nkv, hd)");
     const int32_t* pos = positions.data_ptr<int32_t>();
     const int32_t* slot = slots.data_ptr<int32_t>();
     const int32_t* lens = seq_lens.data_ptr<int32_t>();
     const int32_t* tables = block_tables.data_ptr<int32_t>();
-    const int64_t table_stride = block_tables.stride(0);
     const int64_t num_blocks = caches[0].size(0), cache_slots = num_blocks * bs;
     const int64_t max_pos = cos_.size(0);
     int64_t max_len = 0;
@@ -476,24 +513,49 @@ class Decoder {
       TORCH_CHECK((lens[t] + bs - 1) / bs <= block_tables.size(1), "row ", t,
                   ": the block table is too short");
       for (int64_t b = 0; b < (lens[t] + bs - 1) / bs; ++b) {
-        const int32_t block = tables[t * table_stride + b];
+        const int32_t block = tables[t * block_tables.stride(0) + b];
         TORCH_CHECK(block >= 0 && block < num_blocks, "row ", t, ": block ", block,
                     " outside the cache");
       }
       max_len = std::max<int64_t>(max_len, lens[t]);
     }
+    const Step step{T, pos, slot, lens, tables, block_tables.stride(0), bs, max_len};
+    if (cache_type == at::kHalf) {
+      std::vector<uint16_t*> pointers;
+      for (const at::Tensor& c : caches)
+        pointers.push_back(reinterpret_cast<uint16_t*>(c.data_ptr<at::Half>()));
+      run(step, x.data_ptr<float>(), pointers);
+    } else {
+      std::vector<float*> pointers;
+      for (const at::Tensor& c : caches) pointers.push_back(c.data_ptr<float>());
+      run(step, x.data_ptr<float>(), pointers);
+    }
+    return x;
+  }
+
+ private:
+  struct Step {  // one forward's rows, checked
+    int64_t T;
+    const int32_t *pos, *slot, *lens, *tables;
+    int64_t table_stride, bs, max_len;
+  };
+
+  // every layer over the residual stream (T, H), caches[2 l], caches[2 l + 1] layer l's K and V
+  template <typename E>
+  void run(const Step& st, float* stream, const std::vector<E*>& caches) const {
+    const int64_t T = st.T, H = hidden_, I = intermediate_, bs = st.bs, max_len = st.max_len;
+    const int32_t *pos = st.pos, *slot = st.slot, *lens = st.lens;
     const int64_t qkv_n = (nh_ + 2 * nkv_) * hd_, half = hd_ / 2, group = nh_ / nkv_;
     const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
     std::vector<float> h(T * H), qkv(T * qkv_n), attn(T * nh_ * hd_), out(T * H),
         gate_up(T * 2 * I), act(T * I);
-    float* stream = x.data_ptr<float>();
     // attention is worth splitting over threads only when there is enough of it
     const int64_t attention_grain = max_len * hd_ * nh_ * T > (1 << 16) ? 1 : T * nkv_;
 
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& l = layers_[li];
-      float* k_cache = caches[2 * li].data_ptr<float>();
-      float* v_cache = caches[2 * li + 1].data_ptr<float>();
+      E* k_cache = caches[2 * li];
+      E* v_cache = caches[2 * li + 1];
       const float* bias = l.qkv_bias.numel() ? l.qkv_bias.data_ptr<float>() : nullptr;
       each_row(T, [&](int64_t t) {
         rms_norm(stream + t * H, l.input_norm.data_ptr<float>(), eps_, H, h.data() + t * H);
@@ -508,17 +570,16 @@ class Decoder {
         for (int64_t head = 0; head < nh_ + nkv_; ++head)
           rotate_halves(row + head * hd_, c, s, half);
         // this token's K and V into its slot (each row its own), before attention reads them
-        std::memcpy(k_cache + slot[t] * nkv_ * hd_, row + nh_ * hd_, nkv_ * hd_ * sizeof(float));
-        std::memcpy(v_cache + slot[t] * nkv_ * hd_, row + (nh_ + nkv_) * hd_,
-                    nkv_ * hd_ * sizeof(float));
+        store_row(row + nh_ * hd_, nkv_ * hd_, k_cache + slot[t] * nkv_ * hd_);
+        store_row(row + (nh_ + nkv_) * hd_, nkv_ * hd_, v_cache + slot[t] * nkv_ * hd_);
       });
       // one task per sequence and KV head, for its `group` query heads
       at::parallel_for(0, T * nkv_, attention_grain, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(group * max_len);
-        std::vector<const float*> k_rows(max_len), v_rows(max_len);
+        std::vector<const E*> k_rows(max_len), v_rows(max_len);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t t = task / nkv_, g = task % nkv_, len = lens[t];
-          const int32_t* table = tables + t * table_stride;
+          const int32_t* table = st.tables + t * st.table_stride;
           for (int64_t p = 0; p < len; ++p) {  // where each position's K and V rows are
             const int64_t block = p / bs, at_slot = (table[block] * bs + p - block * bs) * nkv_ + g;
             k_rows[p] = k_cache + at_slot * hd_;
@@ -546,10 +607,8 @@ class Decoder {
       q4_gemm(act.data(), T, I, l.down.data_ptr<uint8_t>(), H, out.data());
       each_row(T, [&](int64_t t) { add(out.data() + t * H, stream + t * H, H); });
     }
-    return x;
   }
 
- private:
   std::vector<Layer> layers_;
   at::Tensor cos_, sin_;
   int64_t nh_, nkv_, hd_, hidden_ = 0, intermediate_ = 0;

@@ -229,16 +229,19 @@ def decode_steps_both_ways(llm: LLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return pairs
 
 
-@pytest.mark.parametrize("model_dir", ["tiny_llama_dir", "tiny_qwen2_dir"])
-def test_native_decoder_computes_what_the_per_op_path_does(model_dir, request, monkeypatch):
+@pytest.mark.parametrize(("model_dir", "kv_cache_dtype"), [
+    ("tiny_llama_dir", "float32"), ("tiny_qwen2_dir", "float32"), ("tiny_llama_dir", "float16")])
+def test_native_decoder_computes_what_the_per_op_path_does(model_dir, kv_cache_dtype, request,
+                                                           monkeypatch):
     """Every step computed both ways on the same cache, one sequence alone and then 12 at once
     (prompts beside decodes, contexts over several blocks, finishing one by one): GQA, llama3
-    rope scaling, Qwen2's q/k/v biases."""
+    rope scaling, Qwen2's q/k/v biases; a float16 cache rounds K and V as torch's .to() does."""
     # the per-op path reads the int4 weights in steps of up to 16 rows too, as the native one
     monkeypatch.setattr(llama, "SMALL_STEP_TOKENS", llama.NATIVE_STEP_TOKENS)
     config = EngineConfig(low_bit_small_steps=True, native_kernels=True, dtype="float32",
-                          max_num_seqs=16)
+                          max_num_seqs=16, kv_cache_dtype=kv_cache_dtype)
     llm = LLM(str(request.getfixturevalue(model_dir)), engine_config=config)
+    assert llm.engine.runner.kv_caches[0][0].dtype == getattr(torch, kv_cache_dtype)
     pairs = decode_steps_both_ways(llm)
     prompts = [[3 + (7 * i + n) % 500 for i in range(n)] for n in range(5, 65, 5)]
     alone = llm.generate([prompts[-1]], SamplingParams(temperature=0, max_tokens=6,

@@ -43,12 +43,13 @@ def test_engine_knobs_reach_the_engine_config():
         "serve", "m.gguf", "--max-num-seqs", "8", "--max-num-batched-tokens", "256",
         "--kv-cache-memory", "256MiB", "--max-model-len", "2048", "--block-size", "32",
         "--no-enable-prefix-caching", "--kv-layout", "static", "--max-parallel", "2",
-        "--num-ctx", "1024", "--dtype", "bfloat16"])
+        "--num-ctx", "1024", "--dtype", "bfloat16", "--kv-cache-dtype", "float16"])
     config = engine_config_from_args(args)
     assert (config.max_num_seqs, config.max_num_batched_tokens, config.kv_cache_memory,
             config.max_model_len, config.block_size, config.enable_prefix_caching,
-            config.kv_layout, config.max_parallel, config.num_ctx, config.dtype) == (
-        8, 256, 256 << 20, 2048, 32, False, "static", 2, 1024, "bfloat16")
+            config.kv_layout, config.max_parallel, config.num_ctx, config.dtype,
+            config.kv_cache_dtype) == (
+        8, 256, 256 << 20, 2048, 32, False, "static", 2, 1024, "bfloat16", "float16")
 
 
 def test_unset_knobs_keep_the_engine_defaults():

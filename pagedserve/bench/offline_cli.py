@@ -53,6 +53,9 @@ def add_parser(sub) -> None:
                    help="matmul dtype (default: %(default)s, as for serve and run: bfloat16 "
                    "where the hardware has it, else float32 with low-bit small steps; float32 "
                    "is the exact reference)")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="KV cache dtype (default: %(default)s, as for serve and run)")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="at least the largest batch (default: %(default)s)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -76,7 +79,7 @@ def engine_config(args) -> object:
     kv = args.kv_cache_memory
     if kv is None and not args.device.startswith("cuda"):
         kv = 1 << 30
-    return EngineConfig(dtype=args.dtype, device=args.device,
+    return EngineConfig(dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, device=args.device,
                         max_num_seqs=max(args.max_num_seqs, *batch_sizes(args)),
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=kv,
                         gpu_memory_utilization=args.gpu_memory_utilization,

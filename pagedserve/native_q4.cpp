@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -137,11 +138,43 @@ void q4_tile(const uint8_t* w, int64_t groups, const int8_t* q, const float* sca
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + (row0 + r) * n + tile * 8, acc[r]);
 }
 
+// Steps of at least this many rows share their loops out in chunks (each_chunk); smaller ones
+// split them in equal shares up front. Measured on the 2-core AVX2 machine, the decoder alone
+// and beside a process busy a fifth of the time in bursts of 0.4 ms (as the HTTP thread and the
+// load generator are): 64 rows 94.2 -> 90.8 ms quiet, 138.2 -> 113.1 ms disturbed; 16 rows
+// 22.1 -> 21.6 and 31.3 -> 29.6 ms; but 1 to 8 rows were slower in chunks (1 row 5.9 -> 6.6 ms:
+// their matmuls are a few microseconds of memory reads, and equal halves stream best).
+constexpr int64_t CHUNKED_ROWS = 16;
+
+// fn(begin, end) over [0, n): with `chunked`, in chunks of about an eighth of a thread's share
+// handed out in turn to torch's threads (at::parallel_for starts them), so that a thread the
+// OS takes away for a while leaves the rest of its work to the others instead of holding the
+// whole step up at the barrier; else split in equal shares (grain `grain`). Which thread
+// computes an item changes nothing in its result.
+template <typename F>
+void each_share(int64_t n, bool chunked, int64_t grain, const F& fn) {
+  if (!chunked) {
+    at::parallel_for(0, n, grain, fn);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, n / (8 * at::get_num_threads()));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  if (threads <= 1 || at::in_parallel_region()) {
+    fn(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t begin; (begin = next.fetch_add(chunk, std::memory_order_relaxed)) < n;)
+      fn(begin, std::min(begin + chunk, n));
+  });
+}
+
 // tile(std::integral_constant<int, R>{}, row0, t) for each tile t of 8 of the n columns and
-// each tile of R <= 4 of the rows, the column tiles split over torch's threads
+// each tile of R <= 4 of the rows, the column tiles shared out over torch's threads
 template <typename F>
 void each_tile(int64_t rows, int64_t n, const F& tile) {
-  at::parallel_for(0, n / 8, 2, [&](int64_t begin, int64_t end) {
+  each_share(n / 8, rows >= CHUNKED_ROWS, 2, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t row0 = 0; row0 < rows; row0 += 4) {
         switch (std::min<int64_t>(4, rows - row0)) {
@@ -156,8 +189,8 @@ void each_tile(int64_t rows, int64_t n, const F& tile) {
 }
 
 // out (rows, n) = x (rows, k) times the blocks of W (n / 8, k / 32, 160), on torch's thread
-// pool (at::parallel_for, not a second OpenMP runtime), split over the tiles of 8 columns; rows
-// go through in tiles of up to 4, each tile of columns read from cache after the first.
+// pool (at::parallel_for, not a second OpenMP runtime), shared out in chunks of column tiles;
+// rows go through in tiles of up to 4, each tile of columns read from cache after the first.
 void q4_gemm(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t n, float* out) {
   const int64_t groups = k / 32;
   std::vector<int8_t> xq(rows * k);
@@ -550,7 +583,7 @@ class Decoder {
     std::vector<float> h(T * H), qkv(T * qkv_n), attn(T * nh_ * hd_), out(T * H),
         gate_up(T * 2 * I), act(T * I);
     // attention is worth splitting over threads only when there is enough of it
-    const int64_t attention_grain = max_len * hd_ * nh_ * T > (1 << 16) ? 1 : T * nkv_;
+    const bool parallel_attention = max_len * hd_ * nh_ * T > (1 << 16);
 
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& l = layers_[li];
@@ -574,7 +607,7 @@ class Decoder {
         store_row(row + (nh_ + nkv_) * hd_, nkv_ * hd_, v_cache + slot[t] * nkv_ * hd_);
       });
       // one task per sequence and KV head, for its `group` query heads
-      at::parallel_for(0, T * nkv_, attention_grain, [&](int64_t begin, int64_t end) {
+      const auto attend = [&](int64_t begin, int64_t end) {
         std::vector<float> scores(group * max_len);
         std::vector<const E*> k_rows(max_len), v_rows(max_len);
         for (int64_t task = begin; task < end; ++task) {
@@ -594,7 +627,11 @@ class Decoder {
             weighted_sum(row, v_rows.data(), len, hd_, attn.data() + (t * nh_ + qh) * hd_);
           }
         }
-      });
+      };
+      if (parallel_attention)
+        each_share(T * nkv_, T >= CHUNKED_ROWS, 1, attend);
+      else
+        attend(0, T * nkv_);
       q4_gemm(attn.data(), T, nh_ * hd_, l.o.data_ptr<uint8_t>(), H, out.data());
       each_row(T, [&](int64_t t) {
         add(out.data() + t * H, stream + t * H, H);

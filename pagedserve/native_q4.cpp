@@ -138,7 +138,7 @@ void q4_tile(const uint8_t* w, int64_t groups, const int8_t* q, const float* sca
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + (row0 + r) * n + tile * 8, acc[r]);
 }
 
-// Steps of at least this many rows share their loops out in chunks (each_chunk); smaller ones
+// Steps of at least this many rows share their loops out in chunks (each_share); smaller ones
 // split them in equal shares up front. Measured on the 2-core AVX2 machine, the decoder alone
 // and beside a process busy a fifth of the time in bursts of 0.4 ms (as the HTTP thread and the
 // load generator are): 64 rows 94.2 -> 90.8 ms quiet, 138.2 -> 113.1 ms disturbed; 16 rows

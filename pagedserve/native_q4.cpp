@@ -368,7 +368,7 @@ inline __m256 sums_of_8(const __m256* v) {
 }
 
 // scores[p] = q . k_rows[p] * scale for p < n: 8 rows at a time, 8 independent sums reduced
-// together, then 4, then one by one
+// together, then one by one
 template <typename E>
 void attention_scores(const float* q, const E* const* k_rows, int64_t n, int64_t hd,
                       float scale, float* scores) {
@@ -383,17 +383,7 @@ void attention_scores(const float* q, const E* const* k_rows, int64_t n, int64_t
     }
     _mm256_storeu_ps(scores + p, _mm256_mul_ps(sums_of_8(acc), _mm256_set1_ps(scale)));
   }
-  for (; p + 4 <= n && hd % 8 == 0; p += 4) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                     _mm256_setzero_ps()};
-    for (int64_t d = 0; d < hd; d += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + d);
-      for (int j = 0; j < 4; ++j)
-        acc[j] = _mm256_fmadd_ps(qv, load8(k_rows[p + j] + d), acc[j]);
-    }
-    for (int j = 0; j < 4; ++j) scores[p + j] = horizontal_sum(acc[j]) * scale;
-  }
-  for (; p < n && hd % 8 == 0; ++p) {
+  for (; p < n && hd % 8 == 0; ++p) {  // the last < 8
     __m256 acc = _mm256_setzero_ps();
     for (int64_t d = 0; d < hd; d += 8)
       acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(k_rows[p] + d), acc);

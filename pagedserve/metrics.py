@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from pagedserve.outputs import RequestOutput
 
 if TYPE_CHECKING:
-    from pagedserve.engine import EngineStats, StepStats
+    from pagedserve.engine.messages import EngineStats, StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class _EngineStatsCollector(Collector):
                       s.prompt_tokens_total)
         yield counter("generation_tokens", "Tokens generated.", s.generation_tokens_total)
         yield counter("constrained_requests",
-                      "Requests with structured outputs or forced tool calls (a grammar).",
+                      "Requests with structured outputs or forced tool calls (a grammar that compiled).",
                       s.constrained_requests_total)
         yield counter("grammar_cache_hits",
                       "Constrained requests whose grammar was already compiled (or refused).",
@@ -121,15 +121,30 @@ class _EngineStatsCollector(Collector):
 class ServerMetrics:
     """The server's Prometheus registry, and an engine observer that feeds its histograms.
 
-    ``on_step`` and ``on_output`` run on the engine thread; prometheus_client's metrics are
-    thread-safe, and the per-request bookkeeping here is touched by that thread only.
+    ``on_step`` and ``on_output`` run on the front end's event loop, as the core's outputs
+    arrive. With several front ends (``--api-server-count``), each process writes its counters
+    and histograms to ``multiprocess_dir`` (prometheus_client's multiprocess mode, switched on
+    by ``PROMETHEUS_MULTIPROC_DIR`` before it is imported) and any of them answers a scrape
+    with the sums over all of them; the engine's gauges come from each one's latest news of
+    the core, which is the same core.
     """
 
     def __init__(self, model_name: str, stats: Callable[[], EngineStats],
-                 alive: Callable[[], bool] = lambda: True, max_model_len: int = 131072) -> None:
+                 alive: Callable[[], bool] = lambda: True, max_model_len: int = 131072,
+                 multiprocess_dir: str | None = None) -> None:
         self.model_name = model_name
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_EngineStatsCollector(model_name, stats, alive))
+        engine_stats = _EngineStatsCollector(model_name, stats, alive)
+        if multiprocess_dir is None:
+            self.registry = CollectorRegistry(auto_describe=True)
+            self.registry.register(engine_stats)
+            self._exposed = self.registry
+        else:  # the metrics below write to files; the exposition reads every process's
+            from prometheus_client import multiprocess
+
+            self.registry = CollectorRegistry()
+            self._exposed = CollectorRegistry(auto_describe=True)
+            multiprocess.MultiProcessCollector(self._exposed, path=multiprocess_dir)
+            self._exposed.register(engine_stats)
         labels = ["model_name"]
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
@@ -201,11 +216,6 @@ class ServerMetrics:
         if output.finished:
             self._observe_finished(output)
 
-    def watch_grammars(self, compiler) -> None:
-        """Observe each grammar compilation of ``compiler`` (runs in its thread)."""
-        if compiler is not None and self.grammar_compile_time.observe not in compiler.on_compiled:
-            compiler.on_compiled.append(self.grammar_compile_time.observe)
-
     def forget(self, request_id: str) -> None:
         """Drop bookkeeping for a request that ended without a finished output."""
         self._last_token_time.pop(request_id, None)
@@ -215,7 +225,7 @@ class ServerMetrics:
         parameter gives them) only the families that have them: a poller of a few gauges does
         not pay for rendering every histogram."""
         names = list(names)
-        registry = self.registry.restricted_registry(names) if names else self.registry
+        registry = self._exposed.restricted_registry(names) if names else self._exposed
         return generate_latest(registry)
 
     # -- helpers -------------------------------------------------------------------------------

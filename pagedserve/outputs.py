@@ -67,6 +67,7 @@ class RequestOutput:
     delta_logprobs: list[TokenLogprobs] | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None  # with finish_reason "error": what went wrong
+    client_error: bool = False  # the error is the request's own (its message names the field)
 
 
 @dataclass(slots=True)

@@ -44,6 +44,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     grammar: GrammarState | None = None  # when params.constraint is set
+    client_index: int = 0  # the front end whose request it is
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

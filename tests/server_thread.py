@@ -1,15 +1,17 @@
 """A pagedserve server in a thread of the test process, wired as `pagedserve serve` wires it
-(AsyncEngine -> ServedModel -> create_app -> HTTPServer, engine death -> exit status), so that
-a test can reach into the engine: inject faults, check integrity, count blocks."""
+(AsyncEngine -> ServedModel -> create_app -> HTTPServer, engine death -> exit status) but with
+the engine core in a thread (InprocClient) rather than a process, so that a test can reach into
+the engine: inject faults, check integrity, count blocks."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from pagedserve.async_engine import AsyncEngine
 from pagedserve.bench.server_process import free_port
 from pagedserve.engine import Engine
+from pagedserve.engine.async_engine import AsyncEngine
+from pagedserve.engine.core_client import InprocClient
 from pagedserve.server.app import create_app
 from pagedserve.server.http_server import make_http_server, run_http_server
 from pagedserve.server.limits import ServerLimits
@@ -20,7 +22,7 @@ class ServerThread:
     def __init__(self, engine: Engine, name: str = "tiny", limits: ServerLimits | None = None,
                  api_key: str | None = None) -> None:
         self.engine = engine
-        self.async_engine = AsyncEngine(engine)
+        self.async_engine = AsyncEngine(InprocClient(engine.core))
         card = ModelCard(name=name, path=str(engine.model_info.path if engine.model_info
                                              else name))
         self.served = ServedModel(card, self.async_engine, limits)

@@ -87,7 +87,7 @@ def test_abort_frees_blocks_at_once_and_reports_abort(tiny):
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.kv.all_free()
-    assert b not in engine._requests
+    assert b not in engine.core.request_ids()
 
 
 def test_a_request_that_cannot_fit_is_rejected_at_submission(tiny):

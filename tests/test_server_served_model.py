@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pagedserve.async_engine import EngineDeadError
+from pagedserve.engine.errors import EngineDeadError
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.limits import ServerLimits
@@ -46,7 +46,7 @@ class FakeAsyncEngine:
         self.made += 1
         self.prompts.append(prompt)
         ids = [ord(c) for c in prompt] if isinstance(prompt, str) else list(prompt)
-        return SimpleNamespace(request_id=f"r{self.made}", prompt_token_ids=ids, grammar=None)
+        return SimpleNamespace(request_id=f"r{self.made}", prompt_token_ids=ids, params=params)
 
     def enqueue(self, request: SimpleNamespace) -> FakeStream:
         self.streams.append(FakeStream(request.request_id))

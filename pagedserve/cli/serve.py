@@ -59,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* and /api/* "
                    "(default: $PAGEDSERVE_API_KEY; none: open)")
 
+    p.add_argument("--api-server-count", type=int, default=1, metavar="N",
+                   help="front-end processes sharing the port and one engine core (HTTP, "
+                   "tokenizing, detokenizing and streaming spread over N processes; vLLM's "
+                   "flag); default 1")
     p.add_argument("--tool-call-parser", choices=["auto", "hermes", "llama3_json"],
                    default="auto",
                    help="how tool calls are read from answers (tool_choice auto, Ollama's "
@@ -186,6 +190,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         field, _, rest = str(exc).partition(" ")
         logger.error("--%s %s", field.replace("_", "-"), rest)
         return 2
+    if args.api_server_count < 1:
+        logger.error("--api-server-count must be >= 1, got %s", args.api_server_count)
+        return 2
     if args.shutdown_timeout < 0:
         logger.error("--shutdown-timeout must be >= 0 seconds, got %s", args.shutdown_timeout)
         return 2
@@ -204,6 +211,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.error("%s", exc.strerror or exc)
         return 1
     with sock:
+        if args.api_server_count > 1:
+            from pagedserve.server.supervisor import serve_many
+
+            return serve_many(args, sock, limits, card, config)
         return _serve(args, sock, limits, card, config)
 
 
@@ -221,43 +232,60 @@ def _serve(args: argparse.Namespace, sock, limits, card, config) -> int:
 
 
 def _load(args: argparse.Namespace, server, gate, limits, card, config) -> None:
-    """The model, then the application over it, handed to the server's event loop."""
-    import prometheus_client
-
-    from pagedserve.async_engine import AsyncEngine
-    from pagedserve.engine import Engine
-    from pagedserve.loader import ModelLoadError
-    from pagedserve.metrics import ServerMetrics
-    from pagedserve.server.app import create_app
-    from pagedserve.server.served_model import ServedModel
+    """The engine core (its own process, which loads the model), then the application over
+    it, handed to the server's event loop. A model that cannot load ends the server: exit 1
+    with the reason in one line."""
+    from pagedserve.engine.core_client import MPClient
+    from pagedserve.engine.core_process import EngineCoreStartError
 
     host = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("listening on http://%s:%d; loading %s from %s (%s)", host, args.port,
                 card.name, card.path, card.source)
     try:
-        engine = Engine.from_model(card.path, config, model_name=card.name,
-                                   progress=sys.stderr.isatty())
-    except (ValueError, LookupError, OSError, RuntimeError, ModelLoadError) as exc:
-        logger.error("%s", exc)
+        client = MPClient.launch(card.path, config, card.name, progress=sys.stderr.isatty())
+    except BaseException as exc:  # noqa: BLE001 - whatever it was, the server must not hang
+        if isinstance(exc, EngineCoreStartError):
+            logger.error("%s", exc)
+        else:
+            logger.error("starting the engine core failed: %s: %s", type(exc).__name__, exc)
+            logger.debug("starting the engine core failed", exc_info=True)
         server.call_on_loop(server.fail, 0.0)
         return
+    install(args, server, gate, limits, card, client)
+
+
+def install(args: argparse.Namespace, server, gate, limits, card, client,
+            metrics_dir: str | None = None) -> None:
+    """Hand the application over ``client``'s engine core to the server's event loop (from
+    the loading thread); ``metrics_dir``: Prometheus' multiprocess directory, where several
+    front ends add up their counters and histograms."""
+    import prometheus_client
+
+    from pagedserve.engine.async_engine import AsyncEngine
+    from pagedserve.metrics import ServerMetrics
+    from pagedserve.server.app import create_app
+    from pagedserve.server.served_model import ServedModel
+
     # vLLM's habit: no "_created" timestamp series next to every counter and histogram
     prometheus_client.disable_created_metrics()
-    async_engine = AsyncEngine(engine, on_dead=server.engine_died)
+    async_engine = AsyncEngine(client, on_dead=server.engine_died,
+                               client_index=getattr(args, "client_index", 0))
     served = ServedModel(card, async_engine, limits,
                          tool_call_parser=getattr(args, "tool_call_parser", "auto"))
-    metrics = ServerMetrics(card.name, engine.stats, alive=lambda: async_engine.alive,
-                            max_model_len=engine.max_model_len)
+    metrics = ServerMetrics(card.name, async_engine.stats, alive=lambda: async_engine.alive,
+                            max_model_len=client.info.max_model_len, multiprocess_dir=metrics_dir)
     app = create_app(served, metrics, api_key=args.api_key)
     if server.run_on_loop(gate.install(app)):
         server.attach(served)
         _log_startup(args, served)
+    else:  # a signal during the load: the server stopped; the core must not outlive it
+        client.close_unstarted()
 
 
 def _log_startup(args: argparse.Namespace, served) -> None:
-    engine = served.engine
-    capacity = engine.kv.capacity_tokens
-    max_len = engine.max_model_len
+    info = served.info
+    capacity = info.kv_capacity_tokens
+    max_len = info.max_model_len
     host = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("serving %s on http://%s:%d (OpenAI /v1, Ollama /api, metrics /metrics)",
                 served.name, host, args.port)
@@ -265,13 +293,13 @@ def _log_startup(args: argparse.Namespace, served) -> None:
                 args.shutdown_timeout)
     logger.info("model %s in %s: context %d tokens; KV cache (%s, %s) holds %d tokens: %d "
                 "requests at full context at once (max %d sequences per batch)",
-                served.card.path, engine.config.dtype, max_len, engine.config.kv_layout,
-                engine.config.kv_cache_dtype, capacity,
-                capacity // max_len if max_len else 0, engine.scheduler.max_num_seqs)
+                served.card.path, info.config.dtype, max_len, info.config.kv_layout,
+                info.config.kv_cache_dtype, capacity,
+                capacity // max_len if max_len else 0, info.max_num_seqs)
     if args.api_key:
         logger.info("API key required on /v1/* and /api/*")
     limits = served.limits
     logger.info("limits: %d requests waiting for a seat (more get 503), bodies of %d bytes, "
                 "n <= %d, JSON depth %d, prompts of %d characters", limits.max_queue,
                 limits.max_request_body, limits.max_n, limits.max_json_depth,
-                engine.max_prompt_chars)
+                info.max_prompt_chars)

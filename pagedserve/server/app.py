@@ -39,12 +39,13 @@ PROTECTED_PREFIXES = ("/v1/", "/api/")
 def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
                api_key: str | None = None) -> FastAPI:
     """The server for ``served``; ``metrics`` is registered as an engine observer here."""
-    metrics = metrics or ServerMetrics(served.name, served.engine.stats,
-                                       alive=lambda: served.async_engine.alive,
+    engine = served.async_engine
+    metrics = metrics or ServerMetrics(served.name, engine.stats, alive=lambda: engine.alive,
                                        max_model_len=served.max_model_len)
-    if metrics not in served.engine.observers:
-        served.engine.observers.append(metrics)
-    metrics.watch_grammars(getattr(served.engine, "grammars", None))
+    if metrics not in engine.observers:
+        engine.observers.append(metrics)
+    if metrics.grammar_compile_time.observe not in engine.grammar_compile_observers:
+        engine.grammar_compile_observers.append(metrics.grammar_compile_time.observe)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pagedserve.async_engine import EngineDeadError
+from pagedserve.engine.errors import EngineDeadError
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
 
-from pagedserve.async_engine import EngineDeadError
+from pagedserve.engine.errors import EngineDeadError
 from pagedserve.outputs import RequestOutput
 from pagedserve.server.errors import APIError
 
 if TYPE_CHECKING:
-    from pagedserve.async_engine import RequestStream
+    from pagedserve.engine.async_engine import RequestStream
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ class Generation:
     def _note(self, index: int, output: RequestOutput) -> None:
         if output.finished:
             self._finished.add(index)
+        if output.finish_reason == "error" and output.client_error:
+            field = (output.error or "").split(":", 1)[0]
+            raise APIError.bad_request(output.error or "bad request", param=field)
         if output.finish_reason == "error":
             raise APIError(500, f"The server failed on this request: {output.error}",
                            code="engine_error")

@@ -40,7 +40,7 @@ async def show(request: Request) -> dict:
     served = served_model(request)
     body = await read_body(request, ShowRequest)
     check_model(served, body.model or body.name)
-    info = served.engine.model_info
+    info = served.info.model_info
     answer = {
         "license": "",
         "modelfile": _modelfile(served),
@@ -59,7 +59,7 @@ async def show(request: Request) -> dict:
 @router.get("/api/ps")
 async def ps(request: Request) -> dict:
     served = served_model(request)
-    on_gpu = served.engine.config.device != "cpu"
+    on_gpu = served.info.config.device != "cpu"
     size = _size(served)
     return {"models": [{
         "name": served.name, "model": served.name, "size": size, "digest": _digest(served),
@@ -77,17 +77,17 @@ async def version() -> dict:
 
 
 def _details(served: ServedModel) -> dict:
-    info = served.engine.model_info
-    family = info.family or info.architecture or served.engine.model_config.architecture
+    info = served.info.model_info
+    family = info.family or info.architecture or served.info.model_config.architecture
     return {
         "parent_model": "",
         "format": info.format,
         "family": family,
         "families": [family],
         "parameter_size": _parameter_size(info.parameter_count
-                                          or served.engine.model_config.num_parameters),
-        "quantization_level": info.quantization or served.engine.config.dtype.upper(),
-        "dtype": served.engine.config.dtype,  # pagedserve's: what the weights compute in
+                                          or served.info.model_config.num_parameters),
+        "quantization_level": info.quantization or served.info.config.dtype.upper(),
+        "dtype": served.info.config.dtype,  # pagedserve's: what the weights compute in
     }
 
 
@@ -98,12 +98,12 @@ def _parameter_size(count: int) -> str:
 
 
 def _size(served: ServedModel) -> int:
-    return int(served.engine.model_info.file_size or 0)
+    return int(served.info.model_info.file_size or 0)
 
 
 def _digest(served: ServedModel) -> str:
     """A stable identifier of the file (path, size, time), not a hash of its bytes."""
-    info = served.engine.model_info
+    info = served.info.model_info
     key = f"{info.path}:{info.file_size}:{_file_time(served)}"
     return hashlib.sha256(key.encode()).hexdigest()
 

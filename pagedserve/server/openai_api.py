@@ -49,7 +49,7 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [{
         "id": served.name, "object": "model", "created": int(served.loaded_at),
         "owned_by": "pagedserve", "root": served.card.path, "parent": None,
-        "max_model_len": served.max_model_len, "dtype": served.engine.config.dtype,
+        "max_model_len": served.max_model_len, "dtype": served.info.config.dtype,
     }]}
 
 

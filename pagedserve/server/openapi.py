@@ -98,7 +98,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     served = app.state.served
     ranges = {**RANGES, "n": Range(1, served.limits.max_n, integer=True),
               "max_tokens": Range(1, served.max_model_len, integer=True)}
-    token_id = Range(0, served.engine.model_config.vocab_size - 1, integer=True).json_schema()
+    token_id = Range(0, served.info.model_config.vocab_size - 1, integer=True).json_schema()
     for model, _ in BODIES.values():
         for name, model_schema in _model_schemas(model).items():
             _add_ranges(model_schema, ranges)

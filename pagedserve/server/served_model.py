@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pagedserve.engine import ContextLengthError, PromptTooLongError
+from pagedserve.engine.errors import ContextLengthError, PromptTooLongError
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation
@@ -29,8 +29,9 @@ from pagedserve.server.limits import ServerLimits
 from pagedserve.structured.tool_parsers import detect_tool_parser
 
 if TYPE_CHECKING:
-    from pagedserve.async_engine import AsyncEngine
-    from pagedserve.request import Request
+    from pagedserve.engine.async_engine import AsyncEngine, RequestStream
+    from pagedserve.engine.info import EngineInfo
+    from pagedserve.engine.messages import EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +78,17 @@ class ServedModel:
         return self.card.name
 
     @property
-    def engine(self):
-        return self.async_engine.engine
+    def info(self) -> EngineInfo:
+        """What the engine core said of itself when it started (config, tokenizer, limits)."""
+        return self.async_engine.info
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.info.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self.info.max_model_len
 
     def answers_to(self, name: str | None) -> bool:
         """Whether a request's ``model`` addresses this model (None and "" mean the default)."""
@@ -143,7 +145,7 @@ class ServedModel:
         """The chat as prompt text (off the event loop when it is long); 400 if the template
         rejects it or the text cannot fit the context. ``tools`` go to the template."""
         size = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
-        if size > self.engine.max_prompt_chars:
+        if size > self.info.max_prompt_chars:
             raise _too_many_chars(self.max_model_len, "messages", size)
         if size < LONG_TEXT_CHARS:
             return self._render_chat(messages, tools)
@@ -161,7 +163,7 @@ class ServedModel:
 
     async def tokenize(self, text: str, add_special_tokens: bool, field: str) -> list[int]:
         """Token ids of ``text`` (for /tokenize): bounded like a prompt, long ones off the loop."""
-        if len(text) > self.engine.max_prompt_chars:
+        if len(text) > self.info.max_prompt_chars:
             raise _too_many_chars(self.max_model_len, field, len(text))
         if len(text) < LONG_TEXT_CHARS:
             return self.tokenizer.encode(text, add_special_tokens)
@@ -200,10 +202,14 @@ class ServedModel:
             raise _context_error(exc, prompt_field) from exc
         except ValueError as exc:
             raise APIError.from_value_error(exc, renames) from exc
-        await _compiled(requests)
         streams = [self.async_engine.enqueue(r) for r in requests]
         generation = Generation(streams)
         self._live.add(generation)
+        try:
+            await _admitted(requests, streams)
+        except BaseException:
+            generation.abort()
+            raise
         return generation
 
     def _admit(self, num_requests: int) -> None:
@@ -255,14 +261,14 @@ class ServedModel:
             generation.abort()
 
 
-async def _compiled(requests: Sequence[Request]) -> None:
-    """Wait (off the event loop) for the requests' grammars; 400 naming the field of one that
-    does not compile, before anything is queued."""
-    for request in requests:
-        if request.grammar is not None:
-            await asyncio.wait([asyncio.wrap_future(request.grammar.compiled)])
+async def _admitted(requests: Sequence[EngineCoreRequest],
+                    streams: Sequence[RequestStream]) -> None:
+    """Wait for the core to take in the requests whose constraint had to compile: 400 naming
+    the field of a constraint that does not compile, before anything was answered."""
+    for request, stream in zip(requests, streams, strict=True):
+        if request.params.constraint is not None:
             try:
-                request.grammar.wait(0)
+                await stream.wait_admitted()
             except ValueError as exc:
                 field = str(exc).split(":", 1)[0]
                 raise APIError.bad_request(str(exc), param=field) from exc

@@ -81,6 +81,9 @@ class GrammarWaitingRoom:
     def ids(self) -> set[str]:
         return set(self._requests)
 
+    def requests(self) -> list[Request]:
+        return list(self._requests.values())
+
     def add(self, request: Request) -> None:
         self._requests[request.request_id] = request
 

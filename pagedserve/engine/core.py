@@ -1,31 +1,42 @@
-"""The engine: requests in, one iteration per :meth:`Engine.step`, deltas out.
+"""The engine core: requests in, one iteration per :meth:`EngineCore.step`, token ids out.
 
-A step is schedule -> run -> postprocess -> emit. Everything stateful has its own object: the
-scheduler decides who runs, the KV manager (paged or static) decides where their K/V live, the
-model runner computes and samples, a detokenizer per request turns tokens into text and spots
-stop strings. The engine is single-threaded; :class:`~pagedserve.async_engine.AsyncEngine` runs
-it in a thread for the server, :class:`~pagedserve.llm.LLM` drives it directly offline.
+A step is schedule -> execute -> update. Everything stateful has its own object: the scheduler
+decides who runs, the KV manager (paged or static) decides where their K/V live, the model
+runner computes and samples, a grammar per constrained request follows its tokens. The core
+deals in token ids only: text (detokenizing, stop strings) is the front end's
+(:mod:`pagedserve.engine.output_processor`), which asks the core to abort a request whose text
+hit a stop string.
+
+The core is single-threaded. It runs inside :class:`~pagedserve.engine.llm_engine.Engine`
+(offline, in the caller's thread), in a thread of the server (tests), or in a process of its
+own behind a busy loop (:mod:`pagedserve.engine.core_process`, what ``serve`` runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pagedserve.block_manager import BlockManager
 from pagedserve.config import EngineConfig, ModelConfig
-from pagedserve.detokenizer import IncrementalDetokenizer
-from pagedserve.outputs import Logprob, RequestMetrics, RequestOutput, TokenLogprobs
+from pagedserve.engine.errors import EngineStepError
+from pagedserve.engine.info import EngineInfo
+from pagedserve.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineStats,
+    StepStats,
+)
+from pagedserve.outputs import RequestMetrics
 from pagedserve.request import Request, RequestStatus
-from pagedserve.sampling_params import SamplingParams
 from pagedserve.scheduler import ScheduledRequest, Scheduler
 from pagedserve.static_slots import StaticSlotManager
 from pagedserve.structured.compiler import GrammarCompiler
+from pagedserve.structured.constraint import Constraint
 from pagedserve.structured.state import GrammarState, GrammarWaitingRoom
 
 if TYPE_CHECKING:
@@ -35,92 +46,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Consecutive steps in which every request failed before the engine gives up: one bad request
+# Consecutive steps in which every request failed before the core gives up: one bad request
 # fails alone, but a model that fails every step (a broken device) must not look healthy.
 MAX_FAILED_STEPS = 8
-GRAMMAR_WAIT_S = 0.02  # an engine with nothing to run but compiling grammars naps this long
 
 
-class ContextLengthError(ValueError):
-    """The prompt plus the tokens asked for do not fit the model's context."""
-
-    def __init__(self, max_model_len: int, num_prompt_tokens: int, max_tokens: int):
-        self.max_model_len = max_model_len
-        self.num_prompt_tokens = num_prompt_tokens
-        self.max_tokens = max_tokens
-        total = num_prompt_tokens + max_tokens
-        super().__init__(
-            f"This model's maximum context length is {max_model_len} tokens, your request has "
-            f"{num_prompt_tokens} input tokens. However, you requested {total} tokens "
-            f"({num_prompt_tokens} in the messages, {max_tokens} in the completion). "
-            "Please reduce the length of the messages or completion."
-        )
-
-
-class PromptTooLongError(ContextLengthError):
-    """A prompt text too long to fit the context, turned away before it is tokenized.
-
-    Every character is covered by some token and no token covers more than the vocabulary's
-    longest entry, so past ``max_chars`` characters no tokenization can fit ``max_model_len``.
-    """
-
-    def __init__(self, max_model_len: int, num_chars: int, max_chars: int):
-        ValueError.__init__(
-            self,
-            f"This model's maximum context length is {max_model_len} tokens; your prompt of "
-            f"{num_chars} characters is longer than {max_chars} characters, more than that "
-            "many tokens can hold. Please reduce the length of the prompt.",
-        )
-        self.max_model_len = max_model_len
-        self.num_chars = num_chars
-        self.max_chars = max_chars
-
-
-class EngineStepError(RuntimeError):
-    """Steps keep failing for every request they hold: the engine cannot go on."""
-
-
-@dataclass(slots=True)
-class StepStats:
-    num_scheduled_tokens: int
-    num_prompt_tokens: int  # prefill tokens computed this step
-    num_generation_tokens: int  # tokens sampled this step
-    num_preempted: int
-    duration: float  # seconds
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # fraction of blocks in use, 0..1
-    kv_blocks_total: int
-    kv_blocks_free: int
-    prefix_cache_queries: int  # tokens, cumulative
-    prefix_cache_hits: int  # tokens, cumulative
-    num_preemptions: int  # cumulative
-    kv_reserved_tokens: int
-    kv_used_tokens: int
-    kv_waste_perc: float  # (reserved - used) / used * 100
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    constrained_requests_total: int = 0  # requests with a grammar, cumulative
-    grammar_compiles_total: int = 0
-    grammar_compile_seconds_total: float = 0.0
-    grammar_cache_hits_total: int = 0
-
-
-class EngineObserver:
-    """Hooks called from the engine's thread after each step; override what you need."""
-
-    def on_step(self, stats: StepStats) -> None:
-        pass
-
-    def on_output(self, output: RequestOutput) -> None:
-        pass
-
-
-class Engine:
+class EngineCore:
     def __init__(
         self,
         model_config: ModelConfig,
@@ -192,12 +123,13 @@ class Engine:
         # structured outputs: grammars compile in a thread; requests wait for theirs apart
         self.grammars = (GrammarCompiler(tokenizer, model_config.vocab_size)
                          if tokenizer is not None else None)
+        self._compile_seconds: list[float] = []
+        if self.grammars is not None:
+            self.grammars.on_compiled.append(self._compile_seconds.append)
         self._awaiting_grammar = GrammarWaitingRoom()
         self._constrained_total = 0
-        self.observers: list[EngineObserver] = []
+        self._eos = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
         self._requests: dict[str, Request] = {}
-        self._detok: dict[str, IncrementalDetokenizer | None] = {}
-        self._ids = itertools.count()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._failed_steps = 0  # consecutive steps in which every request failed
@@ -235,8 +167,8 @@ class Engine:
         load_format: str = "auto",
         progress: bool = False,
         consume_weights: bool | None = None,
-    ) -> Engine:
-        """`consume_weights` (default: when this loads the model itself): the engine may empty
+    ) -> EngineCore:
+        """`consume_weights` (default: when this loads the model itself): the core may empty
         the weights dict as it fuses tensors, freeing the unfused copies early."""
         from pagedserve.device import check_device
         from pagedserve.loader import LoadedModel, load_model
@@ -254,155 +186,121 @@ class Engine:
         return cls(model.config, model.weights, model.tokenizer, config, model.info, name,
                    consume_weights=consume)
 
-    # -- requests ------------------------------------------------------------------------
-    def make_request(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        arrival_time: float | None = None,
-    ) -> Request:
-        """Validate and tokenize without touching engine state (safe from another thread)."""
-        params = params or SamplingParams()
-        if params.n != 1:
-            raise ValueError("n must be 1 per engine request; the API layers fan out n > 1")
-        vocab = self.model_config.vocab_size
-        for t in params.stop_token_ids:
-            if t >= vocab:
-                raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {t}")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer; pass token ids")
-            if len(prompt) > self.max_prompt_chars:
-                raise PromptTooLongError(self.max_model_len, len(prompt), self.max_prompt_chars)
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = list(prompt)
-            for t in token_ids:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                    raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
-        if not token_ids:
-            raise ValueError("prompt must not be empty")
-        n = len(token_ids)
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = self.max_model_len - n
-            if max_tokens < 1:
-                raise ContextLengthError(self.max_model_len, n, 1)
-        elif n + max_tokens > self.max_model_len:
-            raise ContextLengthError(self.max_model_len, n, max_tokens)
-        eos = frozenset(self.tokenizer.eos_token_ids) if self.tokenizer else frozenset()
-        return Request(
-            request_id=request_id if request_id is not None else f"req-{next(self._ids)}",
-            prompt_token_ids=token_ids,
-            params=params,
-            eos_token_ids=eos,
-            max_tokens=max_tokens,
-            metrics=RequestMetrics(arrival_time or time.monotonic()),
-            grammar=self._grammar(params),
-        )
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model_name=self.model_name, model_config=self.model_config, config=self.config,
+            tokenizer=self.tokenizer, model_info=self.model_info,
+            max_model_len=self.max_model_len, max_prompt_chars=self.max_prompt_chars,
+            max_num_seqs=self.scheduler.max_num_seqs, kv_capacity_tokens=self.kv.capacity_tokens,
+            kv_num_blocks=self.kv.num_blocks)
 
-    def _grammar(self, params: SamplingParams) -> GrammarState | None:
-        """Start compiling the request's constraint, if it has one (in the compiler's thread:
-        ``request.grammar.wait()`` or ``.compiled`` tell when it is done, or why it failed)."""
-        constraint = params.constraint
-        if constraint is None:
-            return None
+    # -- requests ------------------------------------------------------------------------
+    def grammar_for(self, constraint: Constraint) -> GrammarState:
+        """A grammar for one request, compiling (or found in the cache) in the compiler's
+        thread: ``wait()`` tells when it is ready, or raises ValueError naming the field."""
         if self.grammars is None:
             raise ValueError(f"{constraint.field}: this model has no tokenizer, which "
                              "structured outputs need")
         return GrammarState(constraint, self.grammars.compile(constraint),
                             self.grammars.vocab_size)
 
-    def add(self, request: Request) -> None:
-        """Queue a request made by :meth:`make_request`; nothing is registered if this raises."""
+    def add_request(self, request: EngineCoreRequest,
+                    grammar: GrammarState | None = None) -> None:
+        """Queue a request; a constrained one first waits for its grammar (``grammar``, if the
+        caller made it with :meth:`grammar_for`): its admission is announced by an empty
+        output, or it ends with a client error."""
         if request.request_id in self._requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        p = request.params
-        detok = (
-            IncrementalDetokenizer(
-                self.tokenizer, request.prompt_token_ids, p.stop,
-                include_stop_str_in_output=p.include_stop_str_in_output,
-                skip_special_tokens=p.skip_special_tokens,
-            )
-            if self.tokenizer is not None
-            else None
+        constraint = request.params.constraint
+        if grammar is None and constraint is not None:
+            grammar = self.grammar_for(constraint)
+        params = request.params
+        r = Request(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            params=params,
+            eos_token_ids=self._eos,
+            max_tokens=request.max_tokens,
+            metrics=RequestMetrics(request.arrival_time),
+            grammar=grammar,
+            client_index=request.client_index,
         )
-        self._requests[request.request_id] = request
-        self._detok[request.request_id] = detok
-        if request.grammar is None:
-            self.scheduler.add(request)
+        self._requests[r.request_id] = r
+        if grammar is None:
+            self.scheduler.add(r)
         else:
-            self._constrained_total += 1
-            self._awaiting_grammar.add(request)  # joins the scheduler once compiled
+            self._awaiting_grammar.add(r)  # joins the scheduler once compiled
 
-    def add_request(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-    ) -> str:
-        request = self.make_request(prompt, params, request_id)
-        if request.grammar is not None:
-            request.grammar.wait()  # offline: a constraint that does not compile raises here
-        self.add(request)
-        return request.request_id
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        """Stop requests now and free their KV blocks; the final outputs of those still live."""
+        outputs = []
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is not None:
+                outputs.append(self._finish(request, "abort", None,
+                                            EngineCoreOutput(request_id)))
+        return outputs
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its KV blocks; returns its final output, if it was live."""
-        request = self._requests.get(request_id)
-        if request is None:
-            return None
-        out = self._finish(request, "abort", None, RequestOutput(request_id, "", []))
-        self._notify(None, [out])
-        return out
-
-    def _fail(self, request: Request, exc: BaseException) -> RequestOutput:
-        """End a request whose step failed: its blocks are freed, its caller gets the error."""
-        out = RequestOutput(request.request_id, "", [])
-        out.error = f"{type(exc).__name__}: {exc}"
-        self._detok.pop(request.request_id, None)  # nothing held back is worth showing
-        return self._finish(request, "error", None, out)
+    def request_ids(self) -> set[str]:
+        return set(self._requests)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or len(self._awaiting_grammar) > 0
 
+    def has_runnable_requests(self) -> bool:
+        """Whether a step would do something now (not only wait for grammars)."""
+        return self.scheduler.has_unfinished() or any(
+            r.grammar.ready for r in self._awaiting_grammar.requests())
+
+    def wait_for_grammars(self, timeout: float) -> None:
+        """Block until a compilation ends or ``timeout`` seconds pass (an engine idle but for
+        compiling grammars)."""
+        self._awaiting_grammar.wait(timeout)
+
     # -- the loop ------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> EngineCoreOutputs:
         start = time.monotonic()
         outputs = self._admit_compiled()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            if not outputs:
-                self._awaiting_grammar.wait(GRAMMAR_WAIT_S)
-            self._notify(None, outputs)
-            return outputs
+            return EngineCoreOutputs(outputs, time.monotonic(), None, self.stats(),
+                                     self._take_compile_seconds())
         num_decoding = sum(1 for s in plan.scheduled if s.is_decode)
         scheduled, sampled, failed = self._execute(plan.scheduled)
         outputs += [self._fail(s.request, exc) for s, exc in failed]
-        outputs += self._postprocess(scheduled, sampled)
-        stats = StepStats(
+        now = time.monotonic()
+        outputs += self._update(scheduled, sampled, now)
+        step = StepStats(
             num_scheduled_tokens=plan.num_batched_tokens,
             num_prompt_tokens=plan.num_batched_tokens - num_decoding,
             num_generation_tokens=sum(1 for t in sampled if t is not None),
             num_preempted=len(plan.preempted),
-            duration=time.monotonic() - start,
+            duration=now - start,
         )
-        self._notify(stats, outputs)
-        return outputs
+        return EngineCoreOutputs(outputs, now, step, self.stats(), self._take_compile_seconds())
 
-    def _admit_compiled(self) -> list[RequestOutput]:
-        """Requests whose grammar has compiled go to the scheduler; those whose grammar failed
-        to compile end with an error (the server checks before queueing, so only offline)."""
-        failed = []
+    def _take_compile_seconds(self) -> list[float]:
+        taken, self._compile_seconds[:] = self._compile_seconds[:], []
+        return taken
+
+    def _admit_compiled(self) -> list[EngineCoreOutput]:
+        """Requests whose grammar has compiled go to the scheduler, announced by an empty
+        output; those whose grammar did not compile end with the reason (a client error)."""
+        outputs = []
         for request in self._awaiting_grammar.pop_compiled():
             try:
                 request.grammar.start()
+            except ValueError as exc:  # the constraint does not compile: the client's fault
+                out = self._fail(request, exc)
+                out.error, out.client_error = str(exc), True
+                outputs.append(out)
             except Exception as exc:  # noqa: BLE001 - this request fails alone
-                failed.append(self._fail(request, exc))
+                outputs.append(self._fail(request, exc))
             else:
+                self._constrained_total += 1
                 self.scheduler.add(request)
-        return failed
+                outputs.append(EngineCoreOutput(request.request_id))
+        return outputs
 
     def _execute(self, scheduled: list[ScheduledRequest]) -> tuple[
             list[ScheduledRequest], list[SampledToken | None],
@@ -449,90 +347,70 @@ class Engine:
                 sampled.append(token)
         return ok, sampled, failures
 
-    def _notify(self, stats: StepStats | None, outputs: list[RequestOutput]) -> None:
-        """Observers see every step and output; one that raises is logged, never fatal."""
-        for observer in self.observers:
-            try:
-                if stats is not None:
-                    observer.on_step(stats)
-                for out in outputs:
-                    observer.on_output(out)
-            except Exception:  # noqa: BLE001 - metrics must not take the engine down
-                logger.exception("engine observer %r failed", observer)
-
-    def _postprocess(
-        self, scheduled: list[ScheduledRequest], sampled: list[SampledToken | None]
-    ) -> list[RequestOutput]:
-        now = time.monotonic()
+    def _update(self, scheduled: list[ScheduledRequest], sampled: list[SampledToken | None],
+                now: float) -> list[EngineCoreOutput]:
         outputs = []
         for s, token in zip(scheduled, sampled, strict=True):
             try:
-                out = self._postprocess_one(s, token, now)
+                out = self._update_one(s, token, now)
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-                logger.exception("postprocessing failed for request %s", s.request.request_id)
+                logger.exception("updating request %s failed", s.request.request_id)
                 out = self._fail(s.request, exc) if not s.request.finished else None
             if out is not None:
                 outputs.append(out)
         return outputs
 
-    def _postprocess_one(self, s: ScheduledRequest, token: SampledToken | None,
-                         now: float) -> RequestOutput | None:
+    def _update_one(self, s: ScheduledRequest, token: SampledToken | None,
+                    now: float) -> EngineCoreOutput | None:
         """Advance one request by its step: count computed tokens, append the sampled one,
-        detokenize, and finish it on a stop. None while it is still prefilling."""
+        and finish it on a stop token, at max_tokens, or when its grammar is complete. None
+        while it is still prefilling."""
         request = s.request
         request.num_computed_tokens += s.num_new_tokens
         self.kv.commit(request.request_id, request.all_token_ids, request.num_computed_tokens)
         if token is None:
             return None
+        out = EngineCoreOutput(request.request_id, [token.token_id])
         if request.num_output_tokens == 0:
             self._prompt_tokens_total += request.num_prompt_tokens
             request.metrics.first_token_time = now
+            out.first_scheduled_time = request.metrics.first_scheduled_time
+            out.num_cached_tokens = request.num_cached_tokens
         self._generation_tokens_total += 1
         request.metrics.last_token_time = now
         request.append_output_token(token.token_id)
-        out = RequestOutput(request.request_id, "", [token.token_id])
         if token.logprob is not None:
-            out.delta_logprobs = [self._token_logprobs(token)]
+            out.logprobs = [token.logprob]
+            top = token.top or []
+            out.top_ids = [[t for t, _ in top]]
+            out.top_logprobs = [[lp for _, lp in top]]
         finish = request.check_stop_token()
-        detok = self._detok[request.request_id]
-        if detok is not None and not (finish and finish[0] == "stop"):
-            delta = detok.add([token.token_id])
-            out.delta_text = delta.text
-            if delta.stop is not None:
-                finish = ("stop", delta.stop)
+        out.stop_token = finish is not None and finish[0] == "stop"
         if request.grammar is not None:
             request.grammar.advance(request.output_token_ids)
             if request.grammar.finished and (finish is None or finish[0] == "length"):
                 finish = ("stop", None)  # the grammar admits nothing more: the answer is whole
         if finish:
             return self._finish(request, finish[0], finish[1], out)
-        return self._fill(request, out)
+        return out
 
-    def _token_logprobs(self, token: SampledToken) -> TokenLogprobs:
-        text = self.tokenizer.token_text if self.tokenizer else str
-        return TokenLogprobs(
-            Logprob(token.token_id, text(token.token_id), token.logprob),
-            [Logprob(t, text(t), lp) for t, lp in token.top or []],
-        )
+    def _fail(self, request: Request, exc: BaseException) -> EngineCoreOutput:
+        """End a request whose step failed: its blocks are freed, its caller gets the error."""
+        out = EngineCoreOutput(request.request_id, error=f"{type(exc).__name__}: {exc}")
+        return self._finish(request, "error", None, out)
 
-    def _finish(self, request: Request, reason, stop_reason, out: RequestOutput) -> RequestOutput:
-        detok = self._detok.pop(request.request_id, None)
-        if detok is not None and not isinstance(stop_reason, str):
-            out.delta_text += detok.flush()
+    def _finish(self, request: Request, reason: str, stop_reason: int | None,
+                out: EngineCoreOutput) -> EngineCoreOutput:
         self.scheduler.finish(request)
         self._awaiting_grammar.remove(request.request_id)
         del self._requests[request.request_id]
         request.finish_reason, request.stop_reason = reason, stop_reason
         request.metrics.finished_time = time.monotonic()
-        out.finished, out.finish_reason, out.stop_reason = True, reason, stop_reason
-        return self._fill(request, out)
-
-    @staticmethod
-    def _fill(request: Request, out: RequestOutput) -> RequestOutput:
-        out.num_prompt_tokens = request.num_prompt_tokens
-        out.num_output_tokens = request.num_output_tokens
+        out.finish_reason, out.stop_reason = reason, stop_reason
+        out.num_preemptions = request.metrics.num_preemptions
         out.num_cached_tokens = request.num_cached_tokens
-        out.metrics = request.metrics
+        if out.first_scheduled_time is None:
+            out.first_scheduled_time = request.metrics.first_scheduled_time
         return out
 
     # -- introspection -------------------------------------------------------------------
@@ -557,6 +435,7 @@ class Engine:
             grammar_compiles_total=grammars.num_compiled if grammars else 0,
             grammar_compile_seconds_total=grammars.compile_seconds_total if grammars else 0.0,
             grammar_cache_hits_total=grammars.num_cache_hits if grammars else 0,
+            num_waiting_for_grammar=len(self._awaiting_grammar),
         )
 
     def check_integrity(self) -> None:
@@ -570,6 +449,10 @@ class Engine:
             "engine and scheduler disagree"
         for r in self.scheduler.running:
             assert r.status is RequestStatus.RUNNING
+
+    def close(self) -> None:
+        if self.grammars is not None:
+            self.grammars.close()
 
 
 def _auto_dtype_note(dtype: str, device: str) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pagedserve import store
 from pagedserve.bundled import BUNDLED_ALIASES, BUNDLED_MODEL_NAME, bundled_model_path
+from pagedserve.registry_client import HookEvents, PullError, RegistryRef, pull_from_registry
 from pagedserve.store import (
     MEDIA_FILE,
     MEDIA_MODEL,
@@ -52,11 +53,13 @@ __all__ = [
     "ModelNotFoundError",
     "PullError",
     "ResolvedModel",
+    "copy",
     "list_models",
     "model_info",
     "pull",
     "remove",
     "resolve",
+    "store_models",
 ]
 
 
@@ -465,6 +468,12 @@ def _hf_entries() -> Iterator[ModelEntry]:
             yield ModelEntry(name, "huggingface", gguf, gguf.stat().st_size, "gguf")
 
 
+def store_models(read_info: InfoReader | None = None) -> list[ModelEntry]:
+    """The models of pagedserve's own store only (what ``pull`` adds and ``remove`` removes)."""
+    reader = read_info or _default_info_reader()
+    return [_fill_details(entry, reader) for entry in _store_entries(own_store(), "pagedserve")]
+
+
 def list_models(read_info: InfoReader | None = None) -> list[ModelEntry]:
     """Every model of every source, in resolution order (own store, Ollama, Hugging Face
     cache, bundled), sorted by name within a source. ``read_info`` (default: the loader's
@@ -485,10 +494,6 @@ def list_models(read_info: InfoReader | None = None) -> list[ModelEntry]:
 
 # ---------------------------------------------------------------------------------------------
 # pull and remove: pagedserve's own store
-
-
-class PullError(RuntimeError):
-    """A model could not be brought into pagedserve's store; the message says why."""
 
 
 def _default_pull_name(ref: str, found: ResolvedModel) -> ModelName:
@@ -523,12 +528,18 @@ def _download_hf(repo_id: str, quant: str | None) -> Path:
         raise PullError(
             f"cannot download {repo_id} from Hugging Face ({type(exc).__name__}: {exc}); "
             "the network may be unreachable or HF_HUB_OFFLINE set. Download it elsewhere and "
-            "pull its directory: pagedserve pull /path/to/model"
+            "pull its directory: pagedserve pull /path/to/model (a model of the Ollama "
+            f"registry's namespace {repo_id.split('/')[0]} is registry.ollama.ai/{repo_id})"
         ) from exc
 
 
+class _FromRegistry(Exception):
+    """``pull`` is to download the name from an Ollama registry: nothing local has it."""
+
+
 def _pull_source(ref: str) -> tuple[ResolvedModel, Manifest | None]:
-    """Where ``pull`` copies from: the model found, and its Ollama manifest if it has one."""
+    """Where ``pull`` copies from: the model found, and its Ollama manifest if it has one.
+    Raises _FromRegistry for a name (NAME[:TAG], HOST/NAMESPACE/NAME[:TAG]) found nowhere."""
     if (found := _from_path(ref)) is not None:
         return found, None
     try:
@@ -550,12 +561,8 @@ def _pull_source(ref: str) -> tuple[ResolvedModel, Manifest | None]:
             return found, None
     if ref in BUNDLED_ALIASES:
         return ResolvedModel(BUNDLED_MODEL_NAME, bundled_model_path(), "bundled"), None
-    if len(parsed.parts) == 1:  # an Ollama library name, such as llama3.2:1b
-        raise PullError(
-            f"cannot pull {ref!r}: it is not in the Ollama store {ollama_store().root}, and "
-            "pagedserve does not download from the Ollama registry (registry.ollama.ai is not "
-            f"supported). Run `ollama pull {ref}` and pagedserve finds it there, or pull a GGUF "
-            "file (pagedserve pull ./model.gguf) or a Hugging Face repository (ORG/NAME)")
+    if len(parsed.parts) in (1, 3):  # llama3.2:1b, hf.co/ORG/REPO:QUANT
+        raise _FromRegistry(ref)
     raise PullError(f"cannot pull {ref!r}: no file, Ollama model, Hugging Face repository or "
                     "bundled model has that name")
 
@@ -585,38 +592,76 @@ def _copy_layers(source: ResolvedModel, ollama_manifest: Manifest | None, own: B
     return layers
 
 
-def pull(ref: str, name: str | None = None, *, link: bool = False,
+def pull(ref: str, name: str | None = None, *, link: bool = False, insecure: bool = False,
          progress: ProgressHook | None = None) -> ResolvedModel:
     """Copy (or hard-link, ``link=True``) a model into pagedserve's store, checking sha256.
 
-    Sources: a path (GGUF file or Hugging Face directory), an Ollama store entry (all its
-    layers, digests checked), a Hugging Face repository ``ORG/NAME`` (downloaded with
-    huggingface_hub, or taken from its cache when offline), the bundled model. A blob lands in
-    the store only once its digest is known and checked; the manifest is written last.
+    Sources, first match wins: a path (GGUF file or Hugging Face directory), an Ollama store
+    entry (all its layers, digests checked), a Hugging Face repository ``ORG/NAME``
+    (downloaded with huggingface_hub, or taken from its cache when offline), the bundled model,
+    and last an Ollama registry for ``NAME[:TAG]`` and ``HOST/NAMESPACE/NAME[:TAG]``
+    (:mod:`pagedserve.registry_client`; ``insecure``: over http). A blob lands in the store
+    only once its digest is known and checked; the manifest is written last.
     """
-    source, ollama_manifest = _pull_source(ref)
-    target = ModelName.parse(name) if name else _default_pull_name(ref, source)
     own = own_store()
-    layers = _copy_layers(source, ollama_manifest, own, link, progress)
-    manifest = Manifest(own.manifest_path(target), layers,
-                        annotations={"pagedserve.source": f"{source.source}:{ref}"})
-    own.write_manifest(target, manifest)
-    if manifest.layer(MEDIA_FILE) is not None:
-        own.build_tree(target, manifest)
-    own.collect_garbage()  # blobs of a model this pull replaced
-    logger.info("pulled %s as %s", ref, target)
-    return resolve(str(target))
+    try:
+        source, ollama_manifest = _pull_source(ref)
+    except _FromRegistry:
+        target = RegistryRef.parse(ref, insecure=insecure, name=name)
+        events = HookEvents(progress) if progress is not None else None
+        return resolve(str(pull_from_registry(target, own, on_event=events)))
+    target_name = ModelName.parse(name) if name else _default_pull_name(ref, source)
+    with own.locked():  # until the manifest names the new blobs
+        layers = _copy_layers(source, ollama_manifest, own, link, progress)
+        manifest = Manifest(own.manifest_path(target_name), layers,
+                            annotations={"pagedserve.source": f"{source.source}:{ref}"})
+        own.write_manifest(target_name, manifest)
+        if manifest.layer(MEDIA_FILE) is not None:
+            own.build_tree(target_name, manifest)
+        own.collect_garbage()  # blobs of a model this pull replaced
+    logger.info("pulled %s as %s", ref, target_name)
+    return resolve(str(target_name))
+
+
+def _stored_name(blobs: BlobStore, ref: str) -> ModelName:
+    """The store's name for ``ref``: as written, else as Ollama shortens it
+    (``library/x`` is ``x``). Raises ModelNotFoundError naming the store."""
+    try:
+        name = ModelName.parse(ref)
+    except ValueError as exc:
+        raise ModelNotFoundError(f"model {ref!r} is not in pagedserve's store: {exc}") from exc
+    for candidate in (name, name.short()):
+        if blobs.manifest_path(candidate).is_file():
+            return candidate
+    raise ModelNotFoundError(
+        f"model {ref!r} is not in pagedserve's store {blobs.root}; only models pulled there "
+        "can be removed or copied (see `pagedserve list`)")
 
 
 def remove(ref: str) -> list[Path]:
     """Delete a model from pagedserve's store (never from Ollama's or Hugging Face's); returns
     the blobs freed. Raises ModelNotFoundError when the store has no such model."""
-    store = own_store()
+    blobs = own_store()
+    name = _stored_name(blobs, ref)
     try:
-        name = ModelName.parse(ref)
-        return store.remove(name)
-    except (ValueError, FileNotFoundError) as exc:
-        raise ModelNotFoundError(
-            f"model {ref!r} is not in pagedserve's store {store.root}; `pagedserve rm` removes "
-            "only models pulled there (see `pagedserve list`)"
-        ) from exc
+        return blobs.remove(name)
+    except FileNotFoundError as exc:  # removed by someone else meanwhile
+        raise ModelNotFoundError(f"model {ref!r} is not in pagedserve's store") from exc
+
+
+def copy(source: str, destination: str) -> ModelName:
+    """Give a model of pagedserve's store a second name (the blobs are shared, not copied);
+    returns the new name. Raises ModelNotFoundError without ``source``, ValueError (naming
+    ``destination``) for a destination that cannot be a name."""
+    blobs = own_store()
+    name = _stored_name(blobs, source)
+    try:
+        target = ModelName.parse(destination)
+    except ValueError as exc:
+        raise ValueError("destination" + str(exc).removeprefix("model")) from exc
+    try:
+        blobs.copy(name, target)
+    except FileNotFoundError as exc:
+        raise ModelNotFoundError(f"model {source!r} is not in pagedserve's store") from exc
+    logger.info("copied %s to %s", name, target)
+    return target

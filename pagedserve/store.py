@@ -4,12 +4,17 @@ A store is a directory of manifests and blobs::
 
     ROOT/manifests/NAME.../TAG        JSON: {"schemaVersion": 2, "layers": [Layer, ...], ...}
     ROOT/blobs/sha256-<hex>           one file per distinct content, named by its sha256
+    ROOT/blobs/sha256-<hex>-partial   a download under way, or cut: the next pull resumes it
     ROOT/trees/NAME.../TAG/<file>     pagedserve only: a Hugging Face directory rebuilt from
                                       symlinks to its blobs (a loader needs real file names)
 
 Ollama keeps its store at ``$OLLAMA_MODELS`` or ``~/.ollama/models``, its manifests under
 ``manifests/registry.ollama.ai/library/NAME/TAG``. pagedserve keeps its own at
 ``$PAGEDSERVE_HOME/models`` (``~/.pagedserve/models``), its manifests under ``manifests/NAME/TAG``.
+
+Writers (a pull, ``rm``, ``cp``, in the server or on the command line) hold the store's lock,
+``ROOT/.lock``, from the moment they add blobs until their manifest names them, and while they
+collect garbage: blobs no manifest names are deleted, so a blob must never be seen unnamed.
 
 Every blob is checked against its digest before a model is handed out. Hashing a few GB takes
 seconds, so verified digests are remembered by (real path, size, mtime) in
@@ -18,6 +23,8 @@ seconds, so verified digests are remembered by (real path, size, mtime) in
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -46,7 +53,9 @@ DEFAULT_TAG = "latest"
 
 _CHUNK = 1 << 20
 _DIGEST_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
+_BLOB_NAME_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
 _NAME_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HOST_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(:[0-9]{1,5})?$")  # host[:port]
 
 
 class ModelIntegrityError(OSError):
@@ -91,7 +100,10 @@ def ollama_models_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class ModelName:
-    """``[HOST/][NAMESPACE/]MODEL[:TAG]``; a missing tag means ``latest``."""
+    """``[HOST/][NAMESPACE/]MODEL[:TAG]``; a missing tag means ``latest``.
+
+    As in Ollama, three components are host, namespace and model, and only the host may carry
+    a port (``localhost:5000/library/tiny``); two are namespace and model."""
 
     parts: tuple[str, ...]  # the path components before the tag
     tag: str
@@ -106,7 +118,9 @@ class ModelName:
         else:
             base, tag = ref, DEFAULT_TAG
         parts = tuple(base.split("/"))
-        if not base or not all(_NAME_PART_RE.match(p) for p in parts + (tag,)):
+        host_ok = len(parts) == 3 and _HOST_PART_RE.match(parts[0])
+        rest = parts[1:] if host_ok else parts
+        if not base or not all(_NAME_PART_RE.match(p) for p in rest + (tag,)):
             raise ValueError(f"model must be NAME[:TAG] of letters, digits, '.', '_', '-', got {ref!r}")
         return cls(parts, tag)
 
@@ -118,9 +132,13 @@ class ModelName:
         parts = self.parts
         if len(parts) == 1:
             parts = (OLLAMA_NAMESPACE, *parts)
-        if len(parts) == 2 or "." not in parts[0]:
+        if len(parts) == 2 or (len(parts) > 3 and "." not in parts[0]):
             parts = (OLLAMA_HOST, *parts)
         return (*parts, self.tag)
+
+    def short(self) -> ModelName:
+        """The name as Ollama prints it: ``registry.ollama.ai/library/x`` is ``x``."""
+        return ModelName.from_ollama_parts(self.ollama_parts())
 
     @classmethod
     def from_ollama_parts(cls, parts: tuple[str, ...]) -> ModelName:
@@ -332,6 +350,17 @@ class BlobStore:
         digest = layer.digest if isinstance(layer, Layer) else layer
         return self.blobs_dir / digest.replace(":", "-")
 
+    def partial_path(self, digest: str) -> Path:
+        """Where the download of ``digest`` grows until it is complete and checked."""
+        return self.blobs_dir / f"{digest.replace(':', '-')}-partial"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The store's writers' lock (see the module's docstring): threads of this process
+        wait for each other on :data:`_WRITERS`, processes on ``flock(ROOT/.lock)``."""
+        with _WRITERS.hold(self.root):
+            yield
+
     def find(self, name: ModelName) -> Manifest | None:
         path = self.manifest_path(name)
         return read_manifest(path) if path.is_file() else None
@@ -435,32 +464,91 @@ class BlobStore:
 
     def remove(self, name: ModelName) -> list[Path]:
         """Delete a model's manifest and tree, then every blob no other manifest uses."""
-        path = self.manifest_path(name)
-        if not path.is_file():
-            raise FileNotFoundError(path)
-        path.unlink()
-        _prune_empty_dirs(path.parent, self.manifests_dir)
-        tree = self.tree_path(name)
-        if tree.exists():
-            shutil.rmtree(tree)
-            _prune_empty_dirs(tree.parent, self.root / "trees")
-        return self.collect_garbage()
+        with self.locked():
+            path = self.manifest_path(name)
+            if not path.is_file():
+                raise FileNotFoundError(path)
+            path.unlink()
+            _prune_empty_dirs(path.parent, self.manifests_dir)
+            tree = self.tree_path(name)
+            if tree.exists():
+                shutil.rmtree(tree)
+                _prune_empty_dirs(tree.parent, self.root / "trees")
+            return self.collect_garbage()
+
+    def copy(self, source: ModelName, destination: ModelName) -> Manifest:
+        """A second name for a model: a manifest naming the same blobs (nothing is copied).
+        Replaces what ``destination`` named before. Raises FileNotFoundError without
+        ``source``."""
+        with self.locked():
+            manifest = self.find(source)
+            if manifest is None:
+                raise FileNotFoundError(self.manifest_path(source))
+            copy = Manifest(self.manifest_path(destination), manifest.layers, manifest.config,
+                            dict(manifest.annotations))
+            self.write_manifest(destination, copy)
+            if copy.layer(MEDIA_FILE) is not None:
+                self.build_tree(destination, copy)
+            self.collect_garbage()  # the blobs only the replaced destination used
+            return copy
 
     def collect_garbage(self) -> list[Path]:
-        used: set[str] = set()
-        for other in self.names():
-            manifest = self.find(other)
-            if manifest is not None:
-                used.update(layer.blob_name for layer in manifest.layers)
-                if manifest.config is not None:
-                    used.add(manifest.config.blob_name)
-        removed = []
-        if self.blobs_dir.is_dir():
-            for blob in sorted(self.blobs_dir.iterdir()):
-                if blob.name.startswith("sha256-") and blob.name not in used:
-                    blob.unlink()
-                    removed.append(blob)
-        return removed
+        """Delete every blob no manifest names; partial downloads stay, to be resumed."""
+        with self.locked():
+            used: set[str] = set()
+            for other in self.names():
+                manifest = self.find(other)
+                if manifest is not None:
+                    used.update(layer.blob_name for layer in manifest.layers)
+                    if manifest.config is not None:
+                        used.add(manifest.config.blob_name)
+            removed = []
+            if self.blobs_dir.is_dir():
+                for blob in sorted(self.blobs_dir.iterdir()):
+                    if _BLOB_NAME_RE.match(blob.name) and blob.name not in used:
+                        blob.unlink()
+                        removed.append(blob)
+            return removed
+
+
+class _WritersLock:
+    """Per store root: a reentrant lock between this process's threads, and the first holder
+    keeps ``flock(ROOT/.lock)`` between processes. Reentrant, because ``remove`` collects
+    garbage while it holds the lock; flock alone would not be (two opens of one file conflict,
+    even in one process)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[Path, threading.RLock] = {}
+        self._held: dict[Path, tuple[int, int]] = {}  # root -> (depth, lock file descriptor)
+
+    @contextlib.contextmanager
+    def hold(self, root: Path) -> Iterator[None]:
+        root = Path(os.path.realpath(root))
+        with self._guard:
+            lock = self._locks.setdefault(root, threading.RLock())
+        with lock:
+            depth, fd = self._held.get(root, (0, -1))
+            if depth == 0:
+                root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            self._held[root] = (depth + 1, fd)
+            try:
+                yield
+            finally:
+                depth, fd = self._held.pop(root)
+                if depth > 1:
+                    self._held[root] = (depth - 1, fd)
+                else:
+                    os.close(fd)  # closing releases the flock
+
+
+_WRITERS = _WritersLock()
 
 
 def own_store() -> BlobStore:

@@ -48,7 +48,7 @@ def anonymize(text: str, digest: str) -> str:
 def test_every_command_explains_itself_with_an_example(capsys) -> None:
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse's own
-    for name in ("run", "list", "show", "ps", "pull", "rm"):
+    for name in ("run", "list", "show", "ps", "pull", "rm", "cp"):
         help_text = commands[name].format_help()
         assert "example" in help_text, name
         assert f"pagedserve {name}" in help_text or name == "list", name
@@ -261,19 +261,23 @@ def test_pull_then_rm(ollama_models, home, smollm_gguf, capsys) -> None:
 def test_pull_errors(home, capsys) -> None:
     rc, _, err = run_cli(capsys, "pull", "nobody/nothing")
     assert rc == 1 and err.startswith("Error: cannot download nobody/nothing from Hugging Face")
-    rc, _, err = run_cli(capsys, "pull", "some/where/else")
+    rc, _, err = run_cli(capsys, "pull", "some/where/else/too")
     assert rc == 1 and "no file, Ollama model, Hugging Face repository" in err
 
 
-def test_pull_of_an_ollama_library_name_says_the_registry_is_not_supported(home) -> None:
+def test_pull_of_an_ollama_library_name_offline_is_one_line(home, monkeypatch) -> None:
+    """Not in the Ollama store: downloaded from the registry, which is unreachable here."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("PAGEDSERVE_REGISTRY", f"http://127.0.0.1:{port}")
     done = _run_cli_process(home, "pull", "llama3.2:1b")
     assert (done.returncode, done.stdout) == (1, "")
-    assert done.stderr == (
-        "Error: cannot pull 'llama3.2:1b': it is not in the Ollama store "
-        f"{home / '.ollama' / 'models'}, and pagedserve does not download from the Ollama "
-        "registry (registry.ollama.ai is not supported). Run `ollama pull llama3.2:1b` and "
-        "pagedserve finds it there, or pull a GGUF file (pagedserve pull ./model.gguf) or a "
-        "Hugging Face repository (ORG/NAME)\n")
+    assert done.stderr.startswith(
+        f"Error: cannot reach the registry 127.0.0.1:{port} (http://127.0.0.1:{port}): ")
+    assert done.stderr.endswith("check the network, or set PAGEDSERVE_REGISTRY to a registry "
+                                "you can reach\n")
+    assert done.stderr.count("\n") == 1
 
 
 # ---------------------------------------------------------------------------------------------

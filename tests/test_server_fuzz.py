@@ -16,6 +16,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from registry_server import Registry
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
@@ -33,8 +34,11 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance]
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_tokenized_dir):
-    with ServerProcess(str(tiny_llama_tokenized_dir), ARGS) as proc:
-        yield proc
+    # /api/pull asks an empty registry on 127.0.0.1, never the network: a name is a 404
+    with Registry() as registry, pytest.MonkeyPatch.context() as env:
+        env.setenv("PAGEDSERVE_REGISTRY", registry.url)
+        with ServerProcess(str(tiny_llama_tokenized_dir), ARGS) as proc:
+            yield proc
 
 
 def test_no_generated_request_gets_a_server_error(server):

@@ -173,7 +173,7 @@ def test_unknown_paths_and_methods_stay_4xx(http):
     assert http.get("/v1/models/%ED%A0%80").status_code == 404
     assert http.get("/v1/models/" + "x" * 5000).status_code == 404
     assert http.put("/v1/completions", json=OK).status_code == 405
-    assert http.post("/api/pull", json={"model": "x"}).status_code == 404
+    assert http.post("/api/push", json={"model": "x"}).status_code == 404
     check_alive(http)
 
 

@@ -1,4 +1,4 @@
-"""`pagedserve list | show | ps | pull | rm`: the models on this machine, and a server's."""
+"""`pagedserve list | show | ps | pull | rm | cp`: the models on this machine, and a server's."""
 
 from __future__ import annotations
 
@@ -60,20 +60,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_ps)
 
     p = subparsers.add_parser(
-        "pull", help="copy a model into pagedserve's store", formatter_class=raw,
+        "pull", help="copy or download a model into pagedserve's store", formatter_class=raw,
         description="Copy (or hard-link) a model into pagedserve's store, checking its sha256. "
-        "REF is a .gguf file, a Hugging Face model directory, a model in an Ollama store, or a "
+        "REF is a .gguf file, a Hugging Face model directory, a model in an Ollama store, a "
         "Hugging Face repository ORG/NAME (downloaded with huggingface_hub; its local cache is "
-        "used when the network is unreachable).",
+        "used when the network is unreachable), or else a model of an Ollama registry, "
+        "NAME[:TAG] or HOST/NAMESPACE/NAME[:TAG], downloaded from $PAGEDSERVE_REGISTRY "
+        "(default https://registry.ollama.ai) or the HOST named; a cut download resumes.",
         epilog="examples:\n  pagedserve pull ./SmolLM2-135M-Instruct.Q4_1.gguf --name smol\n"
-        "  pagedserve pull llama3.2:1b             # from ~/.ollama/models\n"
-        "  pagedserve pull Qwen/Qwen2.5-0.5B-Instruct",
+        "  pagedserve pull llama3.2:1b             # ~/.ollama/models, else registry.ollama.ai\n"
+        "  pagedserve pull Qwen/Qwen2.5-0.5B-Instruct\n"
+        "  pagedserve pull localhost:5000/library/tiny --insecure",
     )
     p.add_argument("ref", metavar="REF", help="path, Ollama name or ORG/NAME")
     p.add_argument("--name", help="store it under this NAME[:TAG] (default: from REF)")
     p.add_argument("--link", action="store_true",
                    help="hard-link instead of copying when on the same file system (saves "
                    "disk; the source must not be modified afterwards)")
+    p.add_argument("--insecure", action="store_true",
+                   help="reach the registry over http rather than https")
     p.set_defaults(func=cmd_pull)
 
     p = subparsers.add_parser(
@@ -84,6 +89,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("models", metavar="MODEL", nargs="+")
     p.set_defaults(func=cmd_rm)
+
+    p = subparsers.add_parser(
+        "cp", help="give a model of pagedserve's store a second name", formatter_class=raw,
+        description="Name a model of pagedserve's store anew; both names share its blobs "
+        "(nothing is copied). A model already named DESTINATION is replaced.",
+        epilog="example:\n  pagedserve cp smol my-smol:v1",
+    )
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("destination", metavar="DESTINATION")
+    p.set_defaults(func=cmd_cp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +380,8 @@ class RichProgress:
 def cmd_pull(args: argparse.Namespace) -> int:
     try:
         with RichProgress() as progress:
-            resolved = registry.pull(args.ref, args.name, link=args.link, progress=progress)
+            resolved = registry.pull(args.ref, args.name, link=args.link,
+                                     insecure=args.insecure, progress=progress)
     except (registry.PullError, registry.ModelNotFoundError, ModelIntegrityError,
             ValueError) as exc:
         return _fail(str(exc))
@@ -383,3 +399,12 @@ def cmd_rm(args: argparse.Namespace) -> int:
             continue
         print(f"deleted '{model}' ({len(freed)} blob{'s' if len(freed) != 1 else ''} freed)")
     return status
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    try:
+        registry.copy(args.source, args.destination)
+    except (registry.ModelNotFoundError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"copied '{args.source}' to '{args.destination}'")
+    return 0

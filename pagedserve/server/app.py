@@ -1,7 +1,8 @@
 """The FastAPI application: both APIs over one :class:`AsyncEngine`, plus the operator's routes.
 
     /v1/*                      OpenAI API          (openai_api.py)
-    /api/*                     Ollama API          (ollama_api.py, ollama_models_api.py)
+    /api/*                     Ollama API          (ollama_api.py, ollama_models_api.py,
+                                                    ollama_store_api.py)
     /tokenize, /detokenize     vLLM's tokenizer    (tokenize_api.py)
     /health, /version, /       liveness, version, "Ollama is running"
     /metrics                   Prometheus          (pagedserve/metrics.py)
@@ -24,7 +25,13 @@ from fastapi.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.metrics import CONTENT_TYPE, ServerMetrics
-from pagedserve.server import ollama_api, ollama_models_api, openai_api, tokenize_api
+from pagedserve.server import (
+    ollama_api,
+    ollama_models_api,
+    ollama_store_api,
+    openai_api,
+    tokenize_api,
+)
 from pagedserve.server.errors import APIError, error_response, install_error_handlers
 from pagedserve.server.generation import ClientDisconnected
 from pagedserve.server.openapi import install_openapi
@@ -74,6 +81,7 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
     app.include_router(ollama_models_api.router)
+    app.include_router(ollama_store_api.router)
     app.include_router(tokenize_api.router)
 
     @app.get("/health", response_class=Response,

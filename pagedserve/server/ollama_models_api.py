@@ -1,25 +1,32 @@
 """The Ollama API's model routes: ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/version``.
 
-The server has one model, loaded for the life of the process: it is the only one listed, and
-``/api/ps`` shows it as never expiring. ``/api/show`` gives the file's metadata (GGUF keys, or
-the Hugging Face equivalent) as ``model_info``.
+The server has one model, loaded for the life of the process: ``/api/ps`` shows it as never
+expiring, and ``/api/tags`` lists it first, then the models of pagedserve's own store (what
+``/api/pull`` brings there; serving one takes a server started with its name). ``/api/show``
+gives the served file's metadata (GGUF keys, or the Hugging Face equivalent) as ``model_info``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 
+from pagedserve import registry
 from pagedserve.server.ollama_api import check_model, served_model
 from pagedserve.server.ollama_protocol import FIELD_OPTIONS, OPTION_FIELDS, ShowRequest
 from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.version import __version__
+from pagedserve.store import ModelName, own_store
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -29,10 +36,40 @@ _MAX_SHOWN_ARRAY = 64  # longer metadata arrays (the vocabulary) only with "verb
 @router.get("/api/tags")
 async def tags(request: Request) -> dict:
     served = served_model(request)
-    return {"models": [{
+    listed = [{
         "name": served.name, "model": served.name, "modified_at": _file_time(served),
         "size": _size(served), "digest": _digest(served), "details": _details(served),
-    }]}
+    }]
+    listed += await asyncio.to_thread(_store_models, served)  # reads files: off the loop
+    return {"models": listed}
+
+
+def _store_models(served: ServedModel) -> list[dict]:
+    """The models of pagedserve's own store but the served one, as Ollama lists its store:
+    the digest is the manifest's sha256, the time the manifest's."""
+    store = own_store()
+    listed = []
+    for entry in registry.store_models():
+        if entry.problem or served.answers_to(entry.name):
+            continue
+        manifest = store.manifest_path(ModelName.parse(entry.name))
+        try:
+            digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+            stamp = manifest.stat().st_mtime
+        except OSError as exc:  # removed since it was listed
+            logger.debug("not listing %s: %s", entry.name, exc)
+            continue
+        family = entry.family if entry.family != "?" else ""
+        listed.append({
+            "name": entry.name, "model": entry.name,
+            "modified_at": dt.datetime.fromtimestamp(stamp, dt.UTC).isoformat(),
+            "size": entry.size, "digest": digest,
+            "details": {"parent_model": "", "format": entry.format, "family": family,
+                        "families": [family] if family else [],
+                        "parameter_size": _parameter_size(entry.parameter_count or 0),
+                        "quantization_level": entry.quantization},
+        })
+    return listed
 
 
 @router.post("/api/show")
@@ -92,6 +129,8 @@ def _details(served: ServedModel) -> dict:
 
 
 def _parameter_size(count: int) -> str:
+    if not count:
+        return ""
     if count >= 1e9:
         return f"{count / 1e9:.1f}B"
     return f"{count / 1e6:.2f}M"

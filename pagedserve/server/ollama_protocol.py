@@ -149,3 +149,20 @@ class ShowRequest(_Body):
     model: str | None = None
     name: str | None = None  # the field's old name, still sent by older clients
     verbose: bool = False
+
+
+class PullRequest(_Body):
+    model: str | None = None
+    name: str | None = None  # the field's old name, still sent by older clients
+    insecure: bool = False  # reach the registry over http
+    stream: bool = True
+
+
+class DeleteRequest(_Body):
+    model: str | None = None
+    name: str | None = None
+
+
+class CopyRequest(_Body):
+    source: str | None = None
+    destination: str | None = None

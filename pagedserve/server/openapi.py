@@ -21,7 +21,10 @@ from pagedserve.server.errors import OLLAMA_PREFIX
 from pagedserve.server.ollama_protocol import (
     OPTION_FIELDS,
     ChatRequest,
+    CopyRequest,
+    DeleteRequest,
     GenerateRequest,
+    PullRequest,
     ShowRequest,
 )
 from pagedserve.server.openai_protocol import (
@@ -41,12 +44,18 @@ BODIES: dict[tuple[str, str], tuple[type[BaseModel], str | None]] = {
     ("/api/generate", "post"): (GenerateRequest, "application/x-ndjson"),
     ("/api/chat", "post"): (ChatRequest, "application/x-ndjson"),
     ("/api/show", "post"): (ShowRequest, None),
+    ("/api/pull", "post"): (PullRequest, "application/x-ndjson"),
+    ("/api/delete", "delete"): (DeleteRequest, None),
+    ("/api/copy", "post"): (CopyRequest, None),
     ("/tokenize", "post"): (TokenizeRequest, None),
     ("/detokenize", "post"): (DetokenizeRequest, None),
 }
 # routes that look the model up by name (404), and those that queue engine work (503)
 NAMES_A_MODEL = {path for path, _ in BODIES} | {"/v1/models/{model_id}"}
 QUEUES_WORK = {"/v1/completions", "/v1/chat/completions", "/api/generate", "/api/chat"}
+# the store's routes: their own failures, and Ollama's empty answer to a delete or a copy
+STORE_STATUSES = {"/api/pull": [500, 502], "/api/delete": [409], "/api/copy": [409]}
+EMPTY_ANSWERS = {"/api/delete", "/api/copy"}
 
 # wire name -> SamplingParams field, where they differ
 _WIRE_FIELDS = {"max_completion_tokens": "max_tokens", "top_logprobs": "logprobs",
@@ -74,8 +83,11 @@ _WHY = {
     400: "Invalid request: the message names the field.",
     401: "Missing or wrong API key (only when the server has one).",
     404: "Unknown model.",
+    409: "The model this server serves: it cannot be deleted or replaced while served.",
     413: "Request body larger than the server's limit.",
     500: "The server failed on this request (other requests are not affected).",
+    502: "The registry could not be reached, or sent something wrong (a blob that does not "
+         "match its digest).",
     503: "Busy (too many requests waiting) or the engine is down; see Retry-After.",
 }
 
@@ -169,6 +181,8 @@ def _describe(path: str, method: str, operation: dict[str, Any]) -> None:
             content[streamed] = {"schema": {"type": "string"}}
         responses["200"] = {"description": "The answer (streamed when the request asks).",
                             "content": content}
+        if path in EMPTY_ANSWERS:
+            responses["200"] = {"description": "Done (no body, as Ollama answers)."}
         statuses += [400, 413]
     if path.startswith(PROTECTED):
         statuses.append(401)
@@ -176,6 +190,7 @@ def _describe(path: str, method: str, operation: dict[str, Any]) -> None:
         statuses.append(404)
     if path in QUEUES_WORK:
         statuses += [500, 503]
+    statuses += STORE_STATUSES.get(path, [])
     if path == "/v1/models/{model_id}":
         statuses.append(400)
     for status in sorted(set(statuses)):

@@ -20,17 +20,25 @@ so that a group's padded size (texts x longest) stays under ``max_batch_tokens``
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from pagedserve.models.pooling import PoolingType, check_pooling, finish, pool
+from pagedserve.attention import TORCH_BACKEND, AttentionBackend
+from pagedserve.loader.encoder import LoadedEncoder, encoder_architecture, load_encoder
+from pagedserve.models.bert import BertEncoder, PackedBatch
+from pagedserve.models.decoder_pooling import pooled_hidden_states
+from pagedserve.models.llama import LlamaForCausalLM
+from pagedserve.models.pooling import (
+    PoolingType,
+    check_dimensions,
+    check_pooling,
+    finish,
+    pool,
+)
 from pagedserve.tokenizer import Tokenizer
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
@@ -58,12 +66,10 @@ class PooledModel(Protocol):
 class EncoderModel:
     """`PooledModel` over a BertEncoder: one packed forward pass per call."""
 
-    def __init__(self, encoder) -> None:
+    def __init__(self, encoder: BertEncoder) -> None:
         self.encoder = encoder
 
     def pooled(self, token_ids: list[list[int]], pooling: PoolingType) -> torch.Tensor:
-        from pagedserve.models.bert import PackedBatch
-
         batch = PackedBatch.of(token_ids, self.encoder.device)
         return pool(self.encoder.forward(batch), batch.cu_seqlens, pooling)
 
@@ -71,14 +77,11 @@ class EncoderModel:
 class DecoderModel:
     """`PooledModel` over a LlamaForCausalLM and the attention backend it was built with."""
 
-    def __init__(self, model, backend=None) -> None:
-        from pagedserve.attention import TORCH_BACKEND
-
-        self.model, self.backend = model, backend or TORCH_BACKEND
+    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend = TORCH_BACKEND
+                 ) -> None:
+        self.model, self.backend = model, backend
 
     def pooled(self, token_ids: list[list[int]], pooling: PoolingType) -> torch.Tensor:
-        from pagedserve.models.decoder_pooling import pooled_hidden_states
-
         return pooled_hidden_states(self.model, token_ids, pooling, self.backend)
 
 
@@ -115,28 +118,23 @@ class Embedder:
                   pooling: str | None = None, **kw) -> Embedder:
         """An encoder model (bert, nomic-bert) from a directory or GGUF file; a decoder from
         one (llama, qwen2) on the plain torch path, pooled `pooling` (default "last")."""
-        from pagedserve.loader.encoder import encoder_architecture, load_encoder
-
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if encoder_architecture(path, load_format) is not None:
             return cls.from_encoder(load_encoder(path, load_format, dtype), dtype=dtype,
                                     device=device, pooling=pooling, **kw)
-        from pagedserve.loader import load_model
-        from pagedserve.models.llama import LlamaForCausalLM
+        from pagedserve.loader import ModelLoadError, load_model
 
         loaded = load_model(path, load_format, dtype=dtype)
         if loaded.tokenizer is None:
-            raise ValueError(f"model: {path} has no tokenizer")
+            raise ModelLoadError(f"{path} has no tokenizer; embedding texts needs one")
         model = LlamaForCausalLM(loaded.config, loaded.weights, dtype, device,
                                  consume_weights=True)
         return cls.from_decoder(model, loaded.tokenizer, pooling=pooling or "last", **kw)
 
     @classmethod
-    def from_encoder(cls, loaded, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                     pooling: str | None = None, **kw) -> Embedder:
+    def from_encoder(cls, loaded: LoadedEncoder, *, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu", pooling: str | None = None, **kw) -> Embedder:
         """From a `LoadedEncoder`; `pooling` overrides the model's own."""
-        from pagedserve.models.bert import BertEncoder
-
         c = loaded.config
         spec = EmbeddingSpec(c.architecture, c.hidden_size, loaded.max_tokens,
                              c.max_position_embeddings,
@@ -147,7 +145,8 @@ class Embedder:
                    post_processor_affixes(loaded.tokenizer), **kw)
 
     @classmethod
-    def from_decoder(cls, model, tokenizer: Tokenizer, *, pooling: str = "last", backend=None,
+    def from_decoder(cls, model: LlamaForCausalLM, tokenizer: Tokenizer, *,
+                     pooling: str = "last", backend: AttentionBackend = TORCH_BACKEND,
                      max_tokens: int | None = None, **kw) -> Embedder:
         """From a LlamaForCausalLM (e.g. the engine's), built with attention `backend`
         (default torch); `max_tokens` defaults to the model's positions."""
@@ -215,11 +214,7 @@ class Embedder:
             if min(ids) < 0 or max(ids) >= self.vocab_size:
                 raise ValueError(f"input[{i}] holds a token id outside the vocabulary "
                                  f"[0, {self.vocab_size})")
-        if dimensions is not None and not (
-                isinstance(dimensions, int) and not isinstance(dimensions, bool)
-                and 1 <= dimensions <= self.dimensions):
-            raise ValueError(f"dimensions must be an integer from 1 to {self.dimensions}, "
-                             f"got {dimensions!r}")
+        check_dimensions(dimensions, self.dimensions)  # before the work, not after
         pooled = torch.empty(len(token_ids), self.dimensions, dtype=torch.float32)
         for group in self._groups(token_ids):
             rows = self.model.pooled([token_ids[i] for i in group], self.pooling)

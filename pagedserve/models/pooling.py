@@ -37,6 +37,13 @@ def check_pooling(pooling: str) -> PoolingType:
     return pooling  # type: ignore[return-value]
 
 
+def check_dimensions(dimensions: int | None, full: int) -> None:
+    """A requested embedding length: None (all `full`) or an integer in [1, full]."""
+    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(
+            dimensions, int) or not 1 <= dimensions <= full):
+        raise ValueError(f"dimensions must be an integer from 1 to {full}, got {dimensions!r}")
+
+
 def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: PoolingType) -> torch.Tensor:
     """hidden (N, H) packed rows, cu_seqlens (B + 1,) int64 -> (B, H) float32."""
     cu_seqlens = cu_seqlens.to(hidden.device)
@@ -60,10 +67,7 @@ def finish(embeddings: torch.Tensor, normalize: bool, dimensions: int | None = N
     unit length when `normalize` (after the cut, so that a truncated vector is unit length
     too, as Ollama's /api/embed returns it)."""
     if dimensions is not None:
-        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not (
-                1 <= dimensions <= embeddings.shape[1]):
-            raise ValueError(f"dimensions must be an integer from 1 to {embeddings.shape[1]}, "
-                             f"got {dimensions!r}")
+        check_dimensions(dimensions, embeddings.shape[1])
         embeddings = embeddings[:, :dimensions]
     if normalize:
         embeddings = F.normalize(embeddings, p=2.0, dim=1)

@@ -101,6 +101,9 @@ class EngineConfig:
     # fused_ops.py): None = on CUDA only; True on CPU runs them under the Triton interpreter
     fused_ops: bool | None = None
     enforce_eager: bool = False  # CUDA: no graphs for decode steps (vLLM's flag)
+    # schedule and prepare step N+1 while the device runs step N, reading N's tokens one step
+    # late (vLLM's --async-scheduling); None: on CUDA, off on a CPU (which runs the step itself)
+    async_scheduling: bool | None = None
     seed: int | None = None  # unseeded requests: None draws differently every start
     num_threads: int | None = None
     extra: dict = field(default_factory=dict)

@@ -22,6 +22,19 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+def on_device(values: list, dtype, device):
+    """A small tensor of ``values`` on ``device`` (a torch.device) without a blocking copy: on
+    CUDA through pinned memory (PyTorch's caching host allocator keeps the buffer until the
+    copy is done), so the host goes on preparing while the device runs the previous step. A
+    plain ``torch.tensor(values, device=cuda)`` copies from pageable memory, which waits for
+    everything queued on the device before it."""
+    import torch
+
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 class DeviceError(ValueError):
     """The device asked for cannot be used by this torch on this machine."""
 

@@ -23,7 +23,8 @@ from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pagedserve.device import cpu_flags
 from pagedserve.kv_sizing import GpuMemory
 from pagedserve.models.llama import NATIVE_STEP_TOKENS, SMALL_STEP_TOKENS, LlamaForCausalLM
-from pagedserve.sampler import SampledToken, Sampler
+from pagedserve.request import PLACEHOLDER
+from pagedserve.sampler import PendingSample, SampledToken, Sampler
 from pagedserve.scheduler import ScheduledRequest
 from pagedserve.step_inputs import StepBatch, StepChunk, StepInputs
 
@@ -65,6 +66,48 @@ def kv_bytes_per_token(config: ModelConfig, dtype: str) -> int:
     """Bytes of K and V for one token across all layers."""
     itemsize = torch.tensor([], dtype=DTYPES[dtype]).element_size()
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+
+
+class LaunchedStep:
+    """A step queued on the device: its sampled ids there (``tokens``, one row per sampling
+    request, ``row_of`` maps request ids to rows) and, once read, a token per scheduled
+    request (None for a request still prefilling)."""
+
+    def __init__(self, num_scheduled: int, sample_of: list[int], pending: PendingSample | None,
+                 row_of: dict[str, int]) -> None:
+        self.row_of = row_of
+        self._num_scheduled = num_scheduled
+        self._sample_of = sample_of  # scheduled index of each sampled row
+        self._pending = pending
+        self._result: list[SampledToken | None] | None = None
+
+    @classmethod
+    def done(cls, tokens: list[SampledToken | None]) -> LaunchedStep:
+        """A step whose tokens are on the host already (one run request by request)."""
+        step = cls(len(tokens), [], None, {})
+        step._result = list(tokens)
+        return step
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        return self._pending.tokens if self._pending is not None else None
+
+    @property
+    def changed(self) -> list[int]:
+        """Scheduled indices whose final id differs from the one the device holds (after
+        :meth:`result`; rare: see PendingSample)."""
+        if self._pending is None:
+            return []
+        return [self._sample_of[row] for row in self._pending.changed]
+
+    def result(self) -> list[SampledToken | None]:
+        if self._result is None:
+            results: list[SampledToken | None] = [None] * self._num_scheduled
+            if self._pending is not None:
+                for i, token in zip(self._sample_of, self._pending.result(), strict=True):
+                    results[i] = token
+            self._result = results
+        return self._result
 
 
 class ModelRunner:
@@ -122,6 +165,7 @@ class ModelRunner:
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
         self.max_model_len = 0  # set by allocate()
+        self._previous: LaunchedStep | None = None  # the last step launched, for its ids
 
     def allocate(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
         """The KV cache and the persistent step inputs."""
@@ -189,9 +233,19 @@ class ModelRunner:
         batch.meta.max_seq_len = self.max_model_len  # split-KV sized for the longest context
         return batch
 
-    @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[SampledToken | None]:
         """Run one step; returns a sampled token per scheduled request (None mid-prefill)."""
+        return self.launch(scheduled).result()
+
+    @torch.inference_mode()
+    def launch(self, scheduled: list[ScheduledRequest]) -> LaunchedStep:
+        """Queue one step on the device and return without waiting for it: the sampled ids
+        stay on the device for the next step (a token that is still a PLACEHOLDER on the host
+        is fed from there), and :meth:`LaunchedStep.result` reads them once they have landed.
+
+        Called before the scheduled requests are advanced by this step (their
+        ``num_computed_tokens`` is where the chunk starts)."""
+        previous = self._previous
         order = sorted(range(len(scheduled)), key=lambda i: not scheduled[i].is_decode)
         chunks, owners, tails = [], [], []
         for i in order:
@@ -202,8 +256,13 @@ class ModelRunner:
             for lo, hi in pieces:
                 if len(pieces) > 1 and hi == end:
                     tails.append(len(chunks))
-                chunks.append(StepChunk(r.all_token_ids[lo:hi], lo, s.block_table,
-                                        samples=s.samples and hi == end, is_decode=s.is_decode))
+                tokens = r.all_token_ids[lo:hi]
+                feed_from = -1
+                if tokens[-1] == PLACEHOLDER:
+                    feed_from = previous.row_of[r.request_id]
+                chunks.append(StepChunk(tokens, lo, s.block_table,
+                                        samples=s.samples and hi == end, is_decode=s.is_decode,
+                                        feed_from=feed_from))
                 owners.append(i)
         if tails and self._row_variant_matmuls:
             # float32 CPU matmuls round a row differently with the number of rows beside it:
@@ -214,25 +273,29 @@ class ModelRunner:
         else:
             passes = [list(range(len(chunks)))]
         sample_of, rows = [], []
+        fed_by = previous.tokens if previous is not None else None
         for part in passes:
             part_chunks = [chunks[j] for j in part]
             bucket = None  # a decode-only step replays the CUDA graph of its batch-size bucket
             if self.graphs is not None and part_chunks[-1].is_decode:  # decodes come first
                 bucket = self.graphs.bucket_for(len(part_chunks))
             batch = self.inputs.prepare(part_chunks, pad_to=bucket or 0)
+            batch.feed(fed_by)
             hidden = self.graphs.replay(bucket, batch) if bucket else self._forward(batch)
             sampling = [owners[j] for j in part if chunks[j].samples]  # in row order
             if sampling:
                 sample_of += sampling
                 rows.append(hidden[: len(sampling)] if batch.samples_are_prefix
                             else hidden.index_select(0, batch.sample_rows))
-        results: list[SampledToken | None] = [None] * len(scheduled)
+        pending = None
         if sample_of:
             logits = self.model.logits(rows[0] if len(rows) == 1 else torch.cat(rows))
-            sampled = self.sampler(logits, [scheduled[i].request for i in sample_of])
-            for i, token in zip(sample_of, sampled, strict=True):
-                results[i] = token
-        return results
+            pending = self.sampler.launch(logits, [scheduled[i].request for i in sample_of])
+        launched = LaunchedStep(len(scheduled), sample_of, pending,
+                                {scheduled[i].request.request_id: row
+                                 for row, i in enumerate(sample_of)})
+        self._previous = launched if pending is not None else None
+        return launched
 
     def _prefill_pieces(self, start: int, end: int, samples: bool) -> list[tuple[int, int]]:
         """The attention chunks of prefill positions [start, end).

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve.device import on_device
 from pagedserve.request import Request
 from pagedserve.sampling_params import SamplingParams
 
@@ -40,7 +41,7 @@ def penalized(raw: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     if windows:
         _apply_penalties(logits, windows)
     if suppressed:
-        logits.view(-1).index_fill_(0, torch.tensor(suppressed, device=raw.device), _NEG_INF)
+        logits.view(-1).index_fill_(0, on_device(suppressed, torch.long, raw.device), _NEG_INF)
     return logits
 
 
@@ -89,11 +90,11 @@ def _apply_penalties(logits: torch.Tensor, windows: list[_Window]) -> None:
     for w in windows:
         flat += w.tokens
         flat += [w.tokens[0]] * (width - len(w.tokens))
-    ids = torch.tensor(flat, dtype=torch.long).view(len(windows), width).to(device)
-    ints = torch.tensor([[w.row, w.counted_from, len(w.tokens)] for w in windows],
-                        dtype=torch.long).to(device)
-    floats = torch.tensor([[w.params.repetition_penalty, w.params.presence_penalty,
-                            w.params.frequency_penalty] for w in windows]).to(device)
+    ids = on_device(flat, torch.long, device).view(len(windows), width)
+    ints = on_device([[w.row, w.counted_from, len(w.tokens)] for w in windows], torch.long,
+                     device)
+    floats = on_device([[w.params.repetition_penalty, w.params.presence_penalty,
+                         w.params.frequency_penalty] for w in windows], torch.float32, device)
     position = torch.arange(width, device=device).unsqueeze(0)
     counted = (position >= ints[:, 1:2]) & (position < ints[:, 2:3])
     ordered = ids.masked_fill(~counted, V).sort(dim=-1).values  # V sorts after every token

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve.device import on_device
 from pagedserve.penalties import penalized
 from pagedserve.request import Request
 from pagedserve.sampling_params import SamplingParams
@@ -83,9 +84,15 @@ class Sampler:
         self._rng = random.Random(seed)  # row keys of unseeded requests; None: from the OS
         self._token_hashes: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
         """One token per row of ``logits`` (B, V), any float dtype, on any device."""
+        return self.launch(logits, requests).result()
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
+        """Sample on the device and start the one copy to the host; nothing here waits for the
+        device. The ids stay on the device (``PendingSample.tokens``) for a next step that
+        needs them before the host has read them."""
         B, V = logits.shape
         params = [r.params for r in requests]
         raw = logits.float()  # (B, V); the caller's tensor when it is float32 already
@@ -103,27 +110,8 @@ class Sampler:
         num_top = min(max((params[i].logprobs for i in wanted), default=0), V)
         if wanted:
             to_host += _logprobs(raw, tokens, wanted, num_top)
-        host = _to_host(to_host)  # the one copy from the device
-        token_ids = [int(t) for t in host[0]]
-        # a greedy row with NaN, which argmax took for the largest value
-        unsure = [i for i, m in enumerate(host[1])
-                  if m != m and params[i].temperature < GREEDY_EPSILON]
-        unsure += [drawn[j] for j, flag in enumerate(host[2]) if flag]
-        if unsure:
-            self._settle(token_ids, unsure, logits, drawn, numbers, params)
-
-        out = [SampledToken(t) for t in token_ids]
-        if wanted:
-            chosen, top_values, top_ids = host[3], host[4], host[5]
-            for j, i in enumerate(wanted):
-                n = params[i].logprobs
-                out[i].logprob = chosen[j]
-                row = slice(j * num_top, j * num_top + min(n, num_top))
-                out[i].top = [(int(t), v) for t, v in
-                              zip(top_ids[row], top_values[row], strict=True)]
-            for i in set(unsure) & set(wanted):
-                out[i].logprob = float(raw[i].log_softmax(dim=-1)[token_ids[i]])
-        return out
+        return PendingSample(self, tokens, HostCopy(to_host), raw, logits, drawn, numbers,
+                             params, wanted, num_top)
 
     def _choose(self, logits: torch.Tensor, drawn: list[int], numbers: torch.Tensor,
                 params: list[SamplingParams]
@@ -138,7 +126,7 @@ class Sampler:
         greedy_max, tokens = logits.max(dim=-1)
         if not drawn:
             return tokens, greedy_max, tokens[:0]
-        rows = torch.tensor(drawn, device=logits.device)
+        rows = on_device(drawn, torch.long, logits.device)
         sampled, unsettled = self._draw(logits.index_select(0, rows), numbers, drawn_params,
                                         exact=False)
         return tokens.index_copy(0, rows, sampled), greedy_max, unsettled
@@ -174,8 +162,7 @@ class Sampler:
             rows.append([p.temperature, p.top_p if p.top_p < 1 else math.inf,
                          math.log(p.min_p) if p.min_p > 0 else _NEG_INF,
                          min(p.top_k, vocab) if p.top_k > 0 else vocab, *self._row_keys(r)])
-        return torch.tensor(rows, dtype=torch.float64).reshape(-1, 6).to(device,
-                                                                         non_blocking=True)
+        return on_device(rows, torch.float64, device).reshape(-1, 6)
 
     def _draw(self, logits: torch.Tensor, numbers: torch.Tensor, params: list[SamplingParams],
               exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +177,7 @@ class Sampler:
             if not members:
                 continue
             whole = len(members) == S
-            index = None if whole else torch.tensor(members, device=logits.device)
+            index = None if whole else on_device(members, torch.long, logits.device)
             group = [params[i] for i in members]
             rows = _Rows(logits if whole else logits.index_select(0, index),
                          numbers if whole else numbers.index_select(0, index),
@@ -285,6 +272,94 @@ class Sampler:
             table = _mix(_mix(ids, 0x3C6EF372, _M2), 0x1B873593, _M1)
             self._token_hashes[(vocab, device)] = table
         return table
+
+
+class PendingSample:
+    """A step's sampled ids, on the device at once and on the host once the copy has landed.
+
+    ``tokens`` may feed the next step before :meth:`result` reads them. They are final for
+    every row but the rare unsure ones (a greedy row with NaN, a top-k or nucleus draw whose
+    candidates fell short), which :meth:`result` draws again exactly: :attr:`changed` then
+    names the rows whose final id differs from ``tokens``.
+    """
+
+    def __init__(self, sampler: Sampler, tokens: torch.Tensor, copy: HostCopy,
+                 raw: torch.Tensor, logits: torch.Tensor, drawn: list[int],
+                 numbers: torch.Tensor, params: list[SamplingParams], wanted: list[int],
+                 num_top: int) -> None:
+        self.tokens = tokens  # (B,) int64 on the device
+        self.changed: list[int] = []
+        self._sampler, self._copy, self._raw, self._logits = sampler, copy, raw, logits
+        self._drawn, self._numbers, self._params = drawn, numbers, params
+        self._wanted, self._num_top = wanted, num_top
+
+    @torch.inference_mode()
+    def result(self) -> list[SampledToken]:
+        params, drawn, wanted, num_top = self._params, self._drawn, self._wanted, self._num_top
+        host = self._copy.wait()  # the one copy from the device
+        token_ids = [int(t) for t in host[0]]
+        # a greedy row with NaN, which argmax took for the largest value
+        unsure = [i for i, m in enumerate(host[1])
+                  if m != m and params[i].temperature < GREEDY_EPSILON]
+        unsure += [drawn[j] for j, flag in enumerate(host[2]) if flag]
+        if unsure:
+            first = list(token_ids)
+            self._sampler._settle(token_ids, unsure, self._logits, drawn, self._numbers,
+                                  params)
+            self.changed = [i for i in unsure if token_ids[i] != first[i]]
+
+        out = [SampledToken(t) for t in token_ids]
+        if wanted:
+            chosen, top_values, top_ids = host[3], host[4], host[5]
+            for j, i in enumerate(wanted):
+                n = params[i].logprobs
+                out[i].logprob = chosen[j]
+                row = slice(j * num_top, j * num_top + min(n, num_top))
+                out[i].top = [(int(t), v) for t, v in
+                              zip(top_ids[row], top_values[row], strict=True)]
+            for i in set(unsure) & set(wanted):
+                out[i].logprob = float(self._raw[i].log_softmax(dim=-1)[token_ids[i]])
+        self._raw = self._logits = self._numbers = None  # free the step's (B, V) tensors
+        return out
+
+
+class HostCopy:
+    """Tensors on their way to the host as flat Python lists, in one device-to-host copy.
+
+    On CUDA they travel packed in one float64 vector (token ids below 2**53 are exact) into
+    pinned memory, without waiting: :meth:`wait` waits for that copy alone (an event), not for
+    whatever the device was given after it. Integer tensors come back as floats, which callers
+    turn into ints. On the CPU there is nothing to wait for.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        device = tensors[0].device
+        self._sizes = [t.numel() for t in tensors]
+        self._event = None
+        if device.type == "cpu":
+            self._lists: list[list] | None = [
+                (t if t.dim() == 1 else t.reshape(-1)).tolist() for t in tensors]
+            return
+        self._lists = None
+        packed = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        if device.type == "cuda":
+            self._host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(device))
+        else:
+            self._host = packed.cpu()
+
+    def wait(self) -> list[list]:
+        if self._lists is None:
+            if self._event is not None:
+                self._event.synchronize()
+            values = self._host.tolist()
+            self._lists, start = [], 0
+            for size in self._sizes:
+                self._lists.append(values[start:start + size])
+                start += size
+        return self._lists
 
 
 @dataclass(slots=True)
@@ -395,7 +470,7 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, wanted: list[int], num_to
     """Raw-distribution logprobs of the sampled tokens (R,), and the top ``num_top`` (R, N)
     values and ids, for the rows in ``wanted``."""
     if len(wanted) < raw.shape[0]:
-        rows = torch.tensor(wanted, device=raw.device)
+        rows = on_device(wanted, torch.long, raw.device)
         raw, tokens = raw.index_select(0, rows), tokens.index_select(0, rows)
     logprobs = raw.log_softmax(dim=-1)  # (R, V); cheaper than logsumexp on CPU
     chosen = logprobs.gather(1, tokens.unsqueeze(1))
@@ -404,27 +479,3 @@ def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, wanted: list[int], num_to
     else:
         top_values = top_ids = raw[:, :0]
     return [chosen, top_values, top_ids]
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list[list]:
-    """Each tensor as a flat Python list, in one device-to-host copy.
-
-    On CUDA the tensors travel packed in one float64 vector (token ids below 2**53 are exact)
-    through pinned memory; integer tensors come back as floats, which callers turn into ints.
-    """
-    device = tensors[0].device
-    if device.type == "cpu":
-        return [(t if t.dim() == 1 else t.reshape(-1)).tolist() for t in tensors]
-    packed = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
-    if device.type == "cuda":
-        host = torch.empty(packed.shape, dtype=torch.float64, pin_memory=True)
-        host.copy_(packed, non_blocking=True)
-        torch.cuda.current_stream(device).synchronize()
-    else:
-        host = packed.cpu()
-    values = host.tolist()
-    out, start = [], 0
-    for t in tensors:
-        out.append(values[start:start + t.numel()])
-        start += t.numel()
-    return out

@@ -76,6 +76,8 @@ class Scheduler:
         decoding, catching_up = [], []
         for r in self.running:  # one pass: this runs for every sequence on every step
             left = len(r.all_token_ids) - r.num_computed_tokens
+            if r.num_placeholders and r.num_output_tokens >= r.max_tokens:
+                continue  # its last token is still on the device: nothing more to compute
             if left == 1:
                 decoding.append(r)
             elif left > 1:

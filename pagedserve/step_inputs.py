@@ -4,6 +4,7 @@ Every per-step integer lives in one int32 buffer, in fixed regions, allocated on
 
     [ input_ids | positions | slot_mapping ]             max_tokens each
     [ query_start_loc | seq_lens | sample_rows ]          max_seqs + 1, max_seqs, max_seqs
+    [ feed_rows | feed_from ]                             max_seqs each
     [ block_tables: max_seqs rows x max_blocks ]          row i = request i of the step
 
 A step writes the rows it uses on the host (numpy views, no tensor per field), then:
@@ -13,7 +14,13 @@ A step writes the rows it uses on the host (numpy views, no tensor per field), t
 - on CPU the host buffer *is* the device buffer: nothing is copied.
 
 The device views never move, so a CUDA graph captured over them reads whatever the next fill
-wrote. Rows follow :mod:`pagedserve.attention`: decode chunks first, then the others, then
+wrote.
+
+A chunk whose last token is still on the device (overlapped steps: the previous step sampled
+it and the host has not read it) names where: ``feed_from``, its row in the previous step's
+sampled ids. The fill writes a placeholder id there and records (row of the step, row of the
+previous ids) in ``feed_rows``/``feed_from``; the runner copies those ids in on the device
+(:meth:`StepBatch.feed`) before the forward pass. Rows follow :mod:`pagedserve.attention`: decode chunks first, then the others, then
 padding up to ``pad_to`` requests (token 0, position 0, slot -1, seq_len 0: writes and reads no
 KV). Before writing the host buffer, a fill waits for the previous step's copy to have left it.
 """
@@ -39,6 +46,8 @@ class StepChunk:
     # one sampled token, the input of a decode: attends on the decode path (rows [0, D)). A
     # one-token prompt tail is not one: it attends as a prefill chunk, as it would in a longer one
     is_decode: bool = False
+    # >= 0: the last token's id is row `feed_from` of the previous step's sampled ids (device)
+    feed_from: int = -1
 
 
 @dataclass(slots=True)
@@ -48,6 +57,15 @@ class StepBatch:
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # (N,) int32: rows whose next token is sampled, in row order
     samples_are_prefix: bool  # sample_rows == [0, N): no gather needed
+    feed_rows: torch.Tensor  # (F,) int32: rows whose input id comes from the device
+    feed_from: torch.Tensor  # (F,) int32: where, in the previous step's sampled ids
+
+    def feed(self, previous: torch.Tensor | None) -> None:
+        """Copy the input ids still on the device into place (no host round trip)."""
+        if self.feed_rows.shape[0]:
+            assert previous is not None, "a chunk is fed from a previous step that is gone"
+            ids = previous.index_select(0, self.feed_from).to(self.input_ids.dtype)
+            self.input_ids.index_copy_(0, self.feed_rows.long(), ids)
 
     @property
     def num_rows(self) -> int:
@@ -59,9 +77,9 @@ class StepInputs:
                  device: torch.device):
         self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
         self.block_size = block_size
-        sizes = [max_tokens] * 3 + [max_seqs + 1, max_seqs, max_seqs, max_seqs * max_blocks]
+        sizes = [max_tokens] * 3 + [max_seqs + 1] + [max_seqs] * 4 + [max_seqs * max_blocks]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        self._tables_offset = offsets[6]
+        self._tables_offset = offsets[8]
         cuda = device.type == "cuda"
         self.host = torch.zeros(offsets[-1], dtype=torch.int32, pin_memory=cuda)
         self.device_buffer = self.host.to(device) if cuda else self.host
@@ -71,8 +89,8 @@ class StepInputs:
         def regions(buf):
             return [buf[a:b] for a, b in zip(offsets, offsets[1:], strict=False)]
 
-        (self._ids, self._pos, self._slots, self._qsl, self._lens, self._rows,
-         tables) = regions(self._np)
+        (self._ids, self._pos, self._slots, self._qsl, self._lens, self._rows, self._feed_rows,
+         self._feed_from, tables) = regions(self._np)
         self._tables = tables.reshape(max_seqs, max_blocks)
         # what each host table row holds: the block manager's own list for the request that
         # last used the row (tables only grow, by appending) and how much of it is written, so
@@ -80,7 +98,7 @@ class StepInputs:
         self._row_table: list[list[int] | None] = [None] * max_seqs
         self._row_written = [0] * max_seqs
         (self.input_ids, self.positions, self.slot_mapping, self.query_start_loc, self.seq_lens,
-         self.sample_rows, tables) = regions(self.device_buffer)
+         self.sample_rows, self.feed_rows, self.feed_from, tables) = regions(self.device_buffer)
         self.block_tables = tables.view(max_seqs, max_blocks)
 
     def fits(self, chunks: list[StepChunk], pad_to: int = 0) -> bool:
@@ -96,7 +114,7 @@ class StepInputs:
                                               self._lens, self._tables)
         row = 0
         qsl[0] = 0
-        num_decodes = max_query_len = max_seq_len = 0
+        num_decodes = max_query_len = max_seq_len = num_feeds = 0
         sample_rows: list[int] = []
         for i, c in enumerate(chunks):
             n = len(c.token_ids)
@@ -125,6 +143,10 @@ class StepInputs:
                 tables[i, written:num_blocks] = table[written:num_blocks]
                 self._row_written[i] = num_blocks
             row += n
+            if c.feed_from >= 0:  # its id (PLACEHOLDER) is overwritten by StepBatch.feed
+                self._feed_rows[num_feeds] = row - 1
+                self._feed_from[num_feeds] = c.feed_from
+                num_feeds += 1
             qsl[i + 1] = row
             lens[i] = end
             max_query_len = max(max_query_len, n)
@@ -157,7 +179,8 @@ class StepInputs:
         )
         prefix = sample_rows == list(range(len(sample_rows)))
         return StepBatch(self.input_ids[:row], self.positions[:row], meta,
-                         self.sample_rows[: len(sample_rows)], prefix)
+                         self.sample_rows[: len(sample_rows)], prefix,
+                         self.feed_rows[:num_feeds], self.feed_from[:num_feeds])
 
     def _send(self, num_requests: int) -> None:
         if self._copied is None:

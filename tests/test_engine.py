@@ -261,6 +261,7 @@ def test_unseeded_sampling_differs_between_engines_and_a_seed_repeats(tiny):
 def test_an_answer_cut_inside_an_emoji_ends_before_it(tiny):
     """The runner is scripted to emit "ok 🎉 done" token by token; max_tokens stops it inside
     the emoji's bytes: the text ends before the emoji, not with U+FFFD, streamed or whole."""
+    from pagedserve.model_runner import LaunchedStep
     from pagedserve.sampler import SampledToken
 
     engine = make_engine(tiny)
@@ -269,11 +270,11 @@ def test_an_answer_cut_inside_an_emoji_ends_before_it(tiny):
                      if engine.tokenizer.decode(script[:i + 1]).endswith("🎉"))
     assert engine.tokenizer.decode(script[:emoji_end]).endswith("\ufffd")
 
-    def execute(scheduled):
-        return [SampledToken(script[s.request.num_output_tokens]) if s.samples else None
-                for s in scheduled]
+    def launch(scheduled):
+        return LaunchedStep.done([SampledToken(script[s.request.num_output_tokens])
+                                  if s.samples else None for s in scheduled])
 
-    engine.runner.execute = execute
+    engine.runner.launch = launch
     for max_tokens in (emoji_end, len(script)):
         [out] = run(engine, ["hello"], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
         assert out["reason"] == "length" and len(out["tokens"]) == max_tokens

@@ -56,7 +56,7 @@ def drain(engine: Engine) -> dict[str, dict]:
 def poison_the_runner(engine: Engine, *, times: int | None = None) -> list[int]:
     """Make the model fail on any step that holds a request whose prompt contains POISON
     (``times`` such steps, or always). Returns the list of failed batch sizes."""
-    execute = engine.runner.execute
+    launch = engine.runner.launch
     failures: list[int] = []
 
     def faulty(scheduled):
@@ -64,9 +64,9 @@ def poison_the_runner(engine: Engine, *, times: int | None = None) -> list[int]:
         if poisoned and (times is None or len(failures) < times):
             failures.append(len(scheduled))
             raise RuntimeError("injected fault")
-        return execute(scheduled)
+        return launch(scheduled)
 
-    engine.runner.execute = faulty
+    engine.runner.launch = faulty
     return failures
 
 

@@ -34,14 +34,14 @@ def make_engine(loaded) -> Engine:
 
 
 def poison_the_runner(engine: Engine) -> None:
-    execute = engine.runner.execute
+    launch = engine.runner.launch
 
     def faulty(scheduled):
         if any(POISON in s.request.prompt_token_ids for s in scheduled):
             raise RuntimeError("injected fault")
-        return execute(scheduled)
+        return launch(scheduled)
 
-    engine.runner.execute = faulty
+    engine.runner.launch = faulty
 
 
 def metric(url: str, name: str, **labels: str) -> float:

@@ -63,6 +63,9 @@ def add_parser(sub) -> None:
                    help="KV cache size (default: 1GiB on CPU; on CUDA, what "
                    "--gpu-memory-utilization leaves)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and prepare each step while the device runs the one before "
+                   "(its tokens are read one step late; vLLM's flag); default: on CUDA only")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
     p.add_argument("--peer", choices=["transformers"], default=None,
                    help="run a peer on the same prompts, in the same process")
@@ -83,7 +86,8 @@ def engine_config(args) -> object:
                         max_num_seqs=max(args.max_num_seqs, *batch_sizes(args)),
                         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=kv,
                         gpu_memory_utilization=args.gpu_memory_utilization,
-                        enforce_eager=args.enforce_eager)
+                        enforce_eager=args.enforce_eager,
+                        async_scheduling=args.async_scheduling)
 
 
 def batch_sizes(args) -> list[int]:

@@ -79,6 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--device", help="cpu (default) or cuda, which needs a CUDA build of "
                    "torch (README: 'With a GPU')")
     e.add_argument("--threads", type=int, help="torch CPU threads")
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and prepare each step while the device runs the one before "
+                   "(its tokens are read one step late; vLLM's flag); default: on CUDA only")
     e.add_argument("--enforce-eager", action="store_true", default=None,
                    help="CUDA: run decode steps eagerly, without CUDA graphs")
     e.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
@@ -102,6 +105,7 @@ def engine_config_from_args(args: argparse.Namespace) -> Any:
         "device": args.device,
         "num_threads": args.threads,
         "enforce_eager": args.enforce_eager,
+        "async_scheduling": args.async_scheduling,
         "gpu_memory_utilization": args.gpu_memory_utilization,
     }
     return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})

@@ -121,6 +121,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--threads", type=int, help="torch CPU threads")
     e.add_argument("--seed", type=int, help="engine seed for requests that bring none "
                    "(default: random at each start, so answers vary between runs)")
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and prepare each step while the device runs the one before "
+                   "(its tokens are read one step late; vLLM's flag); default: on CUDA only")
     e.add_argument("--enforce-eager", action="store_true", default=None,
                    help="CUDA: run decode steps eagerly, without CUDA graphs")
     e.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
@@ -149,6 +152,7 @@ def engine_config_from_args(args: argparse.Namespace):
         "seed": args.seed,
         "max_prompt_chars": getattr(args, "max_prompt_chars", None),
         "enforce_eager": args.enforce_eager,
+        "async_scheduling": args.async_scheduling,
         "gpu_memory_utilization": args.gpu_memory_utilization,
     }
     return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})

@@ -41,6 +41,7 @@ from pagedserve.structured.state import GrammarState, GrammarWaitingRoom
 
 if TYPE_CHECKING:
     from pagedserve.loader import LoadedModel, ModelInfo
+    from pagedserve.model_runner import LaunchedStep
     from pagedserve.sampler import SampledToken
     from pagedserve.tokenizer import Tokenizer
 
@@ -133,6 +134,9 @@ class EngineCore:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._failed_steps = 0  # consecutive steps in which every request failed
+        # overlap: the step on the device whose tokens the host has not read yet
+        self.async_scheduling = resolve_async_scheduling(config.async_scheduling, config.device)
+        self._in_flight: _InFlight | None = None
         capacity = self.kv.capacity_tokens
         logger.info(
             "KV cache (%s): %d blocks x %d tokens = %d tokens, %.1f MiB; max_model_len %d: "
@@ -245,11 +249,12 @@ class EngineCore:
         return set(self._requests)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or len(self._awaiting_grammar) > 0
+        return (self.scheduler.has_unfinished() or len(self._awaiting_grammar) > 0
+                or self._in_flight is not None)
 
     def has_runnable_requests(self) -> bool:
         """Whether a step would do something now (not only wait for grammars)."""
-        return self.scheduler.has_unfinished() or any(
+        return self.scheduler.has_unfinished() or self._in_flight is not None or any(
             r.grammar.ready for r in self._awaiting_grammar.requests())
 
     def wait_for_grammars(self, timeout: float) -> None:
@@ -259,21 +264,33 @@ class EngineCore:
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
+        """One iteration: schedule and launch a step, then read the tokens of the step before
+        it (with overlap: the device runs this step while the host reads the previous one and
+        goes on to schedule the next) or of this one (without)."""
         start = time.monotonic()
         outputs = self._admit_compiled()
         plan = self.scheduler.schedule()
-        if not plan.scheduled:
-            return EngineCoreOutputs(outputs, time.monotonic(), None, self.stats(),
+        launched = None
+        if plan.scheduled:
+            launched, failed = self._launch(plan.scheduled)
+            outputs += failed
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            outputs += self._resolve(previous, launched)
+        if launched is not None:
+            if self.async_scheduling and not launched.needs_host:
+                self._in_flight = launched
+            else:
+                outputs += self._resolve(launched, None)
+        now = time.monotonic()
+        if not plan.scheduled and previous is None:
+            return EngineCoreOutputs(outputs, now, None, self.stats(),
                                      self._take_compile_seconds())
         num_decoding = sum(1 for s in plan.scheduled if s.is_decode)
-        scheduled, sampled, failed = self._execute(plan.scheduled)
-        outputs += [self._fail(s.request, exc) for s, exc in failed]
-        now = time.monotonic()
-        outputs += self._update(scheduled, sampled, now)
         step = StepStats(
             num_scheduled_tokens=plan.num_batched_tokens,
             num_prompt_tokens=plan.num_batched_tokens - num_decoding,
-            num_generation_tokens=sum(1 for t in sampled if t is not None),
+            num_generation_tokens=sum(len(o.new_token_ids) for o in outputs),
             num_preempted=len(plan.preempted),
             duration=now - start,
         )
@@ -302,35 +319,46 @@ class EngineCore:
                 outputs.append(EngineCoreOutput(request.request_id))
         return outputs
 
-    def _execute(self, scheduled: list[ScheduledRequest]) -> tuple[
-            list[ScheduledRequest], list[SampledToken | None],
-            list[tuple[ScheduledRequest, Exception]]]:
-        """Run the step; if it fails, run each request alone so that only a request whose
-        own step fails is lost (a fault that does not repeat loses nothing).
+    def _launch(self, scheduled: list[ScheduledRequest]) -> tuple[_InFlight | None,
+                                                                  list[EngineCoreOutput]]:
+        """Queue the step and advance its requests (their sampled tokens become placeholders).
 
-        Running a subset of the plan is safe: each request's K/V slots and attention are its
-        own, and a request that is run again writes the same K/V at the same slots. Returns
-        the requests that ran, their sampled tokens, and the failed requests with the error.
+        If the step fails, it runs each request alone so that only a request whose own step
+        fails is lost (a fault that does not repeat loses nothing). Running a subset of the
+        plan is safe: each request's K/V slots and attention are its own, and a request that
+        is run again writes the same K/V at the same slots. Those runs are read at once.
         """
         try:
-            return scheduled, self.runner.execute(scheduled), []
+            launched = self.runner.launch(scheduled)
         except Exception as exc:  # noqa: BLE001 - isolated below, per request
-            if len(scheduled) == 1:
-                logger.exception("step failed for request %s", scheduled[0].request.request_id)
-                ok, sampled, failures = [], [], [(scheduled[0], exc)]
+            outputs = []
+            previous, self._in_flight = self._in_flight, None
+            if previous is not None:  # its tokens first: the requests run alone need them
+                outputs += self._resolve(previous, None)
+            alive = [s for s in scheduled if not s.request.finished]
+            if len(alive) == 1:
+                logger.exception("step failed for request %s", alive[0].request.request_id)
+                ok, tokens, failures = [], [], [(alive[0], exc)]
             else:
                 logger.warning("a step of %d requests failed (%r); running each alone",
-                               len(scheduled), exc)
-                ok, sampled, failures = self._execute_each_alone(scheduled)
-        if ok:
-            self._failed_steps = 0
-        else:
-            self._failed_steps += 1
-            if self._failed_steps >= MAX_FAILED_STEPS:
-                raise EngineStepError(
-                    f"{self._failed_steps} steps in a row failed for every request in them; "
-                    f"the last error: {failures[-1][1]!r}") from failures[-1][1]
-        return ok, sampled, failures
+                               len(alive), exc)
+                ok, tokens, failures = self._execute_each_alone(alive)
+            outputs += [self._fail(s.request, e) for s, e in failures]
+            if ok:
+                self._failed_steps = 0
+            else:
+                self._failed_steps += 1
+                if self._failed_steps >= MAX_FAILED_STEPS:
+                    raise EngineStepError(
+                        f"{self._failed_steps} steps in a row failed for every request in "
+                        f"them; the last error: {failures[-1][1]!r}") from failures[-1][1]
+            if ok:
+                from pagedserve.model_runner import LaunchedStep
+
+                outputs += self._resolve(self._advance(ok, LaunchedStep.done(tokens)), None)
+            return None, outputs
+        self._failed_steps = 0
+        return self._advance(scheduled, launched), []
 
     def _execute_each_alone(self, scheduled: list[ScheduledRequest]) -> tuple[
             list[ScheduledRequest], list[SampledToken | None],
@@ -347,44 +375,75 @@ class EngineCore:
                 sampled.append(token)
         return ok, sampled, failures
 
-    def _update(self, scheduled: list[ScheduledRequest], sampled: list[SampledToken | None],
-                now: float) -> list[EngineCoreOutput]:
+    @staticmethod
+    def _advance(scheduled: list[ScheduledRequest], launched: LaunchedStep) -> _InFlight:
+        """Count the step's tokens as computed and reserve the tokens it samples."""
+        reserved: list[int | None] = []
+        needs_host = False
+        for s in scheduled:
+            r = s.request
+            r.num_computed_tokens += s.num_new_tokens
+            reserved.append(r.append_placeholder() if s.samples else None)
+            needs_host = needs_host or _needs_host(r)
+        return _InFlight(scheduled, launched, reserved, needs_host)
+
+    def _resolve(self, flight: _InFlight, following: _InFlight | None
+                 ) -> list[EngineCoreOutput]:
+        """Read a launched step's tokens into its requests: their outputs, and their ends (a
+        stop token, max_tokens, a complete grammar). ``following``: the step launched after
+        it, which fed on its ids on the device."""
+        try:
+            sampled = flight.launched.result()
+        except Exception as exc:  # noqa: BLE001 - the device failed after the launch
+            logger.exception("reading a step's tokens failed")
+            return [self._fail(s.request, exc) for s in flight.scheduled
+                    if not s.request.finished]
+        if following is not None:
+            for i in flight.launched.changed:  # the device fed the next step another id
+                request = flight.scheduled[i].request
+                if i not in flight.taken_back and not request.finished:
+                    following.take_back(request)
+        now = time.monotonic()
         outputs = []
-        for s, token in zip(scheduled, sampled, strict=True):
+        for i, (s, token) in enumerate(zip(flight.scheduled, sampled, strict=True)):
+            request = s.request
+            if request.finished or i in flight.taken_back:
+                continue  # ended (or taken back) meanwhile: this step's token is not its own
             try:
-                out = self._update_one(s, token, now)
+                out = self._update_one(request, flight.reserved[i], token, now)
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-                logger.exception("updating request %s failed", s.request.request_id)
-                out = self._fail(s.request, exc) if not s.request.finished else None
+                logger.exception("updating request %s failed", request.request_id)
+                out = self._fail(request, exc) if not request.finished else None
             if out is not None:
                 outputs.append(out)
         return outputs
 
-    def _update_one(self, s: ScheduledRequest, token: SampledToken | None,
+    def _update_one(self, request: Request, index: int | None, token: SampledToken | None,
                     now: float) -> EngineCoreOutput | None:
-        """Advance one request by its step: count computed tokens, append the sampled one,
-        and finish it on a stop token, at max_tokens, or when its grammar is complete. None
-        while it is still prefilling."""
-        request = s.request
-        request.num_computed_tokens += s.num_new_tokens
-        self.kv.commit(request.request_id, request.all_token_ids, request.num_computed_tokens)
-        if token is None:
+        """One request's share of a step it ran: the K/V it computed can be shared, its
+        sampled token is filled in, and it finishes on a stop token, at max_tokens, or when
+        its grammar is complete. None while it is still prefilling."""
+        if index is not None:
+            request.fill(index, token.token_id)
+        if request.status is RequestStatus.RUNNING:
+            self.kv.commit(request.request_id, request.all_token_ids,
+                           min(request.num_computed_tokens, request.num_known_tokens))
+        if index is None:
             return None
         out = EngineCoreOutput(request.request_id, [token.token_id])
-        if request.num_output_tokens == 0:
+        if index == 0:
             self._prompt_tokens_total += request.num_prompt_tokens
             request.metrics.first_token_time = now
             out.first_scheduled_time = request.metrics.first_scheduled_time
             out.num_cached_tokens = request.num_cached_tokens
         self._generation_tokens_total += 1
         request.metrics.last_token_time = now
-        request.append_output_token(token.token_id)
         if token.logprob is not None:
             out.logprobs = [token.logprob]
             top = token.top or []
             out.top_ids = [[t for t, _ in top]]
             out.top_logprobs = [[lp for _, lp in top]]
-        finish = request.check_stop_token()
+        finish = request.check_stop_token(index)
         out.stop_token = finish is not None and finish[0] == "stop"
         if request.grammar is not None:
             request.grammar.advance(request.output_token_ids)
@@ -453,6 +512,48 @@ class EngineCore:
     def close(self) -> None:
         if self.grammars is not None:
             self.grammars.close()
+
+
+class _InFlight:
+    """A launched step: what it scheduled, the output index it reserved for each request that
+    samples (None for a chunk mid-prompt), and whether the next step must wait for its ids on
+    the host (a grammar's mask and penalties are computed from the tokens so far)."""
+
+    def __init__(self, scheduled: list[ScheduledRequest], launched: LaunchedStep,
+                 reserved: list[int | None],
+                 needs_host: bool) -> None:
+        self.scheduled = scheduled
+        self.launched = launched
+        self.reserved = reserved
+        self.needs_host = needs_host
+        self.taken_back: set[int] = set()
+
+    def take_back(self, request: Request) -> None:
+        """Undo this step for ``request``: its input token turned out to be another one than
+        the device fed it, so the K/V it wrote and the token it sampled are wrong. The request
+        computes that position again next step; the token this step samples is dropped."""
+        for i, s in enumerate(self.scheduled):
+            if s.request is request and i not in self.taken_back:
+                self.taken_back.add(i)
+                request.num_computed_tokens -= s.num_new_tokens
+                if self.reserved[i] is not None:
+                    request.drop_last_placeholder()
+                return
+
+
+def _needs_host(request: Request) -> bool:
+    """The request's next step needs this step's token on the host before it is prepared."""
+    p = request.params
+    penalized = (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty) \
+        and p.repeat_last_n != 0
+    return request.grammar is not None or bool(penalized)
+
+
+def resolve_async_scheduling(setting: bool | None, device: str) -> bool:
+    """``EngineConfig.async_scheduling``: None means on CUDA (where the device runs a step
+    while the host prepares the next); on a CPU the host computes the step itself, so
+    reading its tokens one step late gains nothing."""
+    return device.startswith("cuda") if setting is None else setting
 
 
 def _auto_dtype_note(dtype: str, device: str) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pagedserve.device import on_device
 from pagedserve.request import Request
 
 _NEG_INF = float("-inf")
@@ -98,7 +99,7 @@ def _apply_on_device(logits: torch.Tensor, words: torch.Tensor, rows: list[int])
     if len(rows) == logits.shape[0]:
         logits.masked_fill_(~allowed, _NEG_INF)
         return
-    index = torch.tensor(rows, device=device)
+    index = on_device(rows, torch.long, device)
     logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(~allowed, _NEG_INF))
 
 

@@ -226,7 +226,6 @@ def _load(args: argparse.Namespace, server, gate, limits, card, config) -> None:
 
     from pagedserve.async_engine import AsyncEngine
     from pagedserve.engine import Engine
-    from pagedserve.loader import ModelLoadError
     from pagedserve.metrics import ServerMetrics
     from pagedserve.server.app import create_app
     from pagedserve.server.served_model import ServedModel
@@ -237,9 +236,10 @@ def _load(args: argparse.Namespace, server, gate, limits, card, config) -> None:
     try:
         engine = Engine.from_model(card.path, config, model_name=card.name,
                                    progress=sys.stderr.isatty())
-    except (ValueError, LookupError, OSError, RuntimeError, ModelLoadError) as exc:
-        logger.error("%s", exc)
-        server.call_on_loop(server.fail, 0.0)
+    except BaseException as exc:  # whatever ends the load must end the server, not hang it
+        _load_failed(server, card, exc)
+        if not isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt: still theirs
+            raise
         return
     # vLLM's habit: no "_created" timestamp series next to every counter and histogram
     prometheus_client.disable_created_metrics()
@@ -252,6 +252,19 @@ def _load(args: argparse.Namespace, server, gate, limits, card, config) -> None:
     if server.run_on_loop(gate.install(app)):
         server.attach(served)
         _log_startup(args, served)
+
+
+def _load_failed(server, card, exc: BaseException) -> None:
+    """One log line saying why (the traceback too with --verbose), then exit status 1."""
+    from pagedserve.loader import ModelLoadError
+
+    logger.debug("loading %s failed", card.name, exc_info=exc)
+    reason = " ".join(str(exc).split())
+    if not isinstance(exc, (ModelLoadError, ValueError, LookupError, OSError)):
+        # not written for users (a bug, memory, a device): name the exception too
+        reason = f"cannot load {card.name}: {type(exc).__name__}: {reason}".rstrip(": ")
+    logger.error("%s", reason)
+    server.call_on_loop(server.fail, 0.0)
 
 
 def _log_startup(args: argparse.Namespace, served) -> None:

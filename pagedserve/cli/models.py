@@ -257,6 +257,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         resolved = registry.resolve(args.model)
         info = registry.model_info(resolved.path)
     except (registry.ModelNotFoundError, ModelIntegrityError, ModelLoadError) as exc:
+        logger.debug("cannot show %s", args.model, exc_info=True)  # --verbose: the traceback
         return _fail(str(exc))
     if args.template:
         template = _chat_template(resolved, info) or resolved.template or ""

@@ -192,6 +192,7 @@ def _run(args: argparse.Namespace) -> int:
                   f'pagedserve run smollm2 "{quoted}"', file=sys.stderr)
         return 1
     except (ModelIntegrityError, ModelLoadError, ValueError) as exc:
+        logger.debug("cannot load %s", model, exc_info=True)  # --verbose: the traceback
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     session = ChatSession(llm, params, system=args.system, out=sys.stdout,

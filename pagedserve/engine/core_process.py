@@ -104,7 +104,7 @@ def main(config_fd: int, ready_fd: int) -> int:
                                          progress=config.progress)
         except BaseException as exc:  # noqa: BLE001 - reported as the one-line reason
             logger.debug("loading the model failed", exc_info=True)
-            pickle.dump(("failed", load_failure_reason(exc)), ready)
+            pickle.dump(("failed", load_failure_reason(exc, config.model_name)), ready)
             return 1
         info = core.info()
         info.core_pid = os.getpid()
@@ -112,14 +112,15 @@ def main(config_fd: int, ready_fd: int) -> int:
     return _serve(core, config, parent)
 
 
-def load_failure_reason(exc: BaseException) -> str:
-    """One line: the message of an error that explains itself, else its type too."""
+def load_failure_reason(exc: BaseException, model_name: str) -> str:
+    """One line: the message of an error written for users (a bad file, a missing device),
+    else (a bug, memory) what it was and that the model could not load."""
     from pagedserve.loader import ModelLoadError
 
     text = " ".join(str(exc).split())
     if isinstance(exc, (ModelLoadError, ValueError, LookupError, OSError)) and text:
         return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"cannot load {model_name}: {type(exc).__name__}: {text}".rstrip(": ")
 
 
 def _serve(core, config: CoreProcessConfig, parent: int) -> int:

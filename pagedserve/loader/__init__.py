@@ -55,38 +55,44 @@ class LoadedModel:
     generation_config: dict[str, Any] = field(default_factory=dict)
 
 
-_LAYER_WEIGHTS = (
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
-_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a model of this config needs, in Hugging Face naming and (out, in) order,
+    with its shape."""
+    h, ff, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (ff, h),
+        "mlp.up_proj.weight": (ff, h),
+        "mlp.down_proj.weight": (h, ff),
+    }
+    if config.attention_bias:
+        per_layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                      "self_attn.v_proj.bias": (kv,)}
+    shapes = {"model.embed_tokens.weight": (vocab, h)}
+    for layer in range(config.num_layers):
+        shapes |= {f"model.layers.{layer}.{name}": shape for name, shape in per_layer.items()}
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, h)
+    return shapes
 
 
 def expected_weight_names(config: ModelConfig) -> list[str]:
     """Every tensor a model of this config needs, in Hugging Face naming."""
-    names = ["model.embed_tokens.weight"]
-    per_layer = _LAYER_WEIGHTS + (_BIASES if config.attention_bias else ())
-    for layer in range(config.num_layers):
-        names += [f"model.layers.{layer}.{name}" for name in per_layer]
-    names.append("model.norm.weight")
-    if not config.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
+    return list(expected_weight_shapes(config))
 
 
 def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    """Raise ModelLoadError naming the first missing tensor."""
-    missing = [name for name in expected_weight_names(config) if name not in weights]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ModelLoadError(f"{source} is missing tensor {missing[0]!r}{more}")
+    """Raise ModelLoadError naming the first missing tensor, or the first of the wrong shape."""
+    from pagedserve.loader.checks import check_weight_shapes
+
+    check_weight_shapes(source, config, {name: tuple(w.shape) for name, w in weights.items()})
 
 
 class tensor_progress:  # noqa: N801 (used like a function: `with tensor_progress(...) as advance`)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pagedserve.config import ModelConfig
-from pagedserve.loader import LoadedModel, ModelInfo, ModelLoadError, expected_weight_names
+from pagedserve.loader import LoadedModel, ModelInfo, ModelLoadError, expected_weight_shapes
 from pagedserve.loader.shapes import is_dummy_name, shape_for
 
 logger = logging.getLogger(__name__)
@@ -34,30 +34,6 @@ def _config_from(path: str | Path | None, config: ModelConfig | None) -> ModelCo
     return model_config_from_hf(read_config_json(path), source=str(path))
 
 
-def _shape(name: str, config: ModelConfig) -> tuple[int, ...]:
-    h, i = config.hidden_size, config.intermediate_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    suffix = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
-    shapes = {
-        "model.embed_tokens.weight": (config.vocab_size, h),
-        "lm_head.weight": (config.vocab_size, h),
-        "model.norm.weight": (h,),
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q, h),
-        "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, q),
-        "self_attn.q_proj.bias": (q,),
-        "self_attn.k_proj.bias": (kv,),
-        "self_attn.v_proj.bias": (kv,),
-        "mlp.gate_proj.weight": (i, h),
-        "mlp.up_proj.weight": (i, h),
-        "mlp.down_proj.weight": (h, i),
-    }
-    return shapes[suffix]
-
-
 def dummy_weights(config: ModelConfig, dtype: torch.dtype = torch.float32,
                   seed: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Made where they will be used: on a GPU, an 8B model never passes through host memory.
@@ -65,8 +41,7 @@ def dummy_weights(config: ModelConfig, dtype: torch.dtype = torch.float32,
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     weights = {}
-    for name in expected_weight_names(config):
-        shape = _shape(name, config)
+    for name, shape in expected_weight_shapes(config).items():
         if name.endswith("norm.weight"):
             weights[name] = torch.ones(shape, dtype=dtype, device=device)
         elif device.type == "cpu":

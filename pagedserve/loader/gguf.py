@@ -1,8 +1,11 @@
 """llama.cpp GGUF files: metadata -> ModelConfig and Tokenizer, tensors -> HF-named weights.
 
-The file is memory-mapped and its header parsed here (see `GGUFFile`); each tensor is
-dequantized with `gguf.quants.dequantize` and cast to the runtime dtype one at a time, so peak
-memory is the result plus one float32 tensor.
+The file format is `gguf_file.py`'s, the tokenizer `gguf_tokenizer.py`'s; this module reads the
+model. Each tensor is dequantized with `gguf.quants.dequantize` and cast to the runtime dtype one
+at a time, so peak memory is the result plus one float32 tensor. Before the first one is, the
+config read from the metadata is checked (`checks.py`: types, ranges, heads dividing the width)
+and held against the tensors the file lists (each one the config needs, of its shape), and the
+weights and rotary tables against the memory available.
 
 Two things differ from a Hugging Face checkpoint besides the names:
 
@@ -17,12 +20,10 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
-import struct
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,12 +34,17 @@ from pagedserve.loader import (
     ModelInfo,
     ModelLoadError,
     check_weights,
+    checks,
     tensor_progress,
     weight_cache,
 )
-from pagedserve.tokenizer import Tokenizer
+from pagedserve.loader.gguf_file import GGUFFile, GGUFTensor
+from pagedserve.loader.gguf_tokenizer import tokenizer_from_gguf
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["GGUFFile", "GGUFTensor", "dequantize_tensor", "llama3_scaling_from_freqs",
+           "load_gguf", "read_gguf_info", "tokenizer_from_gguf"]
 
 # GGUF architecture name -> our ModelConfig.architecture
 _ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -47,16 +53,6 @@ _PERMUTED_QK = {"llama", "mistral"}  # families whose q/k rows llama.cpp permute
 # Dequantization is gguf.quants'; tests/test_loader.py checks F32, F16, BF16, Q4_0, Q4_1, Q5_0,
 # Q5_1, Q8_0, Q4_K, Q5_K and Q6_K against known values. Other types gguf implements (Q2_K,
 # Q3_K, IQ*) load too, unverified by us; the rest raise ModelLoadError.
-
-# Metadata arrays that are vocabulary-sized and kept out of ModelInfo.metadata.
-_BIG_ARRAYS = {
-    "tokenizer.ggml.tokens",
-    "tokenizer.ggml.merges",
-    "tokenizer.ggml.token_type",
-    "tokenizer.ggml.scores",
-    "tokenizer.ggml.precompiled_charsmap",
-}
-_MAX_METADATA_ARRAY = 1024
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -80,196 +76,16 @@ _LAYER_NAMES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the file
-
-
-# GGUF value types -> struct format (little-endian); 8 is a string, 9 an array.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-            10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-          10: "<u8", 11: "<i8", 12: "<f8"}
-_STRING, _ARRAY = 8, 9
-
-
-class _Truncated(Exception):
-    pass
-
-
-class GGUFTensor(NamedTuple):
-    name: str
-    shape: tuple[int, ...]  # GGUF order: innermost (in_features) first
-    type_id: int
-    offset: int  # absolute, in the file
-    n_elements: int
-    n_bytes: int
-
-    @property
-    def type_name(self) -> str:
-        import gguf
-
-        try:
-            return gguf.GGMLQuantizationType(self.type_id).name
-        except ValueError:
-            return f"type {self.type_id}"
-
-
-class GGUFFile:
-    """A GGUF file, memory-mapped: metadata parsed to Python values, tensors located.
-
-    The layout (v2/v3, little-endian): magic, version u32, tensor count u64, key/value count
-    u64, the key/values, the tensor infos (name, dims, type, offset), then the tensor data
-    from the next multiple of `general.alignment`. We parse it ourselves rather than with
-    gguf.GGUFReader, which builds a numpy view per array element and needs seconds for a
-    50k-token vocabulary; the dequantization math is still gguf's.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file does not exist: {path}")
-        self.file_size = path.stat().st_size
-        with path.open("rb") as f:
-            magic = f.read(4)
-            if magic != b"GGUF":
-                raise ModelLoadError(
-                    f"{path} is not a GGUF file (starts with {magic!r}, not b'GGUF')"
-                )
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._pos = 4
-        try:
-            self._parse()
-        except (_Truncated, struct.error) as exc:
-            raise ModelLoadError(
-                f"{path} is a truncated or corrupt GGUF file (header ends early at byte "
-                f"{self._pos} of {self.file_size})"
-            ) from exc
-        except (UnicodeDecodeError, ValueError, OverflowError) as exc:
-            raise ModelLoadError(f"{path} is a corrupt GGUF file: {exc}") from exc
-
-    # -- header parsing ----------------------------------------------------------------------
-
-    def _unpack(self, fmt: str):
-        (value,) = struct.unpack_from(fmt, self._mm, self._pos)
-        self._pos += struct.calcsize(fmt)
-        return value
-
-    def _string(self) -> str:
-        n = self._unpack("<Q")
-        end = self._pos + n
-        if end > self.file_size:
-            raise _Truncated
-        text = self._mm[self._pos : end].decode("utf-8")
-        self._pos = end
-        return text
-
-    def _value(self, kind: int):
-        if kind in _SCALARS:
-            return self._unpack(_SCALARS[kind])
-        if kind == _STRING:
-            return self._string()
-        if kind != _ARRAY:
-            raise ValueError(f"unknown metadata value type {kind} at byte {self._pos}")
-        item, count = self._unpack("<I"), self._unpack("<Q")
-        if item in _NUMPY:
-            dtype = np.dtype(_NUMPY[item])
-            if self._pos + count * dtype.itemsize > self.file_size:
-                raise _Truncated
-            values = np.frombuffer(self._mm, dtype, count, self._pos).tolist()
-            self._pos += count * dtype.itemsize
-            return values
-        if count > self.file_size:
-            raise _Truncated
-        return [self._value(item) for _ in range(count)]
-
-    def _parse(self) -> None:
-        version = self._unpack("<I")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
-        n_tensors, n_kv = self._unpack("<Q"), self._unpack("<Q")
-        if n_tensors > self.file_size or n_kv > self.file_size:
-            raise _Truncated
-        self.fields: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = self._string()
-            self.fields[key] = self._value(self._unpack("<I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = self._string()
-            n_dims = self._unpack("<I")
-            if n_dims > 8:
-                raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
-            shape = tuple(self._unpack("<Q") for _ in range(n_dims))
-            infos.append((name, shape, self._unpack("<I"), self._unpack("<Q")))
-        alignment = int(self.fields.get("general.alignment", 32))
-        if alignment <= 0:
-            raise ValueError(f"general.alignment is {alignment}")
-        data_start = -(-self._pos // alignment) * alignment
-        self.tensors: dict[str, GGUFTensor] = {}
-        for name, shape, type_id, offset in infos:
-            n_elements = math.prod(shape)
-            self.tensors[name] = GGUFTensor(name, shape, type_id, data_start + offset,
-                                            n_elements, _n_bytes(name, type_id, n_elements))
-            end = data_start + offset + self.tensors[name].n_bytes
-            if end > self.file_size:
-                raise ModelLoadError(
-                    f"{self.path} is truncated: tensor {name!r} ends at byte {end} but the "
-                    f"file has {self.file_size} bytes"
-                )
-
-    # -- access ------------------------------------------------------------------------------
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.fields.get(key, default)
-
-    def tensor_bytes(self, tensor: GGUFTensor) -> np.ndarray:
-        """The tensor's raw bytes, a view into the mapped file."""
-        return np.frombuffer(self._mm, np.uint8, tensor.n_bytes, tensor.offset)
-
-    def metadata(self) -> dict[str, Any]:
-        """JSON-able key/values, without vocabulary-sized arrays."""
-        return {
-            key: value
-            for key, value in self.fields.items()
-            if key not in _BIG_ARRAYS
-            and not (isinstance(value, list) and len(value) > _MAX_METADATA_ARRAY)
-        }
-
-    @property
-    def arch(self) -> str:
-        arch = self.get("general.architecture")
-        if not isinstance(arch, str):
-            raise ModelLoadError(f"{self.path} has no general.architecture in its metadata")
-        return arch
-
-    def arch_key(self, suffix: str, default: Any = None) -> Any:
-        return self.get(f"{self.arch}.{suffix}", default)
-
-
-def _n_bytes(name: str, type_id: int, n_elements: int) -> int:
-    import gguf
-
-    try:
-        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
-    except (ValueError, KeyError):
-        raise ModelLoadError(
-            f"tensor {name!r} has unknown GGML type id {type_id}; the file may be corrupt or "
-            "newer than this gguf library"
-        ) from None
-    if n_elements % block_size:
-        raise ModelLoadError(
-            f"tensor {name!r}: {n_elements} elements is not a whole number of "
-            f"{block_size}-element blocks"
-        )
-    return n_elements // block_size * type_size
+# Info
 
 
 def _quantization(f: GGUFFile) -> str:
     import gguf
 
     file_type = f.get("general.file_type")
-    if file_type is not None:
+    if isinstance(file_type, int) and not isinstance(file_type, bool):
         try:
-            name = gguf.LlamaFileType(int(file_type)).name
+            name = gguf.LlamaFileType(file_type).name
             return name.removeprefix("MOSTLY_").removeprefix("ALL_")
         except ValueError:
             logger.debug("unknown general.file_type %s; naming the dominant tensor type", file_type)
@@ -282,7 +98,11 @@ def _quantization(f: GGUFFile) -> str:
 
 
 def read_gguf_info(path: Path) -> ModelInfo:
+    """Metadata only; for an architecture we run, the config is checked as a load would
+    check it, so that `show` and `list` name what is wrong with a file that cannot load."""
     f = GGUFFile(path)
+    if f.arch in _ARCHITECTURES:
+        _model_config(f)
     return _info(f)
 
 
@@ -295,7 +115,7 @@ def _info(f: GGUFFile) -> ModelInfo:
         family=arch,
         architecture=arch,
         parameter_count=sum(t.n_elements for t in f.tensors.values()),
-        context_length=int(f.arch_key("context_length", 0) or 0),
+        context_length=f.integer(f.arch_key("context_length"), 0, 0, checks.MAX_CONTEXT),
         file_size=f.file_size,
         metadata=f.metadata(),
     )
@@ -305,52 +125,94 @@ def _info(f: GGUFFile) -> ModelInfo:
 # Config
 
 
+def _config_keys(f: GGUFFile) -> checks.ConfigKeys:
+    key = f.arch_key
+    return checks.ConfigKeys(
+        vocab_size=key("vocab_size"),
+        hidden_size=key("embedding_length"),
+        intermediate_size=key("feed_forward_length"),
+        num_layers=key("block_count"),
+        num_heads=key("attention.head_count"),
+        num_kv_heads=key("attention.head_count_kv"),
+        head_dim=key("attention.key_length"),
+        rms_norm_eps=key("attention.layer_norm_rms_epsilon"),
+        rope_theta=key("rope.freq_base"),
+        rope_scaling=key("rope.scaling"),
+        max_position_embeddings=key("context_length"),
+    )
+
+
 def _model_config(f: GGUFFile) -> ModelConfig:
+    """The config the metadata describes, checked, and checked against the tensors listed."""
     arch = f.arch
     if arch not in _ARCHITECTURES:
         raise ModelLoadError(
-            f"unsupported architecture {arch!r} in {f.path.name}; "
+            f"unsupported architecture {arch!r} in {f.name}; "
             f"supported: {', '.join(sorted(_ARCHITECTURES))}"
         )
+    keys = _config_keys(f)
 
-    def required(suffix: str) -> Any:
-        value = f.arch_key(suffix)
+    def required(key: str) -> Any:
+        value = f.get(key)
         if value is None:
-            raise ModelLoadError(f"{f.path.name} has no {arch}.{suffix} in its metadata")
+            raise ModelLoadError(f"{f.name} has no {key} in its metadata")
         return value
 
-    hidden = int(required("embedding_length"))
-    num_heads = int(required("attention.head_count"))
-    num_kv_heads = int(f.arch_key("attention.head_count_kv", num_heads))
-    head_dim = int(f.arch_key("attention.key_length", hidden // num_heads))
-    vocab_size = f.arch_key("vocab_size")
+    vocab_size = f.get(keys.vocab_size)
+    tokens = f.get("tokenizer.ggml.tokens")
     if vocab_size is None:
-        tokens = f.get("tokenizer.ggml.tokens")
-        if tokens is not None:
-            vocab_size = len(tokens)
-        elif "token_embd.weight" in f.tensors:
-            vocab_size = int(f.tensors["token_embd.weight"].shape[1])
+        embedding = f.tensors.get("token_embd.weight")
+        if isinstance(tokens, list):
+            vocab_size, keys.vocab_size = len(tokens), "the count of tokenizer.ggml.tokens"
+        elif embedding is not None and len(embedding.shape) == 2:
+            vocab_size, keys.vocab_size = embedding.shape[1], "token_embd.weight's rows"
         else:
-            raise ModelLoadError(f"{f.path.name}: cannot tell the vocabulary size")
-    try:
-        return ModelConfig(
-            architecture=_ARCHITECTURES[arch],
-            vocab_size=int(vocab_size),
-            hidden_size=hidden,
-            intermediate_size=int(required("feed_forward_length")),
-            num_layers=int(required("block_count")),
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=_from_f32(f.arch_key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=_from_f32(f.arch_key("rope.freq_base", 10000.0)),
-            rope_scaling=_rope_scaling(f, head_dim),
-            max_position_embeddings=int(f.arch_key("context_length", 2048)),
-            tie_word_embeddings="output.weight" not in f.tensors,
-            attention_bias="blk.0.attn_q.bias" in f.tensors,
-        )
-    except ValueError as exc:
-        raise ModelLoadError(f"{f.path.name}: {exc}") from exc
+            raise ModelLoadError(f"{f.name}: cannot tell the vocabulary size")
+    config = checks.checked_config(
+        f.name, keys,
+        architecture=_ARCHITECTURES[arch],
+        vocab_size=vocab_size,
+        hidden_size=required(keys.hidden_size),
+        intermediate_size=required(keys.intermediate_size),
+        num_layers=required(keys.num_layers),
+        num_heads=required(keys.num_heads),
+        num_kv_heads=f.get(keys.num_kv_heads),
+        head_dim=f.get(keys.head_dim),
+        rms_norm_eps=_from_f32(f.number(keys.rms_norm_eps, 1e-5, 0.0, 1.0)),
+        rope_theta=_from_f32(f.number(keys.rope_theta, 10000.0, 1.0, above=True)),
+        rope_scaling=None,
+        max_position_embeddings=f.get(keys.max_position_embeddings, 2048),
+        tie_word_embeddings="output.weight" not in f.tensors,
+        attention_bias="blk.0.attn_q.bias" in f.tensors,
+    )
+    _check_heads(f, config)
+    if isinstance(tokens, list) and len(tokens) > config.vocab_size:
+        raise ModelLoadError(f"{f.name}: tokenizer.ggml.tokens has {len(tokens)} tokens, more "
+                             f"than {keys.vocab_size} ({config.vocab_size})")
+    _check_tensors(f, config, keys)
+    config.rope_scaling = checks.checked_rope_scaling(f.name, keys.rope_scaling,
+                                                      _rope_scaling(f, config))
+    return config
+
+
+def _check_heads(f: GGUFFile, config: ModelConfig) -> None:
+    """Values and keys the same width as queries: the model rotates whole heads, as llama.cpp
+    does for these families."""
+    for suffix in ("rope.dimension_count", "attention.value_length"):
+        key = f.arch_key(suffix)
+        value = f.integer(key, config.head_dim, 0)
+        if value != config.head_dim:
+            raise ModelLoadError(f"{f.name}: {key} ({value}) must equal the head dimension "
+                                 f"({config.head_dim})")
+
+
+def _check_tensors(f: GGUFFile, config: ModelConfig, keys: checks.ConfigKeys) -> None:
+    """Every tensor the config needs, listed with the shape it needs (before any is read)."""
+    checks.check_layer_count(f.name, keys.num_layers, config.num_layers, len(f.tensors))
+    names = {hf: t.name for t in f.tensors.values()
+             if (hf := _hf_name(t.name, config.num_layers)) is not None}
+    shapes = {hf: tuple(reversed(f.tensors[name].shape)) for hf, name in names.items()}
+    checks.check_weight_shapes(f.name, config, shapes, names)
 
 
 def _from_f32(value: float) -> float:
@@ -359,21 +221,31 @@ def _from_f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _rope_scaling(f: GGUFFile, head_dim: int) -> dict | None:
-    kind = f.arch_key("rope.scaling.type")
-    factor = f.arch_key("rope.scaling.factor")
+def _rope_scaling(f: GGUFFile, config: ModelConfig) -> dict | None:
+    kind = f.text(f.arch_key("rope.scaling.type"))
+    factor = f.number(f.arch_key("rope.scaling.factor"), None, 0.0)
     if kind in ("linear", "yarn") and factor:
-        scaling: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
-        original = f.arch_key("rope.scaling.original_context_length")
+        scaling: dict[str, Any] = {"rope_type": kind, "factor": factor}
+        original = f.integer(f.arch_key("rope.scaling.original_context_length"), None, 0,
+                             checks.MAX_CONTEXT)
         if original:
-            scaling["original_max_position_embeddings"] = int(original)
+            scaling["original_max_position_embeddings"] = original
         return scaling
-    if "rope_freqs.weight" in f.tensors:
-        freqs = dequantize_tensor(f, f.tensors["rope_freqs.weight"]).reshape(-1)
-        rope_dim = int(f.arch_key("rope.dimension_count", head_dim))
-        base = float(f.arch_key("rope.freq_base", 10000.0))
-        return llama3_scaling_from_freqs(freqs, base, rope_dim)
-    return None
+    tensor = f.tensors.get("rope_freqs.weight")
+    if tensor is None:
+        return None
+    rope_dim = config.head_dim
+    if tensor.shape != (rope_dim // 2,):
+        raise ModelLoadError(f"{f.name}: tensor 'rope_freqs.weight' has shape {tensor.shape}, "
+                             f"but heads of {rope_dim} dimensions need ({rope_dim // 2},)")
+    freqs = dequantize_tensor(f, tensor).reshape(-1)
+    if not (np.isfinite(freqs).all() and (freqs > 0).all()):
+        raise ModelLoadError(f"{f.name}: tensor 'rope_freqs.weight' must hold positive finite "
+                             "divisors")
+    try:
+        return llama3_scaling_from_freqs(freqs, config.rope_theta, rope_dim)
+    except ValueError as exc:
+        raise ModelLoadError(f"{f.name}: tensor 'rope_freqs.weight': {exc}") from None
 
 
 def llama3_scaling_from_freqs(freqs: np.ndarray, base: float, rope_dim: int) -> dict | None:
@@ -401,6 +273,8 @@ def llama3_scaling_from_freqs(freqs: np.ndarray, base: float, rope_dim: int) -> 
             original = slope * (high - low)
     elif middle.sum() == 1:
         original = (smooth[middle][0] * (high - low) + low) / inv_wavelen[middle][0]
+    if not (math.isfinite(high) and math.isfinite(original)):
+        raise ValueError("its divisors fit no llama3 rope scaling")
     return {
         "rope_type": "llama3",
         "factor": round(factor, 6),
@@ -450,27 +324,32 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
-def _hf_name(name: str) -> str | None:
+def _hf_name(name: str, num_layers: int) -> str | None:
+    """The Hugging Face name of a GGUF tensor we use; None for the others (and for layers
+    past `num_layers`, which a model of the config would never read)."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
-    if name.startswith("blk."):
-        _, layer, rest = name.split(".", 2)
-        if rest in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        layer = parts[1]
+        if layer.isdecimal() and str(int(layer)) == layer and int(layer) < num_layers:
+            return f"model.layers.{layer}.{_LAYER_NAMES[parts[2]]}"
     return None
 
 
-def _load_weights(
-    f: GGUFFile, config: ModelConfig, dtype: torch.dtype, progress: bool
-) -> dict[str, torch.Tensor]:
-    permuted = f.arch in _PERMUTED_QK
-    todo = [(t, _hf_name(t.name)) for t in f.tensors.values()]
+def _used_tensors(f: GGUFFile, config: ModelConfig) -> list[tuple[GGUFTensor, str]]:
+    todo = [(t, _hf_name(t.name, config.num_layers)) for t in f.tensors.values()]
     skipped = [t.name for t, name in todo if name is None and t.name != "rope_freqs.weight"]
     if skipped:
         logger.warning("ignoring GGUF tensors we have no use for: %s", ", ".join(skipped[:8]))
-    todo = [(t, name) for t, name in todo if name is not None]
+    return [(t, name) for t, name in todo if name is not None]
+
+
+def _load_weights(f: GGUFFile, todo: list[tuple[GGUFTensor, str]], config: ModelConfig,
+                  dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
+    permuted = f.arch in _PERMUTED_QK
     weights: dict[str, torch.Tensor] = {}
-    with tensor_progress(progress, len(todo), f.path.name) as advance:
+    with tensor_progress(progress, len(todo), f.name) as advance:
         for tensor, name in todo:
             w = torch.from_numpy(dequantize_tensor(f, tensor)).to(dtype)
             if permuted and ".self_attn.q_proj." in name:
@@ -479,195 +358,7 @@ def _load_weights(
                 w = _unpermute(w, config.num_kv_heads)
             weights[name] = w.contiguous()
             advance()
-    check_weights(weights, config, f.path.name)
     return weights
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-#
-# llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
-_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
-
-# Pre-tokenizer split patterns by `tokenizer.ggml.pre`, as in the models' own tokenizer.json.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_SPLITS = {
-    "llama-bpe": _LLAMA3_SPLIT,
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "falcon3": _LLAMA3_SPLIT,
-    "dbrx": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
-}
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: printable Latin-1 bytes stand for
-    themselves, the other 68 bytes are shifted to code points 256, 257, ..."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    shifted = (b for b in range(256) if b not in table)
-    for n, b in enumerate(shifted):
-        table[b] = chr(256 + n)
-    return table
-
-
-def _byte_level_pre_tokenizer(pre: str | None):
-    from tokenizers import Regex, pre_tokenizers
-
-    if pre in _SPLITS:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    if pre == "smollm":  # SmolLM's tokenizer.json: single digits, then GPT-2's split
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
-    if pre not in (None, "default", "gpt2", "gpt-2"):
-        logger.info("tokenizer.ggml.pre %r is not known; splitting text like GPT-2", pre)
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-
-
-def byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int],
-                   pre: str | None):
-    """`tokenizer.ggml.model == "gpt2"`: byte-level BPE from the vocabulary and merges."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models
-
-    alphabet = _byte_alphabet()
-    spelled = set(alphabet.values())
-    vocab: dict[str, int] = {}
-    for i, (token, kind) in enumerate(zip(tokens, token_types, strict=True)):
-        # Normal tokens are spelled in the byte alphabet; a few converters write raw text.
-        if kind == _NORMAL and not set(token) <= spelled:
-            token = "".join(alphabet[b] for b in token.encode("utf-8"))
-        vocab.setdefault(token, i)
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = _byte_level_pre_tokenizer(pre)
-    backend.decoder = decoders.ByteLevel()
-    _add_special_tokens(backend, tokens, token_types)
-    return backend
-
-
-def sentencepiece_bpe(tokens: list[str], scores: list[float], token_types: list[int],
-                      merges: list[str] | None, add_space_prefix: bool = True):
-    """`tokenizer.ggml.model == "llama"`: SentencePiece BPE with byte fallback and ▁ spaces.
-
-    Merges, when the file has none, come from the scores: each normal token that splits into
-    two vocabulary pieces yields a merge, ranked by the token's score (SentencePiece merges the
-    pair whose result scores highest).
-    """
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers
-
-    vocab: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        vocab.setdefault(token, i)
-    if merges:
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-    else:
-        ranked = []
-        for token, score, kind in zip(tokens, scores, token_types, strict=True):
-            if kind != _NORMAL:
-                continue
-            for cut in range(1, len(token)):
-                left, right = token[:cut], token[cut:]
-                if left in vocab and right in vocab:
-                    ranked.append((-float(score), len(ranked), left, right))
-        ranked.sort()
-        pairs = [(left, right) for _, _, left, right in ranked]
-    unk = next((t for t, k in zip(tokens, token_types, strict=True) if k == _UNKNOWN), None)
-    backend = Backend(models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True,
-                                 byte_fallback=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False
-    )
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if add_space_prefix:
-        steps.append(decoders.Strip(content=" ", left=1, right=0))
-    backend.decoder = decoders.Sequence(steps)
-    _add_special_tokens(backend, tokens, token_types)
-    return backend
-
-
-def _add_special_tokens(backend, tokens: list[str], token_types: list[int]) -> None:
-    """Control tokens become special tokens and user-defined ones added tokens, so that
-    "<|im_start|>" in text is one token rather than pieces."""
-    from tokenizers import AddedToken
-
-    control, user = [], []
-    for token, kind in zip(tokens, token_types, strict=True):
-        if kind == _CONTROL:
-            control.append(AddedToken(token, special=True, normalized=False))
-        elif kind == _USER_DEFINED:
-            user.append(AddedToken(token, special=False, normalized=False))
-    backend.add_special_tokens(control)
-    backend.add_tokens(user)
-
-
-def tokenizer_from_gguf(f: GGUFFile) -> Tokenizer | None:
-    """The Tokenizer the metadata describes (None when it has no `tokenizer.ggml.model`).
-
-    EOS ids are eos, then eot/eom when present (chat models end turns with those); BOS is
-    prepended when `add_bos_token` says so, by default for SentencePiece vocabularies only
-    (llama.cpp's default).
-    """
-    kind = f.get("tokenizer.ggml.model")
-    if kind is None:
-        return None
-    tokens = f.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise ModelLoadError(f"{f.path.name}: tokenizer.ggml.model is set but there are no tokens")
-    token_types = f.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if kind == "gpt2":
-        backend = byte_level_bpe(
-            tokens, f.get("tokenizer.ggml.merges") or [], token_types, f.get("tokenizer.ggml.pre")
-        )
-        default_add_bos = False
-    elif kind == "llama":
-        backend = sentencepiece_bpe(
-            tokens,
-            f.get("tokenizer.ggml.scores") or [0.0] * len(tokens),
-            token_types,
-            f.get("tokenizer.ggml.merges"),
-            add_space_prefix=bool(f.get("tokenizer.ggml.add_space_prefix", True)),
-        )
-        default_add_bos = True
-    else:
-        raise ModelLoadError(
-            f"{f.path.name}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)"
-        )
-
-    def token_id(key: str) -> int | None:
-        value = f.get(f"tokenizer.ggml.{key}")
-        return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
-
-    bos = token_id("bos_token_id")
-    eos_ids = [i for i in (token_id(k) for k in ("eos_token_id", "eot_token_id", "eom_token_id"))
-               if i is not None]
-    names = {"bos_token": bos, "eos_token": token_id("eos_token_id"),
-             "unk_token": token_id("unknown_token_id"), "pad_token": token_id("padding_token_id")}
-    return Tokenizer(
-        backend,
-        bos_token_id=bos,
-        eos_token_ids=eos_ids,
-        add_bos=bool(f.get("tokenizer.ggml.add_bos_token", default_add_bos)),
-        chat_template=f.get("tokenizer.chat_template"),
-        special_tokens={name: tokens[i] if i is not None else None for name, i in names.items()},
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,13 +369,17 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: bool = F
     f = GGUFFile(path)
     config = _model_config(f)
     tokenizer = tokenizer_from_gguf(f)
+    todo = _used_tensors(f, config)
+    weight_bytes = sum(t.n_elements for t, _ in todo) * torch.empty((), dtype=dtype).element_size()
+    checks.check_fits(f.name, config, _config_keys(f).max_position_embeddings, weight_bytes,
+                      str(dtype).removeprefix("torch."))
     weights = weight_cache.load(path, dtype)
-    source = "the dequantized-weight cache"
+    source = "the dequantized-weight cache" if weights is not None else "GGUF tensors"
     if weights is None:
-        weights = _load_weights(f, config, dtype, progress)
+        weights = _load_weights(f, todo, config, dtype, progress)
+    check_weights(weights, config, f.name)
+    if source == "GGUF tensors":
         weight_cache.store(path, dtype, weights)
-        source = "GGUF tensors"
-    check_weights(weights, config, path.name)
     info = _info(f)
     generation_config: dict[str, Any] = {}
     if tokenizer is not None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -22,6 +23,7 @@ from pagedserve.loader import (
     ModelInfo,
     ModelLoadError,
     check_weights,
+    checks,
     expected_weight_names,
     tensor_progress,
 )
@@ -56,44 +58,63 @@ def read_config_json(path: Path) -> dict[str, Any]:
     return _read_json(config_path)
 
 
+_CONFIG_KEYS = checks.ConfigKeys(
+    vocab_size="vocab_size", hidden_size="hidden_size", intermediate_size="intermediate_size",
+    num_layers="num_hidden_layers", num_heads="num_attention_heads",
+    num_kv_heads="num_key_value_heads", head_dim="head_dim", rms_norm_eps="rms_norm_eps",
+    rope_theta="rope_theta", rope_scaling="rope_scaling",
+    max_position_embeddings="max_position_embeddings",
+)
+
+
 def model_config_from_hf(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """ModelConfig from a config.json dict; ModelLoadError names what is missing or unknown."""
+    """ModelConfig from a config.json dict; ModelLoadError names what is missing, unknown or
+    out of range (checks.py)."""
     names = raw.get("architectures") or []
+    if not isinstance(names, list):
+        raise ModelLoadError(f"{source}: architectures must be a list, found "
+                             f"{checks.describe(names)}")
     arch_name = names[0] if names else raw.get("model_type")
     if names:
-        architecture = _ARCHITECTURES.get(arch_name)
+        architecture = _ARCHITECTURES.get(arch_name) if isinstance(arch_name, str) else None
     else:
-        architecture = _MODEL_TYPES.get(arch_name)
+        architecture = _MODEL_TYPES.get(arch_name) if isinstance(arch_name, str) else None
     if architecture is None:
         raise ModelLoadError(
             f"unsupported architecture {arch_name!r} in {source}; "
             f"supported: {', '.join(sorted(_ARCHITECTURES))}"
         )
-    try:
-        hidden = int(raw["hidden_size"])
-        num_heads = int(raw["num_attention_heads"])
-        rope = raw.get("rope_parameters") or {}
-        scaling = raw.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
-        return ModelConfig(
-            architecture=architecture,
-            vocab_size=int(raw["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=int(raw["num_hidden_layers"]),
-            num_heads=num_heads,
-            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
-            head_dim=int(raw.get("head_dim") or hidden // num_heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-            rope_scaling=_normalize_rope_scaling(scaling),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=architecture == "qwen2" or bool(raw.get("attention_bias", False)),
-        )
-    except KeyError as exc:
-        raise ModelLoadError(f"{source} has no {exc.args[0]!r}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{source}: {exc}") from exc
+
+    def required(key: str) -> Any:
+        if key not in raw:
+            raise ModelLoadError(f"{source} has no {key!r}")
+        return raw[key]
+
+    rope = raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ModelLoadError(f"{source}: rope_parameters must be an object, found "
+                             f"{checks.describe(rope)}")
+    scaling = raw.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+    if not isinstance(scaling, dict):
+        raise ModelLoadError(f"{source}: rope_scaling must be an object, found "
+                             f"{checks.describe(scaling)}")
+    return checks.checked_config(
+        source, _CONFIG_KEYS,
+        architecture=architecture,
+        vocab_size=required("vocab_size"),
+        hidden_size=required("hidden_size"),
+        intermediate_size=required("intermediate_size"),
+        num_layers=required("num_hidden_layers"),
+        num_heads=required("num_attention_heads"),
+        num_kv_heads=raw.get("num_key_value_heads"),
+        head_dim=raw.get("head_dim"),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=raw.get("rope_theta") or rope.get("rope_theta") or 10000.0,
+        rope_scaling=_normalize_rope_scaling(scaling),
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention_bias=architecture == "qwen2" or bool(raw.get("attention_bias", False)),
+    )
 
 
 def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -131,8 +152,13 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _safetensors_header(file: Path) -> dict[str, Any]:
-    """The JSON header (tensor name -> dtype, shape, offsets), without touching the data."""
+class _Entry(NamedTuple):
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _safetensors_header(file: Path) -> dict[str, _Entry]:
+    """Tensor name -> dtype and shape, from the JSON header, without touching the data."""
     with file.open("rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -142,19 +168,45 @@ def _safetensors_header(file: Path) -> dict[str, Any]:
             raise ModelLoadError(f"{file} is not a safetensors file (header size {size})")
         try:
             header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{file} has a corrupt safetensors header: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ModelLoadError(f"{file} has a corrupt safetensors header: "
+                                 f"{str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{file} has a corrupt safetensors header: not a JSON object")
     header.pop("__metadata__", None)
-    return header
+    entries = {}
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ModelLoadError(f"{file} has a corrupt safetensors header: tensor {name!r} "
+                                 "has no dtype and shape")
+        entries[name] = _Entry(dtype, tuple(shape))
+    return entries
+
+
+def _checked_config(path: Path, raw: dict[str, Any],
+                    headers: dict[Path, dict[str, _Entry]]) -> ModelConfig:
+    """The config, checked (checks.py) and against the tensors the headers list."""
+    config = model_config_from_hf(raw, source=str(path / "config.json"))
+    shapes = {name: entry.shape for header in headers.values() for name, entry in header.items()}
+    # A config that says "untied" while the checkpoint has no lm_head is tied in effect.
+    if not config.tie_word_embeddings and "lm_head.weight" not in shapes:
+        config.tie_word_embeddings = True
+    checks.check_layer_count(path.name, _CONFIG_KEYS.num_layers, config.num_layers, len(shapes))
+    checks.check_weight_shapes(path.name, config, shapes)
+    return config
 
 
 def _load_safetensors(
-    files: list[Path], config: ModelConfig, dtype: torch.dtype, progress: bool
+    headers: dict[Path, dict[str, _Entry]], config: ModelConfig, dtype: torch.dtype,
+    progress: bool,
 ) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError, safe_open
 
+    files = list(headers)
     wanted = set(expected_weight_names(config))
-    headers = {file: _safetensors_header(file) for file in files}
     total = sum(1 for h in headers.values() for name in h if name in wanted)
     weights: dict[str, torch.Tensor] = {}
     with tensor_progress(progress, total, files[0].parent.name) as advance:
@@ -264,29 +316,44 @@ def read_generation_config(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _is_supported(raw: dict[str, Any]) -> bool:
+    names = raw.get("architectures")
+    if isinstance(names, list) and names:
+        return isinstance(names[0], str) and names[0] in _ARCHITECTURES
+    model_type = raw.get("model_type")
+    return isinstance(model_type, str) and model_type in _MODEL_TYPES
+
+
 def read_hf_info(path: Path) -> ModelInfo:
+    """Metadata only; for an architecture we run, the config is checked as a load would."""
     raw = read_config_json(path)
-    files = _weight_files(path)
+    headers = {file: _safetensors_header(file) for file in _weight_files(path)}
+    if _is_supported(raw):
+        _checked_config(path, raw, headers)
+    return _info(path, raw, headers)
+
+
+def _info(path: Path, raw: dict[str, Any], headers: dict[Path, dict[str, _Entry]]) -> ModelInfo:
     dtype_counts: Counter[str] = Counter()
     parameters = 0
-    for file in files:
-        for entry in _safetensors_header(file).values():
-            count = 1
-            for dim in entry.get("shape", []):
-                count *= int(dim)
+    for header in headers.values():
+        for entry in header.values():
+            count = math.prod(entry.shape)
             parameters += count
-            dtype_counts[entry.get("dtype", "?")] += count
+            dtype_counts[entry.dtype] += count
     dominant = dtype_counts.most_common(1)[0][0] if dtype_counts else "?"
     names = raw.get("architectures") or [raw.get("model_type", "?")]
+    context = raw.get("max_position_embeddings")
     return ModelInfo(
         path=path,
         format="safetensors",
         quantization=_SAFETENSORS_DTYPES.get(dominant, dominant),
         family=str(raw.get("model_type", "?")),
-        architecture=str(names[0]),
+        architecture=str(names[0]) if isinstance(names, list) else str(names),
         parameter_count=parameters,
-        context_length=int(raw.get("max_position_embeddings", 0)),
-        file_size=sum(f.stat().st_size for f in files),
+        context_length=0 if context is None else checks.integer(
+            str(path / "config.json"), "max_position_embeddings", context, 0, checks.MAX_CONTEXT),
+        file_size=sum(f.stat().st_size for f in headers),
         metadata=raw,
     )
 
@@ -296,16 +363,18 @@ def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, progress: bool =
     if not path.is_dir():
         raise ModelLoadError(f"model directory does not exist: {path}")
     raw = read_config_json(path)
-    config = model_config_from_hf(raw, source=str(path / "config.json"))
-    files = _weight_files(path)
-    # A config that says "untied" while the checkpoint has no lm_head is tied in effect.
-    names = {name for file in files for name in _safetensors_header(file)}
-    if not config.tie_word_embeddings and "lm_head.weight" not in names:
-        config.tie_word_embeddings = True
-    weights = _load_safetensors(files, config, dtype, progress)
+    headers = {file: _safetensors_header(file) for file in _weight_files(path)}
+    config = _checked_config(path, raw, headers)
+    wanted = set(expected_weight_names(config))
+    elements = sum(math.prod(e.shape) for h in headers.values() for name, e in h.items()
+                   if name in wanted)
+    checks.check_fits(path.name, config, _CONFIG_KEYS.max_position_embeddings,
+                      elements * torch.empty((), dtype=dtype).element_size(),
+                      str(dtype).removeprefix("torch."))
+    weights = _load_safetensors(headers, config, dtype, progress)
     generation_config = read_generation_config(path)
     tokenizer = load_hf_tokenizer(path, generation_config, raw)
-    info = read_hf_info(path)
+    info = _info(path, raw, headers)
     logger.info("loaded %s (%s, %s) in %.2f s", path.name, config.architecture,
                 info.quantization, time.perf_counter() - start)
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer, info=info,

@@ -27,6 +27,7 @@ from starlette.background import BackgroundTask
 from pagedserve.outputs import RequestOutput, TokenLogprobs
 from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation, until_disconnected
+from pagedserve.server.json_encoding import encode_json
 from pagedserve.server.ollama_protocol import (
     FIELD_OPTIONS,
     OLLAMA_DEFAULTS,
@@ -219,15 +220,15 @@ def _ndjson(objects: AsyncIterator[dict], generation: Generation) -> StreamingRe
     """Newline-delimited JSON; ``generation`` is aborted when the response ends, however it
     ends (a client gone before the first chunk never starts ``objects``)."""
 
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncIterator[bytes]:
         try:
             async for obj in objects:
-                yield json.dumps(obj, ensure_ascii=False) + "\n"
+                yield encode_json(obj) + b"\n"
         except APIError as exc:
-            yield json.dumps({"error": exc.message}) + "\n"
+            yield encode_json({"error": exc.message}) + b"\n"
         except Exception as exc:  # the status line is sent; the error goes in the stream
             logger.exception("stream failed")
-            yield json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n"
+            yield encode_json({"error": f"{type(exc).__name__}: {exc}"}) + b"\n"
 
     return StreamingResponse(body(), media_type="application/x-ndjson",
                              background=BackgroundTask(generation.abort))

@@ -8,7 +8,6 @@ objects or server-sent events ending in ``data: [DONE]``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -24,6 +23,7 @@ from pagedserve.outputs import RequestOutput, TokenLogprobs
 from pagedserve.sampling_params import MAX_SEED, SamplingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation, until_disconnected
+from pagedserve.server.json_encoding import encode_json
 from pagedserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
@@ -348,16 +348,17 @@ def _sse(events: AsyncIterator[dict], generation: Generation) -> StreamingRespon
     """Server-sent events ending in ``[DONE]``; ``generation`` is aborted when the response
     ends, however it ends (a client gone before the first event never starts ``events``)."""
 
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncIterator[bytes]:
         try:
             async for event in events:
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                yield b"data: " + encode_json(event) + b"\n\n"
         except APIError as exc:
-            yield f"data: {json.dumps(_error_event(exc.status, exc.message))}\n\n"
+            yield b"data: " + encode_json(_error_event(exc.status, exc.message)) + b"\n\n"
         except Exception as exc:  # the status line is sent; the error goes in the stream
             logger.exception("stream failed")
-            yield f"data: {json.dumps(_error_event(500, f'{type(exc).__name__}: {exc}'))}\n\n"
-        yield "data: [DONE]\n\n"
+            error = _error_event(500, f"{type(exc).__name__}: {exc}")
+            yield b"data: " + encode_json(error) + b"\n\n"
+        yield b"data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"},

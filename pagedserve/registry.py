@@ -9,6 +9,9 @@
    for a reference ``ORG/NAME`` (the revision ``refs/main`` points at);
 5. the bundled SmolLM2-135M, ``smollm2:135m`` (alias ``smollm2``), also what ``None`` means.
 
+``dummy:NAME`` (``dummy:llama-3.1-8b``, see loader/shapes.py) is no file: random weights of
+that shape, made where they are used, for benchmarks.
+
 The result carries the model's own defaults: the Ollama params, system and template layers, or
 a Hugging Face ``generation_config.json``, translated to :class:`SamplingParams` field names.
 Blobs are checked against their digests before a model from a store is handed out.
@@ -26,6 +29,7 @@ from typing import Any, Literal
 
 from pagedserve import store
 from pagedserve.bundled import BUNDLED_ALIASES, BUNDLED_MODEL_NAME, bundled_model_path
+from pagedserve.loader.shapes import is_dummy_name, shape_for
 from pagedserve.registry_client import HookEvents, PullError, RegistryRef, pull_from_registry
 from pagedserve.store import (
     MEDIA_FILE,
@@ -45,7 +49,7 @@ from pagedserve.store import (
 
 logger = logging.getLogger(__name__)
 
-Source = Literal["path", "pagedserve", "ollama", "huggingface", "bundled"]
+Source = Literal["path", "pagedserve", "ollama", "huggingface", "bundled", "dummy"]
 
 __all__ = [
     "ModelEntry",
@@ -298,6 +302,9 @@ def resolve(ref: str | None, *, verify: bool = True,
     if ref is None or not ref.strip():
         return ResolvedModel(BUNDLED_MODEL_NAME, bundled_model_path(), "bundled")
     ref = ref.strip()
+    if is_dummy_name(ref):  # random weights of a known shape, for benchmarks
+        shape_for(ref)  # an unknown shape is refused here, with the known ones
+        return ResolvedModel(ref, Path(ref), "dummy")
     looked: list[str] = []
 
     if (found := _from_path(ref)) is not None:

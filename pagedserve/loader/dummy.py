@@ -72,7 +72,9 @@ def load_dummy(path: str | Path | None, config: ModelConfig | None = None,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Random weights on `device` shaped by `config`, by a name (``dummy:llama-3.1-8b``, see
     shapes.py) or by the config.json at `path`. A tokenizer in that directory is loaded too,
-    so a dummy model can still serve text."""
+    so a dummy model can still serve text; a named shape gets a generated tokenizer of its
+    vocabulary size (generated_tokenizer.py), so that it can be served and benchmarked as
+    the real model would be."""
     start = time.perf_counter()
     config = _config_from(path, config)
     tokenizer = None
@@ -82,6 +84,10 @@ def load_dummy(path: str | Path | None, config: ModelConfig | None = None,
 
         generation_config = read_generation_config(Path(path))
         tokenizer = load_hf_tokenizer(Path(path), generation_config)
+    elif is_dummy_name(path):
+        from pagedserve.loader.generated_tokenizer import generated_tokenizer
+
+        tokenizer = generated_tokenizer(config.vocab_size)
     weights = dummy_weights(config, dtype, seed, device)
     logger.info("made dummy weights (%d parameters) in %.2f s", config.num_parameters,
                 time.perf_counter() - start)

@@ -133,6 +133,7 @@ class EngineCore:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._failed_steps = 0  # consecutive steps in which every request failed
+        self.embeddings = _decoder_embeddings(self)
         capacity = self.kv.capacity_tokens
         logger.info(
             "KV cache (%s): %d blocks x %d tokens = %d tokens, %.1f MiB; max_model_len %d: "
@@ -192,7 +193,7 @@ class EngineCore:
             tokenizer=self.tokenizer, model_info=self.model_info,
             max_model_len=self.max_model_len, max_prompt_chars=self.max_prompt_chars,
             max_num_seqs=self.scheduler.max_num_seqs, kv_capacity_tokens=self.kv.capacity_tokens,
-            kv_num_blocks=self.kv.num_blocks)
+            kv_num_blocks=self.kv.num_blocks, embedding=self.embeddings.inputs)
 
     # -- requests ------------------------------------------------------------------------
     def grammar_for(self, constraint: Constraint) -> GrammarState:
@@ -436,6 +437,7 @@ class EngineCore:
             grammar_compile_seconds_total=grammars.compile_seconds_total if grammars else 0.0,
             grammar_cache_hits_total=grammars.num_cache_hits if grammars else 0,
             num_waiting_for_grammar=len(self._awaiting_grammar),
+            **self.embeddings.counters(),
         )
 
     def check_integrity(self) -> None:
@@ -453,6 +455,17 @@ class EngineCore:
     def close(self) -> None:
         if self.grammars is not None:
             self.grammars.close()
+
+
+def _decoder_embeddings(core: EngineCore):
+    """The core's embedding requests: its model's final hidden states, pooled (the last
+    token's), computed between steps with caches of their own; batches the size of a step."""
+    from pagedserve.embedder import Embedder
+    from pagedserve.engine.embedding_queue import EmbeddingQueue
+
+    embedder = Embedder.from_decoder(core.runner.model, core.tokenizer,
+                                     backend=core.runner.attention, max_tokens=core.max_model_len)
+    return EmbeddingQueue(embedder, core.config.max_num_batched_tokens)
 
 
 def _auto_dtype_note(dtype: str, device: str) -> str:

@@ -4,6 +4,7 @@ options, aborts, failures alone) and the core loop that runs it next to generati
 from __future__ import annotations
 
 import array
+import asyncio
 
 import pytest
 import torch
@@ -183,3 +184,52 @@ def test_info_tells_the_front_end_how_to_tokenize(core):
         info.embedding.tokenize(["a"])
     with pytest.raises(ValueError, match=r"^input\[1\] holds a token id outside"):
         info.embedding.check([[1, 2], [512]])
+
+
+# ---------------------------------------------------------------------------------------------
+# The front end: one future per request, aborted when its caller goes away
+
+
+class _FakeClient:
+    def __init__(self, info):
+        self.info = info
+        self.sent: list[EmbedRequest] = []
+        self.aborted: list[str] = []
+
+    def add_embed_request(self, request):
+        self.sent.append(request)
+
+    def abort_requests(self, request_ids):
+        self.aborted += request_ids
+
+    def stats(self):
+        from pagedserve.engine.messages import EngineStats
+
+        return EngineStats()
+
+
+def test_the_front_end_answers_aborts_and_fails_embedding_requests(core):
+    from pagedserve.engine.async_engine import AsyncEngine
+    from pagedserve.engine.errors import EngineDeadError
+    from pagedserve.engine.messages import EmbedResult, EngineCoreOutputs
+
+    async def main():
+        client = _FakeClient(core.info())
+        engine = AsyncEngine(client)
+        with pytest.raises(ValueError, match="^dimensions must be an integer from 1 to 64"):
+            engine.make_embed_request([[1, 2]], dimensions=65)
+        answered, gone, dead = (engine.enqueue_embedding(engine.make_embed_request([[1, 2]]))
+                                for _ in range(3))
+        ids = [r.request_id for r in client.sent]
+        assert engine.num_queued() == 3
+        engine._on_outputs(EngineCoreOutputs(embeddings=[EmbedResult(ids[0], b"\0" * 8, 2)]))
+        assert (await answered).vectors() == [[0.0, 0.0]]
+        gone.cancel()  # its caller went away: the core is told at once
+        await asyncio.sleep(0)
+        assert client.aborted == [ids[1]]
+        engine._on_dead(RuntimeError("boom"))
+        with pytest.raises(EngineDeadError):
+            await dead
+        assert engine.num_embedding_requests() == 0
+
+    asyncio.run(main())

@@ -20,39 +20,23 @@ so that a group's padded size (texts x longest) stays under ``max_batch_tokens``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from pagedserve.attention import TORCH_BACKEND, AttentionBackend
+from pagedserve.embedding_inputs import EmbeddingInputs, EmbeddingSpec
 from pagedserve.loader.encoder import LoadedEncoder, encoder_architecture, load_encoder
 from pagedserve.models.bert import BertEncoder, PackedBatch
 from pagedserve.models.decoder_pooling import pooled_hidden_states
 from pagedserve.models.llama import LlamaForCausalLM
-from pagedserve.models.pooling import (
-    PoolingType,
-    check_dimensions,
-    check_pooling,
-    finish,
-    pool,
-)
+from pagedserve.models.pooling import PoolingType, check_pooling, finish, pool
 from pagedserve.tokenizer import Tokenizer
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
-
-@dataclass(slots=True, frozen=True)
-class EmbeddingSpec:
-    """What callers need to know of an embedding model (plain values: it crosses processes)."""
-
-    architecture: str  # "bert", "nomic-bert", "llama", "qwen2"
-    dimensions: int  # length of a full embedding (the hidden size)
-    max_tokens: int  # the longest input, special tokens included, that embed() accepts
-    max_position_embeddings: int  # positions the model has (>= max_tokens)
-    pooling: PoolingType
-    normalize: bool  # the model's own outputs are unit length (sentence-transformers' Normalize)
+__all__ = ["DEFAULT_MAX_BATCH_TOKENS", "Embedder", "EmbeddingInputs", "EmbeddingSpec"]
 
 
 class PooledModel(Protocol):
@@ -99,16 +83,16 @@ def post_processor_affixes(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
 class Embedder:
     """Tokenize and embed texts with one model; see the module docstring for the policy."""
 
-    def __init__(self, model: PooledModel, tokenizer: Tokenizer, spec: EmbeddingSpec,
+    def __init__(self, model: PooledModel, tokenizer: Tokenizer | None, spec: EmbeddingSpec,
                  vocab_size: int, affixes: tuple[list[int], list[int]] = ([], []),
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> None:
         """`affixes`: the special-token ids put before and after each text's own."""
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.vocab_size = vocab_size
         self.max_batch_tokens = max_batch_tokens
-        self.prefix, self.suffix = list(affixes[0]), list(affixes[1])
-        if len(self.prefix) + len(self.suffix) >= spec.max_tokens:
-            raise ValueError(f"max_tokens ({spec.max_tokens}) leaves no room for a text")
+        # tokenizing and checking ids, without torch: what a server's front end holds
+        self.inputs = EmbeddingInputs(tokenizer, spec, vocab_size, affixes)
+        self.prefix, self.suffix = self.inputs.prefix, self.inputs.suffix
 
     # -- construction ------------------------------------------------------------------------
 
@@ -145,17 +129,18 @@ class Embedder:
                    post_processor_affixes(loaded.tokenizer), **kw)
 
     @classmethod
-    def from_decoder(cls, model: LlamaForCausalLM, tokenizer: Tokenizer, *,
+    def from_decoder(cls, model: LlamaForCausalLM, tokenizer: Tokenizer | None, *,
                      pooling: str = "last", backend: AttentionBackend = TORCH_BACKEND,
                      max_tokens: int | None = None, **kw) -> Embedder:
         """From a LlamaForCausalLM (e.g. the engine's), built with attention `backend`
-        (default torch); `max_tokens` defaults to the model's positions."""
+        (default torch); `max_tokens` defaults to the model's positions. Without a tokenizer
+        (a dummy model) it embeds token ids only."""
         c = model.config
         spec = EmbeddingSpec(c.architecture, c.hidden_size,
                              max_tokens or c.max_position_embeddings, c.max_position_embeddings,
                              check_pooling(pooling), normalize=False)
         # BOS as the engine adds it to prompts (Tokenizer.encode), nothing after
-        prefix = [tokenizer.bos_token_id] if tokenizer.add_bos else []
+        prefix = [tokenizer.bos_token_id] if tokenizer is not None and tokenizer.add_bos else []
         return cls(DecoderModel(model, backend), tokenizer, spec, c.vocab_size, (prefix, []),
                    **kw)
 
@@ -182,39 +167,13 @@ class Embedder:
     def tokenize(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
         """Token ids of each text with the model's special tokens; a text too long for
         max_tokens is cut to fit when `truncate`, else refused (ValueError naming input)."""
-        room = self.max_tokens - len(self.prefix) - len(self.suffix)
-        out = []
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValueError(f"input[{i}] must be a string, got {type(text).__name__}")
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) > room:
-                if not truncate:
-                    raise ValueError(
-                        f"input[{i}] has {len(ids) + len(self.prefix) + len(self.suffix)} "
-                        f"tokens, more than the model's {self.max_tokens} (truncate it, or "
-                        "allow truncation)")
-                ids = ids[:room]
-            out.append(self.prefix + ids + self.suffix)
-        return out
+        return self.inputs.tokenize(texts, truncate)
 
     def embed(self, token_ids: list[list[int]], *, normalize: bool = True,
               dimensions: int | None = None) -> torch.Tensor:
         """(B, dimensions or the model's) float32 on the CPU, row i embedding token_ids[i]."""
-        if not token_ids:
-            raise ValueError("input must hold at least one text")
-        for i, ids in enumerate(token_ids):
-            if not ids:
-                raise ValueError(f"input[{i}] has no tokens")
-            if len(ids) > self.max_tokens:
-                raise ValueError(f"input[{i}] has {len(ids)} tokens, more than the model's "
-                                 f"{self.max_tokens}")
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ValueError(f"input[{i}] must hold integer token ids")
-            if min(ids) < 0 or max(ids) >= self.vocab_size:
-                raise ValueError(f"input[{i}] holds a token id outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
-        check_dimensions(dimensions, self.dimensions)  # before the work, not after
+        self.inputs.check(token_ids)
+        self.inputs.check_dimensions(dimensions)  # before the work, not after
         pooled = torch.empty(len(token_ids), self.dimensions, dtype=torch.float32)
         for group in self._groups(token_ids):
             rows = self.model.pooled([token_ids[i] for i in group], self.pooling)

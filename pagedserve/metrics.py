@@ -114,6 +114,16 @@ class _EngineStatsCollector(Collector):
         yield counter("grammar_cache_hits",
                       "Constrained requests whose grammar was already compiled (or refused).",
                       s.grammar_cache_hits_total)
+        yield counter("embedding_requests",
+                      "Embedding requests answered (/api/embed, /api/embeddings, "
+                      "/v1/embeddings).", s.embedding_requests_total)
+        yield counter("embedding_inputs", "Texts (or token-id lists) embedded.",
+                      s.embedding_inputs_total)
+        yield counter("embedding_tokens", "Tokens of the embedded inputs.",
+                      s.embedding_tokens_total)
+        yield counter("embedding_batches",
+                      "Batches of embedding inputs the engine core ran, each between two "
+                      "steps (concurrent requests share them).", s.embedding_batches_total)
 
 
 

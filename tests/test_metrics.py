@@ -27,6 +27,8 @@ SERIES = [
     "request_prompt_tokens_count", "request_generation_tokens_count",
     "iteration_tokens_total_count", "engine_healthy", "http_requests_total",
     "constrained_requests_total", "grammar_cache_hits_total", "grammar_compile_seconds_count",
+    "embedding_requests_total", "embedding_inputs_total", "embedding_tokens_total",
+    "embedding_batches_total",
 ]
 
 
@@ -45,6 +47,10 @@ class FakeStats:
     generation_tokens_total: int = 30
     constrained_requests_total: int = 5
     grammar_cache_hits_total: int = 4
+    embedding_requests_total: int = 6
+    embedding_inputs_total: int = 9
+    embedding_tokens_total: int = 70
+    embedding_batches_total: int = 2
 
 
 @dataclass
@@ -84,6 +90,8 @@ def test_gauges_and_counters_come_from_engine_stats():
     assert v["generation_tokens_total"] == 30
     assert v["constrained_requests_total"] == 5
     assert v["grammar_cache_hits_total"] == 4
+    assert (v["embedding_requests_total"], v["embedding_inputs_total"],
+            v["embedding_tokens_total"], v["embedding_batches_total"]) == (6, 9, 70, 2)
     assert v["request_success_total{stop}"] == 0  # present before the first request ends
 
 

@@ -69,6 +69,8 @@ def test_no_generated_request_gets_a_server_error(server):
     assert statuses["POST /v1/completions positive"][200] > 0, statuses
     assert statuses["POST /v1/chat/completions positive"][200] > 0, statuses
     assert statuses["POST /api/generate positive"][200] > 0, statuses
+    assert statuses["POST /api/embed positive"][200] > 0, statuses
+    assert statuses["POST /v1/embeddings positive"][200] > 0, statuses
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from pagedserve.cli.options import parse_bytes
 from pagedserve.server.limits import (
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_EMBEDDING_INPUTS,
     DEFAULT_MAX_JSON_DEPTH,
     DEFAULT_MAX_N,
     DEFAULT_MAX_QUEUE,
@@ -79,6 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lim.add_argument("--max-n", type=int, metavar="N", default=DEFAULT_MAX_N,
                      help=f"most choices one request may ask for: n x prompts "
                      f"(default {DEFAULT_MAX_N})")
+    lim.add_argument("--max-embedding-inputs", type=int, metavar="N",
+                     default=DEFAULT_MAX_EMBEDDING_INPUTS,
+                     help="most texts (or token lists) one embedding request may bring "
+                     f"(default {DEFAULT_MAX_EMBEDDING_INPUTS}, OpenAI's)")
     lim.add_argument("--max-json-depth", type=int, metavar="N", default=DEFAULT_MAX_JSON_DEPTH,
                      help=f"answer 400 to JSON nested deeper (default {DEFAULT_MAX_JSON_DEPTH})")
     p.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
@@ -189,7 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         limits = ServerLimits(max_request_body=args.max_request_body,
                               max_json_depth=args.max_json_depth, max_n=args.max_n,
-                              max_queue=args.max_queue)
+                              max_queue=args.max_queue,
+                              max_embedding_inputs=args.max_embedding_inputs)
     except ValueError as exc:
         field, _, rest = str(exc).partition(" ")
         logger.error("--%s %s", field.replace("_", "-"), rest)
@@ -295,15 +301,20 @@ def _log_startup(args: argparse.Namespace, served) -> None:
                 served.name, host, args.port)
     logger.info("SIGTERM drains for up to %.0f s (--shutdown-timeout); Ctrl-C stops at once",
                 args.shutdown_timeout)
-    logger.info("model %s in %s: context %d tokens; KV cache (%s, %s) holds %d tokens: %d "
-                "requests at full context at once (max %d sequences per batch)",
-                served.card.path, info.config.dtype, max_len, info.config.kv_layout,
-                info.config.kv_cache_dtype, capacity,
-                capacity // max_len if max_len else 0, info.max_num_seqs)
+    if info.generates:
+        logger.info("model %s in %s: context %d tokens; KV cache (%s, %s) holds %d tokens: %d "
+                    "requests at full context at once (max %d sequences per batch)",
+                    served.card.path, info.config.dtype, max_len, info.config.kv_layout,
+                    info.config.kv_cache_dtype, capacity,
+                    capacity // max_len if max_len else 0, info.max_num_seqs)
+    else:
+        logger.info("embedding model %s in %s: inputs of up to %d tokens; it does not "
+                    "generate (/api/embed, /api/embeddings and /v1/embeddings only)",
+                    served.card.path, info.config.dtype, max_len)
     if args.api_key:
         logger.info("API key required on /v1/* and /api/*")
     limits = served.limits
     logger.info("limits: %d requests waiting for a seat (more get 503), bodies of %d bytes, "
-                "n <= %d, JSON depth %d, prompts of %d characters", limits.max_queue,
-                limits.max_request_body, limits.max_n, limits.max_json_depth,
-                info.max_prompt_chars)
+                "n <= %d, JSON depth %d, prompts of %d characters, %d inputs per embedding "
+                "request", limits.max_queue, limits.max_request_body, limits.max_n,
+                limits.max_json_depth, info.max_prompt_chars, limits.max_embedding_inputs)

@@ -13,6 +13,10 @@ aborts it here at once (its caller gets nothing more) and in the core, which fre
 blocks on its next iteration. A stop string found here ends the request here and is aborted in
 the core the same way.
 
+Embedding requests take the same way (:meth:`AsyncEngine.make_embed_request`, then
+:meth:`AsyncEngine.enqueue_embedding`), answered by one future each with the vectors of all its
+inputs: the core embeds them in batches with other requests' between its steps.
+
 Failures: a request whose step fails is finished by the core with ``finish_reason "error"`` and
 the others go on. If the core itself dies (its loop failed, or its process is gone), every open
 stream gets an :class:`EngineDeadError`, later submissions are refused with the same error, and
@@ -23,16 +27,23 @@ restart it: a process with a dead engine must not look alive.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from pagedserve.engine.core_client import EngineCoreClient
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.info import EngineInfo
 from pagedserve.engine.input_processor import InputProcessor
 from pagedserve.engine.llm_engine import EngineObserver, notify
-from pagedserve.engine.messages import EngineCoreOutputs, EngineCoreRequest, EngineStats
+from pagedserve.engine.messages import (
+    EmbedRequest,
+    EmbedResult,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineStats,
+)
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
@@ -134,6 +145,7 @@ class AsyncEngine:
         self.observers: list[EngineObserver] = []
         self._streams: dict[str, RequestStream] = {}
         self._compiling: set[str] = set()  # constrained requests the core has not admitted yet
+        self._embeddings: dict[str, asyncio.Future[EmbedResult]] = {}  # sent, not answered
         self.error: BaseException | None = None
         self.grammar_compile_observers: list[Callable[[float], None]] = []
 
@@ -182,8 +194,43 @@ class AsyncEngine:
         self.check_alive()
         return self.enqueue(self.make_request(prompt, params, request_id))
 
+    def make_embed_request(self, inputs: Sequence[str] | Sequence[Sequence[int]], *,
+                           truncate: bool = True, normalize: bool = True,
+                           dimensions: int | None = None) -> EmbedRequest:
+        """Validate and tokenize texts to embed (any thread; raises ValueError for bad
+        input, naming ``input`` or ``dimensions``)."""
+        return self.inputs.make_embed_request(inputs, truncate=truncate, normalize=normalize,
+                                              dimensions=dimensions,
+                                              request_id=f"embd-{uuid.uuid4().hex}")
+
+    def enqueue_embedding(self, request: EmbedRequest) -> asyncio.Future[EmbedResult]:
+        """Hand a made embedding request to the core (from the event loop); the future gets
+        its result (which may carry an error), or EngineDeadError. Cancel it, or
+        :meth:`abort` its id, when its caller goes away."""
+        self.check_alive()
+        if request.request_id in self._embeddings:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        future = asyncio.get_running_loop().create_future()
+        self._embeddings[request.request_id] = future
+        future.add_done_callback(functools.partial(self._embedding_done, request.request_id))
+        self.client.add_embed_request(request)
+        return future
+
+    def _embedding_done(self, request_id: str, future: asyncio.Future[EmbedResult]) -> None:
+        if future.cancelled():  # its caller went away (a client that disconnected)
+            self.abort(request_id)
+
+    def num_embedding_requests(self) -> int:
+        """Embedding requests sent to the core and not yet answered."""
+        return len(self._embeddings)
+
     def abort(self, request_id: str) -> None:
         """End a request now for its caller; the core frees its blocks on its next iteration."""
+        future = self._embeddings.pop(request_id, None)
+        if future is not None:
+            future.cancel()
+            self.client.abort_requests([request_id])
+            return
         out = self.outputs.abort(request_id)
         if out is None:
             return
@@ -205,10 +252,12 @@ class AsyncEngine:
         beyond the batch's seats, counting every request this front end has sent and not seen
         end (a burst the core has not reported on yet is mostly admitted on its next step, and
         only its excess waits), or those the core held back at its latest report; plus those
-        whose grammar is still compiling, which hold no seat yet but will want one."""
+        whose grammar is still compiling, which hold no seat yet but will want one; plus the
+        embedding requests the core has not answered yet."""
         stats = self.client.stats()
         held_back = stats.num_waiting - stats.num_waiting_for_grammar
-        return max(self._over_seats(stats), held_back) + len(self._compiling)
+        return (max(self._over_seats(stats), held_back) + len(self._compiling)
+                + len(self._embeddings))
 
     def _over_seats(self, stats: EngineStats) -> int:
         in_core = max(len(self.outputs) - len(self._compiling),
@@ -220,6 +269,10 @@ class AsyncEngine:
         for seconds in outputs.grammar_compile_seconds:
             for observe in self.grammar_compile_observers:
                 observe(seconds)
+        for answer in outputs.embeddings:
+            future = self._embeddings.pop(answer.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(answer)
         processed = self.outputs.process(outputs)
         for request_id in processed.admitted:
             self._compiling.discard(request_id)
@@ -253,5 +306,9 @@ class AsyncEngine:
         for stream in self._streams.values():
             stream.put(EngineDeadError(f"the engine core failed: {exc}"))
         self._streams.clear()
+        for future in self._embeddings.values():
+            if not future.done():
+                future.set_exception(EngineDeadError(f"the engine core failed: {exc}"))
+        self._embeddings.clear()
         if self.on_dead is not None:
             self.on_dead(exc)

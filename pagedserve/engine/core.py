@@ -137,6 +137,7 @@ class EngineCore:
         # overlap: the step on the device whose tokens the host has not read yet
         self.async_scheduling = resolve_async_scheduling(config.async_scheduling, config.device)
         self._in_flight: _InFlight | None = None
+        self.embeddings = _decoder_embeddings(self)
         capacity = self.kv.capacity_tokens
         logger.info(
             "KV cache (%s): %d blocks x %d tokens = %d tokens, %.1f MiB; max_model_len %d: "
@@ -196,7 +197,7 @@ class EngineCore:
             tokenizer=self.tokenizer, model_info=self.model_info,
             max_model_len=self.max_model_len, max_prompt_chars=self.max_prompt_chars,
             max_num_seqs=self.scheduler.max_num_seqs, kv_capacity_tokens=self.kv.capacity_tokens,
-            kv_num_blocks=self.kv.num_blocks)
+            kv_num_blocks=self.kv.num_blocks, embedding=self.embeddings.inputs)
 
     # -- requests ------------------------------------------------------------------------
     def grammar_for(self, constraint: Constraint) -> GrammarState:
@@ -495,6 +496,7 @@ class EngineCore:
             grammar_compile_seconds_total=grammars.compile_seconds_total if grammars else 0.0,
             grammar_cache_hits_total=grammars.num_cache_hits if grammars else 0,
             num_waiting_for_grammar=len(self._awaiting_grammar),
+            **self.embeddings.counters(),
         )
 
     def check_integrity(self) -> None:
@@ -554,6 +556,17 @@ def resolve_async_scheduling(setting: bool | None, device: str) -> bool:
     while the host prepares the next); on a CPU the host computes the step itself, so
     reading its tokens one step late gains nothing."""
     return device.startswith("cuda") if setting is None else setting
+
+
+def _decoder_embeddings(core: EngineCore):
+    """The core's embedding requests: its model's final hidden states, pooled (the last
+    token's), computed between steps with caches of their own; batches the size of a step."""
+    from pagedserve.embedder import Embedder
+    from pagedserve.engine.embedding_queue import EmbeddingQueue
+
+    embedder = Embedder.from_decoder(core.runner.model, core.tokenizer,
+                                     backend=core.runner.attention, max_tokens=core.max_model_len)
+    return EmbeddingQueue(embedder, core.config.max_num_batched_tokens)
 
 
 def _auto_dtype_note(dtype: str, device: str) -> str:

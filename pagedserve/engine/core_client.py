@@ -1,8 +1,9 @@
 """How a front end reaches its engine core: in a thread of its own process, or in another.
 
 Both clients run the same :class:`~pagedserve.engine.core_loop.CoreLoop` and give the front end
-the same calls (made on its event loop): ``add_request``, ``abort_requests``, and the core's
-outputs delivered to ``on_outputs`` on that loop, one message per core iteration.
+the same calls (made on its event loop): ``add_request``, ``add_embed_request``,
+``abort_requests``, and the core's outputs delivered to ``on_outputs`` on that loop, one message
+per core iteration.
 
 - :class:`InprocClient`: the core in a thread (tests that reach into the engine; ``serve`` did
   this before the core had a process). Messages pass as objects through a locked inbox.
@@ -23,12 +24,15 @@ from typing import TYPE_CHECKING
 from pagedserve.engine import transport
 from pagedserve.engine.core import EngineCore
 from pagedserve.engine.core_loop import GRAMMAR_WAIT_S, CoreLoop
+from pagedserve.engine.encoder_core import EncoderCore
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.info import EngineInfo
 from pagedserve.engine.messages import (
     AbortRequests,
+    AddEmbedRequest,
     AddRequest,
     CoreInput,
+    EmbedRequest,
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineStats,
@@ -56,6 +60,9 @@ class EngineCoreClient:
     def add_request(self, request: EngineCoreRequest) -> None:
         raise NotImplementedError
 
+    def add_embed_request(self, request: EmbedRequest) -> None:
+        raise NotImplementedError
+
     def abort_requests(self, request_ids: list[str]) -> None:
         raise NotImplementedError
 
@@ -69,7 +76,7 @@ class EngineCoreClient:
 class InprocClient(EngineCoreClient):
     """The core in a daemon thread of this process."""
 
-    def __init__(self, core: EngineCore) -> None:
+    def __init__(self, core: EngineCore | EncoderCore) -> None:
         self.core = core
         self.info = core.info()
         self._lock = threading.Lock()
@@ -91,6 +98,9 @@ class InprocClient(EngineCoreClient):
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self._put(AddRequest(request))
+
+    def add_embed_request(self, request: EmbedRequest) -> None:
+        self._put(AddEmbedRequest(request))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self._put(AbortRequests(list(request_ids)))
@@ -178,6 +188,9 @@ class MPClient(EngineCoreClient):
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self._send(AddRequest(request))
+
+    def add_embed_request(self, request: EmbedRequest) -> None:
+        self._send(AddEmbedRequest(request))
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self._send(AbortRequests(list(request_ids)))

@@ -5,8 +5,9 @@ Started by the front end (``serve``) or by the supervisor of several front ends
 (``--api-server-count``) as a fresh interpreter (no threads or locks inherited from an HTTP
 server). Its life:
 
-1. load the model; report ``("ready", EngineInfo)`` or ``("failed", reason)`` on a pipe to the
-   parent, which waits for one of them (a load that dies reports nothing: the pipe closes);
+1. load the model (an embedding-only model gets an :class:`EncoderCore`); report
+   ``("ready", EngineInfo)`` or ``("failed", reason)`` on a pipe to the parent, which waits
+   for one of them (a load that dies reports nothing: the pipe closes);
 2. loop (:class:`CoreLoop`): take requests and aborts from the input socket (without waiting
    while requests run, up to a second while idle), step, send each front end its outputs;
 3. stop at a ``Shutdown`` message or when its parent is gone (a pidfd on the parent: the core
@@ -96,12 +97,10 @@ def main(config_fd: int, ready_fd: int) -> int:
     parent = os.getppid()
     with open(ready_fd, "wb") as ready:
         try:
-            from pagedserve.engine.core import EngineCore
+            from pagedserve.engine.encoder_core import load_core
 
-            core = EngineCore.from_model(config.model, config.engine_config,
-                                         model_name=config.model_name,
-                                         load_format=config.load_format,
-                                         progress=config.progress)
+            core = load_core(config.model, config.engine_config, model_name=config.model_name,
+                             load_format=config.load_format, progress=config.progress)
         except BaseException as exc:  # noqa: BLE001 - reported as the one-line reason
             logger.debug("loading the model failed", exc_info=True)
             pickle.dump(("failed", load_failure_reason(exc, config.model_name)), ready)

@@ -1,18 +1,21 @@
-"""Prompt and parameters -> an :class:`EngineCoreRequest`: validated, tokenized, sized.
+"""Prompt and parameters -> an :class:`EngineCoreRequest`: validated, tokenized, sized; texts
+to embed -> an :class:`EmbedRequest` the same way.
 
 Runs in the front end, in any thread (the server tokenizes long prompts off its event loop).
 It checks what depends on the model (token ids against the vocabulary, the prompt and answer
-against the context); ranges of sampling values are SamplingParams' own.
+against the context, an embedding's inputs against the model's longest); ranges of sampling
+values are SamplingParams' own.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence
 
 from pagedserve.engine.errors import ContextLengthError, PromptTooLongError
 from pagedserve.engine.info import EngineInfo
-from pagedserve.engine.messages import EngineCoreRequest
+from pagedserve.engine.messages import EmbedRequest, EngineCoreRequest
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -67,3 +70,35 @@ class InputProcessor:
             arrival_time=arrival_time or time.monotonic(),
             client_index=self.client_index,
         )
+
+    def make_embed_request(
+        self,
+        inputs: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        truncate: bool = True,
+        normalize: bool = True,
+        dimensions: int | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> EmbedRequest:
+        """Texts (tokenized with the model's special tokens, cut to fit when `truncate`) or
+        lists of token ids (taken as they are); raises ValueError naming ``input`` or
+        ``dimensions`` for what the model cannot take."""
+        embedding = self.info.embedding
+        if embedding is None:
+            raise ValueError("model: this model does not embed")
+        if not inputs:
+            raise ValueError("input must hold at least one text")
+        embedding.check_dimensions(dimensions)
+        if all(isinstance(x, str) for x in inputs):
+            token_ids = embedding.tokenize(inputs, truncate)
+        else:
+            token_ids = [list(x) if isinstance(x, list | tuple) else x for x in inputs]
+            for i, ids in enumerate(token_ids):
+                if not isinstance(ids, list):
+                    raise ValueError(f"input[{i}] must be a string or a list of token ids")
+            embedding.check(token_ids)
+        return EmbedRequest(
+            request_id=request_id if request_id is not None else f"embd-{next(self._ids)}",
+            token_ids=token_ids, normalize=normalize, dimensions=dimensions,
+            arrival_time=arrival_time or time.monotonic(), client_index=self.client_index)

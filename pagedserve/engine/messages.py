@@ -6,11 +6,17 @@ The same objects serve both ways of running the core: in a thread of the server'
 and encoded as arrays (no field names on the wire), so a step of 256 sequences is one small
 message. Everything in them is ids and numbers; text exists only in the front end.
 
-    front end --AddRequest / AbortRequests / ...--> engine core
+    front end --AddRequest / AddEmbedRequest / AbortRequests / ...--> engine core
     front end <------- EngineCoreOutputs (one per step) ------- engine core
+
+An embedding request travels the same way: its inputs as token ids (tokenized in the front
+end), its vectors back in ``EngineCoreOutputs.embeddings`` as float32 bytes, one row per input.
 """
 
 from __future__ import annotations
+
+import array
+import sys
 
 import msgspec
 
@@ -55,6 +61,44 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     client_error: bool = False  # the error is the request's own (a 400, naming its field)
 
 
+class EmbedRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """An embedding request the front end has tokenized and checked; the core embeds its
+    inputs in batches with those of other requests (:mod:`pagedserve.engine.embedding_queue`)."""
+
+    request_id: str
+    token_ids: list[list[int]]  # one list per input, the model's special tokens included
+    normalize: bool = True  # unit length (after the cut to `dimensions`)
+    dimensions: int | None = None  # keep the first components only (Matryoshka); None: all
+    arrival_time: float = 0.0  # time.monotonic() in the front end
+    client_index: int = 0  # which front end sent it
+
+
+class EmbedResult(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One embedding request's vectors: ``len(token_ids)`` rows of ``dimensions`` float32,
+    little-endian, row after row in ``data`` (what OpenAI's base64 encoding sends as is); or
+    why it failed (``client_error``: the request's own fault, a 400)."""
+
+    request_id: str
+    data: bytes = b""
+    dimensions: int = 0
+    num_tokens: int = 0  # of every input, special tokens included
+    error: str | None = None
+    client_error: bool = False
+
+    def vectors(self) -> list[list[float]]:
+        """The rows as lists of floats."""
+        values = array.array("f", self.data)
+        if sys.byteorder == "big":
+            values.byteswap()
+        d = self.dimensions
+        return [values[i:i + d].tolist() for i in range(0, len(values), d)] if d else []
+
+    def rows(self) -> list[bytes]:
+        """Each row's little-endian float32 bytes."""
+        size = 4 * self.dimensions
+        return [self.data[i:i + size] for i in range(0, len(self.data), size)] if size else []
+
+
 class StepStats(msgspec.Struct, array_like=True, gc=False):
     num_scheduled_tokens: int
     num_prompt_tokens: int  # prefill tokens computed this step
@@ -84,6 +128,10 @@ class EngineStats(msgspec.Struct, array_like=True, gc=False):
     grammar_compile_seconds_total: float = 0.0
     grammar_cache_hits_total: int = 0
     num_waiting_for_grammar: int = 0  # of num_waiting: their constraint is compiling
+    embedding_requests_total: int = 0  # answered, cumulative
+    embedding_inputs_total: int = 0  # texts (or token-id lists) embedded, cumulative
+    embedding_tokens_total: int = 0
+    embedding_batches_total: int = 0  # Embedder.embed calls, each between two steps
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -95,6 +143,7 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=
     stats: EngineStats | None = None
     grammar_compile_seconds: list[float] = []  # compilations that ended since the last message
     dead: str | None = None  # the core loop failed: why; nothing more will come
+    embeddings: list[EmbedResult] = []  # embedding requests answered in this iteration
 
 
 # -- front end -> core --------------------------------------------------------------------------
@@ -104,12 +153,16 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True, gc=False):
     request: EngineCoreRequest
 
 
+class AddEmbedRequest(msgspec.Struct, tag=True, array_like=True, gc=False):
+    request: EmbedRequest
+
+
 class AbortRequests(msgspec.Struct, tag=True, array_like=True, gc=False):
-    request_ids: list[str]
+    request_ids: list[str]  # generation or embedding requests
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True, gc=False):
     pass
 
 
-CoreInput = AddRequest | AbortRequests | Shutdown
+CoreInput = AddRequest | AddEmbedRequest | AbortRequests | Shutdown

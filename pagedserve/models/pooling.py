@@ -23,6 +23,8 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from pagedserve.embedding_inputs import check_dimensions
+
 PoolingType = Literal["mean", "cls", "last"]
 POOLING_TYPES: tuple[str, ...] = get_args(PoolingType)
 
@@ -35,13 +37,6 @@ def check_pooling(pooling: str) -> PoolingType:
     if pooling not in POOLING_TYPES:
         raise ValueError(f"pooling must be one of {', '.join(POOLING_TYPES)}, got {pooling!r}")
     return pooling  # type: ignore[return-value]
-
-
-def check_dimensions(dimensions: int | None, full: int) -> None:
-    """A requested embedding length: None (all `full`) or an integer in [1, full]."""
-    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(
-            dimensions, int) or not 1 <= dimensions <= full):
-        raise ValueError(f"dimensions must be an integer from 1 to {full}, got {dimensions!r}")
 
 
 def pool(hidden: torch.Tensor, cu_seqlens: torch.Tensor, pooling: PoolingType) -> torch.Tensor:

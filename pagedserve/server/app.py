@@ -3,6 +3,7 @@
     /v1/*                      OpenAI API          (openai_api.py)
     /api/*                     Ollama API          (ollama_api.py, ollama_models_api.py,
                                                     ollama_store_api.py)
+    /api/embed, /api/embeddings, /v1/embeddings    (embeddings_api.py)
     /tokenize, /detokenize     vLLM's tokenizer    (tokenize_api.py)
     /health, /version, /       liveness, version, "Ollama is running"
     /metrics                   Prometheus          (pagedserve/metrics.py)
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.metrics import CONTENT_TYPE, ServerMetrics
 from pagedserve.server import (
+    embeddings_api,
     ollama_api,
     ollama_models_api,
     ollama_store_api,
@@ -82,6 +84,7 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
     app.include_router(ollama_api.router)
     app.include_router(ollama_models_api.router)
     app.include_router(ollama_store_api.router)
+    app.include_router(embeddings_api.router)
     app.include_router(tokenize_api.router)
 
     @app.get("/health", response_class=Response,

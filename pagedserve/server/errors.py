@@ -85,7 +85,7 @@ def _leading_field(message: str) -> str | None:
 # the names a ValueError from SamplingParams or the engine may start with
 _KNOWN_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) | {
     "prompt", "messages", "model", "tokens", "response_format", "structured_outputs", "format",
-    "tools", "tool_choice"}
+    "tools", "tool_choice", "input", "dimensions"}
 
 
 def is_ollama_path(path: str) -> bool:

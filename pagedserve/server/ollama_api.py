@@ -1,6 +1,8 @@
 """The Ollama API's generation routes: ``/api/generate`` and ``/api/chat``.
 
-Translation only; the model routes (``/api/tags`` and the like) are in ollama_models_api.py.
+Translation only; the model routes (``/api/tags`` and the like) are in ollama_models_api.py,
+the embedding routes in embeddings_api.py. An embedding-only model answers both routes here
+with Ollama's 400 ``"NAME" does not support generate`` (or ``chat``).
 Answers stream as newline-delimited JSON unless ``"stream": false``; the last object carries
 ``done: true``, ``done_reason`` and Ollama's timings in nanoseconds:
 
@@ -66,6 +68,7 @@ async def generate(request: Request):
     served = served_model(request)
     body = await read_body(request, GenerateRequest)
     name = check_model(served, body.model)
+    served.check_generates(f"{json.dumps(name)} does not support generate")
     if not body.prompt:
         return _loaded(name, body.keep_alive, {"response": ""})
     if body.raw:
@@ -88,6 +91,7 @@ async def chat(request: Request):
     served = served_model(request)
     body = await read_body(request, ChatRequest)
     name = check_model(served, body.model)
+    served.check_generates(f"{json.dumps(name)} does not support chat")
     if not body.messages:
         return _loaded(name, body.keep_alive,
                        {"message": {"role": "assistant", "content": ""}})

@@ -3,7 +3,9 @@
 The server has one model, loaded for the life of the process: ``/api/ps`` shows it as never
 expiring, and ``/api/tags`` lists it first, then the models of pagedserve's own store (what
 ``/api/pull`` brings there; serving one takes a server started with its name). ``/api/show``
-gives the served file's metadata (GGUF keys, or the Hugging Face equivalent) as ``model_info``.
+gives the served file's metadata (GGUF keys, or the Hugging Face equivalent) as ``model_info``,
+and its capabilities: ``completion`` for a generative model, ``embedding`` for an
+embedding-only one.
 """
 
 from __future__ import annotations
@@ -85,7 +87,9 @@ async def show(request: Request) -> dict:
         "template": served.card.template or served.tokenizer.chat_template or "",
         "details": _details(served),
         "model_info": _model_info(info, verbose=body.verbose),
-        "capabilities": ["completion"],
+        # Ollama's words: "completion" for a model that generates, "embedding" for one that
+        # only embeds (a generative model embeds too, but Ollama does not list it for that)
+        "capabilities": ["completion"] if served.info.generates else ["embedding"],
         "modified_at": _file_time(served),
     }
     if served.card.system:
@@ -115,14 +119,15 @@ async def version() -> dict:
 
 def _details(served: ServedModel) -> dict:
     info = served.info.model_info
-    family = info.family or info.architecture or served.info.model_config.architecture
+    config = served.info.model_config  # None for an embedding-only model
+    family = info.family or info.architecture or (config.architecture if config else "")
     return {
         "parent_model": "",
         "format": info.format,
         "family": family,
         "families": [family],
         "parameter_size": _parameter_size(info.parameter_count
-                                          or served.info.model_config.num_parameters),
+                                          or (config.num_parameters if config else 0)),
         "quantization_level": info.quantization or served.info.config.dtype.upper(),
         "dtype": served.info.config.dtype,  # pagedserve's: what the weights compute in
     }

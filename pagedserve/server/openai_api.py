@@ -1,4 +1,5 @@
-"""The OpenAI API: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``.
+"""The OpenAI API: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``
+(``/v1/embeddings``: embeddings_api.py).
 
 Translation only: a request body becomes prompts and :class:`SamplingParams` (one engine request
 per prompt and choice), and the engine's :class:`RequestOutput` deltas become OpenAI's JSON
@@ -66,6 +67,7 @@ async def completions(request: Request):
     served = served_model(request)
     body = await read_body(request, CompletionRequest)
     served.check_model(body.model)
+    served.check_generates("The model does not support Completions API")
     prompts = _completion_prompts(body.prompt)
     served.check_choices(len(prompts), body.n)
     if body.best_of is not None and body.best_of != body.n:
@@ -95,6 +97,7 @@ async def chat_completions(request: Request):
     served = served_model(request)
     body = await read_body(request, ChatCompletionRequest)
     served.check_model(body.model)
+    served.check_generates("The model does not support Chat Completions API")
     served.check_choices(1, body.n)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError.bad_request("top_logprobs requires logprobs to be true",

@@ -17,6 +17,11 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from pagedserve.sampling_params import LIST_LIMITS, MAX_INT, RANGES, Range
+from pagedserve.server.embeddings_protocol import (
+    EmbeddingRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+)
 from pagedserve.server.errors import OLLAMA_PREFIX
 from pagedserve.server.ollama_protocol import (
     OPTION_FIELDS,
@@ -35,6 +40,7 @@ from pagedserve.server.openai_protocol import (
 )
 
 _REF = "#/components/schemas/{model}"
+_EMBEDDING_BODIES = {"OllamaEmbedRequest", "EmbeddingRequest"}
 PROTECTED = ("/v1/", "/api/")
 
 # (path, method) -> (body model, what a streamed answer is sent as)
@@ -47,12 +53,16 @@ BODIES: dict[tuple[str, str], tuple[type[BaseModel], str | None]] = {
     ("/api/pull", "post"): (PullRequest, "application/x-ndjson"),
     ("/api/delete", "delete"): (DeleteRequest, None),
     ("/api/copy", "post"): (CopyRequest, None),
+    ("/api/embed", "post"): (OllamaEmbedRequest, None),
+    ("/api/embeddings", "post"): (OllamaEmbeddingsRequest, None),
+    ("/v1/embeddings", "post"): (EmbeddingRequest, None),
     ("/tokenize", "post"): (TokenizeRequest, None),
     ("/detokenize", "post"): (DetokenizeRequest, None),
 }
 # routes that look the model up by name (404), and those that queue engine work (503)
 NAMES_A_MODEL = {path for path, _ in BODIES} | {"/v1/models/{model_id}"}
-QUEUES_WORK = {"/v1/completions", "/v1/chat/completions", "/api/generate", "/api/chat"}
+QUEUES_WORK = {"/v1/completions", "/v1/chat/completions", "/api/generate", "/api/chat",
+               "/api/embed", "/api/embeddings", "/v1/embeddings"}
 # the store's routes: their own failures, and Ollama's empty answer to a delete or a copy
 STORE_STATUSES = {"/api/pull": [500, 502], "/api/delete": [409], "/api/copy": [409]}
 EMPTY_ANSWERS = {"/api/delete", "/api/copy"}
@@ -110,11 +120,16 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     served = app.state.served
     ranges = {**RANGES, "n": Range(1, served.limits.max_n, integer=True),
               "max_tokens": Range(1, served.max_model_len, integer=True)}
-    token_id = Range(0, served.info.model_config.vocab_size - 1, integer=True).json_schema()
+    embedding = served.info.embedding
+    if embedding is not None:
+        ranges["dimensions"] = Range(1, embedding.spec.dimensions, integer=True)
+    token_id = Range(0, served.info.vocab_size - 1, integer=True).json_schema()
     for model, _ in BODIES.values():
         for name, model_schema in _model_schemas(model).items():
             _add_ranges(model_schema, ranges)
             _add_token_ids(model_schema, token_id)
+            if name in _EMBEDDING_BODIES:
+                _add_input_limit(model_schema, served.limits.max_embedding_inputs)
             components[name] = model_schema
     for name in ("HTTPValidationError", "ValidationError"):  # we answer 400, never 422
         components.pop(name, None)
@@ -153,9 +168,19 @@ def _add_ranges(schema: dict[str, Any], ranges: dict[str, Range]) -> None:
                     branch.update(minLength=1, maxLength=longest)
 
 
+def _add_input_limit(schema: dict[str, Any], most: int) -> None:
+    """An embedding call's list of inputs holds at most the server's limit."""
+    prop = schema.get("properties", {}).get("input")
+    for branch in prop.get("anyOf", [prop]) if prop else ():
+        items = branch.get("items", {})
+        if branch.get("type") == "array" and (items.get("type") != "integer"):
+            branch["maxItems"] = most
+
+
 def _add_token_ids(schema: dict[str, Any], token_id: dict[str, float]) -> None:
-    """Token ids (a completion's prompt, /detokenize's tokens) lie inside the vocabulary."""
-    for name in ("prompt", "tokens"):
+    """Token ids (a completion's prompt, an embedding's input, /detokenize's tokens) lie
+    inside the vocabulary."""
+    for name in ("prompt", "tokens", "input"):
         prop = schema.get("properties", {}).get(name)
         for branch in prop.get("anyOf", [prop]) if prop else ():
             items = branch.get("items", {})

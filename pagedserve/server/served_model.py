@@ -3,7 +3,8 @@
 Both API modules only translate wire formats; what they have in common lives here: which names
 address the model, how the model's own defaults (from its registry entry: Modelfile parameters,
 generation_config.json) sit under a request's values, how chat messages become a prompt, and
-admission control (the server's limits) before requests reach the engine.
+admission control (the server's limits) before requests reach the engine: generation requests
+(:meth:`ServedModel.start`) and embedding requests (:meth:`ServedModel.embed`) alike.
 
 Rendering a chat and tokenizing a prompt cost time in proportion to their length; long ones
 run in a worker thread (the tokenizer releases the GIL there), so that the event loop keeps
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 import weakref
@@ -21,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pagedserve.engine.errors import ContextLengthError, PromptTooLongError
+from pagedserve.engine.errors import ContextLengthError, EngineDeadError, PromptTooLongError
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation
@@ -31,7 +33,7 @@ from pagedserve.structured.tool_parsers import detect_tool_parser
 if TYPE_CHECKING:
     from pagedserve.engine.async_engine import AsyncEngine, RequestStream
     from pagedserve.engine.info import EngineInfo
-    from pagedserve.engine.messages import EngineCoreRequest
+    from pagedserve.engine.messages import EmbedResult, EngineCoreRequest
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class ServedModel:
         self.draining = False  # set at SIGTERM: nothing new is admitted
         self.loaded_at = time.time()
         self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
+        self._embedding: dict[str, asyncio.Future[EmbedResult]] = {}  # answers in progress
         unknown = set(card.sampling_defaults) - _SAMPLING_FIELDS - {"num_ctx"}  # engine's
         if unknown:
             logger.warning("ignoring unknown sampling defaults of %s: %s", card.name,
@@ -101,6 +104,11 @@ class ServedModel:
         if not self.answers_to(name):
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
                            f"`{self.name}`.", param="model", code="model_not_found")
+
+    def check_generates(self, message: str) -> None:
+        """400 with ``message`` (the API's own words) when the model only embeds."""
+        if not self.info.generates:
+            raise APIError.bad_request(message, param="model", code="model_not_supported")
 
     @property
     def tool_parser_name(self) -> str | None:
@@ -212,6 +220,43 @@ class ServedModel:
             raise
         return generation
 
+    async def embed(self, inputs: Sequence[str] | Sequence[list[int]], *, truncate: bool = True,
+                    normalize: bool = True, dimensions: int | None = None,
+                    input_field: str = "input") -> EmbedResult:
+        """The vectors of ``inputs`` (texts, or lists of token ids) in one engine request,
+        which the core embeds in batches with others'. Answers 400 naming the field for what
+        the model cannot take (``input_field`` is the wire name of the inputs: ``input``, or
+        ``prompt``), 503 as :meth:`start` does, 500 when the core failed on it."""
+        limit = self.limits.max_embedding_inputs
+        if len(inputs) > limit:
+            raise APIError.bad_request(
+                f"{input_field} must hold at most {limit} inputs (pagedserve serve "
+                f"--max-embedding-inputs), got {len(inputs)}", param=input_field)
+        self._admit(1)
+        make = functools.partial(self.async_engine.make_embed_request, inputs,
+                                 truncate=truncate, normalize=normalize, dimensions=dimensions)
+        try:
+            if sum(len(x) for x in inputs if isinstance(x, str)) < LONG_TEXT_CHARS:
+                request = make()
+            else:
+                request = await asyncio.to_thread(make)
+        except ValueError as exc:
+            raise _embedding_error(str(exc), input_field) from exc
+        future = self.async_engine.enqueue_embedding(request)
+        self._embedding[request.request_id] = future
+        try:
+            result = await future
+        except EngineDeadError as exc:
+            raise APIError.engine_dead(exc) from exc
+        finally:
+            self._embedding.pop(request.request_id, None)
+        if result.error is not None:
+            if result.client_error:
+                raise _embedding_error(result.error, input_field)
+            raise APIError(500, f"The server failed on this request: {result.error}",
+                           code="engine_error")
+        return result
+
     def _admit(self, num_requests: int) -> None:
         self.async_engine.check_alive()
         if self.draining:
@@ -252,13 +297,21 @@ class ServedModel:
 
     async def drained(self, poll_s: float = 0.05) -> None:
         """Return once every answer in progress has finished."""
-        while any(not generation.finished for generation in list(self._live)):
+        while self._embedding or any(not generation.finished
+                                     for generation in list(self._live)):
             await asyncio.sleep(poll_s)
 
     def abort_all(self) -> None:
-        """End every answer in progress (at shutdown): streams close with an abort."""
+        """End every answer in progress (at shutdown): streams close with an abort, embedding
+        requests answer 503."""
         for generation in list(self._live):
             generation.abort()
+        for request_id, future in list(self._embedding.items()):
+            if not future.done():
+                future.set_exception(APIError(
+                    503, "The server is shutting down; please retry (another replica may "
+                    "answer).", code="server_shutting_down", headers={"Retry-After": "1"}))
+            self.async_engine.abort(request_id)
 
 
 async def _admitted(requests: Sequence[EngineCoreRequest],
@@ -272,6 +325,15 @@ async def _admitted(requests: Sequence[EngineCoreRequest],
             except ValueError as exc:
                 field = str(exc).split(":", 1)[0]
                 raise APIError.bad_request(str(exc), param=field) from exc
+
+
+def _embedding_error(message: str, input_field: str) -> APIError:
+    """A 400 for an embedding request's bad input, naming the field as the client sent it."""
+    if input_field != "input" and message.startswith("input"):
+        # one prompt (Ollama's /api/embeddings): "input[0] has ..." -> "prompt has ..."
+        message = input_field + message[len("input[0]" if message.startswith("input[0]")
+                                            else "input"):]
+    return APIError.from_value_error(ValueError(message))
 
 
 def _with_tag(name: str) -> str:

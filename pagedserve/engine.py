@@ -190,7 +190,7 @@ class Engine:
         self.runner.allocate(self.kv.num_blocks, max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.kv, max_num_seqs, config.max_num_batched_tokens)
         # structured outputs: grammars compile in a thread; requests wait for theirs apart
-        self.grammars = (GrammarCompiler(tokenizer, model_config.vocab_size)
+        self.grammars = (GrammarCompiler(tokenizer, model_config.vocab_size, config.grammar_limits)
                          if tokenizer is not None else None)
         self._awaiting_grammar = GrammarWaitingRoom()
         self._constrained_total = 0

@@ -26,6 +26,7 @@ from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation
 from pagedserve.server.limits import ServerLimits
+from pagedserve.structured.compiler import GrammarBusy
 from pagedserve.structured.tool_parsers import detect_tool_parser
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ class ServedModel:
 
 async def _compiled(requests: Sequence[Request]) -> None:
     """Wait (off the event loop) for the requests' grammars; 400 naming the field of one that
-    does not compile, before anything is queued."""
+    does not compile, 503 when no compile thread was free, before anything is queued."""
     for request in requests:
         if request.grammar is not None:
             await asyncio.wait([asyncio.wrap_future(request.grammar.compiled)])
@@ -266,6 +267,9 @@ async def _compiled(requests: Sequence[Request]) -> None:
             except ValueError as exc:
                 field = str(exc).split(":", 1)[0]
                 raise APIError.bad_request(str(exc), param=field) from exc
+            except GrammarBusy as exc:
+                raise APIError(503, f"Server busy compiling grammars: {exc}; please retry.",
+                               code="server_busy", headers={"Retry-After": "1"}) from exc
 
 
 def _with_tag(name: str) -> str:

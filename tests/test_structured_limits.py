@@ -71,7 +71,7 @@ def test_regex_span_counts_what_counted_repetitions_spell(pattern, span):
                        "tools"),
 ])
 def test_prechecks_find_patterns_where_clients_put_them(constraint):
-    with pytest.raises(TooComplex, match="--grammar-max-regex-repeat"):
+    with pytest.raises(TooComplex, match="more than 10000 characters .*--grammar-max-regex"):
         check(constraint, GrammarLimits())
 
 
@@ -264,19 +264,156 @@ def test_the_compile_queue_is_bounded(tokenizer, monkeypatch):
 
 
 def test_the_cache_is_bounded_in_bytes_and_too_big_a_grammar_is_not_kept(tokenizer):
-    """a{N} builds N lexer states on its first mask (2.5 MiB at 5000): measured, counted."""
-    compiler = compiler_of(tokenizer, cache_memory=16 << 20)  # entries of at most 4 MiB
+    """a{N} builds N lexer states on its first mask (1.3 MiB at 3000): measured, counted."""
+    compiler = compiler_of(tokenizer, cache_memory=8 << 20)  # entries of at most 2 MiB
     compiler.compile(Constraint.regex("[0-9]+", "r")).result(60)
-    kept = []
-    for i in range(8):
-        regex = Constraint.regex(f"b{{{i + 1}}}a{{5000}}", "r")
+    regexes = [Constraint.regex(f"b{{{i + 1}}}a{{3000}}", "r") for i in range(8)]
+    for regex in regexes:
         compiled = compiler.compile(regex).result(60)
-        assert 1 << 20 < compiled.num_bytes < 4 << 20, compiled.num_bytes
-        kept.append(regex.key in compiler.cache)
-        assert compiler.cache_bytes <= 16 << 20
-    assert kept[-1] and not all(
-        Constraint.regex(f"b{{{i + 1}}}a{{5000}}", "r").key in compiler.cache for i in range(8))
-    huge = Constraint.regex("a{19000}", "r")
+        assert 512 << 10 < compiled.num_bytes < 2 << 20, compiled.num_bytes
+        assert regex.key in compiler.cache and compiler.cache_bytes <= 8 << 20
+    assert regexes[0].key not in compiler.cache  # the least recently used went
+    huge = Constraint.regex("a{9000}", "r")
     compiled = compiler.compile(huge).result(60)
-    assert compiled.num_bytes > 4 << 20 and huge.key not in compiler.cache
+    assert compiled.num_bytes > 2 << 20 and huge.key not in compiler.cache
     compiler.close()
+
+
+# -- the engine: one step's mask within its budget -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_tokenized_dir):
+    from pagedserve.loader import load_model
+
+    return load_model(tiny_llama_tokenized_dir)
+
+
+def engine_with(tiny, **limits):
+    from pagedserve.config import EngineConfig
+    from pagedserve.engine import Engine
+    from pagedserve.model_runner import kv_bytes_per_token
+
+    per_block = kv_bytes_per_token(tiny.config, "float32") * 16
+    return Engine.from_model(tiny, EngineConfig(kv_cache_memory=256 * per_block, dtype="float32",
+                                                grammar_limits=GrammarLimits(**limits)))
+
+
+def greedy(constraint: Constraint | None = None, max_tokens: int = 40):
+    from pagedserve.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=max_tokens, constraint=constraint,
+                          ignore_eos=constraint is None)
+
+
+class SlowMasks:
+    """A matcher whose masks take ``delay`` seconds more from its ``after``-th on: wall-clock
+    budgets tested with margins far above a loaded machine's noise."""
+
+    def __init__(self, inner, delay: float, after: int) -> None:
+        self.inner, self.delay, self.after, self.masks = inner, delay, after, 0
+
+    def slow_down(self) -> None:
+        self.masks += 1
+        if self.masks > self.after:
+            time.sleep(self.delay)
+
+    def unsafe_compute_mask_ptr(self, pointer: int, size: int) -> None:
+        self.slow_down()
+        self.inner.unsafe_compute_mask_ptr(pointer, size)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def slow_masks(monkeypatch):
+    """slow_masks(engine, constraint, delay, after): that constraint's requests mask slowly;
+    rows filled in parallel go through a spy that records each call's number of rows."""
+    from pagedserve.structured import bitmask
+    from pagedserve.structured.compiler import CompiledGrammar
+
+    templates: dict[int, tuple[float, int]] = {}
+    new_matcher = CompiledGrammar.new_matcher
+
+    def maybe_slow(self):
+        matcher = new_matcher(self)
+        slow = templates.get(id(self.matcher))
+        return SlowMasks(matcher, *slow) if slow else matcher
+
+    calls: list[int] = []
+    executor = bitmask._llg_executor()
+
+    class Spy:
+        def unsafe_compute_mask_ptr(self, rows, *args):
+            calls.append(len(rows))
+            for matcher, _ in rows:
+                if isinstance(matcher, SlowMasks):
+                    matcher.slow_down()
+            rows = [(getattr(m, "inner", m), i) for m, i in rows]
+            return executor.unsafe_compute_mask_ptr(rows, *args)
+
+    monkeypatch.setattr(CompiledGrammar, "new_matcher", maybe_slow)
+    monkeypatch.setattr(bitmask, "_llg_executor", Spy)
+
+    def make_slow(engine, constraint: Constraint, delay: float, after: int) -> list[int]:
+        templates[id(engine.grammars.compile(constraint).result(60).matcher)] = (delay, after)
+        return calls
+
+    return make_slow
+
+
+def test_a_mask_over_its_budget_ends_its_request_and_the_others_go_on(tiny, slow_masks):
+    from engine_drain import drain
+
+    engine = engine_with(tiny, mask_seconds=0.3)
+    slow = Constraint.regex("[a-z ]{30}", "structured_outputs.regex")
+    slow_masks(engine, slow, delay=0.6, after=2)
+    ids = [engine.add_request("Tell me", greedy(slow)), engine.add_request("Hi", greedy()),
+           engine.add_request("Yes", greedy(Constraint.regex("[a-z ]{20}", "r")))]
+    start = time.perf_counter()
+    slow, plain, fast = drain(engine, ids)
+    assert slow["reason"] == "error", slow
+    assert slow["error"].startswith("GrammarStepError: structured_outputs.regex: computing "
+                                    "one token's mask took "), slow["error"]
+    assert "over the budget of 300 ms (pagedserve serve --grammar-mask-budget)" in slow["error"]
+    assert len(slow["tokens"]) == 2  # of the two quick masks; the slow one's is not delivered
+    assert plain["reason"] == "length" and len(plain["tokens"]) == 40
+    assert fast["reason"] == "stop" and len(fast["text"]) == 20
+    assert time.perf_counter() - start < 0.6 + 10  # one slow mask, not one per token
+
+
+def test_rows_masked_together_are_timed_alone_once_their_batch_is_slow(tiny, slow_masks):
+    """Eight rows or more are filled in llguidance's threads, in one call; when that call is
+    over the budget each row is timed alone at the next step, and only the slow one ends."""
+    from engine_drain import drain
+
+    engine = engine_with(tiny, mask_seconds=0.3)
+    slow = Constraint.regex("[a-z ]{30}", "structured_outputs.regex")
+    calls = slow_masks(engine, slow, delay=0.6, after=1)
+    others = [Constraint.regex(f"[a-z ]{{{20 + i}}}", "r") for i in range(8)]
+    ids = [engine.add_request("Tell me", greedy(slow))]
+    ids += [engine.add_request(f"Hi {i}", greedy(c)) for i, c in enumerate(others)]
+    slow, *rest = drain(engine, ids)
+    assert slow["reason"] == "error" and "over the budget of 300 ms" in slow["error"], slow
+    # together, then together and slow: all suspects, timed alone (the slow one ends), then
+    # the eight cleared ones together again
+    assert calls[:3] == [9, 9, 8], calls
+    assert len(slow["tokens"]) == 2  # the slow mask computed with others let its token out
+    assert [r["reason"] for r in rest] == ["stop"] * 8
+    assert [len(r["text"]) for r in rest] == [20 + i for i in range(8)]
+
+
+def test_a_matcher_that_gives_up_midway_ends_its_request_without_internals(tiny):
+    """A bomb the prechecks let through, behind a choice: the first mask cannot see it, the
+    second runs out of fuel, and the request ends with llguidance's reason, short."""
+    from engine_drain import drain
+
+    engine = engine_with(tiny, mask_seconds=30, **NO_PRECHECK)
+    bomb = Constraint.regex("(x|y)(a{1000}){1000}", "structured_outputs.regex")
+    deep, plain = drain(engine, [engine.add_request("Tell me", greedy(bomb)),
+                                 engine.add_request("Hi", greedy())])
+    assert deep["reason"] == "error", deep
+    assert deep["error"].startswith("GrammarViolation: structured_outputs.regex: token "), deep
+    assert "too complex for this server's limits" in deep["error"]
+    assert_short(deep["error"].split(": ", 2)[2])
+    assert plain["reason"] == "length"

@@ -35,12 +35,15 @@ class GrammarLimits:
     cache_memory: int = 128 * MiB  # bytes the kept grammars may hold
     mask_seconds: float = 0.1  # one request's token mask in one step
     max_schema_properties: int = 5000  # object properties in one schema (OpenAI's limit)
-    max_regex_repeat: int = 20_000  # characters one regex's counted repetitions may spell
-    # llguidance's LLParserLimits. Its own default initial fuel (1,000,000) lets the first mask
-    # walk half a million forced bytes of (a{1000}){3000} (seconds, 166 MiB) before it fails;
+    max_regex_repeat: int = 10_000  # characters one regex's counted repetitions may spell
+    # llguidance's LLParserLimits. Its own initial fuel (1,000,000) lets the first mask walk
+    # half a million forced bytes of (a{1000}){3000} (seconds, 166 MiB) before it fails;
     # 200,000 stops it in tens of milliseconds and still builds schemas of 5000 properties.
+    # A run of forced bytes met later is walked on a step's fuel: 100,000 (half its own
+    # default) walks what max_regex_repeat lets through in tens of milliseconds, and gives up
+    # on a longer one in as long, where 200,000 took 0.2-0.3 s on the engine thread.
     lexer_fuel: int = 200_000  # initial_lexer_fuel: building the lexer and the first mask
-    step_lexer_fuel: int = 200_000  # one mask's lexer work
+    step_lexer_fuel: int = 100_000  # one mask's lexer work
     step_max_items: int = 50_000  # one mask's Earley items
     max_lexer_states: int = 250_000  # about 1-2 KB each
     max_grammar_symbols: int = 500_000  # max_grammar_size

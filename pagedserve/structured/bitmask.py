@@ -66,23 +66,23 @@ class GrammarBatch:
                            pin_memory=_pinned())
         row_bytes = words * 4
         # llguidance writes each row straight into the tensor's memory (it checks the size)
-        together = [i for i, s in enumerate(self.states) if not s.suspect]
-        if len(together) >= PARALLEL_ROWS:
+        together = {i for i, s in enumerate(self.states) if not s.suspect}
+        if len(together) < PARALLEL_ROWS:
+            together = set()
+        else:
             start = time.perf_counter()
             _llg_executor().unsafe_compute_mask_ptr(
-                [(self.states[i].matcher, i) for i in together], mask.data_ptr(), row_bytes,
-                len(self.states))
+                [(self.states[i].matcher, i) for i in sorted(together)], mask.data_ptr(),
+                row_bytes, len(self.states))
             seconds = time.perf_counter() - start
             for i in together:
                 self.states[i].after_mask(seconds, shared=True)
-        else:
-            together = []
-        alone = set(range(len(self.states))).difference(together)
-        for i in sorted(alone):
-            state = self.states[i]
-            start = time.perf_counter()
-            state.matcher.unsafe_compute_mask_ptr(mask.data_ptr() + i * row_bytes, row_bytes)
-            state.after_mask(time.perf_counter() - start, shared=False)
+        for i, state in enumerate(self.states):
+            if i not in together:
+                start = time.perf_counter()
+                state.matcher.unsafe_compute_mask_ptr(mask.data_ptr() + i * row_bytes,
+                                                      row_bytes)
+                state.after_mask(time.perf_counter() - start, shared=False)
         return mask
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 MAX_REASON_CHARS = 200  # of llguidance's message, in ours
 MIN_GRAMMAR_BYTES = 16 << 10  # the least a cached grammar is counted for
-# llguidance's messages for the limits it enforces (ours name the flag that raises them)
+# words of llguidance's messages for the limits it enforces (ours say it is a limit)
 _LIMIT_WORDS = ("too many expressions", "fuel", "Too many items", "too many states",
                 "grammar size", "too large", "too complex")
 
@@ -88,13 +88,16 @@ class CompiledGrammar:
         return self.matcher.deep_copy()
 
 
+_job_numbers = itertools.count()
+
+
 @dataclass(slots=True, eq=False)
 class _Job:
     constraint: Constraint
     future: Future[CompiledGrammar]
     deadline: float  # time.monotonic()
     started: bool = False  # a worker has taken it
-    sequence: int = field(default_factory=itertools.count().__next__)
+    number: int = field(default_factory=lambda: next(_job_numbers))  # orders equal deadlines
 
 
 class GrammarCompiler:
@@ -140,7 +143,7 @@ class GrammarCompiler:
             self.cache.add(constraint.key, future)
             self._num_queued += 1
             self._queue.put(job)
-            heapq.heappush(self._deadlines, (job.deadline, job.sequence, job))
+            heapq.heappush(self._deadlines, (job.deadline, job.number, job))
             self._lock.notify_all()
             return future
 
@@ -195,6 +198,8 @@ class GrammarCompiler:
         if job.future.done():
             return
         seconds = self.limits.compile_seconds
+        logger.info("a %s constraint (%s) did not compile within %g s%s", job.constraint.kind,
+                    job.constraint.field, seconds, "" if job.started else " (still queued)")
         if job.started:  # refused, and so cached: the same grammar would take as long again
             self.num_refused += 1
             job.future.set_exception(GrammarError(
@@ -253,10 +258,11 @@ class GrammarCompiler:
         traceback: the cache keeps none of the attempt's memory)."""
         release_free_memory()
         with self._lock:
-            if not job.future.done():
-                job.future.set_exception(GrammarError(detail))
-                self.cache.settle(job.constraint.key, 0)
-                self.num_refused += 1
+            if job.future.done():  # past its deadline: refused already
+                return
+            job.future.set_exception(GrammarError(detail))
+            self.cache.settle(job.constraint.key, 0)
+            self.num_refused += 1
         logger.info("refused a %s constraint (%s): %s", job.constraint.kind,
                     job.constraint.field, detail)
 

@@ -69,7 +69,8 @@ class GrammarState:
         if self.matcher.is_error():
             self.failure = short_reason(self.matcher.get_error())
         elif seconds <= self.mask_seconds:
-            self.suspect = self.suspect and shared
+            if not shared:
+                self.suspect = False
         elif shared:
             self.suspect = True
         else:

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pagedserve.structured.limits import GrammarLimits
+
 KVLayout = Literal["paged", "static"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
 
@@ -106,6 +108,8 @@ class EngineConfig:
     async_scheduling: bool | None = None
     seed: int | None = None  # unseeded requests: None draws differently every start
     num_threads: int | None = None
+    # structured outputs: what compiling and following one client's grammar may cost
+    grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

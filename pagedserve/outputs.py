@@ -68,6 +68,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None  # with finish_reason "error": what went wrong
     client_error: bool = False  # the error is the request's own (its message names the field)
+    busy: bool = False  # the engine could not take it in now; it may well be fine (a 503)
 
 
 @dataclass(slots=True)

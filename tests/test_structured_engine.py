@@ -141,13 +141,13 @@ def test_a_grammar_that_fails_fails_only_its_request(tiny, monkeypatch):
 def test_a_slow_compilation_does_not_stall_other_requests(tiny, monkeypatch):
     engine = make_engine(tiny)
     release = threading.Event()
-    compile_ = GrammarCompiler._compile
+    build = GrammarCompiler._build
 
-    def slow(self, constraint):
+    def slow(self, constraint, deadline):
         release.wait(30)
-        return compile_(self, constraint)
+        return build(self, constraint, deadline)
 
-    monkeypatch.setattr(GrammarCompiler, "_compile", slow)
+    monkeypatch.setattr(GrammarCompiler, "_build", slow)
     slow_id = engine.add(engine.make_request("Tell me", sampled(3))) or "req-0"
     fast_id = engine.add_request("Hi", SamplingParams(temperature=0, max_tokens=5,
                                                       ignore_eos=True))
@@ -252,7 +252,7 @@ def test_the_bitmask_masks_exactly_the_constrained_rows(dtype, monkeypatch):
     monkeypatch.setattr(GrammarBatch, "fill", lambda self: words)
     logits = torch.randn(4, V, generator=gen).to(dtype)
     before = logits.clone()
-    GrammarBatch(rows=[1, 3], matchers=[None, None], vocab_size=V).apply(logits)
+    GrammarBatch(rows=[1, 3], states=[None, None], vocab_size=V).apply(logits)
     for j, row in enumerate([1, 3]):
         for t in range(V):
             allowed = (int(words[j, t // 32]) >> (t % 32)) & 1

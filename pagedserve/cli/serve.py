@@ -96,6 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="answer 400 to longer prompt texts before tokenizing them (default: "
                      "what the context can hold at the vocabulary's longest token)")
 
+    _add_grammar_limits(p)
+
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, help="most requests in one batch (default 128)")
     e.add_argument("--max-num-batched-tokens", type=int,
@@ -137,6 +139,85 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _add_grammar_limits(p: argparse.ArgumentParser) -> None:
+    from pagedserve.structured.limits import GrammarLimits
+
+    d = GrammarLimits()
+    g = p.add_argument_group(
+        "structured outputs (what one client's grammar may cost; over a limit is a 400)")
+    g.add_argument("--grammar-compile-timeout", type=float, metavar="SECONDS",
+                   default=d.compile_seconds,
+                   help=f"most time a grammar may take to compile, queueing included "
+                   f"(default {d.compile_seconds:g})")
+    g.add_argument("--grammar-compile-threads", type=int, metavar="N",
+                   default=d.compile_threads,
+                   help=f"grammars compiled at once (default {d.compile_threads})")
+    g.add_argument("--grammar-compile-queue", type=int, metavar="N", default=d.compile_queue,
+                   help=f"grammars that may wait for a compile thread; more are a 503 "
+                   f"(default {d.compile_queue})")
+    g.add_argument("--grammar-cache-size", type=int, metavar="N", default=d.cache_entries,
+                   help=f"compiled grammars kept for reuse (default {d.cache_entries})")
+    g.add_argument("--grammar-cache-memory", type=parse_bytes, metavar="BYTES",
+                   default=d.cache_memory,
+                   help=f"memory the kept grammars may hold, e.g. 256MiB (default "
+                   f"{d.cache_memory >> 20}MiB); one over a quarter of it is not kept")
+    g.add_argument("--grammar-mask-budget", type=float, metavar="SECONDS",
+                   default=d.mask_seconds,
+                   help="most time one request's token mask may take in a step; over it the "
+                   f"request ends with an error (default {d.mask_seconds:g})")
+    g.add_argument("--grammar-max-schema-properties", type=int, metavar="N",
+                   default=d.max_schema_properties,
+                   help=f"object properties in one JSON schema (default "
+                   f"{d.max_schema_properties}, OpenAI's limit)")
+    g.add_argument("--grammar-max-regex-repeat", type=int, metavar="N",
+                   default=d.max_regex_repeat,
+                   help=f"characters a regex's counted repetitions may spell: (a{{100}}){{300}} "
+                   f"spells 30000 (default {d.max_regex_repeat})")
+    g.add_argument("--grammar-lexer-fuel", type=int, metavar="N", default=d.lexer_fuel,
+                   help=f"llguidance's initial_lexer_fuel: building the lexer and the first "
+                   f"token mask (default {d.lexer_fuel})")
+    g.add_argument("--grammar-step-fuel", type=int, metavar="N", default=d.step_lexer_fuel,
+                   help=f"llguidance's step_lexer_fuel: one token mask's lexer work "
+                   f"(default {d.step_lexer_fuel})")
+    g.add_argument("--grammar-step-items", type=int, metavar="N", default=d.step_max_items,
+                   help=f"llguidance's step_max_items: one token mask's parser items "
+                   f"(default {d.step_max_items})")
+    g.add_argument("--grammar-lexer-states", type=int, metavar="N", default=d.max_lexer_states,
+                   help=f"llguidance's max_lexer_states, 1-2 KB each (default "
+                   f"{d.max_lexer_states})")
+    g.add_argument("--grammar-max-symbols", type=int, metavar="N",
+                   default=d.max_grammar_symbols,
+                   help=f"llguidance's max_grammar_size, in symbols (default "
+                   f"{d.max_grammar_symbols})")
+
+
+def grammar_limits_from_args(args: argparse.Namespace):
+    """The :class:`GrammarLimits` the flags ask for (ValueError names a bad one)."""
+    from pagedserve.structured.limits import GrammarLimits
+
+    flags = {  # GrammarLimits field -> the flag's dest
+        "compile_seconds": "grammar_compile_timeout",
+        "compile_threads": "grammar_compile_threads",
+        "compile_queue": "grammar_compile_queue",
+        "cache_entries": "grammar_cache_size",
+        "cache_memory": "grammar_cache_memory",
+        "mask_seconds": "grammar_mask_budget",
+        "max_schema_properties": "grammar_max_schema_properties",
+        "max_regex_repeat": "grammar_max_regex_repeat",
+        "lexer_fuel": "grammar_lexer_fuel",
+        "step_lexer_fuel": "grammar_step_fuel",
+        "step_max_items": "grammar_step_items",
+        "max_lexer_states": "grammar_lexer_states",
+        "max_grammar_symbols": "grammar_max_symbols",
+    }
+    try:
+        return GrammarLimits(**{name: getattr(args, dest) for name, dest in flags.items()})
+    except ValueError as exc:  # "compile_seconds must be ..." -> "--grammar-compile-timeout ..."
+        name, _, rest = str(exc).partition(" ")
+        flag = "--" + flags.get(name, name).replace("_", "-")
+        raise ValueError(f"{flag} {rest}") from None
+
+
 def engine_config_from_args(args: argparse.Namespace):
     from pagedserve.config import EngineConfig
 
@@ -159,6 +240,8 @@ def engine_config_from_args(args: argparse.Namespace):
         "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling,
         "gpu_memory_utilization": args.gpu_memory_utilization,
+        "grammar_limits": (grammar_limits_from_args(args)
+                           if hasattr(args, "grammar_compile_timeout") else None),
     }
     return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
 

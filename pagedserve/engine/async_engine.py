@@ -33,7 +33,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from pagedserve.engine.core_client import EngineCoreClient
-from pagedserve.engine.errors import EngineDeadError
+from pagedserve.engine.errors import EngineBusyError, EngineDeadError
 from pagedserve.engine.info import EngineInfo
 from pagedserve.engine.input_processor import InputProcessor
 from pagedserve.engine.llm_engine import EngineObserver, notify
@@ -66,8 +66,9 @@ class RequestStream:
         self._engine = engine
         self._pending: RequestOutput | BaseException | None = None
         self._ready = asyncio.Event()
-        # the core's verdict on taking the request in: None, or why it refused it
-        self._verdict: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        # the core's verdict on taking the request in: None, or the output that refused it
+        self._verdict: asyncio.Future[RequestOutput | None] = \
+            asyncio.get_running_loop().create_future()
         self.finished = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
@@ -80,8 +81,8 @@ class RequestStream:
             _merge(pending, item)
         self._ready.set()
         if not self._verdict.done():
-            refused = isinstance(item, RequestOutput) and item.client_error
-            self._verdict.set_result(item.error if refused else None)
+            refused = isinstance(item, RequestOutput) and (item.client_error or item.busy)
+            self._verdict.set_result(item if refused else None)
 
     def admitted(self) -> None:
         """The core has taken the request in (its grammar compiled)."""
@@ -91,10 +92,12 @@ class RequestStream:
     async def wait_admitted(self) -> None:
         """Wait until the core has taken the request in (or ended it); raises ValueError (its
         message names the field) if the core refused it as the client's fault, e.g. a
-        constraint that does not compile."""
+        constraint that does not compile, EngineBusyError if it could not take it in now."""
         refusal = await self._verdict
+        if refusal is not None and refusal.busy:
+            raise EngineBusyError(refusal.error)
         if refusal is not None:
-            raise ValueError(refusal)
+            raise ValueError(refusal.error)
 
     def abort(self) -> None:
         if not self.finished:
@@ -128,7 +131,7 @@ def _merge(into: RequestOutput, new: RequestOutput) -> None:
         into.delta_logprobs = (into.delta_logprobs or []) + new.delta_logprobs
     into.finished, into.finish_reason, into.stop_reason = (new.finished, new.finish_reason,
                                                           new.stop_reason)
-    into.error, into.client_error = new.error, new.client_error
+    into.error, into.client_error, into.busy = new.error, new.client_error, new.busy
     into.num_prompt_tokens, into.num_output_tokens = new.num_prompt_tokens, new.num_output_tokens
     into.num_cached_tokens, into.metrics = new.num_cached_tokens, new.metrics
 

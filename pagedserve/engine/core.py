@@ -35,7 +35,7 @@ from pagedserve.outputs import RequestMetrics
 from pagedserve.request import Request, RequestStatus
 from pagedserve.scheduler import ScheduledRequest, Scheduler
 from pagedserve.static_slots import StaticSlotManager
-from pagedserve.structured.compiler import GrammarCompiler
+from pagedserve.structured.compiler import GrammarBusy, GrammarCompiler
 from pagedserve.structured.constraint import Constraint
 from pagedserve.structured.state import GrammarState, GrammarWaitingRoom
 
@@ -122,7 +122,8 @@ class EngineCore:
         self.runner.allocate(self.kv.num_blocks, max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.kv, max_num_seqs, config.max_num_batched_tokens)
         # structured outputs: grammars compile in a thread; requests wait for theirs apart
-        self.grammars = (GrammarCompiler(tokenizer, model_config.vocab_size)
+        self.grammars = (GrammarCompiler(tokenizer, model_config.vocab_size,
+                                         config.grammar_limits)
                          if tokenizer is not None else None)
         self._compile_seconds: list[float] = []
         if self.grammars is not None:
@@ -311,6 +312,10 @@ class EngineCore:
             except ValueError as exc:  # the constraint does not compile: the client's fault
                 out = self._fail(request, exc)
                 out.error, out.client_error = str(exc), True
+                outputs.append(out)
+            except GrammarBusy as exc:  # no compile thread was free in time: retry later
+                out = self._fail(request, exc)
+                out.error, out.busy = str(exc), True
                 outputs.append(out)
             except Exception as exc:  # noqa: BLE001 - this request fails alone
                 outputs.append(self._fail(request, exc))

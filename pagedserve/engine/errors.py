@@ -44,3 +44,8 @@ class EngineStepError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine core has failed (or its process is gone); the request cannot complete."""
+
+
+class EngineBusyError(RuntimeError):
+    """The core could not take a request in now (e.g. no grammar compile thread was free in
+    time); the request may well be fine: retry."""

@@ -59,6 +59,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     num_preemptions: int = 0
     error: str | None = None  # with finish_reason "error": what went wrong
     client_error: bool = False  # the error is the request's own (a 400, naming its field)
+    busy: bool = False  # the core could not take it in now (a 503): it may well be fine
 
 
 class EmbedRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -113,7 +113,7 @@ class OutputProcessor:
             metrics.num_preemptions = o.num_preemptions
             state.num_cached_tokens = o.num_cached_tokens
             if o.error is not None:
-                out.error, out.client_error = o.error, o.client_error
+                out.error, out.client_error, out.busy = o.error, o.client_error, o.busy
             return self._finish(state, out, o.finish_reason, o.stop_reason)
         return self._fill(state, out)
 

@@ -71,6 +71,9 @@ class Generation:
     def _note(self, index: int, output: RequestOutput) -> None:
         if output.finished:
             self._finished.add(index)
+        if output.finish_reason == "error" and output.busy:
+            raise APIError(503, f"Server busy: {output.error}; please retry.",
+                           code="server_busy", headers={"Retry-After": "1"})
         if output.finish_reason == "error" and output.client_error:
             field = (output.error or "").split(":", 1)[0]
             raise APIError.bad_request(output.error or "bad request", param=field)

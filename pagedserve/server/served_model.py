@@ -23,7 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pagedserve.engine.errors import ContextLengthError, EngineDeadError, PromptTooLongError
+from pagedserve.engine.errors import (
+    ContextLengthError,
+    EngineBusyError,
+    EngineDeadError,
+    PromptTooLongError,
+)
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.generation import Generation
@@ -317,7 +322,8 @@ class ServedModel:
 async def _admitted(requests: Sequence[EngineCoreRequest],
                     streams: Sequence[RequestStream]) -> None:
     """Wait for the core to take in the requests whose constraint had to compile: 400 naming
-    the field of a constraint that does not compile, before anything was answered."""
+    the field of a constraint that does not compile, 503 when no compile thread was free in
+    time, before anything was answered."""
     for request, stream in zip(requests, streams, strict=True):
         if request.params.constraint is not None:
             try:
@@ -325,6 +331,9 @@ async def _admitted(requests: Sequence[EngineCoreRequest],
             except ValueError as exc:
                 field = str(exc).split(":", 1)[0]
                 raise APIError.bad_request(str(exc), param=field) from exc
+            except EngineBusyError as exc:
+                raise APIError(503, f"Server busy compiling grammars: {exc}; please retry.",
+                               code="server_busy", headers={"Retry-After": "1"}) from exc
 
 
 def _embedding_error(message: str, input_field: str) -> APIError:

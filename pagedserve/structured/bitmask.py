@@ -13,20 +13,28 @@ travels there (pinned and non-blocking on CUDA) and is expanded there:
 
 Rows not allowed get -inf; the unconstrained rows of the batch are not touched, so they
 sample exactly as they would without constrained neighbours.
+
+Each row's mask is timed and reported to its :class:`GrammarState` (which ends a request over
+its budget). Rows filled in parallel share one time; when that is over the budget they are
+all suspects, and suspects are filled one by one (and timed alone) until cleared.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pagedserve.device import on_device
 from pagedserve.request import Request
+
+if TYPE_CHECKING:
+    from pagedserve.structured.state import GrammarState
 
 _NEG_INF = float("-inf")
 PARALLEL_ROWS = 8  # from this many constrained rows on, fill them in llguidance's threads
@@ -38,19 +46,19 @@ assert sys.byteorder == "little", "the bitmask is read as little-endian bytes"
 @dataclass(slots=True)
 class GrammarBatch:
     rows: list[int]  # indices into the batch of the constrained requests
-    matchers: list[Any]
+    states: list[GrammarState]
     vocab_size: int  # bitmask width in tokens (the compiler's)
 
     @classmethod
     def of(cls, requests: list[Request]) -> GrammarBatch | None:
-        rows, matchers = [], []
+        rows, states = [], []
         for i, r in enumerate(requests):
             if r.grammar is not None:
                 rows.append(i)
-                matchers.append(r.grammar.matcher)
+                states.append(r.grammar)
         if not rows:
             return None
-        return cls(rows, matchers, requests[rows[0]].grammar.vocab_size)
+        return cls(rows, states, requests[rows[0]].grammar.vocab_size)
 
     def fill(self) -> torch.Tensor:
         """(C, W) int32 on the host: each constrained row's allowed tokens."""
@@ -59,13 +67,23 @@ class GrammarBatch:
                            pin_memory=_pinned())
         row_bytes = words * 4
         # llguidance writes each row straight into the tensor's memory (it checks the size)
-        if len(self.matchers) < PARALLEL_ROWS:
-            for i, matcher in enumerate(self.matchers):
-                matcher.unsafe_compute_mask_ptr(mask.data_ptr() + i * row_bytes, row_bytes)
+        together = {i for i, s in enumerate(self.states) if not s.suspect}
+        if len(together) < PARALLEL_ROWS:
+            together = set()
         else:
+            start = time.perf_counter()
             _llg_executor().unsafe_compute_mask_ptr(
-                [(m, i) for i, m in enumerate(self.matchers)], mask.data_ptr(), row_bytes,
-                len(self.matchers))
+                [(self.states[i].matcher, i) for i in sorted(together)], mask.data_ptr(),
+                row_bytes, len(self.states))
+            seconds = time.perf_counter() - start
+            for i in together:
+                self.states[i].after_mask(seconds, shared=True)
+        for i, state in enumerate(self.states):
+            if i not in together:
+                start = time.perf_counter()
+                state.matcher.unsafe_compute_mask_ptr(mask.data_ptr() + i * row_bytes,
+                                                      row_bytes)
+                state.after_mask(time.perf_counter() - start, shared=False)
         return mask
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:

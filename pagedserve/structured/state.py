@@ -4,6 +4,12 @@ The matcher's state is a function of the output tokens alone: ``num_consumed`` s
 it has seen, and :meth:`GrammarState.advance` consumes the rest. So whatever happens to the
 request's KV cache (preemption by recompute, a prefix-cache hit, a step run again after a
 failure), the matcher is never out of step with the tokens the request holds.
+
+Each step's mask is timed (bitmask.py reports it to :meth:`GrammarState.after_mask`). A mask
+over the compiled grammar's budget, or a matcher that gave up on a limit of llguidance's,
+ends the request at the next :meth:`~GrammarState.advance` with a :class:`GrammarStepError`
+naming the constraint's field: the engine fails that request (``finish_reason: "error"``)
+and the other streams go on.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import TYPE_CHECKING, Any
 
-from pagedserve.structured.compiler import CompiledGrammar, GrammarError
+from pagedserve.structured.compiler import CompiledGrammar, GrammarError, short_reason
 from pagedserve.structured.constraint import Constraint
 
 if TYPE_CHECKING:
@@ -22,6 +28,10 @@ class GrammarViolation(RuntimeError):
     """A sampled token the grammar does not accept (the mask should have made it impossible)."""
 
 
+class GrammarStepError(RuntimeError):
+    """The grammar's mask went over its time budget, or llguidance gave up on a limit."""
+
+
 class GrammarState:
     def __init__(self, constraint: Constraint, compiled: Future[CompiledGrammar],
                  vocab_size: int) -> None:
@@ -29,7 +39,12 @@ class GrammarState:
         self.compiled = compiled
         self.vocab_size = vocab_size  # bitmask width in tokens
         self.matcher: Any = None  # set by start()
+        self.mask_seconds = 0.0  # the budget of one mask, set by start()
         self.num_consumed = 0
+        self.failure: str | None = None  # why the next advance() ends the request
+        # its last mask was computed with others in parallel, and that took too long: the
+        # next one is computed alone, so that the slow row is known
+        self.suspect = False
 
     @property
     def ready(self) -> bool:
@@ -41,16 +56,38 @@ class GrammarState:
         self._result(timeout)
 
     def start(self) -> None:
-        """Take a fresh matcher from the compiled grammar (raises ValueError if it failed)."""
+        """Take a fresh matcher from the compiled grammar (raises ValueError if it failed,
+        :class:`~pagedserve.structured.compiler.GrammarBusy` if it could not start)."""
         if self.matcher is None:
-            self.matcher = self._result(None).new_matcher()
+            compiled = self._result(None)
+            self.matcher = compiled.new_matcher()
+            self.mask_seconds = compiled.mask_seconds
+
+    def after_mask(self, seconds: float, shared: bool) -> None:
+        """This step's mask is computed: in ``seconds``, alone or ``shared`` with other rows
+        computed in parallel (whose time it cannot tell apart from its own)."""
+        if self.matcher.is_error():
+            self.failure = short_reason(self.matcher.get_error())
+        elif seconds <= self.mask_seconds:
+            if not shared:
+                self.suspect = False
+        elif shared:
+            self.suspect = True
+        else:
+            self.failure = (f"computing one token's mask took {seconds * 1e3:.0f} ms, over "
+                            f"the budget of {self.mask_seconds * 1e3:.0f} ms (pagedserve serve "
+                            "--grammar-mask-budget)")
 
     def advance(self, output_token_ids: list[int]) -> None:
         """Consume the output tokens the matcher has not seen yet."""
+        field = self.constraint.field
+        if self.failure is not None:
+            raise GrammarStepError(f"{field}: {self.failure}")
         for token in output_token_ids[self.num_consumed:]:
             if not self.matcher.consume_token(token):
-                raise GrammarViolation(f"token {token} breaks the {self.constraint.kind} "
-                                       f"constraint: {self.matcher.get_error()[:500]}")
+                raise GrammarViolation(f"{field}: token {token} breaks the "
+                                       f"{self.constraint.kind} constraint "
+                                       f"({short_reason(self.matcher.get_error())})")
             self.num_consumed += 1
 
     @property

@@ -5,7 +5,9 @@ The runner owns the model and the KV cache tensors (one K and one V tensor per l
 tokens (decodes first, then prefill chunks) into the persistent buffers of
 :class:`~pagedserve.step_inputs.StepInputs` (positions, cache slots, block tables), runs the
 model, and samples one token for every request whose chunk reached its last known token; the LM
-head runs on those rows only.
+head runs on those rows only, and on the prompt rows of requests that asked for their prompt's
+logprobs (:mod:`pagedserve.prompt_logprobs`; taken by the core with
+:meth:`ModelRunner.take_prompt_logprobs` after each step).
 
     slot of position p = block_table[p // block_size] * block_size + p % block_size
 """
@@ -23,6 +25,8 @@ from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pagedserve.device import cpu_flags
 from pagedserve.kv_sizing import GpuMemory
 from pagedserve.models.llama import NATIVE_STEP_TOKENS, SMALL_STEP_TOKENS, LlamaForCausalLM
+from pagedserve.prompt_logprobs import PromptLogprobs, collect
+from pagedserve.request import Request
 from pagedserve.sampler import SampledToken, Sampler
 from pagedserve.scheduler import ScheduledRequest
 from pagedserve.step_inputs import StepBatch, StepChunk, StepInputs
@@ -122,6 +126,8 @@ class ModelRunner:
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
         self.max_model_len = 0  # set by allocate()
+        # request id -> the prompt logprobs computed since the core last took them
+        self.prompt_logprobs: dict[str, PromptLogprobs] = {}
 
     def allocate(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
         """The KV cache and the persistent step inputs."""
@@ -214,6 +220,7 @@ class ModelRunner:
         else:
             passes = [list(range(len(chunks)))]
         sample_of, rows = [], []
+        owing = any(s.request.owes_prompt_logprobs for s in scheduled)
         for part in passes:
             part_chunks = [chunks[j] for j in part]
             bucket = None  # a decode-only step replays the CUDA graph of its batch-size bucket
@@ -221,6 +228,9 @@ class ModelRunner:
                 bucket = self.graphs.bucket_for(len(part_chunks))
             batch = self.inputs.prepare(part_chunks, pad_to=bucket or 0)
             hidden = self.graphs.replay(bucket, batch) if bucket else self._forward(batch)
+            if owing:
+                self._collect_prompt_logprobs(hidden, part_chunks,
+                                              [scheduled[owners[j]].request for j in part])
             sampling = [owners[j] for j in part if chunks[j].samples]  # in row order
             if sampling:
                 sample_of += sampling
@@ -233,6 +243,21 @@ class ModelRunner:
             for i, token in zip(sample_of, sampled, strict=True):
                 results[i] = token
         return results
+
+    def take_prompt_logprobs(self) -> dict[str, PromptLogprobs]:
+        """The prompt logprobs computed since the last call, by request id."""
+        taken, self.prompt_logprobs = self.prompt_logprobs, {}
+        return taken
+
+    def _collect_prompt_logprobs(self, hidden: torch.Tensor, chunks: list[StepChunk],
+                                 requests: list[Request]) -> None:
+        lm_head = self.model.lm_head
+
+        def dense_logits(rows: torch.Tensor) -> torch.Tensor:
+            return lm_head(rows, small_step=False)
+
+        collect(dense_logits, self.config.vocab_size, hidden, chunks, requests,
+                self.prompt_logprobs)
 
     def _prefill_pieces(self, start: int, end: int, samples: bool) -> list[tuple[int, int]]:
         """The attention chunks of prefill positions [start, end).

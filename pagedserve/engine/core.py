@@ -41,6 +41,7 @@ from pagedserve.structured.state import GrammarState, GrammarWaitingRoom
 
 if TYPE_CHECKING:
     from pagedserve.loader import LoadedModel, ModelInfo
+    from pagedserve.prompt_logprobs import PromptLogprobs
     from pagedserve.sampler import SampledToken
     from pagedserve.tokenizer import Tokenizer
 
@@ -267,13 +268,15 @@ class EngineCore:
                                      self._take_compile_seconds())
         num_decoding = sum(1 for s in plan.scheduled if s.is_decode)
         scheduled, sampled, failed = self._execute(plan.scheduled)
+        prompt_logprobs = self.runner.take_prompt_logprobs()
         outputs += [self._fail(s.request, exc) for s, exc in failed]
         now = time.monotonic()
-        outputs += self._update(scheduled, sampled, now)
+        outputs += self._update(scheduled, sampled, now, prompt_logprobs)
         step = StepStats(
             num_scheduled_tokens=plan.num_batched_tokens,
             num_prompt_tokens=plan.num_batched_tokens - num_decoding,
-            num_generation_tokens=sum(1 for t in sampled if t is not None),
+            num_generation_tokens=sum(1 for s, t in zip(scheduled, sampled, strict=True)
+                                      if t is not None and s.request.max_tokens > 0),
             num_preempted=len(plan.preempted),
             duration=now - start,
         )
@@ -348,11 +351,12 @@ class EngineCore:
         return ok, sampled, failures
 
     def _update(self, scheduled: list[ScheduledRequest], sampled: list[SampledToken | None],
-                now: float) -> list[EngineCoreOutput]:
+                now: float, prompt_logprobs: dict[str, PromptLogprobs]
+                ) -> list[EngineCoreOutput]:
         outputs = []
         for s, token in zip(scheduled, sampled, strict=True):
             try:
-                out = self._update_one(s, token, now)
+                out = self._update_one(s, token, now, prompt_logprobs.get(s.request.request_id))
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 logger.exception("updating request %s failed", s.request.request_id)
                 out = self._fail(s.request, exc) if not s.request.finished else None
@@ -360,22 +364,28 @@ class EngineCore:
                 outputs.append(out)
         return outputs
 
-    def _update_one(self, s: ScheduledRequest, token: SampledToken | None,
-                    now: float) -> EngineCoreOutput | None:
+    def _update_one(self, s: ScheduledRequest, token: SampledToken | None, now: float,
+                    prompt_logprobs: PromptLogprobs | None = None) -> EngineCoreOutput | None:
         """Advance one request by its step: count computed tokens, append the sampled one,
         and finish it on a stop token, at max_tokens, or when its grammar is complete. None
-        while it is still prefilling."""
+        while it is still prefilling, unless the step computed some of its prompt logprobs.
+        A request of ``max_tokens`` 0 ends when its prompt is computed, keeping no token."""
         request = s.request
         request.num_computed_tokens += s.num_new_tokens
         self.kv.commit(request.request_id, request.all_token_ids, request.num_computed_tokens)
+        out = EngineCoreOutput(request.request_id)
+        if prompt_logprobs is not None:
+            _add_prompt_logprobs(request, out, prompt_logprobs)
         if token is None:
-            return None
-        out = EngineCoreOutput(request.request_id, [token.token_id])
+            return out if prompt_logprobs is not None else None
         if request.num_output_tokens == 0:
             self._prompt_tokens_total += request.num_prompt_tokens
-            request.metrics.first_token_time = now
             out.first_scheduled_time = request.metrics.first_scheduled_time
             out.num_cached_tokens = request.num_cached_tokens
+            if request.max_tokens == 0:
+                return self._finish(request, "length", None, out)
+            request.metrics.first_token_time = now
+        out.new_token_ids = [token.token_id]
         self._generation_tokens_total += 1
         request.metrics.last_token_time = now
         request.append_output_token(token.token_id)
@@ -453,6 +463,17 @@ class EngineCore:
     def close(self) -> None:
         if self.grammars is not None:
             self.grammars.close()
+
+
+def _add_prompt_logprobs(request: Request, out: EngineCoreOutput,
+                         piece: PromptLogprobs) -> None:
+    """Put the next piece of a request's prompt logprobs in its output, and count it sent."""
+    if piece.start != request.prompt_logprobs_next:
+        raise RuntimeError(f"prompt logprobs from token {piece.start} computed for a request "
+                           f"that expects them from {request.prompt_logprobs_next}")
+    request.prompt_logprobs_next = piece.end
+    out.prompt_logprobs, out.prompt_ranks = piece.logprobs, piece.ranks
+    out.prompt_top_ids, out.prompt_top_logprobs = piece.top_ids, piece.top_logprobs
 
 
 def _auto_dtype_note(dtype: str, device: str) -> str:

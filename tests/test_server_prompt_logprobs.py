@@ -10,6 +10,7 @@ its per-item loglikelihoods must be transformers' own. Also here: ``max_tokens``
 from __future__ import annotations
 
 import json
+import logging
 
 import openai
 import pytest
@@ -22,6 +23,7 @@ from pagedserve.loader import load_model
 from pagedserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
+logger = logging.getLogger(__name__)
 
 MODEL = "smollm2:135m"
 SERVER_ARGS = ["--served-model-name", MODEL, "--dtype", "float32", "--kv-cache-memory", "128MiB",
@@ -87,6 +89,8 @@ def test_engine_prompt_logprobs_match_transformers(loaded, hf_smollm):
             worst = max(worst, abs(alt.logprob - float(ref[p, alt.token_id])))
         assert entry.top[0].token_id == int(ref[p].argmax()) or \
             float(ref[p].max() - ref[p, entry.top[0].token_id]) < TOL
+    logger.info("engine vs transformers: %d prompt positions, largest difference %.2e",
+                len(ids) - 1, worst)
     assert worst < TOL
 
 
@@ -263,15 +267,15 @@ metric_list:
 
 def test_lm_eval_loglikelihoods_are_transformers_own(server, loaded, hf_smollm, lm_eval_task,
                                                      tmp_path, monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")  # nothing may be downloaded: the task and data are here
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     pytest.importorskip("lm_eval")
     import lm_eval
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.tasks import TaskManager
     from transformers import PreTrainedTokenizerFast
 
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     # lm-eval tokenizes (it must know where the context ends) with a Hugging Face tokenizer:
     # the model's own, saved from its GGUF; the server gets token ids
     PreTrainedTokenizerFast(tokenizer_object=loaded.tokenizer.backend).save_pretrained(
@@ -300,6 +304,8 @@ def test_lm_eval_loglikelihoods_are_transformers_own(server, loaded, hf_smollm, 
         expected = sum(float(ref[row, len(context) - 1 + j, t])
                        for j, t in enumerate(continuation))
         worst = max(worst, abs(loglikelihood - expected))
+    logger.info("lm-eval vs transformers: %d loglikelihoods, largest difference %.2e",
+                len(scored), worst)
     assert worst < TOL, worst
     accuracy = results["results"]["pagedserve_tiny_mc"]["acc,none"]
     assert accuracy >= 0.6  # the easy items: a scorer reading the wrong logprobs is near 1/3

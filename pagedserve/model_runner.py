@@ -25,7 +25,7 @@ from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pagedserve.device import cpu_flags
 from pagedserve.kv_sizing import GpuMemory
 from pagedserve.models.llama import NATIVE_STEP_TOKENS, SMALL_STEP_TOKENS, LlamaForCausalLM
-from pagedserve.prompt_logprobs import PromptLogprobs, collect
+from pagedserve.prompt_logprobs import BLOCK_ELEMENTS, PromptLogprobs, collect
 from pagedserve.request import Request
 from pagedserve.sampler import SampledToken, Sampler
 from pagedserve.scheduler import ScheduledRequest
@@ -156,7 +156,8 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_gpu_memory(self, num_tokens: int, num_seqs: int, model_len: int) -> GpuMemory:
         """Memory after the largest step the engine will run: a forward pass over `num_tokens`
-        prompt tokens (requests of at most `model_len`), the LM head over `num_seqs` rows and
+        prompt tokens (requests of at most `model_len`), one block of prompt logprobs (the LM
+        head and a log_softmax over a block of those rows), the LM head over `num_seqs` rows and
         a sort of their logits (the sampler's largest scratch). The pass's own temporary KV
         cache is not counted."""
         torch.cuda.synchronize()
@@ -179,6 +180,9 @@ class ModelRunner:
         batch = inputs.prepare(chunks)
         self.attention.prepare(batch.meta, self.dims)
         hidden = self.model.forward(batch.input_ids, batch.positions, caches, batch.meta)
+        block = max(1, BLOCK_ELEMENTS // self.config.vocab_size)
+        prompt_block = self.model.lm_head(hidden[:block], small_step=False).float().log_softmax(-1)
+        del prompt_block  # freed before the sampler runs, as in a step
         logits = self.model.logits(hidden[-1:].expand(num_seqs, -1).contiguous())
         logits.sort(dim=-1)
         torch.cuda.synchronize()

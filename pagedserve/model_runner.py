@@ -224,7 +224,7 @@ class ModelRunner:
         else:
             passes = [list(range(len(chunks)))]
         sample_of, rows = [], []
-        owing = any(s.request.owes_prompt_logprobs for s in scheduled)
+        owing = self._prompt_logprobs_owed(scheduled)
         for part in passes:
             part_chunks = [chunks[j] for j in part]
             bucket = None  # a decode-only step replays the CUDA graph of its batch-size bucket
@@ -252,6 +252,14 @@ class ModelRunner:
         """The prompt logprobs computed since the last call, by request id."""
         taken, self.prompt_logprobs = self.prompt_logprobs, {}
         return taken
+
+    def _prompt_logprobs_owed(self, scheduled: list[ScheduledRequest]) -> bool:
+        """Whether the step computes prompt logprobs; those of a request that runs again (each
+        request alone, after a step failed) are dropped, to be computed anew."""
+        owing = [s.request.request_id for s in scheduled if s.request.owes_prompt_logprobs]
+        for request_id in owing:
+            self.prompt_logprobs.pop(request_id, None)
+        return bool(owing)
 
     def _collect_prompt_logprobs(self, hidden: torch.Tensor, chunks: list[StepChunk],
                                  requests: list[Request]) -> None:

@@ -205,3 +205,25 @@ def test_preempted_mid_prompt_sends_each_logprob_once(tiny):
     assert engine.scheduler.num_preemptions > 0
     for outputs, ids in zip(outs, (a, b), strict=True):
         assert_matches(prompt_logprobs_of(outputs), ids, reference(ref_model, ids), top=1)
+
+
+def test_a_step_that_fails_and_runs_again_sends_each_logprob_once(tiny):
+    """The sampler fails after the prompt rows were scored: the engine runs each request
+    alone, and the one that did not fail scores its prompt again, whole."""
+    loaded, ref_model = tiny
+    engine = engine_for(loaded)
+    sampler = engine.runner.sampler
+    poison = 2  # in no random_ids prompt
+
+    def faulty(logits, requests):
+        if any(poison in r.prompt_token_ids for r in requests):
+            raise RuntimeError("injected fault")
+        return sampler(logits, requests)
+
+    engine.runner.sampler = faulty
+    ids = random_ids(40, seed=8)
+    params = SamplingParams(max_tokens=2, prompt_logprobs=TOP)
+    good, bad = run(engine, [(ids, params), (ids[:10] + [poison], params)])
+    assert bad[-1].finish_reason == "error" and "injected fault" in bad[-1].error
+    assert good[-1].finish_reason == "length"
+    assert_matches(prompt_logprobs_of(good), ids, reference(ref_model, ids))

@@ -143,6 +143,7 @@ class _Accumulator:
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list = []
+        self.prompt_logprobs: list | None = None
         self.last: RequestOutput | None = None
 
     def add(self, out: RequestOutput) -> None:
@@ -150,6 +151,8 @@ class _Accumulator:
         self.token_ids.extend(out.delta_token_ids)
         if out.delta_logprobs:
             self.logprobs.extend(out.delta_logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.last = out
 
     def result(self) -> CompletionOutput:
@@ -168,4 +171,5 @@ class _Accumulator:
             num_cached_tokens=last.num_cached_tokens,
             logprobs=self.logprobs or None,
             metrics=last.metrics,
+            prompt_logprobs=self.prompt_logprobs,
         )

@@ -5,7 +5,9 @@ The runner owns the model and the KV cache tensors (one K and one V tensor per l
 tokens (decodes first, then prefill chunks) into the persistent buffers of
 :class:`~pagedserve.step_inputs.StepInputs` (positions, cache slots, block tables), runs the
 model, and samples one token for every request whose chunk reached its last known token; the LM
-head runs on those rows only.
+head runs on those rows only, and on the prompt rows of requests that asked for their prompt's
+logprobs (:mod:`pagedserve.prompt_logprobs`; taken by the core with
+:meth:`ModelRunner.take_prompt_logprobs` after each step).
 
     slot of position p = block_table[p // block_size] * block_size + p % block_size
 """
@@ -23,7 +25,8 @@ from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pagedserve.device import cpu_flags
 from pagedserve.kv_sizing import GpuMemory
 from pagedserve.models.llama import NATIVE_STEP_TOKENS, SMALL_STEP_TOKENS, LlamaForCausalLM
-from pagedserve.request import PLACEHOLDER
+from pagedserve.prompt_logprobs import BLOCK_ELEMENTS, PromptLogprobs, collect
+from pagedserve.request import PLACEHOLDER, Request
 from pagedserve.sampler import PendingSample, SampledToken, Sampler
 from pagedserve.scheduler import ScheduledRequest
 from pagedserve.step_inputs import StepBatch, StepChunk, StepInputs
@@ -166,6 +169,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.max_model_len = 0  # set by allocate()
         self._previous: LaunchedStep | None = None  # the last step launched, for its ids
+        # request id -> the prompt logprobs computed since the core last took them
+        self.prompt_logprobs: dict[str, PromptLogprobs] = {}
 
     def allocate(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
         """The KV cache and the persistent step inputs."""
@@ -194,7 +199,8 @@ class ModelRunner:
     @torch.inference_mode()
     def profile_gpu_memory(self, num_tokens: int, num_seqs: int, model_len: int) -> GpuMemory:
         """Memory after the largest step the engine will run: a forward pass over `num_tokens`
-        prompt tokens (requests of at most `model_len`), the LM head over `num_seqs` rows and
+        prompt tokens (requests of at most `model_len`), one block of prompt logprobs (the LM
+        head and a log_softmax over a block of those rows), the LM head over `num_seqs` rows and
         a sort of their logits (the sampler's largest scratch). The pass's own temporary KV
         cache is not counted."""
         torch.cuda.synchronize()
@@ -217,6 +223,9 @@ class ModelRunner:
         batch = inputs.prepare(chunks)
         self.attention.prepare(batch.meta, self.dims)
         hidden = self.model.forward(batch.input_ids, batch.positions, caches, batch.meta)
+        block = max(1, BLOCK_ELEMENTS // self.config.vocab_size)
+        prompt_block = self.model.lm_head(hidden[:block], small_step=False).float().log_softmax(-1)
+        del prompt_block  # freed before the sampler runs, as in a step
         logits = self.model.logits(hidden[-1:].expand(num_seqs, -1).contiguous())
         logits.sort(dim=-1)
         torch.cuda.synchronize()
@@ -274,6 +283,7 @@ class ModelRunner:
             passes = [list(range(len(chunks)))]
         sample_of, rows = [], []
         fed_by = previous.tokens if previous is not None else None
+        owing = self._prompt_logprobs_owed(scheduled)
         for part in passes:
             part_chunks = [chunks[j] for j in part]
             bucket = None  # a decode-only step replays the CUDA graph of its batch-size bucket
@@ -282,6 +292,9 @@ class ModelRunner:
             batch = self.inputs.prepare(part_chunks, pad_to=bucket or 0)
             batch.feed(fed_by)
             hidden = self.graphs.replay(bucket, batch) if bucket else self._forward(batch)
+            if owing:
+                self._collect_prompt_logprobs(hidden, part_chunks,
+                                              [scheduled[owners[j]].request for j in part])
             sampling = [owners[j] for j in part if chunks[j].samples]  # in row order
             if sampling:
                 sample_of += sampling
@@ -296,6 +309,29 @@ class ModelRunner:
                                  for row, i in enumerate(sample_of)})
         self._previous = launched if pending is not None else None
         return launched
+
+    def take_prompt_logprobs(self) -> dict[str, PromptLogprobs]:
+        """The prompt logprobs computed since the last call, by request id."""
+        taken, self.prompt_logprobs = self.prompt_logprobs, {}
+        return taken
+
+    def _prompt_logprobs_owed(self, scheduled: list[ScheduledRequest]) -> bool:
+        """Whether the step computes prompt logprobs; those of a request that runs again (each
+        request alone, after a step failed) are dropped, to be computed anew."""
+        owing = [s.request.request_id for s in scheduled if s.request.owes_prompt_logprobs]
+        for request_id in owing:
+            self.prompt_logprobs.pop(request_id, None)
+        return bool(owing)
+
+    def _collect_prompt_logprobs(self, hidden: torch.Tensor, chunks: list[StepChunk],
+                                 requests: list[Request]) -> None:
+        lm_head = self.model.lm_head
+
+        def dense_logits(rows: torch.Tensor) -> torch.Tensor:
+            return lm_head(rows, small_step=False)
+
+        collect(dense_logits, self.config.vocab_size, hidden, chunks, requests,
+                self.prompt_logprobs)
 
     def _prefill_pieces(self, start: int, end: int, samples: bool) -> list[tuple[int, int]]:
         """The attention chunks of prefill positions [start, end).

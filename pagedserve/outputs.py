@@ -13,11 +13,13 @@ class Logprob:
     token_id: int
     token: str
     logprob: float
+    rank: int | None = None  # 1: the most likely token; None where it was not computed
 
 
 @dataclass(slots=True)
 class TokenLogprobs:
-    """The sampled token's log-probability and the top alternatives at its position."""
+    """A token's log-probability (a sampled one's, or a prompt token's) and the top
+    alternatives at its position."""
 
     sampled: Logprob
     top: list[Logprob] = field(default_factory=list)
@@ -69,6 +71,10 @@ class RequestOutput:
     error: str | None = None  # with finish_reason "error": what went wrong
     client_error: bool = False  # the error is the request's own (its message names the field)
     busy: bool = False  # the engine could not take it in now; it may well be fine (a 503)
+    # with SamplingParams.prompt_logprobs, once, in the first output with a token or the
+    # final one: one entry per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    prompt_token_ids: list[int] | None = None  # sent along with prompt_logprobs
 
 
 @dataclass(slots=True)
@@ -87,3 +93,4 @@ class CompletionOutput:
     num_cached_tokens: int
     logprobs: list[TokenLogprobs] | None = None
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

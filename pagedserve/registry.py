@@ -129,7 +129,8 @@ def ollama_params_to_sampling(params: dict[str, Any]) -> dict[str, Any]:
     """Translate an Ollama params layer (or a request's ``options``) to SamplingParams names.
 
     Options we have no equivalent for (mirostat, tfs_z, num_gpu, ...) are dropped with a debug
-    log. ``num_predict`` below zero (-1 endless, -2 fill the context) becomes ``max_tokens=None``,
+    log. ``num_predict`` 0 or below (0 and -1 endless, -2 fill the context: Ollama's runner
+    limits only a positive one) becomes ``max_tokens=None``,
     ``repeat_last_n`` -1 (the whole context) ``None``.
     """
     out: dict[str, Any] = {}
@@ -140,7 +141,7 @@ def ollama_params_to_sampling(params: dict[str, Any]) -> dict[str, Any]:
             continue
         if name == "stop":
             value = [value] if isinstance(value, str) else list(value)
-        elif name == "max_tokens" and isinstance(value, int) and value < 0:
+        elif name == "max_tokens" and isinstance(value, int) and value <= 0:
             value = None
         elif name == "repeat_last_n" and value == -1:  # the whole context
             value = None

@@ -57,6 +57,9 @@ class Request:
     grammar: GrammarState | None = None  # when params.constraint is set
     client_index: int = 0  # the front end whose request it is
     num_placeholders: int = 0  # tokens at the end of all_token_ids not known yet
+    # the first prompt token whose logprob (params.prompt_logprobs) is not sent yet; the first
+    # token is predicted by nothing (see pagedserve.prompt_logprobs)
+    prompt_logprobs_next: int = 1
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -73,6 +76,12 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def owes_prompt_logprobs(self) -> bool:
+        """Whether prompt logprobs were asked for and some are still to be computed."""
+        return (self.params.prompt_logprobs is not None
+                and self.prompt_logprobs_next < self.num_prompt_tokens)
 
     @property
     def finished(self) -> bool:

@@ -6,8 +6,9 @@ logprobs asked for) to the host: pinned memory and ``non_blocking`` on CUDA.
 
 Order of operations (vLLM's and transformers'):
 
-1. penalties and ``min_tokens`` on the raw logits (:mod:`pagedserve.penalties`), then the
-   grammar's token bitmask on constrained rows (:mod:`pagedserve.structured.bitmask`);
+1. ``logit_bias`` (:mod:`pagedserve.logit_bias`), penalties and ``min_tokens`` on the raw
+   logits (:mod:`pagedserve.penalties`), then the grammar's token bitmask on constrained rows
+   (:mod:`pagedserve.structured.bitmask`);
 2. temperature below :data:`GREEDY_EPSILON`: argmax (vLLM's epsilon; a tinier divisor would turn
    logits into inf);
 3. otherwise logits / temperature, then top-k (every token tied with the k-th is kept), top-p on
@@ -55,6 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.device import on_device
+from pagedserve.logit_bias import with_logit_bias
 from pagedserve.penalties import penalized
 from pagedserve.request import Request
 from pagedserve.sampling_params import SamplingParams
@@ -96,7 +98,7 @@ class Sampler:
         B, V = logits.shape
         params = [r.params for r in requests]
         raw = logits.float()  # (B, V); the caller's tensor when it is float32 already
-        logits = penalized(raw, requests)
+        logits = penalized(with_logit_bias(raw, requests), requests)
         grammars = GrammarBatch.of(requests)  # None unless a row is constrained
         if grammars is not None:
             logits = grammars.apply(logits.clone() if logits is raw else logits)

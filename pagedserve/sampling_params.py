@@ -4,7 +4,7 @@ Every field is checked in ``__post_init__``; a bad value raises :class:`ValueErr
 starts with the field's name, so that the HTTP layers can answer 400 naming the field. Every
 number has a range: integers fit the 64-bit tensors they end up in (a seed may be any unsigned
 64-bit value too), floats are finite, and the lists a request brings (stop strings, stop token
-ids) are bounded, since each costs work on every step. What depends on the model (token ids
+ids, logit biases) are bounded, since each costs work on every step. What depends on the model (token ids
 against the vocabulary, lengths against the context) is checked by the engine.
 """
 
@@ -21,6 +21,8 @@ MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1  # a seed may be signed or unsigned 64-
 MAX_STOP_STRINGS = 16  # each is searched for in the text of every step
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit
+MAX_BIAS = 100.0  # a bias is in [-MAX_BIAS, MAX_BIAS], as OpenAI's
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +77,10 @@ RANGES: dict[str, Range] = {
     "presence_penalty": Range(-2, 2),
     "frequency_penalty": Range(-2, 2),
     "seed": Range(MIN_SEED, MAX_SEED, integer=True),
-    "max_tokens": Range(1, MAX_INT, integer=True),
+    "max_tokens": Range(0, MAX_INT, integer=True),  # 0: the prompt's prefill only
     "min_tokens": Range(0, MAX_INT, integer=True),
     "logprobs": Range(0, MAX_LOGPROBS, integer=True),
+    "prompt_logprobs": Range(0, MAX_LOGPROBS, integer=True),
     "stop_token_ids": Range(0, MAX_INT, integer=True),
     "repeat_last_n": Range(0, MAX_INT, integer=True),
 }
@@ -105,10 +108,18 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
-    max_tokens: int | None = 16  # None: until the context is full
+    # None: until the context is full; 0: no answer, the prompt is only computed (for
+    # prompt_logprobs); the request ends with finish_reason "length"
+    max_tokens: int | None = 16
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives per sampled token
+    # the prompt's own logprobs (vLLM's name): None: not wanted; k: each prompt token's logprob
+    # and its k most likely alternatives (the first token, predicted by nothing, has none)
+    prompt_logprobs: int | None = None
+    # token id -> a bias added to its logit before sampling (OpenAI's logit_bias); logprobs
+    # stay those of the raw distribution
+    logit_bias: dict[int, float] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # the answer must match it (JSON schema, regex, choice, grammar): structured outputs
@@ -132,6 +143,7 @@ class SamplingParams:
                     allowed.check(name, item)
         if self.top_k == -1:
             self.top_k = 0
+        self.logit_bias = _logit_bias(self.logit_bias)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens must be <= max_tokens, got {self.min_tokens} > {self.max_tokens}"
@@ -147,6 +159,27 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _logit_bias(bias: object) -> dict[int, float] | None:
+    """``logit_bias`` as {token id: bias}: keys are token ids, as integers or as the decimal
+    strings JSON gives them; values are finite numbers in [-MAX_BIAS, MAX_BIAS]."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must map token ids to biases, got {_short(bias)}")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias must hold at most {MAX_LOGIT_BIAS} items, got {len(bias)}")
+    checked: dict[int, float] = {}
+    for key, value in bias.items():
+        digits = isinstance(key, str) and 0 < len(key) <= 19 and key.isascii() and key.isdigit()
+        token = int(key) if digits else key
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= MAX_INT:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got "
+                             f"{_short(key)}")
+        Range(-MAX_BIAS, MAX_BIAS).check(f"logit_bias[{token}]", value)
+        checked[token] = float(value)
+    return checked or None
 
 
 def _check_number(name: str, value: object) -> None:

@@ -101,7 +101,9 @@ class Scheduler:
             return out  # no admissions in a step that had to preempt
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            cached = self.kv.find_cached_prefix(request.all_token_ids)
+            # cached blocks hold K and V, not the hidden states that prompt logprobs need
+            cached = ([] if request.owes_prompt_logprobs
+                      else self.kv.find_cached_prefix(request.all_token_ids))
             num_cached = len(cached) * self.kv.block_size
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate(request.request_id, num_cached + num_new, cached):

@@ -163,3 +163,32 @@ def test_grammar_and_penalty_rows_read_their_tokens_before_the_next_step(tiny):
     ]
     expected = run(engine(tiny, False), requests)
     assert same(run(engine(tiny, True), requests), expected)
+
+
+def test_prompt_logprobs_in_pieces_arrive_whole_with_overlap(tiny):
+    """A request owing prompt logprobs is read step by step (each piece of its chunked
+    prompt before the next is computed); its neighbours still overlap."""
+    rng = random.Random(5)
+    long = [rng.randrange(4, 290) for _ in range(50)]
+    requests = [(long, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2)),
+                *[(p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+                  for p, _ in mixed_requests(3, seed=2)]]
+
+    def prompt_logprobs(overlap: bool) -> tuple[list, dict]:
+        e = engine(tiny, overlap, budget=16)
+        rid = e.add_request(*requests[0])
+        for prompt, params in requests[1:]:
+            e.add_request(prompt, params)
+        got, tokens = [], {}
+        while e.has_unfinished_requests():
+            for o in e.step():
+                tokens.setdefault(o.request_id, []).extend(o.delta_token_ids)
+                if o.request_id == rid and o.prompt_logprobs is not None:
+                    got += [None if lp is None else round(lp.sampled.logprob, 4)
+                            for lp in o.prompt_logprobs]
+        return got, tokens
+
+    without, tokens_without = prompt_logprobs(False)
+    with_overlap, tokens_with = prompt_logprobs(True)
+    assert len(without) == len(long) and without[0] is None
+    assert with_overlap == without and tokens_with == tokens_without

@@ -208,6 +208,7 @@ def test_ollama_namespaced_model(ollama_models: Path) -> None:
 def test_num_predict_below_zero_means_no_limit() -> None:
     assert registry.ollama_params_to_sampling({"num_predict": -1, "stop": "x"}) == {
         "max_tokens": None, "stop": ["x"]}
+    assert registry.ollama_params_to_sampling({"num_predict": 0}) == {"max_tokens": None}
 
 
 def test_repeat_last_n_minus_one_means_the_whole_context() -> None:

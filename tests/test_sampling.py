@@ -20,7 +20,15 @@ from pagedserve.sampling_params import SamplingParams
         ({"temperature": -0.5}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"logit_bias": {5: 100.5}}, "logit_bias"),
+        ({"logit_bias": {5: float("-inf")}}, "logit_bias"),
+        ({"logit_bias": {"five": 1}}, "logit_bias"),
+        ({"logit_bias": {-5: 1}}, "logit_bias"),
+        ({"logit_bias": {5: "1"}}, "logit_bias"),
+        ({"logit_bias": [5, 1]}, "logit_bias"),
+        ({"logit_bias": {i: 1 for i in range(301)}}, "logit_bias"),
         ({"max_tokens": -3}, "max_tokens"),
         ({"top_k": -2}, "top_k"),
         ({"min_p": 1.5}, "min_p"),
@@ -52,6 +60,9 @@ def test_good_sampling_params_normalize():
     assert SamplingParams().repeat_last_n is None
     assert SamplingParams(repeat_last_n=0).repeat_last_n == 0
     assert SamplingParams(repeat_last_n=64).repeat_last_n == 64
+    assert SamplingParams(max_tokens=0).max_tokens == 0  # the prompt only
+    assert SamplingParams(logit_bias={"7": 100, 9: -2.5}).logit_bias == {7: 100.0, 9: -2.5}
+    assert SamplingParams(logit_bias={}).logit_bias is None
 
 
 def req(params: SamplingParams, outputs=(), prompt=(1, 2, 3), eos=(0,)) -> Request:
@@ -142,6 +153,29 @@ def test_logprobs_are_the_raw_distribution_with_top_alternatives():
     assert math.isclose(tok.top[1][1], float(expected[2]), rel_tol=1e-6)
 
 
+def test_logit_bias_forces_and_bans_tokens_and_leaves_logprobs_raw():
+    sampler = Sampler(seed=0)
+    logits = random_logits(6, vocab=50, seed=1)
+    best = logits.argmax(dim=-1).tolist()
+    forced = SamplingParams(temperature=0, logit_bias={13: 100}, logprobs=1)
+    out = sampler(logits, [req(forced) for _ in range(6)])
+    assert [t.token_id for t in out] == [13] * 6
+    raw = logits.log_softmax(dim=-1)
+    for i, token in enumerate(out):
+        assert math.isclose(token.logprob, float(raw[i, 13]), rel_tol=1e-5)
+        assert token.top[0][0] == best[i]  # the raw distribution's best
+    banned = [req(SamplingParams(temperature=0, logit_bias={best[i]: -100}))
+              for i in range(6)]
+    second = logits.topk(2, dim=-1).indices[:, 1].tolist()
+    assert [t.token_id for t in sampler(logits, banned)] == second
+    hot = SamplingParams(temperature=1.0, logit_bias={b: -100 for b in set(best)} | {7: 10})
+    drawn = [t.token_id for _ in range(50) for t in sampler(logits, [req(hot)] * 6)]
+    assert not set(drawn) & set(best) and drawn.count(7) > len(drawn) // 2
+    # rows without a bias, beside biased ones, are untouched
+    mixed = sampler(logits, [req(SamplingParams(temperature=0)), req(forced)] * 3)
+    assert [t.token_id for t in mixed] == [best[0], 13, best[2], 13, best[4], 13]
+
+
 # -- the batched device sampler ------------------------------------------------------------------
 
 V = 300
@@ -171,6 +205,8 @@ MIXED = [
     SamplingParams(temperature=1.0, top_k=2**63 - 1, seed=10, logprobs=0),
     SamplingParams(temperature=1e-7, seed=11),
     SamplingParams(temperature=0.9, top_p=0.5, top_k=V - 1, seed=12, min_p=0.05),
+    SamplingParams(temperature=1.0, seed=13, logit_bias={5: 8.0, 9: -100.0}, logprobs=2),
+    SamplingParams(temperature=0, repetition_penalty=1.2, logit_bias={6: 2.5, V + 3: 1.0}),
 ]
 
 

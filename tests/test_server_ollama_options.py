@@ -29,7 +29,7 @@ class RecordingEngine:
 
     def make_request(self, prompt, params: SamplingParams) -> SimpleNamespace:
         self.params.append(params)
-        return SimpleNamespace(request_id="r", prompt_token_ids=[1], grammar=None)
+        return SimpleNamespace(request_id="r", prompt_token_ids=[1], params=params)
 
     def enqueue(self, request) -> SimpleNamespace:
         return SimpleNamespace(request_id=request.request_id, abort=lambda: None)
@@ -58,6 +58,8 @@ def test_ollama_defaults_apply_when_nothing_is_set():
 @pytest.mark.parametrize(("options", "expected"), [
     ({"repeat_last_n": 0}, {"repeat_last_n": 0, "repetition_penalty": 1.1}),
     ({"repeat_last_n": -1}, {"repeat_last_n": None}),  # -1: the whole context
+    ({"num_predict": 0}, {"max_tokens": None}),  # Ollama's runner: no limit, as -1
+    ({"num_predict": 7}, {"max_tokens": 7}),
     ({"seed": -1}, {"seed": None}),  # llama.cpp's -1: a random seed
     ({"seed": 42}, {"seed": 42}),
     ({"repeat_last_n": 256, "repeat_penalty": 1.3}, {"repeat_last_n": 256,

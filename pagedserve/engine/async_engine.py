@@ -129,6 +129,8 @@ def _merge(into: RequestOutput, new: RequestOutput) -> None:
     into.delta_token_ids = into.delta_token_ids + new.delta_token_ids
     if new.delta_logprobs is not None:
         into.delta_logprobs = (into.delta_logprobs or []) + new.delta_logprobs
+    if new.prompt_logprobs is not None:  # sent once: the merged output is the first with it
+        into.prompt_logprobs, into.prompt_token_ids = new.prompt_logprobs, new.prompt_token_ids
     into.finished, into.finish_reason, into.stop_reason = (new.finished, new.finish_reason,
                                                           new.stop_reason)
     into.error, into.client_error, into.busy = new.error, new.client_error, new.busy

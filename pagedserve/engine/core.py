@@ -42,6 +42,7 @@ from pagedserve.structured.state import GrammarState, GrammarWaitingRoom
 if TYPE_CHECKING:
     from pagedserve.loader import LoadedModel, ModelInfo
     from pagedserve.model_runner import LaunchedStep
+    from pagedserve.prompt_logprobs import PromptLogprobs
     from pagedserve.sampler import SampledToken
     from pagedserve.tokenizer import Tokenizer
 
@@ -361,10 +362,14 @@ class EngineCore:
             if ok:
                 from pagedserve.model_runner import LaunchedStep
 
-                outputs += self._resolve(self._advance(ok, LaunchedStep.done(tokens)), None)
+                flight = self._advance(ok, LaunchedStep.done(tokens))
+                flight.prompt_logprobs = self.runner.take_prompt_logprobs()
+                outputs += self._resolve(flight, None)
             return None, outputs
         self._failed_steps = 0
-        return self._advance(scheduled, launched), []
+        flight = self._advance(scheduled, launched)
+        flight.prompt_logprobs = self.runner.take_prompt_logprobs()
+        return flight, []
 
     def _execute_each_alone(self, scheduled: list[ScheduledRequest]) -> tuple[
             list[ScheduledRequest], list[SampledToken | None],
@@ -416,7 +421,8 @@ class EngineCore:
             if request.finished or i in flight.taken_back:
                 continue  # ended (or taken back) meanwhile: this step's token is not its own
             try:
-                out = self._update_one(request, flight.reserved[i], token, now)
+                out = self._update_one(request, flight.reserved[i], token, now,
+                                       flight.prompt_logprobs.get(request.request_id))
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 logger.exception("updating request %s failed", request.request_id)
                 out = self._fail(request, exc) if not request.finished else None
@@ -425,23 +431,31 @@ class EngineCore:
         return outputs
 
     def _update_one(self, request: Request, index: int | None, token: SampledToken | None,
-                    now: float) -> EngineCoreOutput | None:
+                    now: float, prompt_logprobs: PromptLogprobs | None = None
+                    ) -> EngineCoreOutput | None:
         """One request's share of a step it ran: the K/V it computed can be shared, its
         sampled token is filled in, and it finishes on a stop token, at max_tokens, or when
-        its grammar is complete. None while it is still prefilling."""
+        its grammar is complete. None while it is still prefilling, unless the step computed
+        some of its prompt logprobs. A request of ``max_tokens`` 0 ends when its prompt is
+        computed, keeping no token."""
         if index is not None:
             request.fill(index, token.token_id)
         if request.status is RequestStatus.RUNNING:
             self.kv.commit(request.request_id, request.all_token_ids,
                            min(request.num_computed_tokens, request.num_known_tokens))
+        out = EngineCoreOutput(request.request_id)
+        if prompt_logprobs is not None:
+            _add_prompt_logprobs(request, out, prompt_logprobs)
         if index is None:
-            return None
-        out = EngineCoreOutput(request.request_id, [token.token_id])
+            return out if prompt_logprobs is not None else None
         if index == 0:
             self._prompt_tokens_total += request.num_prompt_tokens
-            request.metrics.first_token_time = now
             out.first_scheduled_time = request.metrics.first_scheduled_time
             out.num_cached_tokens = request.num_cached_tokens
+            if request.max_tokens == 0:
+                return self._finish(request, "length", None, out)
+            request.metrics.first_token_time = now
+        out.new_token_ids = [token.token_id]
         self._generation_tokens_total += 1
         request.metrics.last_token_time = now
         if token.logprob is not None:
@@ -523,8 +537,9 @@ class EngineCore:
 
 class _InFlight:
     """A launched step: what it scheduled, the output index it reserved for each request that
-    samples (None for a chunk mid-prompt), and whether the next step must wait for its ids on
-    the host (a grammar's mask and penalties are computed from the tokens so far)."""
+    samples (None for a chunk mid-prompt), whether the next step must wait for its ids on the
+    host (a grammar's mask and penalties are computed from the tokens so far), and the prompt
+    logprobs it computed."""
 
     def __init__(self, scheduled: list[ScheduledRequest], launched: LaunchedStep,
                  reserved: list[int | None],
@@ -534,6 +549,7 @@ class _InFlight:
         self.reserved = reserved
         self.needs_host = needs_host
         self.taken_back: set[int] = set()
+        self.prompt_logprobs: dict[str, PromptLogprobs] = {}  # computed by this step
 
     def take_back(self, request: Request) -> None:
         """Undo this step for ``request``: its input token turned out to be another one than
@@ -549,11 +565,12 @@ class _InFlight:
 
 
 def _needs_host(request: Request) -> bool:
-    """The request's next step needs this step's token on the host before it is prepared."""
+    """The request's next step needs this step's token on the host before it is prepared (or,
+    owing prompt logprobs, must be read before the runner computes the next piece)."""
     p = request.params
     penalized = (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty) \
         and p.repeat_last_n != 0
-    return request.grammar is not None or bool(penalized)
+    return request.grammar is not None or bool(penalized) or request.owes_prompt_logprobs
 
 
 def resolve_async_scheduling(setting: bool | None, device: str) -> bool:
@@ -572,6 +589,17 @@ def _decoder_embeddings(core: EngineCore):
     embedder = Embedder.from_decoder(core.runner.model, core.tokenizer,
                                      backend=core.runner.attention, max_tokens=core.max_model_len)
     return EmbeddingQueue(embedder, core.config.max_num_batched_tokens)
+
+
+def _add_prompt_logprobs(request: Request, out: EngineCoreOutput,
+                         piece: PromptLogprobs) -> None:
+    """Put the next piece of a request's prompt logprobs in its output, and count it sent."""
+    if piece.start != request.prompt_logprobs_next:
+        raise RuntimeError(f"prompt logprobs from token {piece.start} computed for a request "
+                           f"that expects them from {request.prompt_logprobs_next}")
+    request.prompt_logprobs_next = piece.end
+    out.prompt_logprobs, out.prompt_ranks = piece.logprobs, piece.ranks
+    out.prompt_top_ids, out.prompt_top_logprobs = piece.top_ids, piece.top_logprobs
 
 
 def _auto_dtype_note(dtype: str, device: str) -> str:

@@ -41,6 +41,9 @@ class InputProcessor:
         for t in params.stop_token_ids:
             if t >= vocab:
                 raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {t}")
+        for t in params.logit_bias or ():
+            if t >= vocab:
+                raise ValueError(f"logit_bias must hold token ids in [0, {vocab}), got {t}")
         if isinstance(prompt, str):
             if info.tokenizer is None:
                 raise ValueError("prompt: this model has no tokenizer; pass token ids")

@@ -37,8 +37,13 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, gc=
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """One request's news from one step: its new token ids (none when it only finished or
-    was admitted) and, when it ended, why.
+    """One request's news from one step: its new token ids (none when it only finished, was
+    admitted, or computed a piece of a prompt whose logprobs it wants) and, when it ended, why.
+
+    Prompt logprobs (``SamplingParams.prompt_logprobs``) come in pieces, in order, as prefill
+    chunks compute them: the first piece starts at the prompt's second token (the first is
+    predicted by nothing), and the pieces end with the step that samples the first token (or
+    finishes a ``max_tokens`` 0 request).
 
     The first output of a request whose constraint had to compile, tokens or not, says the
     grammar is ready (its admission); a constraint that does not compile ends the request
@@ -55,6 +60,11 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     top_ids: list[list[int]] | None = None  # each new token's top alternatives
     top_logprobs: list[list[float]] | None = None
     num_cached_tokens: int = 0  # prefix-cache hit at its first admission
+    # the next prompt tokens' logprobs, their ranks (1: the most likely) and top alternatives
+    prompt_logprobs: list[float] | None = None
+    prompt_ranks: list[int] | None = None
+    prompt_top_ids: list[list[int]] | None = None
+    prompt_top_logprobs: list[list[float]] | None = None
     first_scheduled_time: float | None = None  # sent with a request's first output
     num_preemptions: int = 0
     error: str | None = None  # with finish_reason "error": what went wrong

@@ -5,6 +5,9 @@ boundary). A stop string is found here, not in the core: the request ends for it
 once, and the front end asks the core to abort it (:attr:`ProcessedOutputs.to_abort`); tokens
 the core sampled meanwhile are dropped. What the core ends (EOS, stop token ids, max_tokens, a
 complete grammar, an abort, an error) arrives as a finish reason with the last tokens.
+
+Prompt logprobs arrive in pieces while the prompt is computed; they are gathered here and handed
+over whole, once, with the request's first token (or its end, for ``max_tokens`` 0).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class _RequestState:
     detokenizer: IncrementalDetokenizer | None
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_token_ids: list[int] | None = None  # with prompt logprobs asked for
+    # gathered until the first output with a token, or the last: None for the first token
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class OutputProcessor:
@@ -57,9 +63,12 @@ class OutputProcessor:
                 self.tokenizer, request.prompt_token_ids, p.stop,
                 include_stop_str_in_output=p.include_stop_str_in_output,
                 skip_special_tokens=p.skip_special_tokens)
-        self._states[request.request_id] = _RequestState(
-            request.request_id, len(request.prompt_token_ids),
-            RequestMetrics(request.arrival_time), detokenizer)
+        state = _RequestState(request.request_id, len(request.prompt_token_ids),
+                              RequestMetrics(request.arrival_time), detokenizer)
+        if p.prompt_logprobs is not None:
+            state.prompt_token_ids = request.prompt_token_ids
+            state.prompt_logprobs = [None]
+        self._states[request.request_id] = state
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request here (its caller went away); None if it was not live."""
@@ -86,10 +95,17 @@ class OutputProcessor:
             metrics.first_scheduled_time = o.first_scheduled_time
             state.num_cached_tokens = o.num_cached_tokens
         new = o.new_token_ids
+        if o.prompt_logprobs is not None and state.prompt_logprobs is not None:
+            state.prompt_logprobs += self._prompt_logprobs(state, o)
         if not new and o.finish_reason is None:
-            processed.admitted.append(state.request_id)
+            if o.prompt_logprobs is None:
+                processed.admitted.append(state.request_id)
             return None
         out = RequestOutput(state.request_id, "", new)
+        if state.prompt_logprobs is not None:  # complete now: handed over once
+            out.prompt_logprobs = state.prompt_logprobs
+            out.prompt_token_ids = state.prompt_token_ids
+            state.prompt_logprobs = None
         if new:
             if state.num_output_tokens == 0:
                 metrics.first_token_time = timestamp
@@ -126,6 +142,21 @@ class OutputProcessor:
             result.append(TokenLogprobs(
                 Logprob(token_id, text(token_id), o.logprobs[i]),
                 [Logprob(t, text(t), lp) for t, lp in zip(top_ids, top_logprobs, strict=True)]))
+        return result
+
+    def _prompt_logprobs(self, state: _RequestState, o: EngineCoreOutput
+                         ) -> list[TokenLogprobs | None]:
+        """A piece of prompt logprobs, for the prompt tokens after those gathered so far."""
+        text = self.tokenizer.token_text if self.tokenizer is not None else str
+        first = len(state.prompt_logprobs)
+        targets = state.prompt_token_ids[first : first + len(o.prompt_logprobs)]
+        result: list[TokenLogprobs | None] = []
+        for i, token_id in enumerate(targets):
+            top_ids, top_logprobs = o.prompt_top_ids[i], o.prompt_top_logprobs[i]
+            result.append(TokenLogprobs(
+                Logprob(token_id, text(token_id), o.prompt_logprobs[i], o.prompt_ranks[i]),
+                [Logprob(t, text(t), lp, rank) for rank, (t, lp)
+                 in enumerate(zip(top_ids, top_logprobs, strict=True), 1)]))
         return result
 
     def _finish(self, state: _RequestState, out: RequestOutput, reason: str,

@@ -66,7 +66,9 @@ class Options(BaseModel):
             value = getattr(self, option)
             if value is None:
                 continue
-            if option == "num_predict" and value < 0:  # -1: no limit, -2: fill the context
+            # 0 and -1: no limit (Ollama's runner limits only a positive num_predict), -2: fill
+            # the context
+            if option == "num_predict" and value <= 0:
                 value = None
             if option == "repeat_last_n" and value == -1:  # the whole context
                 value = None

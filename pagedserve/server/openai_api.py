@@ -4,6 +4,12 @@
 Translation only: a request body becomes prompts and :class:`SamplingParams` (one engine request
 per prompt and choice), and the engine's :class:`RequestOutput` deltas become OpenAI's JSON
 objects or server-sent events ending in ``data: [DONE]``.
+
+Logprobs of a completion with ``echo`` cover the prompt too, as OpenAI's legacy API and vLLM
+give them (what lm-eval's loglikelihood tasks read): the prompt's tokens first, the first one
+with a null logprob, then the answer's; ``max_tokens`` 0 with ``echo`` answers the prompt
+alone. vLLM's ``prompt_logprobs`` comes back in vLLM's shape: per completion choice, at the top
+of a chat completion.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,18 +83,26 @@ async def completions(request: Request):
     values = body.sampling_values()
     if "max_tokens" in body.model_fields_set:
         values["max_tokens"] = body.max_tokens
+        if body.max_tokens == 0 and not body.echo:  # vLLM's answer too
+            raise APIError.bad_request("max_tokens must be >= 1 unless echo is true (then 0 "
+                                       "answers the prompt alone), got 0", param="max_tokens")
     if body.logprobs is not None:
         values["logprobs"] = body.logprobs
+        if body.echo and body.prompt_logprobs is None:  # the echoed prompt's logprobs
+            values["prompt_logprobs"] = body.logprobs
+    _check_prompt_logprobs(body.prompt_logprobs, body.stream)
     constraint = openai_constraint(body)
     if constraint is not None:
         values["constraint"] = constraint
     params = served.sampling_params(values, api_defaults={"max_tokens": 16})
     call = _Call("cmpl", served.name, body.n, body.include_usage)
-    echo = [_prompt_text(served, p) for p in prompts] if body.echo else None
+    shape = _CompletionShape(
+        echo=[_prompt_text(served, p) for p in prompts] if body.echo else None,
+        logprobs=body.logprobs is not None, token_text=_token_text(served))
     generation = await _start(served, prompts, params, body.n)
     if body.stream:
-        return _sse(_stream_completion(call, generation, echo), generation)
-    answer = await until_disconnected(request, _collect_completion(call, generation, echo))
+        return _sse(_stream_completion(call, generation, shape), generation)
+    answer = await until_disconnected(request, _collect_completion(call, generation, shape))
     return JSONResponse(answer)
 
 
@@ -118,6 +132,10 @@ async def chat_completions(request: Request):
         renames["max_tokens"] = "max_completion_tokens"
     elif "max_tokens" in body.model_fields_set:
         values["max_tokens"] = body.max_tokens
+    if values.get("max_tokens") == 0:  # a chat has no echo: nothing to answer (vLLM: 400)
+        name = renames.get("max_tokens", "max_tokens")
+        raise APIError.bad_request(f"{name} must be >= 1, got 0", param=name)
+    _check_prompt_logprobs(body.prompt_logprobs, body.stream)
     if body.logprobs:
         values["logprobs"] = body.top_logprobs or 0
     params = served.sampling_params(values, api_defaults={"max_tokens": None}, renames=renames)
@@ -131,6 +149,12 @@ async def chat_completions(request: Request):
 
 
 # -- requests ----------------------------------------------------------------------------------
+
+
+def _check_prompt_logprobs(prompt_logprobs: int | None, stream: bool) -> None:
+    if prompt_logprobs is not None and stream:  # as vLLM: a stream has no place for them
+        raise APIError.bad_request("prompt_logprobs are not available when stream is true",
+                                   param="prompt_logprobs")
 
 
 def _completion_prompts(prompt: str | list) -> list[str | list[int]]:
@@ -165,6 +189,11 @@ def _wrap_seed(seed: int) -> int:
 
 def _prompt_text(served: ServedModel, prompt: str | list[int]) -> str:
     return prompt if isinstance(prompt, str) else served.tokenizer.decode(prompt)
+
+
+def _token_text(served: ServedModel) -> Callable[[int], str]:
+    tokenizer = served.tokenizer
+    return tokenizer.token_text if tokenizer is not None else str
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -207,6 +236,34 @@ class _Choice:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+@dataclass(slots=True)
+class _CompletionShape:
+    """What a completion's choices show besides their text."""
+
+    echo: list[str] | None  # per prompt: its text, shown before the answer
+    logprobs: bool  # the client asked for logprobs (of the prompt too, with echo)
+    token_text: Callable[[int], str]  # for a prompt's first token, which has no logprob
+
+    def prefix(self, call: _Call, index: int) -> str:
+        return self.echo[index // call.n] if self.echo else ""
+
+    def first_logprobs(self, answer: list[TokenLogprobs] | None,
+                       prompt: list[TokenLogprobs | None] | None, prompt_token_ids: list[int],
+                       prefix: str) -> dict[str, list] | None:
+        """A choice's first logprobs: the echoed prompt's (if any), then the answer's, whose
+        text offsets count from the end of the echoed prompt."""
+        if not self.logprobs:
+            return None
+        shown = _completion_logprobs(answer or [], len(prefix))
+        if not self.echo or prompt is None:
+            return shown
+        echoed = _completion_logprobs(_prompt_entries(prompt, prompt_token_ids,
+                                                      self.token_text), 0)
+        return {key: echoed[key] + shown[key] for key in echoed}
 
 
 async def _collect(call: _Call, generation: Generation) -> dict[int, _Choice]:
@@ -217,21 +274,27 @@ async def _collect(call: _Call, generation: Generation) -> dict[int, _Choice]:
         choice.text += output.delta_text
         if output.delta_logprobs is not None:
             choice.logprobs = (choice.logprobs or []) + output.delta_logprobs
+        if output.prompt_logprobs is not None:
+            choice.prompt_logprobs = output.prompt_logprobs
+            choice.prompt_token_ids = output.prompt_token_ids
         if output.finished:
             choice.finish_reason = output.finish_reason
     return choices
 
 
 async def _collect_completion(call: _Call, generation: Generation,
-                              echo: list[str] | None) -> dict:
+                              shape: _CompletionShape) -> dict:
     choices = await _collect(call, generation)
     out = []
     for index, choice in sorted(choices.items()):
-        prefix = echo[index // call.n] if echo else ""
-        logprobs = (_completion_logprobs(choice.logprobs, len(prefix))
-                    if choice.logprobs is not None else None)
-        out.append({"index": index, "text": prefix + choice.text, "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason})
+        prefix = shape.prefix(call, index)
+        logprobs = shape.first_logprobs(choice.logprobs, choice.prompt_logprobs,
+                                        choice.prompt_token_ids, prefix)
+        entry = {"index": index, "text": prefix + choice.text, "logprobs": logprobs,
+                 "finish_reason": choice.finish_reason}
+        if choice.prompt_logprobs is not None:
+            entry["prompt_logprobs"] = _vllm_prompt_logprobs(choice.prompt_logprobs)
+        out.append(entry)
     return {**call.envelope("text_completion", out), "usage": call.usage()}
 
 
@@ -255,26 +318,32 @@ async def _collect_chat(call: _Call, generation: Generation,
                 reason = "tool_calls" if reason == "stop" else reason
         out.append({"index": index, "message": message, "logprobs": logprobs,
                     "finish_reason": reason})
-    return {**call.envelope("chat.completion", out), "usage": call.usage()}
+    answer = {**call.envelope("chat.completion", out), "usage": call.usage()}
+    prompt_logprobs = choices[0].prompt_logprobs if choices else None
+    if prompt_logprobs is not None:  # vLLM's place: the prompt is the same for every choice
+        answer["prompt_logprobs"] = _vllm_prompt_logprobs(prompt_logprobs)
+    return answer
 
 
 async def _stream_completion(call: _Call, generation: Generation,
-                             echo: list[str] | None) -> AsyncIterator[dict]:
+                             shape: _CompletionShape) -> AsyncIterator[dict]:
     offsets = [0] * len(generation)
     started = [False] * len(generation)
     async for index, output in generation:
         call.count(index, output)
         text = output.delta_text
-        if echo and not started[index]:
-            text = echo[index // call.n] + text
-            offsets[index] = len(echo[index // call.n])
-        started[index] = True
+        if not started[index]:  # the echoed prompt, and its logprobs, come first
+            prefix = shape.prefix(call, index)
+            started[index], text, offsets[index] = True, prefix + text, len(prefix)
+            logprobs = shape.first_logprobs(output.delta_logprobs, output.prompt_logprobs,
+                                            output.prompt_token_ids, prefix)
+        elif output.delta_logprobs is not None:
+            logprobs = _completion_logprobs(output.delta_logprobs, offsets[index])
+        else:
+            logprobs = None
+        offsets[index] += sum(len(lp.sampled.token) for lp in output.delta_logprobs or ())
         if not text and not output.finished and not output.delta_logprobs:
             continue
-        logprobs = None
-        if output.delta_logprobs is not None:
-            logprobs = _completion_logprobs(output.delta_logprobs, offsets[index])
-            offsets[index] += sum(len(lp.sampled.token) for lp in output.delta_logprobs)
         yield call.envelope("text_completion", [{
             "index": index, "text": text, "logprobs": logprobs,
             "finish_reason": output.finish_reason if output.finished else None}])
@@ -325,17 +394,54 @@ def _tool_call_delta(d: ToolCallDelta) -> dict[str, Any]:
             "function": {"name": d.name, "arguments": d.arguments}}
 
 
-def _completion_logprobs(logprobs: list[TokenLogprobs], offset: int) -> dict[str, list]:
+def _completion_logprobs(logprobs: Sequence[TokenLogprobs | str], offset: int
+                         ) -> dict[str, list]:
+    """OpenAI's legacy shape. Each position's top_logprobs holds its token and the top
+    alternatives asked for (so up to logprobs + 1 entries, as OpenAI's); a ``str`` entry is a
+    token that has no logprob (a prompt's first), shown with nulls."""
     tokens, token_logprobs, top, text_offset = [], [], [], []
     for lp in logprobs:
-        tokens.append(lp.sampled.token)
-        token_logprobs.append(lp.sampled.logprob)
-        alternatives = lp.top or [lp.sampled]
-        top.append({alt.token: alt.logprob for alt in alternatives})
+        if isinstance(lp, str):
+            tokens.append(lp)
+            token_logprobs.append(None)
+            top.append(None)
+        else:
+            tokens.append(lp.sampled.token)
+            token_logprobs.append(_finite(lp.sampled.logprob))
+            top.append({alt.token: _finite(alt.logprob) for alt in (lp.sampled, *lp.top)})
         text_offset.append(offset)
-        offset += len(lp.sampled.token)
+        offset += len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
             "text_offset": text_offset}
+
+
+def _prompt_entries(prompt_logprobs: list[TokenLogprobs | None], prompt_token_ids: list[int],
+                    token_text: Callable[[int], str]) -> list[TokenLogprobs | str]:
+    """A prompt's logprobs for :func:`_completion_logprobs`: a token without one by its text."""
+    return [token_text(prompt_token_ids[i]) if lp is None else lp
+            for i, lp in enumerate(prompt_logprobs)]
+
+
+def _vllm_prompt_logprobs(prompt_logprobs: list[TokenLogprobs | None]
+                          ) -> list[dict[str, dict] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token, null for the first, else {token id:
+    {logprob, rank, decoded_token}} for the token itself and then its top alternatives."""
+    out: list[dict[str, dict] | None] = []
+    for lp in prompt_logprobs:
+        if lp is None:
+            out.append(None)
+            continue
+        entry: dict[str, dict] = {}
+        for alt in (lp.sampled, *lp.top):
+            entry.setdefault(str(alt.token_id), {"logprob": _finite(alt.logprob),
+                                                 "rank": alt.rank, "decoded_token": alt.token})
+        out.append(entry)
+    return out
+
+
+def _finite(logprob: float) -> float:
+    """-inf (a token the model rules out) as -9999.0, which JSON can carry (vLLM's clamp)."""
+    return max(logprob, -9999.0)
 
 
 def _chat_logprobs(logprobs: list[TokenLogprobs]) -> list[dict]:

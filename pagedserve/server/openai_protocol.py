@@ -122,12 +122,16 @@ class _SamplingFields(_ConstraintFields):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # OpenAI's: token id (a decimal string, as JSON keys are) -> a bias added to its logit
+    logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = None  # vLLM's: the prompt's logprobs, with this many top ones
 
     def sampling_values(self) -> dict[str, Any]:
         """The sampling fields the client set (non-null), under SamplingParams' names."""
         names = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
                  "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
-                 "include_stop_str_in_output", "skip_special_tokens", "stop")
+                 "include_stop_str_in_output", "skip_special_tokens", "stop", "logit_bias",
+                 "prompt_logprobs")
         values = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         return values
 

@@ -15,12 +15,14 @@ logprobs (:mod:`pagedserve.prompt_logprobs`; taken by the core with
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
-from pagedserve import native_q4
+from pagedserve import cpu_kernels
 from pagedserve.attention import AttentionDims, select_backend
 from pagedserve.config import EngineConfig, ModelConfig
+from pagedserve.cpu_kernels.threads import cpu_budget
 from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pagedserve.device import cpu_flags
 from pagedserve.kv_sizing import GpuMemory
@@ -45,13 +47,29 @@ def resolve_low_bit(setting: bool | None, requested_dtype: str, dtype: str) -> b
     return dtype == "bfloat16" or (dtype == "float32" and requested_dtype == "auto")
 
 
-def resolve_dtype(dtype: str, device: str = "cpu") -> str:
-    """``"auto"``: bfloat16 where the hardware computes it natively, else float32."""
+def resolve_dtype(dtype: str, device: str = "cpu", native_kernels: bool | None = False) -> str:
+    """``"auto"``: on a CPU, float32 where the CPU kernels are usable (`native_kernels` not
+    False, EngineConfig's): their decoder computes in float32 around int4 weights and int8
+    activations, faster than bfloat16 at every batch size measured (docs/performance.md);
+    else bfloat16 where the hardware computes it natively, else float32."""
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if native_kernels is not False and cpu_kernels.available():
+        return "float32"
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
+
+
+def cpu_threads(setting: int | None) -> int:
+    """``--threads``, else what this process's CPU affinity and cgroup quota allow (not the
+    host's core count); logged with the reason."""
+    if setting:
+        logger.info("computing with %d threads (--threads)", setting)
+        return setting
+    budget = cpu_budget()
+    logger.info("computing with %d threads: %s", budget.threads, budget.reason)
+    return budget.threads
 
 
 def resolve_kv_cache_dtype(setting: str, requested_dtype: str, dtype: str, device: str) -> str:
@@ -127,8 +145,10 @@ class ModelRunner:
         # the Engine resolves "auto" (resolve_kv_cache_dtype); a runner built alone follows dtype
         kv_dtype = engine_config.kv_cache_dtype
         self.kv_dtype = self.dtype if kv_dtype == "auto" else DTYPES[kv_dtype]
-        if engine_config.num_threads:
-            torch.set_num_threads(engine_config.num_threads)
+        self.threads = torch.get_num_threads()
+        if self.device.type == "cpu" or engine_config.num_threads:
+            self.threads = cpu_threads(engine_config.num_threads)
+            torch.set_num_threads(self.threads)
         low_bit = (engine_config.low_bit_small_steps is not False and self.device.type == "cpu"
                    and self.dtype in (torch.bfloat16, torch.float32))
         self.attention = select_backend(engine_config.attention_backend, self.device)
@@ -138,32 +158,23 @@ class ModelRunner:
                 f"attention_backend torch: the {self.attention.name} kernels read the cache in "
                 "the model's dtype")
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
-        native = low_bit and native_q4.resolve(engine_config.native_kernels)
-        if native:
-            logger.info("every step reads int4 weights (an int8 LM head) with the AVX2 kernels "
-                        "(int8-rounded activations)")
-        elif low_bit:
+        resolution = (cpu_kernels.resolve(engine_config.native_kernels) if low_bit
+                      else cpu_kernels.Resolution(None))
+        # a background build of the CPU kernels, looked at between steps (launch)
+        self._kernel_watch = resolution.watch
+        if resolution.kernels is None and low_bit:
             logger.info("decode steps of up to %d tokens read int4 weights with torch's kernel "
                         "(bfloat16 activations)", SMALL_STEP_TOKENS)
+        if resolution.kernels is not None:
+            resolution.kernels.set_threads(self.threads)
         self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit,
                                       attention=self.attention.paged_attention,
                                       consume_weights=consume_weights,
-                                      fused_ops=engine_config.fused_ops, native_int4=native)
-        if self.model.native_decoder is not None and self.kv_dtype not in (torch.float32,
-                                                                             torch.float16):
-            logger.info("the native decoder reads float32 or float16 KV caches; with a %s "
-                        "cache the layers run op by op", kv_dtype)
-            self.model.native_decoder = None
-        if self.model.native_decoder is not None:
-            logger.info("every step of up to %d tokens runs the native decoder (AVX2)",
-                        NATIVE_STEP_TOKENS)
+                                      fused_ops=engine_config.fused_ops,
+                                      kernels=resolution.kernels)
+        self._kernels_changed()
         self.sampler = Sampler(engine_config.seed)
         self.align_prefix_tail = engine_config.enable_prefix_caching
-        # MKL's float32 GEMM gives a row different last bits with 1-3 (or, on 2 threads, 5-7,
-        # 9-11) rows than within more; bf16, CUDA and the native decoder's kernels do not
-        # (measured; the native decoder computes each row alone, tests/test_native_q4.py)
-        self._row_variant_matmuls = (self.device.type == "cpu" and self.dtype == torch.float32
-                                     and self.model.native_decoder is None)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs: StepInputs | None = None
         self.graphs: DecodeGraphs | None = None
@@ -171,6 +182,42 @@ class ModelRunner:
         self._previous: LaunchedStep | None = None  # the last step launched, for its ids
         # request id -> the prompt logprobs computed since the core last took them
         self.prompt_logprobs: dict[str, PromptLogprobs] = {}
+
+    def _kernels_changed(self) -> None:
+        """After the model took CPU kernels (at start-up or between steps): what they run."""
+        model, kernels = self.model, self.model.kernels
+        if kernels is not None:
+            logger.info("every step reads int4 weights (an int8 LM head) with the %s CPU kernels "
+                        "(int8-rounded activations); the CPU allows %s", kernels.isa,
+                        " ".join(sorted(kernels.cpu_features)))
+        if model.native_decoder is not None and self.kv_dtype not in (torch.float32,
+                                                                        torch.float16):
+            logger.info("the native decoder reads float32 or float16 KV caches; with a %s "
+                        "cache the layers run op by op", self.kv_dtype)
+            model.native_decoder = None
+        if model.native_decoder is not None:
+            logger.info("every step of up to %d tokens runs the native decoder (%s)",
+                        NATIVE_STEP_TOKENS, kernels.isa)
+        # MKL's float32 GEMM gives a row different last bits with 1-3 (or, on 2 threads, 5-7,
+        # 9-11) rows than within more; bf16, CUDA and the native decoder's kernels do not
+        # (measured; the native decoder computes each row alone, tests/test_native_q4.py)
+        self._row_variant_matmuls = (self.device.type == "cpu" and self.dtype == torch.float32
+                                     and model.native_decoder is None)
+
+    def _take_built_kernels(self) -> None:
+        """Switch to the CPU kernels once their background build has landed: called between
+        steps, in the engine core's thread, so no step sees two kernels."""
+        kernels = self._kernel_watch.poll()
+        if self._kernel_watch.done:
+            self._kernel_watch = None
+        if kernels is None:
+            return
+        start = time.monotonic()
+        kernels.set_threads(self.threads)
+        self.model.use_kernels(kernels)
+        self._kernels_changed()
+        logger.info("switched to the %s CPU kernels built in the background (%.1f s to repack "
+                    "the weights)", kernels.isa, time.monotonic() - start)
 
     def allocate(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
         """The KV cache and the persistent step inputs."""
@@ -254,6 +301,8 @@ class ModelRunner:
 
         Called before the scheduled requests are advanced by this step (their
         ``num_computed_tokens`` is where the chunk starts)."""
+        if self._kernel_watch is not None:
+            self._take_built_kernels()
         previous = self._previous
         order = sorted(range(len(scheduled)), key=lambda i: not scheduled[i].is_decode)
         chunks, owners, tails = [], [], []

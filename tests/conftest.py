@@ -15,18 +15,59 @@ os.environ.setdefault("PAGEDSERVE_HOME", tempfile.mkdtemp(prefix="pagedserve-tes
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def native_kernel_built() -> None:
-    """The AVX2 int4 kernel built before the first test (half a minute, once), so that every
-    engine of the suite finds the same kernels; without it the first engine would start the
-    build in the background and later ones would use what it left (native_q4.resolve)."""
-    from pagedserve import native_q4
+# The CPU kernels the suite computes with: built once per version of their sources, by the
+# package build (setup.py), into a cache that outlives the run (the engine looks nowhere else
+# while PAGEDSERVE_KERNEL_DIR is set). A tree installed with `pip install -e .` already holds
+# that build: it is copied, not compiled again.
+os.environ.setdefault("PAGEDSERVE_KERNEL_DIR",
+                      str(Path.home() / ".cache" / "pagedserve" / "test-kernels"))
 
-    if native_q4.cpu_supports_avx2() and shutil.which("c++"):
-        try:
-            native_q4.load()
-        except native_q4.NativeKernelUnavailable:
-            pass  # test_native_q4 fails with the reason
+
+def build_cpu_kernels(directory: Path) -> str:
+    """The package build's libraries for this machine in `directory`: copied from the source
+    tree where `pip install -e .` left current ones, else compiled by `setup.py build_ext`
+    (~20 s on 2 cores). Returns which of the two it did (or "cached")."""
+    import subprocess
+    import sys
+
+    from pagedserve.cpu_kernels import build, isa
+
+    names = [build.library_name(t) for t in [build.PROBE, *(v.name for v in isa.variants_for())]]
+    if all((directory / name).exists() for name in names):
+        return "cached"
+    directory.mkdir(parents=True, exist_ok=True)
+    how = "copied from the source tree"
+    source = build.PACKAGE_DIR
+    if not all(_built_from_these_sources(source / name) for name in names):
+        how = "compiled by setup.py"
+        source = Path(tempfile.mkdtemp(prefix="pagedserve-kernels-"))
+        root = Path(__file__).resolve().parent.parent
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib",
+                        str(source), "--build-temp", str(source / "tmp")], cwd=root,
+                       check=True, capture_output=True)
+        source = source / "pagedserve" / "cpu_kernels"
+    for name in names:
+        if (source / name).exists():  # a variant the compiler could not build is left out
+            shutil.copy(source / name, directory / f"{name}.tmp")
+            os.replace(directory / f"{name}.tmp", directory / name)
+    return how
+
+
+def _built_from_these_sources(path: Path) -> bool:
+    from pagedserve.cpu_kernels import build
+
+    return path.exists() and build.source_hash().encode() in path.read_bytes()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernels_built() -> str | None:
+    """The CPU kernels built before the first test, so that every engine of the suite finds the
+    same ones; None where they cannot be (no compiler, another architecture)."""
+    from pagedserve.cpu_kernels import build, isa
+
+    if not isa.variants_for() or build.compiler() is None:
+        return None
+    return build_cpu_kernels(build.cache_dir())
 
 
 @pytest.fixture(scope="session")

@@ -138,15 +138,15 @@ def test_decoder_embedder_from_gguf(tiny_llama_gguf, hf_llama):
 def test_decoder_pooling_through_the_native_decoder(tiny_llama_dir, llama):
     """The engine's CPU model (int4 copies, every layer in one native call) embeds too: the
     same vectors within int4 rounding."""
-    from pagedserve import native_q4
+    from pagedserve import cpu_kernels
 
     try:
-        native_q4.load()
-    except native_q4.NativeKernelUnavailable as exc:
-        pytest.skip(f"native kernels unavailable: {exc}")
+        kernels = cpu_kernels.load()
+    except cpu_kernels.KernelUnavailable as exc:
+        pytest.skip(f"CPU kernels unavailable: {exc}")
     loaded = load_model(tiny_llama_dir)
     native = LlamaForCausalLM(loaded.config, loaded.weights, torch.float32, "cpu",
-                              low_bit_small_steps=True, native_int4=True)
+                              low_bit_small_steps=True, kernels=kernels)
     assert native.native_decoder is not None
     got = pooled_hidden_states(native, PROMPTS)
     assert F.cosine_similarity(got, pooled_hidden_states(llama, PROMPTS)).min() > 0.99

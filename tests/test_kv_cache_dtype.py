@@ -1,7 +1,7 @@
 """The KV cache's own dtype (EngineConfig.kv_cache_dtype, --kv-cache-dtype): what "auto"
 picks, the capacity it buys, and each attention path reading a float16 cache under a float32
 model. The native decoder's float16 reads are checked against the per-op path in
-test_native_q4.py."""
+test_cpu_kernels.py."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ def test_float32_small_steps_read_int4_in_bf16_and_stay_close(smollm):
     ids = smollm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
     logits, layers = {}, {}
     for low_bit in (False, True):
-        # torch's int4 kernel (test_native_q4 covers the AVX2 one)
+        # torch's int4 kernel (test_cpu_kernels covers pagedserve's own)
         engine = Engine.from_model(smollm, EngineConfig(kv_cache_memory=32 << 20, dtype="float32",
                                                         low_bit_small_steps=low_bit,
                                                         native_kernels=False))

@@ -40,13 +40,14 @@ def test_pyproject_metadata_has_no_deprecated_license_table() -> None:
     assert not [w for w in caught if "license" in str(w.message)]
 
 
-def test_the_native_kernels_source_ships_in_the_package() -> None:
-    """native_q4.py compiles native_q4.cpp on the user's machine: a wheel without it would
-    fall back to torch's kernel on every start."""
+def test_the_cpu_kernels_sources_ship_in_the_package() -> None:
+    """setup.py compiles them at install time, and the engine at run time where the install had
+    no compiler: a wheel or sdist without them could do neither."""
     pytest.importorskip("setuptools")
     from setuptools.config.pyprojecttoml import apply_configuration
     from setuptools.dist import Distribution
 
     dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
-    assert "native_q4.cpp" in dist.package_data["pagedserve"]
-    assert (ROOT / "pagedserve" / "native_q4.cpp").is_file()
+    assert "cpu_kernels/csrc/*" in dist.package_data["pagedserve"]
+    sources = {p.name for p in (ROOT / "pagedserve" / "cpu_kernels" / "csrc").iterdir()}
+    assert {"kernels.h", "kernels.cpp", "thread_pool.cpp", "probe.c"} <= sources

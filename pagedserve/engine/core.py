@@ -77,7 +77,9 @@ class EngineCore:
         config = config or EngineConfig()
         check_device(config.device)
         requested = config.dtype
-        dtype = resolve_dtype(config.dtype, config.device)
+        dtype = resolve_dtype(config.dtype, config.device,
+                              config.native_kernels if config.low_bit_small_steps is not False
+                              else False)
         self.config = config = dataclasses.replace(
             config, dtype=dtype,
             low_bit_small_steps=resolve_low_bit(config.low_bit_small_steps, requested, dtype),
@@ -607,5 +609,6 @@ def _auto_dtype_note(dtype: str, device: str) -> str:
         return " (dtype auto: bfloat16 where the GPU has it, else float16)"
     if dtype == "bfloat16":
         return " (dtype auto: this CPU computes bfloat16 natively)"
-    return (" (dtype auto: this CPU has no native bfloat16; decode steps of a few tokens read "
-            "int4 weights, --dtype float32 keeps them exact)")
+    return (" (dtype auto: int4 weights read by the CPU kernels with float32 around them, or, "
+            "where those are unavailable and the CPU has no native bfloat16, by torch's kernel "
+            "in decode steps of a few tokens; --dtype float32 keeps the exact dense model)")

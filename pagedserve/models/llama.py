@@ -18,20 +18,21 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve import attention as torch_attention
-from pagedserve import native_q4
 from pagedserve.attention import AttentionMetadata
 from pagedserve.config import ModelConfig
+from pagedserve.cpu_kernels import Kernels, LayerWeights
+from pagedserve.cpu_kernels.packing import int4_grid
 from pagedserve.fused_ops import DecoderOps, select_ops
 
 logger = logging.getLogger(__name__)
 
 SMALL_STEP_TOKENS = 8  # decode-only steps of at most this many tokens read torch's low-bit kernels
 # ... and steps of up to this many tokens, prompts included, take the native decoder
-# (native_q4.Decoder), where it is built: in practice every step. On the 2-core AVX2 machine a
+# (cpu_kernels.Decoder), where it is built: in practice every step. On the 2-core AVX2 machine a
 # decode step of 16 / 32 / 64 sequences took 47 / 72-90 / 170-183 ms there against 131-142 /
 # 178-187 / 333-366 ms op by op with dense float32 weights (docs/performance.md)
 NATIVE_STEP_TOKENS = 1 << 16
-INT4_GROUP = native_q4.GROUP  # along the input dimension, as Q4_0/Q4_1 blocks
+INT4_GROUP = 32  # along the input dimension, as Q4_0/Q4_1 blocks
 
 
 class Linear:
@@ -49,8 +50,8 @@ class Linear:
     Prompt tokens take the dense weights there (see :func:`low_bit_step`), so that the few
     tokens a prefix-cache hit leaves to compute round as they did within the whole prompt.
 
-    On an AVX2 CPU the int4 copy can instead be Q4_1 blocks, and the int8 one Q8_0 blocks (a
-    scale per group of 32), for the kernels of :mod:`pagedserve.native_q4` (int8-rounded
+    On an x86 CPU the int4 copy can instead be Q4_1 blocks, and the int8 one Q8_0 blocks (a
+    scale per group of 32), for the kernels of :mod:`pagedserve.cpu_kernels` (int8-rounded
     activations, llama.cpp's arithmetic). In a float32 model those serve every step, prompts
     included: they are faster than dense float32 at every size measured (1 to 512 rows, 2-3x
     from 16 rows on), and a row's result does not depend on the other rows of the step, so a
@@ -63,27 +64,30 @@ class Linear:
         self.bias = bias
         self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
         self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._q4: torch.Tensor | None = None  # native_q4's blocks
-        self._q8: torch.Tensor | None = None  # native_q4's Q8_0 blocks
+        self._kernels: Kernels | None = None  # the CPU kernels that read the two below
+        self._q4: torch.Tensor | None = None  # their Q4_1 tiles
+        self._q8: torch.Tensor | None = None  # their Q8_0 tiles
         # what the low-bit kernels compute in: bf16, also for a float32 model (see above)
         self._low_dtype = torch.bfloat16 if weight.dtype == torch.float32 else weight.dtype
 
-    def pack_low_bit(self, bits: int, native: bool = False) -> None:
-        """`native`: int4 (Q4_1) or int8 (Q8_0) in native_q4's layouts, for its AVX2 kernels,
-        instead of torch's."""
+    def pack_low_bit(self, bits: int, kernels: Kernels | None = None) -> None:
+        """`kernels`: int4 (Q4_1) or int8 (Q8_0) in the tiles of those CPU kernels, instead of
+        torch's layouts (a copy for torch's kernels is dropped)."""
         w = self.weight.float()
         n, k = w.shape
-        if bits == 4 and native and k % INT4_GROUP == 0 and n % 8 == 0:
-            self._q4 = native_q4.pack(w)
+        if kernels is not None and kernels.fits(n, k) and bits in (4, 8):
+            self._kernels = kernels
+            if bits == 4:
+                self._q4, self._int4 = kernels.pack(w), None
+            else:
+                self._q8, self._int8 = kernels.pack_q8(w), None
         elif bits == 4 and k % INT4_GROUP == 0:
-            q, scale, lo = native_q4.int4_grid(w)
+            q, scale, lo = int4_grid(w)
             packed = torch._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 1)
             # the kernel computes (q - 8) * scale + zero
             zeros = lo + 8 * scale
             scales_zeros = torch.stack([scale.t(), zeros.t()], -1).to(self._low_dtype)
             self._int4 = (packed, scales_zeros.contiguous())
-        elif bits == 8 and native and k % INT4_GROUP == 0 and n % 8 == 0:
-            self._q8 = native_q4.pack_q8(w)
         elif bits == 8:
             scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
             q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -96,9 +100,9 @@ class Linear:
         # float32: every step (see the class docstring); bf16's dense kernels may use AMX
         if native and (small_step or self.weight.dtype == torch.float32):
             if self._q4 is not None:
-                y = native_q4.matmul(x, self._q4).to(x.dtype)
+                y = self._kernels.matmul(x, self._q4).to(x.dtype)
             else:
-                y = native_q4.matmul_q8(x, self._q8).to(x.dtype)
+                y = self._kernels.matmul_q8(x, self._q8).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if small_step and (self._int4 is not None or self._int8 is not None):
             xl = x.to(self._low_dtype)
@@ -235,10 +239,10 @@ class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device,
                  low_bit_small_steps: bool = False, attention=torch_attention.paged_attention,
                  consume_weights: bool = False, fused_ops: bool | None = None,
-                 native_int4: bool = False):
+                 kernels: Kernels | None = None):
         """`consume_weights`: the caller hands `weights` over; it is emptied, so that each
         layer's unfused q/k/v and gate/up tensors are freed once the fused copies exist.
-        `native_int4`: the int4 copies of the layers are for the AVX2 kernel of native_q4.py.
+        `kernels`: the low-bit copies are for these CPU kernels (see :meth:`use_kernels`).
         `fused_ops`: the norms, residual adds, rotary and SwiGLU as Triton kernels; None: on
         CUDA only (True on CPU runs them under the Triton interpreter: tests)."""
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
@@ -259,49 +263,61 @@ class LlamaForCausalLM:
         self.rotary = Rotary(config, config.max_position_embeddings, dtype)
         if device != "cpu":
             self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
-        self.native_decoder = None  # native_q4.Decoder: the layers of small decode steps
-        if low_bit_small_steps:
-            self._pack_low_bit(native_int4)
-            if native_int4 and dtype == torch.float32:
-                self.native_decoder = self._build_native_decoder()
+        self.dtype = dtype
+        self.kernels: Kernels | None = None
+        self.native_decoder = None  # cpu_kernels.Decoder: every layer of a step in one call
+        if low_bit_small_steps and kernels is not None:
+            self.use_kernels(kernels)
+        elif low_bit_small_steps:
+            self._pack_low_bit(None)
 
-    def _pack_low_bit(self, native: bool) -> None:
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Read the low-bit weights with these CPU kernels from now on (at start-up, or when a
+        background build brought them: between two steps), and in a float32 model run every
+        step's layers in one native call."""
+        self._pack_low_bit(kernels)
+        self.kernels = kernels
+        if self.dtype == torch.float32:
+            self.native_decoder = self._build_native_decoder()
+
+    def _pack_low_bit(self, kernels: Kernels | None) -> None:
         try:
             for layer in self.layers:
                 for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
-                    linear.pack_low_bit(4, native)
-            self.lm_head.pack_low_bit(8, native)
+                    linear.pack_low_bit(4, kernels)
+            self.lm_head.pack_low_bit(8, kernels)
         except (RuntimeError, AttributeError) as exc:  # kernels missing in this torch build
             logger.warning("low-bit weights for small steps unavailable (%s); using dense", exc)
             for layer in self.layers:
                 for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
-                    linear._int4 = linear._q4 = None
-            self.lm_head._int8 = self.lm_head._q8 = None
+                    linear._int4 = linear._q4 = linear._kernels = None
+            self.lm_head._int8 = self.lm_head._q8 = self.lm_head._kernels = None
 
-    def native_weights(self, num_layers: int | None = None) -> list[torch.Tensor] | None:
-        """The first `num_layers` layers (all by default) as native_q4.Decoder takes them, or
-        None unless each of their matmuls holds Q4_1 blocks."""
+    def native_weights(self, num_layers: int | None = None) -> list[LayerWeights] | None:
+        """The first `num_layers` layers (all by default) as the native decoder takes them, or
+        None unless each of their matmuls holds Q4_1 tiles."""
         weights = []
         for layer in self.layers[:num_layers]:
             linears = (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)
             if any(linear._q4 is None for linear in linears):
                 return None
             bias = layer.attn.qkv.bias
-            weights += [layer.input_norm.weight, layer.attn.qkv._q4,
-                        torch.empty(0) if bias is None else bias.float().contiguous(),
-                        layer.attn.o._q4, layer.post_attn_norm.weight, layer.mlp.gate_up._q4,
-                        layer.mlp.down._q4]
+            weights.append(LayerWeights(
+                input_norm=layer.input_norm.weight, qkv=layer.attn.qkv._q4,
+                qkv_bias=None if bias is None else bias.float().contiguous(),
+                o=layer.attn.o._q4, post_norm=layer.post_attn_norm.weight,
+                gate_up=layer.mlp.gate_up._q4, down=layer.mlp.down._q4))
         return weights
 
     def _build_native_decoder(self):
-        """Every layer of a small decode step in one native call, when each matmul holds Q4_1
-        blocks (a float32 model: the decoder computes in float32 around them)."""
+        """Every layer of a step in one native call, when each matmul holds Q4_1 tiles (a
+        float32 model: the decoder computes in float32 around them)."""
         weights = self.native_weights()
         if weights is None:
             return None
         c = self.config
-        return native_q4.decoder(weights, self.rotary.cos, self.rotary.sin, c.num_heads,
-                                 c.num_kv_heads, c.head_dim, c.rms_norm_eps)
+        return self.kernels.decoder(weights, self.rotary.cos, self.rotary.sin, c.num_heads,
+                                    c.num_kv_heads, c.head_dim, c.rms_norm_eps)
 
     def takes_native_step(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         """Whether :meth:`forward` runs this step's layers as one native call (then the

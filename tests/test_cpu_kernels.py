@@ -1,160 +1,213 @@
-"""The AVX2 int4 kernel of small CPU steps (pagedserve/native_q4.py): its blocks hold Q4_1
-weights exactly, it computes llama.cpp's integer arithmetic, a row's result does not depend on
-its batch-mates, an engine reads it on its small steps and stays close to float32, and a start
-that finds no kernel builds one in the background instead of waiting."""
+"""The CPU kernels (pagedserve/cpu_kernels): their tiles hold Q4_1 and Q8_0 weights exactly,
+every instruction-set variant this CPU can run computes llama.cpp's integer arithmetic and the
+same bits as the others, a row's result does not depend on its batch-mates, and an engine reads
+them on every step through the native decoder and stays close to float32."""
 
-import shutil
-import sysconfig
-from pathlib import Path
+import os
 
 import pytest
 import torch
 
-from pagedserve import native_q4
+from pagedserve import cpu_kernels
 from pagedserve.config import EngineConfig
+from pagedserve.cpu_kernels import isa
 from pagedserve.llm import LLM
 from pagedserve.models import llama
 from pagedserve.sampling_params import SamplingParams
 
-pytestmark = pytest.mark.skipif(
-    not native_q4.cpu_supports_avx2() or shutil.which("c++") is None
-    or not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists(),
-    reason="needs an x86 CPU with AVX2/FMA/F16C, a C++ compiler and Python's headers")
+
+@pytest.fixture(scope="module")
+def kernels(cpu_kernels_built) -> cpu_kernels.Kernels:
+    """The variant the engine picks on this CPU."""
+    try:
+        return cpu_kernels.load()
+    except cpu_kernels.KernelUnavailable as exc:
+        pytest.skip(f"no CPU kernels here: {exc}")
 
 
-def unpack(blocks: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """blocks (n, G, 20) -> q (n, k/32, 32), d and lo (n, k/32), in float64."""
-    q, d, lo = native_q4.unpack(blocks)
-    groups = k // 32
-    return q[:, :groups].double(), d[:, :groups].double(), lo[:, :groups].double()
+def runnable_variants() -> list[str]:
+    """The variants of this architecture (those this CPU cannot run skip, saying why)."""
+    return [v.name for v in isa.variants_for()] or ["none"]
 
 
-def dequantize(blocks: torch.Tensor, k: int) -> torch.Tensor:
-    q, d, lo = unpack(blocks, k)
+@pytest.fixture(scope="module", params=runnable_variants())
+def variant(request, cpu_kernels_built) -> cpu_kernels.Kernels:
+    """Each variant in turn, the others forced off (PAGEDSERVE_CPU_ISA), as the engine would
+    load it."""
+    saved = os.environ.get(isa.FORCE_ENV)
+    os.environ[isa.FORCE_ENV] = request.param
+    try:
+        return cpu_kernels.load()
+    except (cpu_kernels.KernelUnavailable, ValueError) as exc:
+        pytest.skip(f"{request.param}: {exc}")
+    finally:
+        if saved is None:
+            os.environ.pop(isa.FORCE_ENV)
+        else:
+            os.environ[isa.FORCE_ENV] = saved
+
+
+def unpack(kernels, blocks: torch.Tensor, k: int):
+    """tiles -> q (n, k/32, 32), d and lo (n, k/32), in float64."""
+    q, d, lo = kernels.unpack(blocks)
+    return q.double(), d.double(), lo.double()
+
+
+def dequantize(kernels, blocks: torch.Tensor, k: int) -> torch.Tensor:
+    q, d, lo = unpack(kernels, blocks, k)
     return (lo[..., None] + d[..., None] * q).flatten(1).float()
 
 
-def reference(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def reference(kernels, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """llama.cpp's Q4_1 x Q8 arithmetic, in float64: x rounded to int8 per group of 32."""
     m, k = x.shape
     groups = x.view(m, k // 32, 32).double()
     scale = groups.abs().amax(-1) / 127
     p = torch.where(scale[..., None] > 0, (groups / scale[..., None]).round(), 0.0)
-    q, d, lo = unpack(blocks, k)
+    q, d, lo = unpack(kernels, blocks, k)
     dots = torch.einsum("mgj,ngj->mng", p, q)  # integer sums, exact in float64
     offsets = lo[None] * (scale * p.sum(-1))[:, None]  # (m, n, G)
     return (dots * (d[None] * scale[:, None])).sum(-1) + offsets.sum(-1)
 
 
-def test_blocks_hold_q4_1_weights_exactly(smollm_gguf):
+def test_tiles_hold_q4_1_weights_exactly(smollm_gguf, kernels):
     llm = LLM(str(smollm_gguf), dtype="float32")  # dense float32, as dequantized from Q4_1
     w = llm.engine.runner.model.layers[3].mlp.down.weight
-    blocks = native_q4.pack(w)
-    assert blocks.shape == (w.shape[0] // 8, w.shape[1] // 32, 160) and blocks.dtype == torch.uint8
-    assert torch.equal(dequantize(blocks, w.shape[1]), w)
+    blocks = kernels.pack(w)
+    assert blocks.shape == (w.shape[0] // 16, w.shape[1] // 32, 320) and blocks.dtype == torch.uint8
+    assert torch.equal(dequantize(kernels, blocks, w.shape[1]), w)
 
 
-def test_blocks_come_in_tiles_of_8_columns():
-    w = torch.randn(16, 96)  # 3 groups
-    blocks = native_q4.pack(w)
-    assert blocks.shape == (2, 3, 160)
-    q, d, lo = native_q4.unpack(blocks)
-    q0, d0, lo0 = native_q4.int4_grid(w)
+def test_tiles_are_16_columns_wide_as_kernels_h_draws_them(kernels):
+    w = torch.randn(32, 96)  # 2 tiles, 3 groups
+    blocks = kernels.pack(w)
+    assert kernels.geometry.tile_columns == 16 and blocks.shape == (2, 3, 320)
+    q, d, lo = kernels.unpack(blocks)
+    q0, d0, lo0 = cpu_kernels.packing.int4_grid(w)
     assert torch.equal(q.float(), q0) and torch.equal(d, d0.half().float())
     assert torch.equal(lo, lo0.half().float())
-    # the first tile's first group: 8 d, 8 lo, then column c's q at 4c + i (low nibbles)
-    assert torch.equal(blocks[0, 0, :16].view(torch.float16).float(), d[:8, 0])
-    assert torch.equal(blocks[0, 0, 32:64:4] & 0x0F, q[:8, 0, 0])
-    assert torch.equal(blocks[0, 0, 32:64:4] >> 4, q[:8, 0, 4])
-    with pytest.raises(ValueError, match="multiple of 8"):
-        native_q4.pack(torch.randn(12, 64))
+    # the first tile's first group: 16 d, 16 lo, then column c's q at byte 64 + 4c + i of
+    # vector 0 (low nibbles: positions 0-3, high: 4-7), vector 1 from byte 128
+    first = blocks[0, 0]
+    assert torch.equal(first[:32].view(torch.float16).float(), d[:16, 0])
+    assert torch.equal(first[32:64].view(torch.float16).float(), lo[:16, 0])
+    assert torch.equal(first[64:128:4] & 0x0F, q[:16, 0, 0])
+    assert torch.equal(first[64:128:4] >> 4, q[:16, 0, 4])
+    assert torch.equal(first[128:192:4] & 0x0F, q[:16, 0, 8])
+    with pytest.raises(ValueError, match="multiple of"):
+        kernels.pack(torch.randn(24, 64))
 
 
-def test_the_kernels_loops_use_torchs_threads():
-    """Built without OpenMP, at::parallel_for would run every loop on one thread, silently."""
-    threads = torch.get_num_threads()
+def test_the_pool_runs_the_threads_it_is_given(kernels):
+    """The kernels' own thread pool (csrc/thread_pool.h), not torch's."""
+    library, threads = kernels.library, kernels.library.threads
     try:
-        torch.set_num_threads(2)
-        assert native_q4.load().parallel_threads(64) == 2
-        torch.set_num_threads(1)
-        assert native_q4.load().parallel_threads(64) == 1
+        library.set_threads(2)
+        assert library.parallel_threads(64) == 2
+        library.set_threads(1)
+        assert library.parallel_threads(64) == 1
+        library.set_threads(3)  # more threads than this machine may have: still correct
+        assert library.parallel_threads(3) == 3
     finally:
-        torch.set_num_threads(threads)
+        library.set_threads(threads)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (40, 64), (24, 224), (16, 96)])
-def test_kernel_computes_llama_cpp_arithmetic(rows, shape):
+@pytest.mark.parametrize("shape", [(960, 576), (576, 1536), (48, 64), (32, 224), (16, 96)])
+def test_each_variant_computes_llama_cpp_arithmetic(variant, rows, shape):
     torch.manual_seed(rows)
     n, k = shape
-    blocks = native_q4.pack(torch.randn(n, k) * 0.02)
+    blocks = variant.pack(torch.randn(n, k) * 0.02)
     x = torch.randn(rows, k)
     x[0, :32] = 0  # an all-zero group: scale 0, no division by it
-    got = native_q4.matmul(x, blocks)
-    want = reference(x, blocks)
+    got = variant.matmul(x, blocks)
+    want = reference(variant, x, blocks)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5)
-    exact = x @ dequantize(blocks, k).t()
+    exact = x @ dequantize(variant, blocks, k).t()
     assert (got - exact).abs().max() / exact.abs().max() < 2e-2  # the int8 rounding of x
 
 
-def test_a_rows_result_does_not_depend_on_its_batch_mates():
+def test_a_rows_result_does_not_depend_on_its_batch_mates(variant):
     torch.manual_seed(0)
-    blocks = native_q4.pack(torch.randn(3072, 576) * 0.02)
-    x = torch.randn(8, 576)
-    together = native_q4.matmul(x, blocks)
-    for r in range(8):
-        assert torch.equal(native_q4.matmul(x[r : r + 1], blocks)[0], together[r])
+    blocks = variant.pack(torch.randn(3072, 576) * 0.02)
+    x = torch.randn(9, 576)
+    together = variant.matmul(x, blocks)
+    for r in range(9):
+        assert torch.equal(variant.matmul(x[r : r + 1], blocks)[0], together[r])
 
 
-def test_kernel_refuses_mismatched_shapes():
-    blocks = native_q4.pack(torch.randn(64, 64))
-    with pytest.raises(RuntimeError, match="columns"):
-        native_q4.matmul(torch.randn(1, 96), blocks)
+def test_every_variant_gives_the_same_bits(kernels):
+    """The same integer dot products, then the same float operations in the same order: what
+    one variant computes, every other does, to the bit (matmuls of 1 to 70 rows)."""
+    torch.manual_seed(1)
+    w = torch.randn(96, 320) * 0.05
+    x = torch.randn(70, 320)
+    results = {}
+    for name in runnable_variants():
+        os.environ[isa.FORCE_ENV] = name
+        try:
+            chosen = cpu_kernels.load()
+        except cpu_kernels.KernelUnavailable:
+            continue
+        finally:
+            os.environ.pop(isa.FORCE_ENV)
+        results[name] = [chosen.matmul(x[:rows], chosen.pack(w)) for rows in (1, 5, 70)]
+        results[name] += [chosen.matmul_q8(x[:rows], chosen.pack_q8(w)) for rows in (1, 5, 70)]
+    assert kernels.isa in results
+    first = next(iter(results.values()))
+    for name, got in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(got, first, strict=True)), name
 
 
-def reference_q8(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def test_kernel_refuses_mismatched_shapes(kernels):
+    blocks = kernels.pack(torch.randn(64, 64))
+    with pytest.raises(ValueError, match="columns"):
+        kernels.matmul(torch.randn(1, 96), blocks)
+    with pytest.raises(ValueError, match="blocks must be"):
+        kernels.matmul_q8(torch.randn(1, 64), blocks)
+
+
+def reference_q8(kernels, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """llama.cpp's Q8_0 x Q8 arithmetic, in float64."""
     m, k = x.shape
     groups = x.view(m, k // 32, 32).double()
     scale = groups.abs().amax(-1) / 127
     p = torch.where(scale[..., None] > 0, (groups / scale[..., None]).round(), 0.0)
-    q, d = native_q4.unpack_q8(blocks)
+    q, d = kernels.unpack_q8(blocks)
     dots = torch.einsum("mgj,ngj->mng", p, q.double())
     return (dots * (d.double()[None] * scale[:, None])).sum(-1)
 
 
-def test_q8_blocks_hold_the_bundled_models_q8_0_embedding_exactly(smollm_gguf):
+def test_q8_tiles_hold_the_bundled_models_q8_0_embedding_exactly(smollm_gguf, kernels):
     llm = LLM(str(smollm_gguf), dtype="float32")  # token_embd is Q8_0 in the file
     w = llm.engine.runner.model.embed[:4096]
-    blocks = native_q4.pack_q8(w)
-    assert blocks.shape == (512, 18, 272) and blocks.dtype == torch.uint8
-    q, d = native_q4.unpack_q8(blocks)
+    blocks = kernels.pack_q8(w)
+    assert blocks.shape == (256, 18, 544) and blocks.dtype == torch.uint8
+    q, d = kernels.unpack_q8(blocks)
     assert torch.equal((d[..., None] * q.float()).flatten(1), w)
     assert q.abs().max() == 127
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5])
-@pytest.mark.parametrize("shape", [(48, 576), (40, 64), (16, 416), (8, 64)])
-def test_q8_kernel_computes_llama_cpp_arithmetic(rows, shape):
+@pytest.mark.parametrize("shape", [(48, 576), (32, 64), (16, 416)])
+def test_each_variants_q8_kernel_computes_llama_cpp_arithmetic(variant, rows, shape):
     torch.manual_seed(rows)
     n, k = shape
     w = torch.randn(n, k) * 0.05
     w[0, :32] = 0  # an all-zero group of weights: d 0
-    blocks = native_q4.pack_q8(w)
+    w[1, :32] = -w[1, :32].abs()  # a group all negative: q down to -127
+    blocks = variant.pack_q8(w)
     x = torch.randn(rows, k)
     x[0, 32:64] = 0
-    q, d = native_q4.unpack_q8(blocks)
-    assert torch.equal(q.float() * d[..., None], native_q4.unpack_q8(native_q4.pack_q8(
-        (q.float() * d[..., None]).flatten(1)))[0].float() * d[..., None])
-    got = native_q4.matmul_q8(x, blocks)
+    got = variant.matmul_q8(x, blocks)
     assert got.dtype == torch.float32 and got.shape == (rows, n)
-    assert torch.allclose(got.double(), reference_q8(x, blocks), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(got.double(), reference_q8(variant, x, blocks), rtol=1e-4, atol=1e-5)
     assert (got - x @ w.t()).abs().max() / (x @ w.t()).abs().max() < 2e-2
     for r in range(rows):  # a row's result does not depend on its batch-mates
-        assert torch.equal(native_q4.matmul_q8(x[r : r + 1], blocks)[0], got[r])
-    with pytest.raises(RuntimeError, match="columns"):
-        native_q4.matmul_q8(torch.randn(1, k + 32), blocks)
+        assert torch.equal(variant.matmul_q8(x[r : r + 1], blocks)[0], got[r])
+    with pytest.raises(ValueError, match="columns"):
+        variant.matmul_q8(torch.randn(1, k + 32), blocks)
 
 
 class Recorder:
@@ -168,7 +221,8 @@ class Recorder:
         return self.decoder.forward(x, *args)
 
 
-def test_engine_small_steps_read_the_kernel_and_stay_close_to_float32(smollm_gguf, monkeypatch):
+def test_engine_steps_read_the_kernels_and_stay_close_to_float32(smollm_gguf, kernels,
+                                                                 monkeypatch):
     config = EngineConfig(low_bit_small_steps=True, native_kernels=True, dtype="float32")
     llm = LLM(str(smollm_gguf), engine_config=config)
     exact = LLM(str(smollm_gguf), dtype="float32")
@@ -188,8 +242,10 @@ def test_engine_small_steps_read_the_kernel_and_stay_close_to_float32(smollm_ggu
     # without the decoder, the same step runs op by op, each matmul through the kernel
     model.native_decoder = None
     calls = []
-    original = native_q4.matmul
-    monkeypatch.setattr(native_q4, "matmul", lambda x, b: calls.append(b is down._q4) or original(x, b))
+    chosen = model.kernels
+    assert chosen.isa == kernels.isa  # the best variant this CPU allows
+    original = chosen.matmul
+    monkeypatch.setattr(chosen, "matmul", lambda x, b: calls.append(b is down._q4) or original(x, b))
     per_op = llm.engine.runner.prompt_logits(got.prompt_token_ids[-1:], [0])
     assert any(calls)
     calls.clear()  # a prompt's tokens read the kernel too (row-independent, unlike MKL's GEMM)
@@ -232,7 +288,7 @@ def decode_steps_both_ways(llm: LLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
 @pytest.mark.parametrize(("model_dir", "kv_cache_dtype"), [
     ("tiny_llama_dir", "float32"), ("tiny_qwen2_dir", "float32"), ("tiny_llama_dir", "float16")])
 def test_native_decoder_computes_what_the_per_op_path_does(model_dir, kv_cache_dtype, request,
-                                                           monkeypatch):
+                                                           monkeypatch, kernels):
     """Every step computed both ways on the same cache, one sequence alone and then 12 at once
     (prompts beside decodes, contexts over several blocks, finishing one by one): GQA, llama3
     rope scaling, Qwen2's q/k/v biases; a float16 cache rounds K and V as torch's .to() does."""
@@ -264,7 +320,7 @@ def test_native_decoder_computes_what_the_per_op_path_does(model_dir, kv_cache_d
     assert alone[0].token_ids == tokens["11"][:6]
 
 
-def test_a_prefix_cache_hit_rounds_as_the_whole_prompt_did(tiny_llama_dir):
+def test_a_prefix_cache_hit_rounds_as_the_whole_prompt_did(tiny_llama_dir, kernels):
     """The native decoder computes each token's row alone (its matmuls and its attention), so
     the tail a prefix-cache hit leaves to compute, a prompt chunked under a small token budget
     and the whole prompt in one step give the same bits, hence the same greedy tokens."""
@@ -281,7 +337,7 @@ def test_a_prefix_cache_hit_rounds_as_the_whole_prompt_did(tiny_llama_dir):
     assert all(tokens == outputs[0] for tokens in outputs)
 
 
-def test_a_requests_tokens_do_not_depend_on_its_batch_mates(tiny_qwen2_dir):
+def test_a_requests_tokens_do_not_depend_on_its_batch_mates(tiny_qwen2_dir, kernels):
     """Alone, or beside 7 other requests of other lengths (prompts prefilled beside its decode
     steps, batches of every size as they finish), a greedy request gets the same tokens and
     the same logprobs, to the bit."""
@@ -297,7 +353,7 @@ def test_a_requests_tokens_do_not_depend_on_its_batch_mates(tiny_qwen2_dir):
     assert together.logprobs == alone.logprobs
 
 
-def test_native_decoder_on_the_bundled_model_layer_by_layer(smollm_gguf):
+def test_native_decoder_on_the_bundled_model_layer_by_layer(smollm_gguf, kernels):
     """The real shapes (9 query heads over 3 KV heads of 64, 576 wide, 1536 in the MLP): one
     layer computes what the per-op layer does up to float32 rounding; over 30 layers the int8
     rounding of activations turns those last bits into whole rounding steps now and then (a
@@ -314,7 +370,7 @@ def test_native_decoder_on_the_bundled_model_layer_by_layer(smollm_gguf):
             for n, (layer, kv) in enumerate(zip(model.layers, kv_caches, strict=True), 1):
                 x, residual = layer(x, residual, rope, kv, meta)  # the per-op path
                 if n in (1, 30):
-                    decoder = native_q4.decoder(
+                    decoder = model.kernels.decoder(
                         model.native_weights(n), model.rotary.cos, model.rotary.sin,
                         9, 3, 64, model.config.rms_norm_eps)
                     lens, tables = model.native_rows(positions, meta)
@@ -331,7 +387,7 @@ def test_native_decoder_on_the_bundled_model_layer_by_layer(smollm_gguf):
     assert errors[1] < 1e-6 and errors[30] < 0.1
 
 
-def test_native_decoder_refuses_inconsistent_steps(tiny_llama_dir):
+def test_native_decoder_refuses_inconsistent_steps(tiny_llama_dir, kernels):
     config = EngineConfig(low_bit_small_steps=True, native_kernels=True, dtype="float32")
     runner = LLM(str(tiny_llama_dir), engine_config=config).engine.runner
     decoder = runner.model.native_decoder
@@ -342,39 +398,18 @@ def test_native_decoder_refuses_inconsistent_steps(tiny_llama_dir):
     def ints(*v):
         return torch.tensor(v, dtype=torch.int32)
 
-    with pytest.raises(RuntimeError, match="outside the cache"):
+    before = x.clone()
+    with pytest.raises(cpu_kernels.KernelError, match="outside the cache"):
         decoder.forward(x, ints(0), ints(10**9), ints(1), table, caches)
-    with pytest.raises(RuntimeError, match="position 5 for a context of 1"):
+    with pytest.raises(cpu_kernels.KernelError, match="position 5 for a context of 1"):
         decoder.forward(x, ints(5), ints(0), ints(1), table, caches)
-    with pytest.raises(RuntimeError, match="block -1 outside the cache"):
+    with pytest.raises(cpu_kernels.KernelError, match="block -1 outside the cache"):
         decoder.forward(x, ints(0), ints(0), ints(1), table - 1, caches)
-    with pytest.raises(RuntimeError, match="block table is too short"):
+    with pytest.raises(cpu_kernels.KernelError, match="block table is too short"):
         decoder.forward(x, ints(99), ints(0), ints(100), table, caches)
-    with pytest.raises(RuntimeError, match="a K and a V cache per layer"):
+    assert torch.equal(x, before)  # refused before anything was computed
+    with pytest.raises(ValueError, match="a K and a V cache per layer"):
         decoder.forward(x, ints(0), ints(0), ints(1), table, caches[:2])
+    with pytest.raises(ValueError, match="positions must be int32"):
+        decoder.forward(x, ints(0).long(), ints(0), ints(1), table, caches)
     assert decoder.forward(x, ints(0), ints(0), ints(1), table, caches).shape == x.shape
-
-
-def test_a_start_without_the_kernel_builds_it_in_the_background(tmp_path, monkeypatch):
-    built = native_q4.library_path()  # the suite's own build (conftest)
-    monkeypatch.setenv("PAGEDSERVE_KERNEL_DIR", str(tmp_path))
-    started = []
-    monkeypatch.setattr(native_q4.subprocess, "Popen", lambda *a, **k: started.append(a[0]))
-    assert native_q4.resolve(None) is False  # nothing built here: torch's kernel for this run
-    assert started and "native_q4.build()" in started[0][-1]
-    shutil.copy(built, native_q4.library_path())  # what that build leaves
-    started.clear()
-    assert native_q4.resolve(None) is True and not started
-    assert native_q4.resolve(False) is False
-
-
-def test_a_failed_build_says_why_and_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("PAGEDSERVE_KERNEL_DIR", str(tmp_path))
-    monkeypatch.setenv("CXX", "false")
-    with pytest.raises(native_q4.NativeKernelUnavailable, match="did not compile"):
-        native_q4.build()
-    assert not list(tmp_path.iterdir())
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    with pytest.raises(native_q4.NativeKernelUnavailable, match="could not run"):
-        native_q4.build()
-    assert not list(tmp_path.iterdir())

@@ -68,7 +68,6 @@ struct Activations {
 namespace ps {
 namespace {
 
-constexpr int64_t MAX_TILE_ROWS = 4;
 thread_local std::string last_error;
 
 // fn(begin, end) over [0, n) on the pool (thread_pool.h), chunks of at least `grain` items
@@ -85,21 +84,24 @@ void each_row(int64_t rows, const F& fn) {
   });
 }
 
+// tile(std::integral_constant<int, R>{}, row0, rows, t) for R in 1..TILE_ROWS
+template <int R, typename F>
+void tile_of_rows(int64_t left, int64_t row0, int64_t t, const F& tile) {
+  if constexpr (R > 1) {
+    if (left < R) return tile_of_rows<R - 1>(left, row0, t, tile);
+  }
+  tile(std::integral_constant<int, R>{}, row0, t);
+}
+
 // tile(std::integral_constant<int, R>{}, row0, t) for each tile t of the n columns and each
-// tile of R <= MAX_TILE_ROWS of the rows, the column tiles shared out over the pool
+// tile of R <= TILE_ROWS (the ISA's, tiles_*.h) of the rows, the column tiles shared out over
+// the pool
 template <typename F>
 void each_tile(int64_t rows, int64_t n, const F& tile) {
   parallel(n / TILE_COLUMNS, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t row0 = 0; row0 < rows; row0 += MAX_TILE_ROWS) {
-        switch (std::min<int64_t>(MAX_TILE_ROWS, rows - row0)) {
-          case 4: tile(std::integral_constant<int, 4>{}, row0, t); break;
-          case 3: tile(std::integral_constant<int, 3>{}, row0, t); break;
-          case 2: tile(std::integral_constant<int, 2>{}, row0, t); break;
-          default: tile(std::integral_constant<int, 1>{}, row0, t); break;
-        }
-      }
-    }
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t row0 = 0; row0 < rows; row0 += TILE_ROWS)
+        tile_of_rows<TILE_ROWS>(rows - row0, row0, t, tile);
   });
 }
 

@@ -36,14 +36,15 @@ void ThreadPool::set_threads(int threads) {
 
 void ThreadPool::stop_workers() {
   stopping_.store(true);
-  job_.fetch_add(1u << PART_BITS);  // a job of 0 parts: everyone looks, no one takes part
-  futex_wake_all(&job_);
+  wake_.fetch_add(1u << PART_BITS);  // everyone looks, and leaves
+  futex_wake_all(&wake_);
   for (std::thread& t : workers_) t.join();
   workers_.clear();
   stopping_.store(false);
 }
 
-bool ThreadPool::spin_until_changed(const std::atomic<uint32_t>& word, uint32_t old) const {
+template <typename T>
+bool ThreadPool::spin_until_changed(const std::atomic<T>& word, T old) const {
   const auto deadline = std::chrono::steady_clock::now()
                         + std::chrono::nanoseconds(spin_ns_.load(std::memory_order_relaxed));
   for (int i = 1;; ++i) {
@@ -55,44 +56,72 @@ bool ThreadPool::spin_until_changed(const std::atomic<uint32_t>& word, uint32_t 
 
 void ThreadPool::dispatch(int64_t n, int parts, int64_t grain, Call call, const void* ctx) {
   while (static_cast<int>(workers_.size()) < threads_ - 1) {
-    // the job word before this job: the new worker's first job is the next one, whenever
-    // its thread gets to run
+    // the wake word before this job: the new worker's first job is this one, whenever its
+    // thread gets to run
     const int index = static_cast<int>(workers_.size()) + 1;
-    const uint32_t seen = job_.load(std::memory_order_relaxed);
+    const uint32_t seen = wake_.load(std::memory_order_relaxed);
     workers_.emplace_back([this, index, seen] { worker_main(index, seen); });
   }
+  // announce the generation first: a late worker that reads a share being rewritten sees it
+  // and claims nothing (claim)
+  const uint32_t generation = generation_.load(std::memory_order_relaxed) + 1;
+  generation_.store(generation, std::memory_order_seq_cst);
   call_ = call;
   ctx_ = ctx;
+  items_ = static_cast<uint32_t>(n);
   // a share in chunks of about an eighth, so that the others can take over a preempted one
   chunk_ = std::max<int64_t>(grain, n / (8 * parts));
+  done_.store(0, std::memory_order_relaxed);
   for (int p = 0; p < parts; ++p) {
-    shares_[p].next.store(n * p / parts, std::memory_order_relaxed);
-    shares_[p].end = n * (p + 1) / parts;
+    shares_[p].end.store(n * (p + 1) / parts, std::memory_order_release);
+    shares_[p].cursor.store(uint64_t{generation} << 32 | static_cast<uint64_t>(n * p / parts),
+                            std::memory_order_release);
   }
-  pending_.store(static_cast<uint32_t>(parts - 1), std::memory_order_relaxed);
-  const uint32_t word = ((job_.load(std::memory_order_relaxed) >> PART_BITS) + 1) << PART_BITS
-                        | static_cast<uint32_t>(parts);
-  job_.store(word, std::memory_order_seq_cst);  // publishes the shares above
-  if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_wake_all(&job_);
+  wake_.store(generation << PART_BITS | static_cast<uint32_t>(parts), std::memory_order_seq_cst);
+  if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_wake_all(&wake_);
 
   in_pool_ = true;
-  work(0, parts);
+  work(0, parts, generation);
   in_pool_ = false;
 
-  for (uint32_t left; (left = pending_.load(std::memory_order_acquire)) != 0;) {
-    if (spin_until_changed(pending_, left)) continue;
+  const uint32_t items = items_;
+  for (uint32_t done; (done = done_.load(std::memory_order_acquire)) != items;) {
+    if (spin_until_changed(done_, done)) continue;
     caller_sleeping_.store(1, std::memory_order_seq_cst);
-    while ((left = pending_.load(std::memory_order_seq_cst)) != 0) futex_wait(&pending_, left);
+    while ((done = done_.load(std::memory_order_seq_cst)) != items) futex_wait(&done_, done);
     caller_sleeping_.store(0, std::memory_order_relaxed);
   }
 }
 
-void ThreadPool::work(int part, int parts) {
-  const int64_t chunk = chunk_;
+bool ThreadPool::claim(Share& share, uint32_t generation, int64_t& begin, int64_t& end) {
+  uint64_t cursor = share.cursor.load(std::memory_order_acquire);
+  for (;;) {
+    if (cursor >> 32 != generation) return false;  // another job's share
+    const int64_t next = static_cast<int64_t>(cursor & 0xFFFFFFFFu);
+    end = share.end.load(std::memory_order_acquire);
+    // an end written for the next job comes after its new generation: then this job is over
+    if (generation_.load(std::memory_order_acquire) != generation || next >= end) return false;
+    if (share.cursor.compare_exchange_weak(cursor, cursor + static_cast<uint64_t>(chunk_),
+                                           std::memory_order_acq_rel,
+                                           std::memory_order_acquire)) {
+      begin = next;
+      end = std::min(next + chunk_, end);
+      return true;
+    }
+  }
+}
+
+void ThreadPool::work(int part, int parts, uint32_t generation) {
   for (int i = 0; i < parts; ++i) {  // its own share first, then what the others left
     Share& share = shares_[(part + i) % parts];
-    for (int64_t begin; (begin = share.next.fetch_add(chunk, std::memory_order_relaxed)) < share.end;)
-      call_(ctx_, begin, std::min(begin + chunk, share.end));
+    for (int64_t begin, end; claim(share, generation, begin, end);) {
+      call_(ctx_, begin, end);  // the job lives on until this chunk is counted done
+      const uint32_t count = static_cast<uint32_t>(end - begin);
+      if (done_.fetch_add(count, std::memory_order_seq_cst) + count == items_
+          && caller_sleeping_.load(std::memory_order_seq_cst)) {
+        futex_wake_all(&done_);
+      }
+    }
   }
 }
 
@@ -100,21 +129,17 @@ void ThreadPool::worker_main(int index, uint32_t seen) {
   in_pool_ = true;
   bool spin = true;  // a worker that has just worked expects the next loop soon
   for (;;) {
-    if (!spin || !spin_until_changed(job_, seen)) {
+    if (!spin || !spin_until_changed(wake_, seen)) {
       sleepers_.fetch_add(1, std::memory_order_seq_cst);
-      while (job_.load(std::memory_order_seq_cst) == seen) futex_wait(&job_, seen);
+      while (wake_.load(std::memory_order_seq_cst) == seen) futex_wait(&wake_, seen);
       sleepers_.fetch_sub(1, std::memory_order_relaxed);
     }
-    seen = job_.load(std::memory_order_acquire);
+    seen = wake_.load(std::memory_order_acquire);
     if (stopping_.load(std::memory_order_acquire)) return;
     const int parts = static_cast<int>(seen & PART_MASK);
     spin = index < parts;
-    if (!spin) continue;
-    work(index, parts);
-    if (pending_.fetch_sub(1, std::memory_order_seq_cst) == 1
-        && caller_sleeping_.load(std::memory_order_seq_cst)) {
-      futex_wake_all(&pending_);
-    }
+    // the generation now running (maybe newer than the word read: claims check it)
+    if (spin) work(index, parts, generation_.load(std::memory_order_acquire));
   }
 }
 

@@ -12,13 +12,18 @@
 // Work sharing: a loop of n items is split in equal contiguous shares, one per thread (memory
 // streams in order, which is what one-row matmuls want), each share handed out in chunks from
 // an atomic cursor; a thread that has finished its own share takes chunks from the others'.
-// A thread the OS preempts thus leaves its unclaimed chunks to the running ones instead of
-// holding the whole step at the barrier. Which thread computes an item changes nothing in the
-// result.
+// The caller waits for the loop's items to be done, not for the workers to report: a worker the
+// OS has taken away holds nothing up unless it has claimed a chunk, and its unclaimed chunks go
+// to the threads that run. Which thread computes an item changes nothing in the result.
 //
-// Publication: one 32-bit word holds (generation << 10 | threads in this job), so a worker
-// that wakes late reads the newest job whole; workers that do not take part in a job go back
-// to waiting without spinning.
+// Jobs and generations: each loop is a job of a 32-bit generation. A share's cursor holds
+// (generation << 32 | next item), so a worker that wakes late, or reads a job while the next is
+// being set up, claims nothing: a claim is a compare-and-swap on a cursor of its generation,
+// checked again after reading the share's end (the caller announces a new generation before it
+// writes any share). A worker that does claim a chunk keeps its job alive until the chunk is
+// done, so the job's function and context stay valid for it. Workers are woken through one
+// 32-bit word (low bits: the job's threads); those not taking part go back to waiting without
+// spinning.
 #pragma once
 
 #include <algorithm>
@@ -67,7 +72,7 @@ inline void futex_wake_all(std::atomic<uint32_t>* word) {
 
 class ThreadPool {
  public:
-  static constexpr int MAX_THREADS = 1 << 10;  // the low bits of the job word
+  static constexpr int MAX_THREADS = 1 << 10;  // the low bits of the wake word
   static constexpr int DEFAULT_SPIN_US = 50;
 
   static ThreadPool& get();
@@ -79,7 +84,8 @@ class ThreadPool {
   // fn(begin, end) over [0, n) in chunks; chunks of at least `grain` items
   template <typename F>
   void run(int64_t n, int64_t grain, const F& fn) {
-    const int64_t parts = std::min<int64_t>(threads_, (n + grain - 1) / std::max<int64_t>(grain, 1));
+    const int64_t parts =
+        std::min<int64_t>(threads_, (n + grain - 1) / std::max<int64_t>(grain, 1));
     // one job at a time: a loop inside a job, or a second thread calling in (two engines in
     // one process), runs on its caller's thread
     if (parts <= 1 || in_pool_ || busy_.exchange(true, std::memory_order_acquire)) {
@@ -109,25 +115,30 @@ class ThreadPool {
  private:
   using Call = void (*)(const void*, int64_t, int64_t);
   struct alignas(64) Share {
-    std::atomic<int64_t> next{0};
-    int64_t end = 0;
+    std::atomic<uint64_t> cursor{0};  // generation << 32 | next item
+    std::atomic<int64_t> end{0};
   };
 
   void dispatch(int64_t n, int parts, int64_t grain, Call call, const void* ctx);
-  void work(int part, int parts);
+  bool claim(Share& share, uint32_t generation, int64_t& begin, int64_t& end);
+  void work(int part, int parts, uint32_t generation);
   void worker_main(int index, uint32_t seen);
-  bool spin_until_changed(const std::atomic<uint32_t>& word, uint32_t old) const;
+  template <typename T>
+  bool spin_until_changed(const std::atomic<T>& word, T old) const;
   void stop_workers();
 
   int threads_ = 1;
   std::vector<std::thread> workers_;
   std::vector<Share> shares_ = std::vector<Share>(MAX_THREADS);
+  // the current job: written before its shares' cursors, read after a successful claim
   Call call_ = nullptr;
   const void* ctx_ = nullptr;
   int64_t chunk_ = 1;
-  alignas(64) std::atomic<uint32_t> job_{0};      // generation << 10 | parts
-  alignas(64) std::atomic<uint32_t> pending_{0};  // workers still in the current job
-  alignas(64) std::atomic<int> sleepers_{0};      // workers blocked on job_
+  uint32_t items_ = 0;
+  alignas(64) std::atomic<uint32_t> generation_{0};  // of the job set up or running
+  alignas(64) std::atomic<uint32_t> done_{0};        // items of the current job done
+  alignas(64) std::atomic<uint32_t> wake_{0};        // generation << 10 | parts: workers wait on it
+  alignas(64) std::atomic<int> sleepers_{0};         // workers blocked on wake_
   std::atomic<int> caller_sleeping_{0};
   std::atomic<int64_t> spin_ns_{int64_t{DEFAULT_SPIN_US} * 1000};
   std::atomic<bool> stopping_{false};

@@ -11,6 +11,9 @@
 
 namespace ps {
 
+// rows a tile reads its unpacked weights for: 16 vector registers hold 4 rows' sums
+constexpr int TILE_ROWS = 4;
+
 #if defined(PS_VNNI256)
 // acc + the 4-byte dot products of u8 a and s8 b in each 32-bit lane
 inline __m256i dpbusd256(__m256i acc, __m256i a, __m256i b) {
@@ -22,7 +25,7 @@ inline __m256i dpbusd256(__m256i acc, __m256i a, __m256i b) {
 }
 #endif
 
-// Columns [16 tile, 16 tile + 16) of rows [row0, row0 + R) of out (rows, n), R <= 4. Per
+// Columns [16 tile, 16 tile + 16) of rows [row0, row0 + R) of out (rows, n), R <= TILE_ROWS. Per
 // group: q (0..15) times the activations' int8 p, summed exactly in integers; then the group
 // is scaled by the columns' d (times s) and offset by their lo (times s sum p) in two vector
 // multiply-adds, groups in order:

@@ -11,6 +11,9 @@
 
 namespace ps {
 
+// rows a tile reads its unpacked weights for: 32 vector registers hold 8 rows' sums
+constexpr int TILE_ROWS = 8;
+
 // 4 activation bytes (int8) in every 32-bit lane
 inline __m512i broadcast4_512(const int8_t* p) {
   int32_t v;
@@ -30,7 +33,7 @@ inline __m512i dot_group(const __m512i* weights, const int8_t* p) {
   return _mm512_add_epi32(even, odd);
 }
 
-// Columns [16 tile, 16 tile + 16) of rows [row0, row0 + R) of out (rows, n), R <= 4: the
+// Columns [16 tile, 16 tile + 16) of rows [row0, row0 + R) of out (rows, n), R <= TILE_ROWS: the
 // arithmetic of tiles_avx2.h's q4_tile on the whole tile at once. Nibble vector j (j = 2v + h:
 // vector v's low nibbles for h = 0, high for h = 1) holds positions 4j..4j+3 of each column.
 template <int R>

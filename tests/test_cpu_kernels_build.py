@@ -247,3 +247,18 @@ def test_workers_block_when_the_pool_is_idle(built):
         assert cpu_seconds() - before < 0.1  # a spinning worker would take ~0.5 s
     finally:
         kernels.set_threads(threads)
+
+
+def test_the_benchmark_report_names_the_instruction_sets_and_the_kernels(built):
+    """`pagedserve bench` records what the CPU offers and which variant an engine here uses,
+    asked of a process of its own (the load generator never imports torch)."""
+    from pagedserve.bench.machine import describe_machine, machine_summary
+    from pagedserve.device import cpu_flags
+
+    machine = describe_machine()
+    assert machine["cpu_kernels"] == cpu_kernels.load().isa
+    assert "avx2" in machine["instruction_sets"] or "avx2" not in cpu_flags()
+    summary = machine_summary(machine)
+    assert f"CPU kernels {machine['cpu_kernels']}" in summary
+    assert "instruction sets " + " ".join(machine["instruction_sets"]) in summary
+    assert "CPU kernels" not in machine_summary({"cpu": "old result", "cores": 2})

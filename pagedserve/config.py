@@ -88,13 +88,15 @@ class EngineConfig:
     # An explicit dtype="float32" keeps a float32 cache: exact, as the correctness tests want.
     kv_cache_dtype: str = "auto"
     # CPU: decode steps of <= 8 tokens read int4/int8 copies of the weights (bandwidth-bound).
-    # None: in bf16, and in float32 when dtype "auto" chose it (a CPU without native bf16);
-    # an explicit dtype="float32" stays exact. True: in either dtype. False: never.
+    # None: in bf16, and in float32 when dtype "auto" chose it; an explicit dtype="float32"
+    # stays exact. True: in either dtype. False: never.
     low_bit_small_steps: bool | None = None
-    # CPU: those small steps multiply Q4_1 blocks by int8-rounded activations in an AVX2 kernel
-    # compiled on this machine (native_q4.py; llama.cpp's arithmetic). None: when a start finds
-    # it built; a start that does not compiles it in the background for the next one. True:
-    # build it now, an error where it cannot be. False: torch's int4 kernel.
+    # CPU: those copies are Q4_1/Q8_0 tiles for pagedserve's CPU kernels (cpu_kernels/:
+    # llama.cpp's arithmetic, int8-rounded activations; every step in float32, through the
+    # native decoder), compiled with the package per instruction set. None: where they are
+    # built and pass their self-test; where they are not, they are compiled in the background
+    # and the engine switches to them between two steps. True: build them now, an error where
+    # they cannot be. False: torch's int4 kernel.
     native_kernels: bool | None = None
     device: str = "cpu"
     # attention kernels: auto = Triton on CUDA (when importable), plain torch elsewhere
@@ -107,6 +109,7 @@ class EngineConfig:
     # late (vLLM's --async-scheduling); None: on CUDA, off on a CPU (which runs the step itself)
     async_scheduling: bool | None = None
     seed: int | None = None  # unseeded requests: None draws differently every start
+    # None: what this process's CPU affinity and cgroup quota allow (cpu_kernels/threads.py)
     num_threads: int | None = None
     # structured outputs: what compiling and following one client's grammar may cost
     grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)

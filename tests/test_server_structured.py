@@ -1,10 +1,12 @@
 """Structured outputs and tool calls over HTTP, on a tiny random model in a server thread:
 whatever the weights say, a constrained answer matches; bad constraints are 400s naming the
-field before anything is queued; tool calls come in each API's shape."""
+field before anything is queued; tool calls come in each API's shape. The model's chat
+template renders tools (the native path; tests/test_clients_*.py run the generic one)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import jsonschema
@@ -36,9 +38,23 @@ TIME = {"type": "function", "function": {
 CHAT = [{"role": "user", "content": "What is the weather?"}]
 
 
+# ChatML that shows the tools' names, in hermes' format: the tiny model's context (512) has
+# no room for full schemas
+TOOLS_CHATML = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}"
+    "{% endfor %}; call one as <tool_call>{json}</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 @pytest.fixture(scope="module")
-def server(tiny_llama_tokenized_dir):
-    loaded = load_model(tiny_llama_tokenized_dir)
+def server(tiny_llama_tokenized_dir, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("tools") / "model"
+    shutil.copytree(tiny_llama_tokenized_dir, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": TOOLS_CHATML}))
+    loaded = load_model(model_dir)
     engine = Engine.from_model(loaded, EngineConfig(dtype="float32", kv_cache_memory=4 << 20))
     with ServerThread(engine) as srv:
         yield srv

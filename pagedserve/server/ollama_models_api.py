@@ -2,7 +2,8 @@
 
 The server has one model, loaded for the life of the process: it is the only one listed, and
 ``/api/ps`` shows it as never expiring. ``/api/show`` gives the file's metadata (GGUF keys, or
-the Hugging Face equivalent) as ``model_info``.
+the Hugging Face equivalent) as ``model_info``, and the model's capabilities as Ollama names
+them.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ async def show(request: Request) -> dict:
         "template": served.card.template or served.tokenizer.chat_template or "",
         "details": _details(served),
         "model_info": _model_info(info, verbose=body.verbose),
-        "capabilities": ["completion"],
+        "capabilities": _capabilities(served),
         "modified_at": _file_time(served),
     }
     if served.card.system:
@@ -74,6 +75,15 @@ async def ps(request: Request) -> dict:
 @router.get("/api/version")
 async def version() -> dict:
     return {"version": __version__}
+
+
+def _capabilities(served: ServedModel) -> list[str]:
+    """What Ollama's clients may ask of the model: chat and generate, and tools on any model
+    with a tokenizer (its template's own format, or the generic one: docs/server.md). Never
+    thinking, vision or insert: those are refused (ollama_api.py)."""
+    if served.tokenizer is None:
+        return ["completion"]
+    return ["completion", "tools"]
 
 
 def _details(served: ServedModel) -> dict:

@@ -6,6 +6,7 @@ template renders tools (the native path; tests/test_clients_*.py run the generic
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import httpx
@@ -311,3 +312,21 @@ def test_metrics_count_constrained_requests_and_compile_time(server, client):
     assert counts["pagedserve:constrained_requests_total"] >= 1
     assert counts["pagedserve:grammar_compile_seconds_count"] >= 1
     assert "pagedserve:grammar_cache_hits_total" in counts
+
+
+def test_fields_that_change_nothing_are_named_in_one_log_line(server, caplog):
+    with caplog.at_level(logging.INFO, logger="pagedserve.server"):
+        resp = httpx.post(f"{server.url}/v1/chat/completions", json={
+            "model": "tiny", "messages": CHAT, "max_tokens": 1, "user": "u1", "store": True,
+            "some_future_field": [1]})
+        assert resp.status_code == 200, resp.text
+        resp = httpx.post(f"{server.url}/api/chat", json={
+            "model": "tiny", "messages": CHAT, "stream": False, "keep_alive": "5m",
+            "think": False, "options": {"num_predict": 1, "num_ctx": 64, "num_gpu": 1}})
+        assert resp.status_code == 200, resp.text
+    lines = [r.getMessage() for r in caplog.records if "fields ignored" in r.getMessage()]
+    assert lines == ["/v1/chat/completions: fields ignored: some_future_field, store, user",
+                     "/api/chat: fields ignored: keep_alive, options.num_ctx, options.num_gpu"]
+    resp = httpx.post(f"{server.url}/v1/completions", json={
+        "model": "tiny", "prompt": "def f(", "suffix": "return 1", "max_tokens": 1})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "suffix"

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from pagedserve.tokenizer import Tokenizer
 
 DEFAULT_TOOL_PARSER = "hermes"
-GENERIC_TOOL_PARSER = "hermes"  # the generic format's (tool_prompt.py)
+GENERIC_TOOL_PARSER = HermesParser.name  # the generic format's (tool_prompt.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +94,9 @@ class ToolPlan:
 
     tools: list[dict[str, Any]] = field(default_factory=list)  # offered, in OpenAI's shape
     parser: ToolParser | None = None  # reads the answer; None: the answer is plain text
-    constraint: Constraint | None = None  # the request's, when set (it includes the request's
-    # own response_format in the generic format's auto)
+    # the answer's constraint when set, in place of the request's own (which the generic
+    # format's auto takes into its grammar)
+    constraint: Constraint | None = None
 
 
 def _bad(field_name: str, message: str) -> APIError:
@@ -200,10 +201,9 @@ def _auto_plan(tools: list[dict[str, Any]], specs: list[dict[str, Any]], paralle
                fmt: ToolFormat, constraint: Constraint | None) -> ToolPlan:
     """``tool_choice: "auto"``: the model's own format is read, unconstrained; the generic
     format is constrained to text (or the request's JSON schema or choices) or calls."""
-    parser = fmt.parser()
     if fmt.native:
-        return ToolPlan(tools, parser)
-    assert isinstance(parser, HermesParser)
+        return ToolPlan(tools, fmt.parser())
+    parser = HermesParser()  # the generic format's
     if constraint is None:
         return ToolPlan(tools, parser, Constraint.grammar(
             parser.auto_grammar(specs, parallel), "tools"))

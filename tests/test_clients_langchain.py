@@ -51,8 +51,11 @@ def chat_openai(url):
 
 
 def assert_valid(message) -> None:
-    """Every call LangChain read validates exactly, and none failed to parse."""
-    assert not message.invalid_tool_calls
+    """Every call LangChain read validates exactly; only an answer cut off by max_tokens may
+    end in one whose arguments do not parse (LangChain's ``invalid_tool_calls``)."""
+    metadata = message.response_metadata
+    cut = "length" in (metadata.get("finish_reason"), metadata.get("done_reason"))
+    assert len(message.invalid_tool_calls) <= int(cut)
     for call in message.tool_calls:
         assert call["id"].startswith("call_")
         jsonschema.validate(call["args"], EXACT[call["name"]])

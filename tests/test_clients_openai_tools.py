@@ -178,6 +178,8 @@ def test_a_tool_result_round_trip(client):
      "send tools"),
     ({"reasoning_effort": "high"}, "reasoning_effort", "no reasoning"),
     ({"modalities": ["text", "audio"]}, "modalities", "text only"),
+    ({"tools": [WEATHER], "extra_body": {"structured_outputs": {"regex": "[a-z]+"}}},
+     "structured_outputs.regex", "cannot be combined with a regex"),
 ])
 def test_what_is_not_implemented_is_refused(client, kwargs, param, words):
     with pytest.raises(openai.BadRequestError) as caught:

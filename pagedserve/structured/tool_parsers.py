@@ -117,8 +117,8 @@ class ToolParser:
         return ToolStream(self)
 
     def _call_schema(self, tool: dict[str, Any]) -> dict[str, Any]:
-        # closed: arguments take only the keys the tool defines unless its schema says
-        # otherwise, as a named function's schema constraint does
+        # closed: arguments take only the keys the tool defines, unless its schema says
+        # otherwise (constraint.py)
         return {"type": "object",
                 "properties": {"name": {"const": tool["name"]},
                                self.arguments_key: closed(tool["parameters"])},

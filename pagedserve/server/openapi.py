@@ -32,7 +32,7 @@ from pagedserve.server.openai_protocol import (
 )
 
 _REF = "#/components/schemas/{model}"
-PROTECTED = ("/v1/", "/api/")
+PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize")  # app.py's APIKeyMiddleware guards
 
 # (path, method) -> (body model, what a streamed answer is sent as)
 BODIES: dict[tuple[str, str], tuple[type[BaseModel], str | None]] = {
@@ -47,6 +47,7 @@ BODIES: dict[tuple[str, str], tuple[type[BaseModel], str | None]] = {
 # routes that look the model up by name (404), and those that queue engine work (503)
 NAMES_A_MODEL = {path for path, _ in BODIES} | {"/v1/models/{model_id}"}
 QUEUES_WORK = {"/v1/completions", "/v1/chat/completions", "/api/generate", "/api/chat"}
+BUSY = QUEUES_WORK | {"/tokenize", "/detokenize"}  # long texts wait for a worker thread
 
 # wire name -> SamplingParams field, where they differ
 _WIRE_FIELDS = {"max_completion_tokens": "max_tokens", "top_logprobs": "logprobs",
@@ -175,7 +176,9 @@ def _describe(path: str, method: str, operation: dict[str, Any]) -> None:
     if path in NAMES_A_MODEL:
         statuses.append(404)
     if path in QUEUES_WORK:
-        statuses += [500, 503]
+        statuses.append(500)
+    if path in BUSY:
+        statuses.append(503)
     if path == "/v1/models/{model_id}":
         statuses.append(400)
     for status in sorted(set(statuses)):

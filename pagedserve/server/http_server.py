@@ -86,7 +86,10 @@ class HTTPServer(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_started.set()
-        await super().serve(sockets)
+        try:
+            await super().serve(sockets)
+        finally:
+            gc.unfreeze()  # see attach(); what is left goes at exit, as nanobind's modules expect
 
     # -- from another thread (the model loader) --------------------------------------------------
 

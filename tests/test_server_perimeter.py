@@ -29,7 +29,7 @@ from pagedserve.cli import build_parser
 from pagedserve.cli.serve import connection_limits_from_args
 from pagedserve.server.errors import APIError
 from pagedserve.server.limits import ConnectionLimits
-from pagedserve.server.worker_threads import WorkerThreads
+from pagedserve.server.work_slots import WorkSlots
 
 KEY = "perimeter-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -396,15 +396,15 @@ def test_connections_past_the_limit_get_503_but_probes_still_pass(server):
 
 # -- the pieces, without a server --------------------------------------------------------------------
 
-def test_worker_threads_run_size_at_once_queue_the_backlog_and_refuse_the_rest():
+def test_work_slots_run_size_at_once_queue_the_backlog_and_refuse_the_rest():
     async def scenario() -> list[str]:
-        workers = WorkerThreads(size=1, backlog=1)
+        slots = WorkSlots(size=1, backlog=1)
         release = asyncio.Event()
         events: list[str] = []
 
         async def job(name: str) -> None:
             try:
-                async with workers.slot():
+                async with slots.slot():
                     events.append(f"{name} runs")
                     await release.wait()
             except APIError as exc:
@@ -413,14 +413,16 @@ def test_worker_threads_run_size_at_once_queue_the_backlog_and_refuse_the_rest()
 
         tasks = [asyncio.create_task(job(name)) for name in ("a", "b", "c")]
         await asyncio.sleep(0.01)
-        assert workers.waiting == 1
+        assert slots.waiting == 1
         release.set()
         await asyncio.gather(*tasks)
-        async with workers.slot():  # everything was given back
-            events.append("d runs")
+        async with slots.slot():  # everything was given back
+            thread = await slots.call(threading.current_thread)
+            events.append(f"d runs in {thread.name.split('_')[0]}")
+        slots.close()
         return events
 
-    assert asyncio.run(scenario()) == ["a runs", "c 503", "b runs", "d runs"]
+    assert asyncio.run(scenario()) == ["a runs", "c 503", "b runs", "d runs in pagedserve-text"]
 
 
 def test_connection_flags_reach_the_limits():

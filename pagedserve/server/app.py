@@ -32,7 +32,7 @@ from pagedserve.server.generation import ClientDisconnected
 from pagedserve.server.openapi import install_openapi
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.version import __version__
-from pagedserve.server.worker_threads import WorkerThreads
+from pagedserve.server.work_slots import WorkSlots
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,15 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
         served.engine.observers.append(metrics)
     metrics.watch_grammars(getattr(served.engine, "grammars", None))
 
+    text_work = WorkSlots()  # long /tokenize and /detokenize work
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served.async_engine.start()
         try:
             yield
         finally:
+            text_work.close()
             await served.async_engine.shutdown()
 
     app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan,
@@ -63,7 +66,7 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
     app.state.served = served
     app.state.metrics = metrics
     app.state.limits = served.limits
-    app.state.text_workers = WorkerThreads()  # long /tokenize and /detokenize work
+    app.state.text_work = text_work
     install_error_handlers(app)
 
     @app.exception_handler(ClientDisconnected)

@@ -31,13 +31,8 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 async def read_body(request: Request, model: type[M]) -> M:
     """The request's body as ``model``; 400 when it is not one, 413 beyond the size limit."""
-    return await decode_body(request, await request.body(), model)
-
-
-async def decode_body(request: Request, raw: bytes, model: type[M]) -> M:
-    """``raw``, the request's body already read, as ``model`` (parsed in a worker thread
-    when large)."""
     max_depth = request.app.state.limits.max_json_depth
+    raw = await request.body()
     if len(raw) >= LARGE_BODY_BYTES:
         return await asyncio.to_thread(parse_body, raw, model, max_depth)
     return parse_body(raw, model, max_depth)

@@ -7,27 +7,30 @@ as ``/v1/chat/completions`` would) and answers the token ids, their count and th
 They cost the server what a prompt costs before it is computed, so they are bounded like the
 generation routes: behind the API key when one is set (app.py), bodies up to
 ``--max-request-body``, texts up to the prompt character limit, at most a context's worth of
-ids. A request with a long body does its work (parsing, rendering, tokenizing, encoding the
-answer) in worker threads, holding one of the app's :class:`WorkerThreads` slots: a flood of
+ids. A request with a long body holds one of the app's :class:`WorkSlots` slots and does its
+work (parsing, tokenizing or detokenizing, encoding the answer) in their threads: a flood of
 them neither stalls the streams on the event loop nor piles up memory, and is answered 503
 once the slots and their backlog are taken.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 
 from pagedserve.server.errors import APIError
 from pagedserve.server.openai_protocol import DetokenizeRequest, TokenizeRequest
-from pagedserve.server.request_body import decode_body
+from pagedserve.server.request_body import parse_body
 from pagedserve.server.served_model import LONG_TEXT_CHARS, ServedModel
+from pagedserve.server.work_slots import WorkSlots
 
 router = APIRouter()
+
+T = TypeVar("T")
+Call = Callable[..., Awaitable[Any]]  # runs a function here or in a WorkSlots thread
 
 LONG_BODY_BYTES = LONG_TEXT_CHARS  # a body this large may hold a text worth a worker thread
 _IDS_PER_SLICE = 8192  # about a millisecond of json.dumps
@@ -37,23 +40,30 @@ _IDS_PER_SLICE = 8192  # about a millisecond of json.dumps
 async def tokenize(request: Request) -> Response:
     raw = await request.body()
     if len(raw) < LONG_BODY_BYTES:
-        return await _tokenize(request, raw)
-    async with request.app.state.text_workers.slot():
-        return await _tokenize(request, raw)
+        return await _tokenize(request, raw, _here)
+    slots: WorkSlots = request.app.state.text_work
+    async with slots.slot():
+        return await _tokenize(request, raw, slots.call)
 
 
 @router.post("/detokenize", response_class=Response)
 async def detokenize(request: Request) -> Response:
     raw = await request.body()
     if len(raw) < LONG_BODY_BYTES:
-        return await _detokenize(request, raw)
-    async with request.app.state.text_workers.slot():
-        return await _detokenize(request, raw)
+        return await _detokenize(request, raw, _here)
+    slots: WorkSlots = request.app.state.text_work
+    async with slots.slot():
+        return await _detokenize(request, raw, slots.call)
 
 
-async def _tokenize(request: Request, raw: bytes) -> Response:
+async def _here(fn: Callable[..., T], *args: Any) -> T:
+    """A short call's work, done on the event loop."""
+    return fn(*args)
+
+
+async def _tokenize(request: Request, raw: bytes, call: Call) -> Response:
     served: ServedModel = request.app.state.served
-    body = await decode_body(request, raw, TokenizeRequest)
+    body = await call(parse_body, raw, TokenizeRequest, request.app.state.limits.max_json_depth)
     served.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError.bad_request("prompt: give either prompt or messages", param="prompt")
@@ -61,31 +71,37 @@ async def _tokenize(request: Request, raw: bytes) -> Response:
         messages = served.with_system_prompt(
             [{"role": m.role, "content": m.text()} for m in body.messages])
         text = await served.render_chat(messages)  # bounded by the prompt character limit
+        field = "messages"
     else:
-        text = body.prompt
-    tokens = await served.tokenize(text, body.add_special_tokens,
-                                   "messages" if body.messages is not None else "prompt")
-    if len(tokens) < LONG_TEXT_CHARS:
-        answer = _ids_answer(tokens, served.max_model_len)
-    else:
-        answer = await asyncio.to_thread(_ids_answer, tokens, served.max_model_len)
+        text, field = body.prompt, "prompt"
+    _check_length(served, text, field)
+    tokens = await call(served.tokenizer.encode, text, body.add_special_tokens)
+    answer = await call(_ids_answer, tokens, served.max_model_len)
     return Response(answer, media_type="application/json")
 
 
-async def _detokenize(request: Request, raw: bytes) -> Response:
+async def _detokenize(request: Request, raw: bytes, call: Call) -> Response:
     served: ServedModel = request.app.state.served
-    body = await decode_body(request, raw, DetokenizeRequest)
+    body = await call(parse_body, raw, DetokenizeRequest,
+                      request.app.state.limits.max_json_depth)
     served.check_model(body.model)
     limit = served.max_model_len
     if len(body.tokens) > limit:
         raise APIError.bad_request(
             f"tokens: at most {limit} ids (the model's context length), got "
             f"{len(body.tokens)}", param="tokens", code="context_length_exceeded")
-    if len(body.tokens) < LONG_TEXT_CHARS:
-        answer = _text_answer(served, body.tokens)
-    else:
-        answer = await asyncio.to_thread(_text_answer, served, body.tokens)
+    answer = await call(_text_answer, served, body.tokens)
     return Response(answer, media_type="application/json")
+
+
+def _check_length(served: ServedModel, text: str, field: str) -> None:
+    """The generation routes' bound: what the context could hold at the longest token."""
+    limit = served.engine.max_prompt_chars
+    if len(text) > limit:
+        raise APIError(400, f"{field}: {len(text)} characters cannot fit in this model's "
+                       f"context length of {served.max_model_len} tokens (at most {limit} "
+                       "characters; pagedserve serve --max-prompt-chars)", param=field,
+                       code="context_length_exceeded")
 
 
 def _text_answer(served: ServedModel, tokens: Sequence[int]) -> bytes:

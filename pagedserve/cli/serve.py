@@ -391,7 +391,7 @@ def install(args: argparse.Namespace, server, gate, limits, card, client,
     import prometheus_client
 
     from pagedserve.engine.async_engine import AsyncEngine
-    from pagedserve.metrics import ServerMetrics
+    from pagedserve.metrics import ServerMetrics, ServingProcesses
     from pagedserve.server.app import create_app
     from pagedserve.server.served_model import ServedModel
 
@@ -402,7 +402,9 @@ def install(args: argparse.Namespace, server, gate, limits, card, client,
     served = ServedModel(card, async_engine, limits,
                          tool_call_parser=getattr(args, "tool_call_parser", "auto"))
     metrics = ServerMetrics(card.name, async_engine.stats, alive=lambda: async_engine.alive,
-                            max_model_len=client.info.max_model_len, multiprocess_dir=metrics_dir)
+                            max_model_len=client.info.max_model_len, multiprocess_dir=metrics_dir,
+                            processes=ServingProcesses(getattr(args, "client_index", 0),
+                                                       client.info.core_pid))
     app = create_app(served, metrics, api_key=args.api_key)
     if server.run_on_loop(gate.install(app)):
         server.attach(served)

@@ -81,16 +81,22 @@ class AttentionBackend(NamedTuple):
 
 
 def select_backend(choice: str, device: torch.device) -> AttentionBackend:
-    """``auto``: Triton on CUDA when it imports, else torch. ``triton`` on CPU runs under
-    ``TRITON_INTERPRET=1`` (tests only: the interpreter is slow)."""
+    """``auto``: Triton on CUDA when it imports and its kernels can launch there (a C compiler
+    for their launchers: :mod:`pagedserve.triton_launch`), else torch. ``triton`` on CPU runs
+    under ``TRITON_INTERPRET=1`` (tests only: the interpreter is slow)."""
     if choice == "torch" or (choice == "auto" and device.type != "cuda"):
         return TORCH_BACKEND
     try:
         from pagedserve.attention_triton import TRITON_BACKEND
+        from pagedserve.triton_launch import launch_problem
     except ImportError as exc:
         if choice == "triton":
             raise
         logger.warning("triton is not importable (%s); attention runs in plain torch", exc)
+        return TORCH_BACKEND
+    if device.type == "cuda" and (problem := launch_problem(device.type)) is not None:
+        if choice == "triton":
+            raise ValueError(f"attention_backend triton: {problem}")
         return TORCH_BACKEND
     return TRITON_BACKEND
 

@@ -9,7 +9,13 @@ Two hold-backs make streamed text safe to show at once:
    bytes decode the first output token as they would inside the text. An answer that ends
    inside a character (its max_tokens cut an emoji in two) drops the incomplete character
    rather than show '\\ufffd', as vLLM does. It costs about a microsecond a token, where
-   decoding a window of recent tokens twice per token (the older way) cost ten or more.
+   decoding a window of recent tokens twice per token costs ten or more. That window is the
+   fallback: DecodeStream refuses some sequences of byte tokens that never form valid UTF-8
+   (random weights produce them; "Invalid prefix encountered"), and the request then goes on
+   with the window, as vLLM's detokenizer does:
+
+       ids:  ... | prefix_offset ........ read_offset | new tokens ...
+                 [-- already released text --)        [-- candidate text --)
 
 2. Stop strings. Text that could still turn into a stop string (the longest suffix of the
    pending text that is a prefix of some stop) waits; it is released once it can no longer
@@ -75,7 +81,7 @@ class IncrementalDetokenizer:
         released: list[str] = []
         for token_id in token_ids:
             self._ids.append(token_id)
-            text = self._stream.step(self._backend, token_id)
+            text = self._step(token_id)
             if text is None:  # a character is incomplete: the decoder holds it
                 continue
             self._held_from = len(self._ids)
@@ -108,6 +114,23 @@ class IncrementalDetokenizer:
     def _decode(self, start: int, end: int) -> str:
         return self._backend.decode(self._ids[start:end],
                                     skip_special_tokens=self.skip_special_tokens)
+
+    def _step(self, token_id: int) -> str | None:
+        """The text the newest token (already in ``_ids``) completes: None while a character
+        is incomplete, "" for a skipped special token."""
+        if self._stream is not None:
+            try:
+                return self._stream.step(self._backend, token_id)
+            except Exception:  # noqa: BLE001 - DecodeStream's refusal: go on with the window
+                self._stream = None
+        # the window: decode from a few tokens before those still held, and release the text
+        # they add unless it ends inside a character
+        prefix_offset = max(0, self._held_from - _PROMPT_CONTEXT)
+        prefix = self._decode(prefix_offset, self._held_from)
+        full = self._decode(prefix_offset, len(self._ids))
+        if full.endswith(_REPLACEMENT):
+            return None
+        return full[len(prefix):]
 
     # ------------------------------------------------------------------------------------
 

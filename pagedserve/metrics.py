@@ -7,7 +7,11 @@ written for vLLM port by renaming ``vllm:`` to ``pagedserve:``; every series car
 - gauges and cumulative counters are read from :meth:`Engine.stats` at scrape time (a custom
   collector), so they are never stale and cost nothing between scrapes;
 - histograms and the per-reason success counter are observed from the engine thread through the
-  :class:`EngineObserver` hooks ``on_step`` and ``on_output``.
+  :class:`EngineObserver` hooks ``on_step`` and ``on_output``;
+- a serving process adds prometheus_client's ``process_*`` series (CPU seconds, resident and
+  virtual memory, open file descriptors, start time) for each process of the server, labelled
+  by ``process``: ``frontend-N`` (each HTTP front end), ``core`` (the engine core's own
+  process) and, with ``--api-server-count`` above 1, ``supervisor``.
 
 Each :class:`ServerMetrics` owns its own :class:`CollectorRegistry`, so several servers (or tests)
 in one process never collide on the global registry.
@@ -16,10 +20,19 @@ in one process never collide on the global registry.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -126,6 +139,54 @@ class _EngineStatsCollector(Collector):
                       "steps (concurrent requests share them).", s.embedding_batches_total)
 
 
+@dataclass(slots=True)
+class ServingProcesses:
+    """Who this front end is and where the engine core runs: what ``process_*`` covers."""
+
+    frontend_index: int = 0
+    core_pid: int | None = None  # None: the core runs in this process
+
+
+class _ProcessCollector(Collector):
+    """prometheus_client's process series for each process of the server, one ``process``
+    label value each. Several front ends (multiprocess mode) find each other through a pid file
+    each writes into the shared metrics directory, so that a scrape answered by any of them
+    reports all of them, each under its own label (not whichever process answered)."""
+
+    def __init__(self, processes: ServingProcesses, multiprocess_dir: str | None) -> None:
+        self._core_pid = processes.core_pid
+        self._dir = Path(multiprocess_dir) if multiprocess_dir else None
+        self._own = {f"frontend-{processes.frontend_index}": os.getpid()}
+        if self._dir is not None:
+            (self._dir / f"frontend-{processes.frontend_index}.pid").write_text(str(os.getpid()))
+        self._readers: dict[int, ProcessCollector] = {}
+
+    def _processes(self) -> dict[str, int]:
+        roles = dict(self._own)
+        if self._dir is not None:
+            for pid_file in self._dir.glob("frontend-*.pid"):
+                roles[pid_file.stem] = int(pid_file.read_text())
+            roles["supervisor"] = os.getppid()
+        if self._core_pid is not None:
+            roles["core"] = self._core_pid
+        return roles
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for role, pid in sorted(self._processes().items()):
+            reader = self._readers.get(pid)
+            if reader is None:
+                reader = self._readers[pid] = ProcessCollector(pid=lambda pid=pid: pid,
+                                                               registry=None)
+            for metric in reader.collect():  # nothing for a process that has gone
+                family = families.get(metric.name)
+                if family is None:
+                    family = families[metric.name] = Metric(metric.name, metric.documentation,
+                                                            metric.type)
+                for sample in metric.samples:
+                    family.add_sample(sample.name, {**sample.labels, "process": role},
+                                      sample.value)
+        yield from families.values()
 
 
 class ServerMetrics:
@@ -136,12 +197,14 @@ class ServerMetrics:
     and histograms to ``multiprocess_dir`` (prometheus_client's multiprocess mode, switched on
     by ``PROMETHEUS_MULTIPROC_DIR`` before it is imported) and any of them answers a scrape
     with the sums over all of them; the engine's gauges come from each one's latest news of
-    the core, which is the same core.
+    the core, which is the same core. ``processes`` adds the ``process_*`` series of this
+    server's processes.
     """
 
     def __init__(self, model_name: str, stats: Callable[[], EngineStats],
                  alive: Callable[[], bool] = lambda: True, max_model_len: int = 131072,
-                 multiprocess_dir: str | None = None) -> None:
+                 multiprocess_dir: str | None = None,
+                 processes: ServingProcesses | None = None) -> None:
         self.model_name = model_name
         engine_stats = _EngineStatsCollector(model_name, stats, alive)
         if multiprocess_dir is None:
@@ -155,6 +218,8 @@ class ServerMetrics:
             self._exposed = CollectorRegistry(auto_describe=True)
             multiprocess.MultiProcessCollector(self._exposed, path=multiprocess_dir)
             self._exposed.register(engine_stats)
+        if processes is not None:  # a serving process, not an embedded engine or a test
+            self._exposed.register(_ProcessCollector(processes, multiprocess_dir))
         labels = ["model_name"]
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:

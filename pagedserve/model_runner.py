@@ -200,7 +200,7 @@ class ModelRunner:
                         NATIVE_STEP_TOKENS, kernels.isa)
         # MKL's float32 GEMM gives a row different last bits with 1-3 (or, on 2 threads, 5-7,
         # 9-11) rows than within more; bf16, CUDA and the native decoder's kernels do not
-        # (measured; the native decoder computes each row alone, tests/test_native_q4.py)
+        # (measured; the native decoder computes each row alone, tests/test_cpu_kernels.py)
         self._row_variant_matmuls = (self.device.type == "cpu" and self.dtype == torch.float32
                                      and model.native_decoder is None)
 

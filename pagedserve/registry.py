@@ -180,8 +180,13 @@ def _hf_repo_dir(repo_id: str) -> Path:
     return hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
 
-def hf_snapshot(repo_dir: Path) -> Path | None:
-    """The snapshot ``refs/main`` names, else the most recently written one."""
+def hf_snapshot(repo_dir: Path, revision: str | None = None) -> Path | None:
+    """The snapshot ``refs/main`` names, else the most recently written one. With
+    ``revision`` (a branch, tag or commit hash) that one only, or None."""
+    if revision is not None:
+        ref = repo_dir / "refs" / revision
+        snapshot = repo_dir / "snapshots" / (ref.read_text().strip() if ref.is_file() else revision)
+        return snapshot if snapshot.is_dir() else None
     ref = repo_dir / "refs" / "main"
     if ref.is_file():
         snapshot = repo_dir / "snapshots" / ref.read_text().strip()
@@ -274,12 +279,13 @@ def _from_store(store: BlobStore, name: ModelName, source: Source,
     )
 
 
-def _from_hf_cache(name: ModelName, explicit_tag: bool) -> ResolvedModel | None:
+def _from_hf_cache(name: ModelName, explicit_tag: bool,
+                   revision: str | None = None) -> ResolvedModel | None:
     if len(name.parts) != 2:
         return None
     repo_id = "/".join(name.parts)
     repo_dir = _hf_repo_dir(repo_id)
-    snapshot = hf_snapshot(repo_dir) if repo_dir.is_dir() else None
+    snapshot = hf_snapshot(repo_dir, revision) if repo_dir.is_dir() else None
     if snapshot is None:
         return None
     if (snapshot / "config.json").is_file():
@@ -517,8 +523,9 @@ def _default_pull_name(ref: str, found: ResolvedModel) -> ModelName:
 _HF_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.tiktoken", "*.txt"]
 
 
-def _download_hf(repo_id: str, quant: str | None) -> Path:
-    """``snapshot_download`` of the files a model needs; with ``quant``, that GGUF file only."""
+def _download_hf(repo_id: str, quant: str | None, revision: str | None = None) -> Path:
+    """``snapshot_download`` of the files a model needs; with ``quant``, that GGUF file only;
+    ``revision``: a branch, tag or commit hash (default: main)."""
     patterns = list(_HF_PATTERNS)
     if quant:
         patterns = ["*.json"] + [f"*{q}*.gguf" for q in {quant, quant.upper(), quant.lower()}]
@@ -531,10 +538,11 @@ def _download_hf(repo_id: str, quant: str | None) -> Path:
     import httpx
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, revision=revision))
     except (OSError, ValueError, httpx.HTTPError) as exc:
+        at = f" at revision {revision}" if revision else ""
         raise PullError(
-            f"cannot download {repo_id} from Hugging Face ({type(exc).__name__}: {exc}); "
+            f"cannot download {repo_id}{at} from Hugging Face ({type(exc).__name__}: {exc}); "
             "the network may be unreachable or HF_HUB_OFFLINE set. Download it elsewhere and "
             "pull its directory: pagedserve pull /path/to/model (a model of the Ollama "
             f"registry's namespace {repo_id.split('/')[0]} is registry.ollama.ai/{repo_id})"
@@ -545,28 +553,35 @@ class _FromRegistry(Exception):
     """``pull`` is to download the name from an Ollama registry: nothing local has it."""
 
 
-def _pull_source(ref: str) -> tuple[ResolvedModel, Manifest | None]:
+def _pull_source(ref: str, revision: str | None = None) -> tuple[ResolvedModel, Manifest | None]:
     """Where ``pull`` copies from: the model found, and its Ollama manifest if it has one.
-    Raises _FromRegistry for a name (NAME[:TAG], HOST/NAMESPACE/NAME[:TAG]) found nowhere."""
+    Raises _FromRegistry for a name (NAME[:TAG], HOST/NAMESPACE/NAME[:TAG]) found nowhere.
+    ``revision`` pins a Hugging Face repository's files (and is refused for anything else)."""
+    if revision is not None and (_from_path(ref) is not None or ref.count("/") != 1):
+        raise PullError(f"revision {revision!r}: only a Hugging Face repository ORG/NAME has "
+                        f"revisions, and {ref!r} is not one")
     if (found := _from_path(ref)) is not None:
         return found, None
     try:
         parsed = ModelName.parse(ref)
     except ValueError as exc:
         raise PullError(f"cannot pull {ref!r}: no such file, and {exc}") from exc
-    if (manifest := ollama_store().find(parsed)) is not None:
+    if revision is None and (manifest := ollama_store().find(parsed)) is not None:
         return ResolvedModel(_display_name(parsed, "ollama"), manifest.path, "ollama"), manifest
     if len(parsed.parts) == 2:
         explicit_tag = ref.rfind(":") > ref.rfind("/")
         try:
             quant = parsed.tag if explicit_tag and parsed.tag != "latest" else None
-            logger.info("downloaded %s to %s", ref, _download_hf("/".join(parsed.parts), quant))
+            logger.info("downloaded %s to %s", ref,
+                        _download_hf("/".join(parsed.parts), quant, revision))
         except PullError:
-            if _from_hf_cache(parsed, explicit_tag) is None:
+            if _from_hf_cache(parsed, explicit_tag, revision) is None:
                 raise
             logger.warning("cannot reach Hugging Face: pulling %s from the local cache", ref)
-        if (found := _from_hf_cache(parsed, explicit_tag)) is not None:
+        if (found := _from_hf_cache(parsed, explicit_tag, revision)) is not None:
             return found, None
+        if revision is not None:
+            raise PullError(f"revision {revision!r} of {ref} is not in the cache after download")
     if ref in BUNDLED_ALIASES:
         return ResolvedModel(BUNDLED_MODEL_NAME, bundled_model_path(), "bundled"), None
     if len(parsed.parts) in (1, 3):  # llama3.2:1b, hf.co/ORG/REPO:QUANT
@@ -601,7 +616,7 @@ def _copy_layers(source: ResolvedModel, ollama_manifest: Manifest | None, own: B
 
 
 def pull(ref: str, name: str | None = None, *, link: bool = False, insecure: bool = False,
-         progress: ProgressHook | None = None) -> ResolvedModel:
+         progress: ProgressHook | None = None, revision: str | None = None) -> ResolvedModel:
     """Copy (or hard-link, ``link=True``) a model into pagedserve's store, checking sha256.
 
     Sources, first match wins: a path (GGUF file or Hugging Face directory), an Ollama store
@@ -609,11 +624,12 @@ def pull(ref: str, name: str | None = None, *, link: bool = False, insecure: boo
     (downloaded with huggingface_hub, or taken from its cache when offline), the bundled model,
     and last an Ollama registry for ``NAME[:TAG]`` and ``HOST/NAMESPACE/NAME[:TAG]``
     (:mod:`pagedserve.registry_client`; ``insecure``: over http). A blob lands in the store
-    only once its digest is known and checked; the manifest is written last.
+    only once its digest is known and checked; the manifest is written last. ``revision``:
+    a Hugging Face repository's branch, tag or commit hash (default: main).
     """
     own = own_store()
     try:
-        source, ollama_manifest = _pull_source(ref)
+        source, ollama_manifest = _pull_source(ref, revision)
     except _FromRegistry:
         target = RegistryRef.parse(ref, insecure=insecure, name=name)
         events = HookEvents(progress) if progress is not None else None
@@ -622,7 +638,8 @@ def pull(ref: str, name: str | None = None, *, link: bool = False, insecure: boo
     with own.locked():  # until the manifest names the new blobs
         layers = _copy_layers(source, ollama_manifest, own, link, progress)
         manifest = Manifest(own.manifest_path(target_name), layers,
-                            annotations={"pagedserve.source": f"{source.source}:{ref}"})
+                            annotations={"pagedserve.source": f"{source.source}:{ref}"
+                                         + (f"@{revision}" if revision else "")})
         own.write_manifest(target_name, manifest)
         if manifest.layer(MEDIA_FILE) is not None:
             own.build_tree(target_name, manifest)

@@ -142,6 +142,37 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise ValueError(f"messages: the chat template rejected them: {exc}") from exc
 
+    @functools.cached_property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template shows the model the tools it is given.
+
+        Probed, not guessed from the template's text: a chat is rendered with one tool, whose
+        name must appear in the prompt. A template without a ``tools`` variable (SmolLM2's,
+        Gemma's) renders the same prompt with tools or without.
+        """
+        probe = {"type": "function", "function": {
+            "name": _PROBE, "description": "Probe.",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+        try:
+            prompt = self.apply_chat_template([{"role": "user", "content": "Hi."}],
+                                              tools=[probe])
+        except ValueError:
+            return False
+        return _PROBE in prompt
+
+    @functools.cached_property
+    def template_takes_system(self) -> bool:
+        """Whether the chat template renders a system message (Gemma's refuses one)."""
+        try:
+            prompt = self.apply_chat_template([{"role": "system", "content": _PROBE},
+                                               {"role": "user", "content": "Hi."}])
+        except ValueError:
+            return False
+        return _PROBE in prompt
+
+
+_PROBE = "pagedserve_template_probe"
+
 
 def _flatten_content(message: Mapping[str, Any]) -> dict[str, Any]:
     content = message.get("content")

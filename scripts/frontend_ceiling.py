@@ -4,8 +4,8 @@ A tiny random model (2 layers, width 64) with the bundled model's real tokenizer
 its chat template) is served by ``pagedserve serve``; C closed-loop clients stream
 ``/v1/completions`` (SSE, ``ignore_eos``) for a fixed time. The script reads the CPU time
 (utime + stime, /proc) of every process of the server, front ends apart from the engine core,
-over the measured window, and the tokens the clients received (the final ``usage`` of each
-stream). With the model this cheap, the front end's microseconds per token bound what one
+while every user sends a fixed number of requests (after one warm-up request each), and the
+tokens the clients received (the final ``usage`` of each stream). With the model this cheap, the front end's microseconds per token bound what one
 front-end process can stream: 1e6 / (us per token) tokens per second.
 
 The clients speak HTTP/1.1 over raw asyncio streams (no HTTP library): on a 2-core machine
@@ -43,9 +43,10 @@ def make_tiny_model(out: Path) -> Path:
     from pagedserve.loader.gguf import GGUFFile, tokenizer_from_gguf
 
     tokenizer = tokenizer_from_gguf(GGUFFile(bundled_model_path()))
+    # one head of 64: torch's CPU attention is slow for small head sizes
     config = ModelConfig("llama", vocab_size=tokenizer.vocab_size, hidden_size=64,
-                         intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                         head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True)
+                         intermediate_size=128, num_layers=2, num_heads=1, num_kv_heads=1,
+                         head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True)
     out.mkdir(parents=True, exist_ok=True)
     weights = dummy_weights(config, torch.float32)
     save_file({k: weights[k].contiguous() for k in expected_weight_names(config)},
@@ -53,8 +54,8 @@ def make_tiny_model(out: Path) -> Path:
     (out / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": config.vocab_size, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "num_hidden_layers": 2, "num_attention_heads": 1, "num_key_value_heads": 1,
+        "head_dim": 64, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float32",
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_ids[0]}))
     tokenizer.backend.save(str(out / "tokenizer.json"))
@@ -100,13 +101,13 @@ class Client:
                         + str(len(body)).encode() + b"\r\n\r\n" + body)
         self.tokens = self.events = self.requests = 0
 
-    async def run(self, deadline: float, counting: asyncio.Event) -> None:
+    async def run(self, requests: int, counting: bool) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         try:
-            while time.monotonic() < deadline:
+            for _ in range(requests):
                 writer.write(self.request)
                 tokens, events = await self._read_response(reader)
-                if counting.is_set():
+                if counting:
                     self.tokens += tokens
                     self.events += events
                     self.requests += 1
@@ -131,27 +132,23 @@ class Client:
                 if event == b"data: [DONE]":
                     continue
                 events += 1
-                if b'"usage"' in event and b'"choices": []' in event:
-                    tokens = json.loads(event[6:])["usage"]["completion_tokens"]
+                if b'"usage"' in event:  # the last event: choices empty, the counts
+                    usage = json.loads(event[6:]).get("usage") or {}
+                    tokens = usage.get("completion_tokens", tokens)
 
 
-async def drive(port: int, users: int, warmup: float, seconds: float, max_tokens: int,
+async def drive(port: int, users: int, requests_per_user: int, max_tokens: int,
                 roles: dict[str, list[int]]) -> dict:
     body = json.dumps({"prompt": "Tell me a story about a paged KV cache.", "stream": True,
                        "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
                        "stream_options": {"include_usage": True}}).encode()
     clients = [Client(port, body) for _ in range(users)]
-    counting = asyncio.Event()
-    start = time.monotonic()
-    deadline = start + warmup + seconds
-    tasks = [asyncio.create_task(c.run(deadline, counting)) for c in clients]
-    await asyncio.sleep(warmup)
+    await asyncio.gather(*(c.run(1, counting=False) for c in clients))  # warm-up
     pids = [p for ps in roles.values() for p in ps]
     cpu_before = {p: cpu_seconds(p) for p in pids}
     own_before = time.process_time()
-    counting.set()
     t0 = time.monotonic()
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*(c.run(requests_per_user, counting=True) for c in clients))
     wall = time.monotonic() - t0
     cpu = {p: cpu_seconds(p) - cpu_before[p] for p in pids}
     tokens = sum(c.tokens for c in clients)
@@ -175,9 +172,9 @@ async def drive(port: int, users: int, warmup: float, seconds: float, max_tokens
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=128)
-    parser.add_argument("--seconds", type=float, default=20.0, help="measured window")
-    parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per request")
+    parser.add_argument("--requests-per-user", type=int, default=2,
+                        help="measured requests per user, after one warm-up request each")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--api-server-count", type=int, default=1)
     parser.add_argument("--server-args", default="", help="more `pagedserve serve` flags")
     parser.add_argument("--model-dir", help="reuse a tiny model made earlier (default: new)")
@@ -189,13 +186,16 @@ def main() -> None:
     model = Path(args.model_dir) if args.model_dir else Path(tempfile.mkdtemp()) / "tiny"
     if not (model / "config.json").exists():
         make_tiny_model(model)
+    # one engine thread: the model is too small to share, and OpenMP threads that wait at
+    # barriers for a descheduled partner would charge the core, not the front end, anyway
     server_args = ["--max-num-seqs", str(max(args.users, 1)), "--max-model-len", "4096",
-                   "--kv-cache-memory", "256MiB", *shlex.split(args.server_args)]
+                   "--kv-cache-memory", "256MiB", "--threads", "1", "--dtype", "float32",
+                   *shlex.split(args.server_args)]
     if args.api_server_count > 1:
         server_args += ["--api-server-count", str(args.api_server_count)]
     with ServerProcess(str(model), server_args) as server:
         roles = server_processes(server.proc.pid)
-        result = asyncio.run(drive(server.port, args.users, args.warmup, args.seconds,
+        result = asyncio.run(drive(server.port, args.users, args.requests_per_user,
                                    args.max_tokens, roles))
     result["server_args"] = " ".join(server_args)
     print(json.dumps(result, indent=2))

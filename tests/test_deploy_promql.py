@@ -1,16 +1,21 @@
 """Every PromQL expression we ship (dashboard panels and variables, alerts, KEDA triggers, for
-every values file) parses, names only series a real `pagedserve serve` exports, uses each the
-way its type allows, and gives data: evaluated over scrapes of that server after real traffic.
-The KEDA query must come back as one series however many pods there are."""
+every values file) parses, names only series a real `pagedserve serve` exports (or, for the
+alerts on pods, kube-state-metrics documents), uses each the way its type allows, and gives
+data: evaluated over scrapes of that server after real traffic. The KEDA query must come back
+as one series however many pods there are. The same server meets the Gateway API Inference
+Extension's model-server protocol as the chart's endpoint picker is configured to read it."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from deploy_chart import (
     VALUES_FILES,
     by_kind,
@@ -24,6 +29,9 @@ pytest.importorskip("helm_python")
 
 # Series Prometheus makes for every target, and labels it (the Prometheus Operator) adds.
 PROMETHEUS_SERIES = {"up"}
+# kube-state-metrics' series the pod alerts read: name -> {"type", "labels"}
+KUBE_STATE_METRICS = json.loads((Path(__file__).parent / "deploy_schemas" /
+                                 "kube_state_metrics.json").read_text())["series"]
 TARGET_LABELS = {"namespace", "service", "pod", "job", "instance", "endpoint", "container"}
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
             "gauge": ("",), "summary": ("", "_sum", "_count")}
@@ -74,7 +82,7 @@ def _nodes(node):
 
 def test_every_expression_parses():
     exprs = _ours() + [("keda wake", t["metadata"]["query"]) for t in _keda_triggers()]
-    assert len(_dashboard_exprs()) >= 20 and len(_alert_exprs()) >= 6
+    assert len(_dashboard_exprs()) >= 20 and len(_alert_exprs()) >= 12
     for where, expr in exprs:
         try:
             _parse(expr)
@@ -111,7 +119,8 @@ def test_keda_query_is_a_single_series_sum():
 def served(tiny_llama_tokenized_dir):
     """Scrapes of a real server around traffic that reaches every finish reason we can cause
     from outside (stop, length, abort) and 2xx/4xx answers; scraped as two pods of one
-    Deployment would be, with the labels the Prometheus Operator adds."""
+    Deployment would be, with the labels the Prometheus Operator adds. Also its exposition at
+    a moment when its two seats are taken and two requests wait (the endpoint picker's view)."""
     from pagedserve.bench.server_process import ServerProcess
 
     ev = promql_eval()
@@ -148,13 +157,55 @@ def served(tiny_llama_tokenized_dir):
         assert client.post("/v1/completions", json=body | {"temperature": -1}).status_code == 400
         assert client.get("/no/such/route").status_code == 404
         _abandon_a_request(client, body, finished)
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+        full_batch = _fill_the_batch(client, server.url, body)
         scrape()
         for _ in range(2):
             client.post("/v1/completions", json=body | {"max_tokens": 12, "prompt": "Hello"})
         time.sleep(1.5)
         scrape()
         client.close()
-    return ev.Evaluator(scrapes), types, scrapes
+    return ev.Evaluator(scrapes), types, scrapes, full_batch
+
+
+def _value(text: str, name: str) -> float:
+    [value] = [v for k, v in promql_eval().parse_scrape(text).items()
+               if dict(k)["__name__"] == name]
+    return value
+
+
+def _fill_the_batch(client: httpx.Client, url: str, body: dict) -> str:
+    """Four long requests on a server of two seats: the exposition once two run and two wait.
+    The clients then go away (the requests end as aborts)."""
+    import threading
+
+    stop = threading.Event()
+
+    def one() -> None:
+        with httpx.Client(base_url=url, timeout=120) as c, c.stream(
+                "POST", "/v1/completions",
+                json=body | {"max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            text = client.get("/metrics").text
+            if (_value(text, "pagedserve:num_requests_running"),
+                    _value(text, "pagedserve:num_requests_waiting")) == (2, 2):
+                return text
+            assert time.monotonic() < deadline, "four requests never filled two seats"
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(120)
 
 
 def _abandon_a_request(client: httpx.Client, body: dict, finished) -> None:
@@ -202,20 +253,23 @@ def _labels_of(scrapes) -> dict[str, set[str]]:
 
 @pytest.mark.slow
 def test_names_functions_and_labels_fit_what_the_server_exports(served):
-    _, types, scrapes = served
+    _, types, scrapes, _ = served
     exported = _exported(types)
     assert {"pagedserve:prompt_tokens_total", "pagedserve:time_to_first_token_seconds_bucket",
             "pagedserve:iteration_tokens_total_bucket"} <= set(exported)
     seen = _labels_of(scrapes)
     assert set(exported) - PROMETHEUS_SERIES <= set(seen) | {n for n in exported
                                                              if n.endswith("_created")}
+    for name, series in KUBE_STATE_METRICS.items():
+        exported.setdefault(name, series["type"])
+        seen.setdefault(name, set()).update(series["labels"])
     for where, expr in _ours():
         root = _parse(expr)
         for node in _nodes(root):
             if isinstance(node, pp.VectorSelector):
                 name = node.name
                 assert name in exported or name in PROMETHEUS_SERIES, \
-                    f"{where}: {name} is not exported by pagedserve serve"
+                    f"{where}: {name} is not exported by pagedserve serve nor kube-state-metrics"
                 for m in node.matchers.matchers:
                     assert m.name in seen.get(name, set()) | TARGET_LABELS, \
                         f"{where}: {name} has no label {m.name}"
@@ -245,16 +299,25 @@ def test_names_functions_and_labels_fit_what_the_server_exports(served):
 def test_every_dashboard_panel_and_alert_has_data(served):
     """Evaluated at the last scrape: every panel query returns at least one series (a label
     mismatch in a division would return none), with finite values where traffic happened."""
-    evaluator, _, scrapes = served
+    evaluator, _, scrapes, _ = served
     ev = promql_eval()
     t = scrapes[-1][0]
     for where, expr in _dashboard_exprs():
         result = evaluator.query(ev.substitute(expr, RATE_WINDOW, {"model_name": ".*"}), t)
         assert result, f"{where}: {expr} returns nothing"
     for where, expr in _alert_exprs():
+        condition = _parse(expr)
+        names = {n.name for n in _nodes(condition) if isinstance(n, pp.VectorSelector)}
+        if names & set(KUBE_STATE_METRICS):
+            continue  # kube-state-metrics' series: not in a pagedserve scrape
+        absent = [n for n in _nodes(condition)
+                  if isinstance(n, pp.Call) and n.func.name == "absent"]
+        if absent:  # quiet while the series it watches has data, as it has here
+            [call] = absent
+            assert evaluator.query(call.args[0].prettify(), t), f"{where}: watches nothing"
+            continue
         # the alert's condition without its threshold measures something; of a ratio of
         # failures (none happened here, so no series) the denominator
-        condition = _parse(expr)
         assert str(condition.op) in ("==", ">"), where
         quantity = condition.lhs
         if isinstance(quantity, pp.BinaryExpr) and str(quantity.op) == "/":
@@ -273,13 +336,55 @@ def test_every_dashboard_panel_and_alert_has_data(served):
 
 @pytest.mark.slow
 def test_keda_query_sums_the_pods(served):
-    evaluator, _, scrapes = served
+    evaluator, _, scrapes, _ = served
     t = scrapes[-1][0]
     [query] = {t_["metadata"]["query"] for t_ in _keda_triggers()
                if t_["name"] == "requests-waiting" and '"llm"' in t_["metadata"]["query"]}
     assert len(evaluator.query(query, t)) == 1
     unaggregated = query.removeprefix("sum(").removesuffix(")")
     assert len(evaluator.query(unaggregated, t)) == 2, "two pods, two series"
+
+
+# -- the Gateway API Inference Extension's model-server protocol ---------------------------------
+
+
+def _picker_engine() -> dict:
+    [config] = [c for c in _rendered("ConfigMap") if c["metadata"]["name"].endswith("-epp")]
+    plugins = yaml.safe_load(config["data"]["epp.yaml"])["plugins"]
+    [extractor] = [p for p in plugins if p["type"] == "core-metrics-extractor"]
+    [engine] = extractor["parameters"]["engineConfigs"]
+    return engine
+
+
+@pytest.mark.slow
+def test_server_meets_the_inference_extension_protocol(served):
+    """The protocol (gateway-api-inference-extension, docs/proposals/003-model-server-protocol)
+    wants OpenAI completions and chat (answered in the fixture) and three gauges, under any
+    name "with the types and semantics" of vLLM's: queued requests, running requests and the
+    KV cache in use as a fraction 0..1. The picker's configuration names pagedserve's; each
+    is a gauge, one series per pod, and reads 2 running and 2 waiting when four requests meet
+    two seats. No adapters, so no LoRA series, and the picker is told not to look for one."""
+    _, types, _, full_batch = served
+    engine = _picker_engine()
+    for spec in ("queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec"):
+        name = engine[spec]
+        assert types.get(name) == "gauge", f"{spec}: {name} is not a gauge pagedserve exports"
+        series = [k for k in promql_eval().parse_scrape(full_batch) if dict(k)["__name__"] == name]
+        assert len(series) == 1, f"{name}: {len(series)} series, the picker reads one per pod"
+    assert _value(full_batch, engine["runningRequestsSpec"]) == 2
+    assert _value(full_batch, engine["queuedRequestsSpec"]) == 2
+    assert 0 < _value(full_batch, engine["kvUsageSpec"]) <= 1
+    assert engine["loraSpec"] == "" and not [n for n in types if "lora" in n]
+
+
+@pytest.mark.slow
+def test_process_series_of_front_end_and_core(served):
+    """A real `pagedserve serve` (front end + engine core process) reports both."""
+    _, types, scrapes, full_batch = served
+    rss = {dict(k)["process"]: v for k, v in promql_eval().parse_scrape(full_batch).items()
+           if dict(k)["__name__"] == "process_resident_memory_bytes"}
+    assert set(rss) == {"frontend-0", "core"} and all(v > 0 for v in rss.values())
+    assert types["process_cpu_seconds_total"] == "counter"
 
 
 # -- the evaluator itself, on hand-made samples ------------------------------------------------

@@ -146,3 +146,35 @@ def test_sentencepiece_keeps_the_space_of_the_first_output_token(tiny_llama_gguf
     deltas, stop = _stream(detok, output, _ones())
     # decoded after the prompt, " sat" keeps its space (decode(output) alone would strip it)
     assert stop == "mat" and "".join(deltas) == " sat on the "
+
+
+def test_byte_tokens_that_never_form_utf8_fall_back_to_the_window(tiny_llama_gguf):
+    """Random weights sample lone byte tokens: tokenizers' DecodeStream refuses some such
+    sequences after a SentencePiece byte fallback ("Invalid prefix encountered"); the request
+    goes on with the window decoder, and its text is still the whole decode less incomplete
+    characters."""
+    from tokenizers.decoders import DecodeStream
+
+    from pagedserve.loader.gguf import GGUFFile, tokenizer_from_gguf
+
+    tok = tokenizer_from_gguf(GGUFFile(tiny_llama_gguf))
+    prompt = tok.encode("Hello world")
+    rng = random.Random(0)
+    for _ in range(2000):  # a sequence DecodeStream refuses (the third one tried, today)
+        ids = [rng.randrange(3, tok.vocab_size) for _ in range(rng.randrange(2, 20))]
+        stream = DecodeStream(ids=prompt[-5:], skip_special_tokens=True)
+        try:
+            for i in ids:
+                stream.step(tok.backend, i)
+        except Exception:  # noqa: BLE001 - the refusal this test needs
+            break
+    else:
+        pytest.fail("no sequence made DecodeStream refuse: the fallback is not exercised")
+    detok = IncrementalDetokenizer(tok, prompt, stop=[])
+    deltas, stop = _stream(detok, ids, _ones())
+    assert stop is None
+    # bytes that can never be UTF-8: the whole decode turns every byte of such a run into
+    # U+FFFD, a window may show the valid ones among them; everywhere else they agree
+    text, whole = "".join(deltas), tok.decode(ids).rstrip("\ufffd")
+    assert len(text) == len(whole)
+    assert all(a == b for a, b in zip(text, whole, strict=True) if b != "\ufffd")

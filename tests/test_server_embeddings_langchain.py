@@ -108,5 +108,7 @@ def test_concurrent_queries_are_batched_while_the_model_generates(server, refere
 
 
 def test_a_generative_model_shows_completion(server):
+    """It embeds too, but Ollama lists a generative model for what it generates (and, here,
+    the tools any model takes), not for embedding."""
     shown = httpx.post(f"{server.url}/api/show", json={"model": MODEL}).json()
-    assert shown["capabilities"] == ["completion"]
+    assert shown["capabilities"] == ["completion", "tools"]

@@ -121,7 +121,7 @@ def test_show(client):
     assert "im_start" in info.template
     assert info.modelinfo["general.architecture"] == "llama"
     assert info.modelinfo["llama.context_length"] == 8192
-    assert info.capabilities == ["completion"]
+    assert info.capabilities == ["completion", "tools"]  # tools: on any model
 
 
 def test_ps(client):

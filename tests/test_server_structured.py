@@ -1,10 +1,13 @@
 """Structured outputs and tool calls over HTTP, on a tiny random model in a server thread:
 whatever the weights say, a constrained answer matches; bad constraints are 400s naming the
-field before anything is queued; tool calls come in each API's shape."""
+field before anything is queued; tool calls come in each API's shape. The model's chat
+template renders tools (the native path; tests/test_clients_*.py run the generic one)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 
 import httpx
 import jsonschema
@@ -36,9 +39,23 @@ TIME = {"type": "function", "function": {
 CHAT = [{"role": "user", "content": "What is the weather?"}]
 
 
+# ChatML that shows the tools' names, in hermes' format: the tiny model's context (512) has
+# no room for full schemas
+TOOLS_CHATML = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}"
+    "{% endfor %}; call one as <tool_call>{json}</tool_call><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 @pytest.fixture(scope="module")
-def server(tiny_llama_tokenized_dir):
-    loaded = load_model(tiny_llama_tokenized_dir)
+def server(tiny_llama_tokenized_dir, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("tools") / "model"
+    shutil.copytree(tiny_llama_tokenized_dir, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": TOOLS_CHATML}))
+    loaded = load_model(model_dir)
     engine = Engine.from_model(loaded, EngineConfig(dtype="float32", kv_cache_memory=4 << 20))
     with ServerThread(engine) as srv:
         yield srv
@@ -295,3 +312,21 @@ def test_metrics_count_constrained_requests_and_compile_time(server, client):
     assert counts["pagedserve:constrained_requests_total"] >= 1
     assert counts["pagedserve:grammar_compile_seconds_count"] >= 1
     assert "pagedserve:grammar_cache_hits_total" in counts
+
+
+def test_fields_that_change_nothing_are_named_in_one_log_line(server, caplog):
+    with caplog.at_level(logging.INFO, logger="pagedserve.server"):
+        resp = httpx.post(f"{server.url}/v1/chat/completions", json={
+            "model": "tiny", "messages": CHAT, "max_tokens": 1, "user": "u1", "store": True,
+            "some_future_field": [1]})
+        assert resp.status_code == 200, resp.text
+        resp = httpx.post(f"{server.url}/api/chat", json={
+            "model": "tiny", "messages": CHAT, "stream": False, "keep_alive": "5m",
+            "think": False, "options": {"num_predict": 1, "num_ctx": 64, "num_gpu": 1}})
+        assert resp.status_code == 200, resp.text
+    lines = [r.getMessage() for r in caplog.records if "fields ignored" in r.getMessage()]
+    assert lines == ["/v1/chat/completions: fields ignored: some_future_field, store, user",
+                     "/api/chat: fields ignored: keep_alive, options.num_ctx, options.num_gpu"]
+    resp = httpx.post(f"{server.url}/v1/completions", json={
+        "model": "tiny", "prompt": "def f(", "suffix": "return 1", "max_tokens": 1})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "suffix"

@@ -16,11 +16,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import httpx
 
 from pagedserve.bench.results import RequestRecord
+
+if TYPE_CHECKING:
+    from pagedserve.bench.http_stream import StreamingHTTP
 
 MAX_ERROR_CHARS = 300
 
@@ -72,7 +75,8 @@ class ApiClient:
     async def _read(self, lines: AsyncIterator[str], clock: ChunkClock) -> RequestRecord:
         raise NotImplementedError
 
-    async def send(self, http: httpx.AsyncClient, prompt: str, output_len: int) -> RequestRecord:
+    async def send(self, http: httpx.AsyncClient | StreamingHTTP, prompt: str,
+                   output_len: int) -> RequestRecord:
         """Stream one completion; never raises for a failed request, records the error."""
         clock = ChunkClock()
         try:

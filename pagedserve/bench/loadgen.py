@@ -24,6 +24,7 @@ from typing import Protocol
 import httpx
 
 from pagedserve.bench.clients import ApiClient
+from pagedserve.bench.http_stream import StreamingHTTP
 from pagedserve.bench.prompts import PromptSet
 from pagedserve.bench.results import LevelResult, RequestRecord
 from pagedserve.bench.server_metrics import KVProbe
@@ -93,7 +94,11 @@ class LoadGenerator:
         self.timeout = timeout
         self.metrics_interval = metrics_interval
 
-    def _http(self, connections: int) -> httpx.AsyncClient:
+    def _http(self, connections: int) -> httpx.AsyncClient | StreamingHTTP:
+        """The requests' client: the lean one over plain http (a benchmark's client must cost
+        the machine little), httpx for https."""
+        if self.url.startswith("http://"):
+            return StreamingHTTP(self.url, timeout=self.timeout)
         return httpx.AsyncClient(
             base_url=self.url,
             timeout=httpx.Timeout(self.timeout, connect=30.0),
@@ -106,7 +111,8 @@ class LoadGenerator:
         counts = workload.prompts_per_level(concurrency)
         prompt_set = PromptSet(sum(counts), workload.input_len, seed=workload.seed,
                                shared_prefix_len=workload.shared_prefix_len)
-        async with self._http(max(concurrency) + 2) as http, self._http(2) as metrics_http:
+        metrics = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(30.0))
+        async with self._http(max(concurrency) + 2) as http, metrics as metrics_http:
             await self.calibrate(http, prompt_set)
             prompts = prompt_set.prompts()
             probe = KVProbe(metrics_http, self.metrics_interval)

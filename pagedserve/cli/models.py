@@ -79,6 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "disk; the source must not be modified afterwards)")
     p.add_argument("--insecure", action="store_true",
                    help="reach the registry over http rather than https")
+    p.add_argument("--revision", metavar="REV",
+                   help="of a Hugging Face repository ORG/NAME: the branch, tag or commit hash "
+                   "to download (default main; a commit hash pins the exact files)")
     p.set_defaults(func=cmd_pull)
 
     p = subparsers.add_parser(
@@ -382,7 +385,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     try:
         with RichProgress() as progress:
             resolved = registry.pull(args.ref, args.name, link=args.link,
-                                     insecure=args.insecure, progress=progress)
+                                     insecure=args.insecure, progress=progress,
+                                     revision=args.revision)
     except (registry.PullError, registry.ModelNotFoundError, ModelIntegrityError,
             ValueError) as exc:
         return _fail(str(exc))

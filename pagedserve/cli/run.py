@@ -135,6 +135,8 @@ def invalid_flag(args: argparse.Namespace) -> str | None:
     them later, so that `--temperature -1` does not wait for a load to fail."""
     from pagedserve.sampling_params import SamplingParams
 
+    if args.max_tokens is not None and args.max_tokens < 1:  # 0 is the API's "prompt only"
+        return f"--max-tokens must be >= 1, got {args.max_tokens}"
     try:
         SamplingParams(**sampling_overrides(args))
         engine_config_from_args(args)

@@ -12,12 +12,16 @@ from typing import Any
 
 from pagedserve.cli.options import parse_bytes
 from pagedserve.server.limits import (
+    DEFAULT_LIMIT_CONCURRENCY,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_EMBEDDING_INPUTS,
     DEFAULT_MAX_JSON_DEPTH,
     DEFAULT_MAX_N,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_MIN_UPLOAD_RATE,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
+    DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+    DEFAULT_TIMEOUT_REQUEST_READ_S,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,8 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the name clients use (default: the registry's name for MODEL)")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("PAGEDSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* and /api/* "
-                   "(default: $PAGEDSERVE_API_KEY; none: open)")
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /api/*, /tokenize "
+                   "and /detokenize (default: $PAGEDSERVE_API_KEY; none: open)")
 
     p.add_argument("--api-server-count", type=int, default=1, metavar="N",
                    help="front-end processes sharing the port and one engine core (HTTP, "
@@ -97,6 +101,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "what the context can hold at the vocabulary's longest token)")
 
     _add_grammar_limits(p)
+    c = p.add_argument_group("connections (slow or too many clients)")
+    c.add_argument("--timeout-request-read", type=float, metavar="SECONDS",
+                   default=DEFAULT_TIMEOUT_REQUEST_READ_S,
+                   help="close a connection whose request headers have not all arrived this "
+                   "long after its first byte, or whose body, this long after the headers "
+                   "plus a second per --min-upload-rate bytes received (answers then have "
+                   f"no time limit) (default {DEFAULT_TIMEOUT_REQUEST_READ_S:.0f})")
+    c.add_argument("--min-upload-rate", type=parse_bytes, metavar="BYTES",
+                   default=DEFAULT_MIN_UPLOAD_RATE,
+                   help="the slowest a request body may come on average, bytes a second "
+                   "(default 16KiB: an 8 MiB body may take 9 minutes)")
+    c.add_argument("--timeout-keep-alive", type=float, metavar="SECONDS",
+                   default=DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+                   help="close a connection idle this long between requests (uvicorn's; "
+                   f"default {DEFAULT_TIMEOUT_KEEP_ALIVE_S:.0f})")
+    c.add_argument("--limit-concurrency", type=int, metavar="N",
+                   default=DEFAULT_LIMIT_CONCURRENCY,
+                   help="answer 503 (with Retry-After) to new requests while more than N "
+                   "connections are open or N requests run, except /health, /ready, "
+                   "/metrics, /version and / (uvicorn's flag; 0: no limit; default "
+                   f"{DEFAULT_LIMIT_CONCURRENCY})")
 
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, help="most requests in one batch (default 128)")
@@ -246,6 +271,15 @@ def engine_config_from_args(args: argparse.Namespace):
     return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
 
 
+def connection_limits_from_args(args: argparse.Namespace):
+    from pagedserve.server.limits import ConnectionLimits
+
+    return ConnectionLimits(timeout_request_read=args.timeout_request_read,
+                            min_upload_rate=args.min_upload_rate,
+                            timeout_keep_alive=args.timeout_keep_alive,
+                            limit_concurrency=args.limit_concurrency or None)
+
+
 def resolve_model(ref: str | None, served_name: str | None):
     """The registry's entry for MODEL as a :class:`ModelCard`."""
     from pagedserve.bundled import BUNDLED_ALIASES
@@ -279,6 +313,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               max_json_depth=args.max_json_depth, max_n=args.max_n,
                               max_queue=args.max_queue,
                               max_embedding_inputs=args.max_embedding_inputs)
+        connection_limits_from_args(args)
     except ValueError as exc:
         field, _, rest = str(exc).partition(" ")
         logger.error("--%s %s", field.replace("_", "-"), rest)
@@ -318,7 +353,8 @@ def _serve(args: argparse.Namespace, sock, limits, card, config) -> int:
 
     gate = LoadingApp()
     server = make_http_server(gate, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
-                              access_log=getattr(args, "verbose", False))
+                              access_log=getattr(args, "verbose", False),
+                              connections=connection_limits_from_args(args))
     threading.Thread(target=_load, args=(args, server, gate, limits, card, config),
                      name="pagedserve-load", daemon=True).start()
     return run_http_server(server, sock)
@@ -355,7 +391,7 @@ def install(args: argparse.Namespace, server, gate, limits, card, client,
     import prometheus_client
 
     from pagedserve.engine.async_engine import AsyncEngine
-    from pagedserve.metrics import ServerMetrics
+    from pagedserve.metrics import ServerMetrics, ServingProcesses
     from pagedserve.server.app import create_app
     from pagedserve.server.served_model import ServedModel
 
@@ -366,7 +402,9 @@ def install(args: argparse.Namespace, server, gate, limits, card, client,
     served = ServedModel(card, async_engine, limits,
                          tool_call_parser=getattr(args, "tool_call_parser", "auto"))
     metrics = ServerMetrics(card.name, async_engine.stats, alive=lambda: async_engine.alive,
-                            max_model_len=client.info.max_model_len, multiprocess_dir=metrics_dir)
+                            max_model_len=client.info.max_model_len, multiprocess_dir=metrics_dir,
+                            processes=ServingProcesses(getattr(args, "client_index", 0),
+                                                       client.info.core_pid))
     app = create_app(served, metrics, api_key=args.api_key)
     if server.run_on_loop(gate.install(app)):
         server.attach(served)
@@ -395,9 +433,14 @@ def _log_startup(args: argparse.Namespace, served) -> None:
                     "generate (/api/embed, /api/embeddings and /v1/embeddings only)",
                     served.card.path, info.config.dtype, max_len)
     if args.api_key:
-        logger.info("API key required on /v1/* and /api/*")
+        logger.info("API key required on /v1/*, /api/*, /tokenize and /detokenize")
     limits = served.limits
     logger.info("limits: %d requests waiting for a seat (more get 503), bodies of %d bytes, "
                 "n <= %d, JSON depth %d, prompts of %d characters, %d inputs per embedding "
                 "request", limits.max_queue, limits.max_request_body, limits.max_n,
                 limits.max_json_depth, info.max_prompt_chars, limits.max_embedding_inputs)
+    cap = (f"503 past {args.limit_concurrency} connections" if args.limit_concurrency
+           else "no connection limit")
+    logger.info("connections: requests must arrive within %.0f s, bodies at %d bytes/s or "
+                "more; idle ones close after %.0f s; %s", args.timeout_request_read,
+                args.min_upload_rate, args.timeout_keep_alive, cap)

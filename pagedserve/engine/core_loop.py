@@ -51,8 +51,10 @@ class CoreLoop:
         self.num_clients = num_clients
         self._client_of: dict[str, int] = {}  # request id -> front end, with several
         self._pending: list[EngineCoreOutput] = []  # outputs of the inputs, not yet sent
+        self._stats_stale = False  # inputs changed the queues: the front ends' gauges lag
 
     def handle(self, message: CoreInput) -> None:
+        self._stats_stale = True
         if isinstance(message, AddRequest):
             request = message.request
             if self.num_clients > 1:
@@ -94,10 +96,11 @@ class CoreLoop:
                 result.outputs = self._pending + result.outputs
                 self._pending = []
             self._send(result)
-        elif self._pending:
+        elif self._pending or self._stats_stale:  # e.g. a request now waits for its grammar
             self._send(EngineCoreOutputs(self._pending, time.monotonic(), None,
                                          self.core.stats()))
             self._pending = []
+        self._stats_stale = False
         if self.core.embeddings.has_work:
             embedded = self.core.embeddings.run()
             self._send(EngineCoreOutputs(timestamp=time.monotonic(), stats=self.core.stats(),

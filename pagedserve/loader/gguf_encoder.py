@@ -79,7 +79,7 @@ def _encoder_config(f: GGUFFile) -> EncoderConfig:
     arch = f.arch
 
     def required(suffix: str) -> Any:
-        value = f.arch_key(suffix)
+        value = f.get(f.arch_key(suffix))
         if value is None:
             raise ModelLoadError(f"{f.path.name} has no {arch}.{suffix} in its metadata")
         return value
@@ -89,7 +89,7 @@ def _encoder_config(f: GGUFFile) -> EncoderConfig:
     vocab_size = int(f.tensors["token_embd.weight"].shape[1])  # GGUF dims: (H, V)
     types = f.tensors.get("token_types.weight")
     # llama.cpp's default base where a rotary model's file names none
-    rotary = {"rope_theta": _from_f32(f.arch_key("rope.freq_base", 10000.0))} \
+    rotary = {"rope_theta": _from_f32(f.get(f.arch_key("rope.freq_base"), 10000.0))} \
         if arch == "nomic-bert" else {}
     try:
         return EncoderConfig(
@@ -101,7 +101,7 @@ def _encoder_config(f: GGUFFile) -> EncoderConfig:
             num_heads=int(required("attention.head_count")),
             max_position_embeddings=int(required("context_length")),
             type_vocab_size=int(types.shape[1]) if types is not None else 0,
-            layer_norm_eps=_from_f32(f.arch_key("attention.layer_norm_epsilon", 1e-12)),
+            layer_norm_eps=_from_f32(f.get(f.arch_key("attention.layer_norm_epsilon"), 1e-12)),
             # llama.cpp's graph runs GELU for bert, SwiGLU (silu) for nomic-bert
             hidden_act="gelu" if arch == "bert" else "silu",
             **rotary,
@@ -111,7 +111,7 @@ def _encoder_config(f: GGUFFile) -> EncoderConfig:
 
 
 def _pooling(f: GGUFFile) -> PoolingType:
-    value = f.arch_key("pooling_type")
+    value = f.get(f.arch_key("pooling_type"))
     if value is None:
         logger.info("%s names no %s.pooling_type; pooling the mean", f.path.name, f.arch)
         return "mean"
@@ -163,7 +163,8 @@ def wordpiece_from_gguf(f: GGUFFile) -> Tokenizer:
     tokens = f.get("tokenizer.ggml.tokens")
     if not tokens:
         raise ModelLoadError(f"{f.path.name}: tokenizer.ggml.model is set but there are no tokens")
-    types = f.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    types = f.get("tokenizer.ggml.token_type")
+    types = [_NORMAL] * len(tokens) if types is None else [int(t) for t in types]
     vocab: dict[str, int] = {}
     control, user = [], []
     for i, (token, kind_id) in enumerate(zip(tokens, types, strict=True)):

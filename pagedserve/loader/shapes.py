@@ -43,6 +43,12 @@ SHAPES: dict[str, ModelConfig] = {
         num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=500000.0,
         rope_scaling={**_LLAMA3_ROPE, "factor": 8.0, "original_max_position_embeddings": 64},
         max_position_embeddings=512),
+    # the served check's dry run on a CPU: a tiny model whose vocabulary, like a real one, is
+    # mostly multi-byte tokens (in 512 entries a random id is often a lone byte with no text)
+    "tiny-llama-32k": ModelConfig(
+        "llama", vocab_size=32768, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
+        tie_word_embeddings=True),
     "tiny-qwen2": ModelConfig(
         "qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,

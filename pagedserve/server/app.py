@@ -8,10 +8,12 @@
     /health, /version, /       liveness, version, "Ollama is running"
     /metrics                   Prometheus          (pagedserve/metrics.py)
 
-With an API key set, ``/v1/*`` and ``/api/*`` require ``Authorization: Bearer KEY``; the
-operator's routes stay open so that probes and scrapers need no secret. Bodies beyond the
-server's size limit are refused (413) before any handler reads them. The engine loop starts
-with the application (its lifespan) and stops with it.
+With an API key set, ``/v1/*``, ``/api/*``, ``/tokenize`` and ``/detokenize`` require
+``Authorization: Bearer KEY`` (the tokenizer routes cost the server what a prompt costs); the
+operator's routes (``/health``, ``/ready``, ``/metrics``, ``/version``, ``/``) stay open so
+that probes and scrapers need no secret. Bodies beyond the server's size limit are refused (413)
+before any handler reads them. The engine loop starts with the application (its lifespan) and
+stops with it.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ from pagedserve.server.generation import ClientDisconnected
 from pagedserve.server.openapi import install_openapi
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.version import __version__
+from pagedserve.server.work_slots import WorkSlots
 
 logger = logging.getLogger(__name__)
 
-PROTECTED_PREFIXES = ("/v1/", "/api/")
+# what the API key guards; openapi.py's PROTECTED lists the same for the document
+PROTECTED_PREFIXES = ("/v1/", "/api/", "/tokenize", "/detokenize")
 
 
 def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
@@ -56,12 +60,15 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
     if metrics.grammar_compile_time.observe not in engine.grammar_compile_observers:
         engine.grammar_compile_observers.append(metrics.grammar_compile_time.observe)
 
+    text_work = WorkSlots()  # long /tokenize and /detokenize work
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served.async_engine.start()
         try:
             yield
         finally:
+            text_work.close()
             await served.async_engine.shutdown()
 
     app = FastAPI(title="pagedserve", version=__version__, lifespan=lifespan,
@@ -69,6 +76,7 @@ def create_app(served: ServedModel, metrics: ServerMetrics | None = None,
     app.state.served = served
     app.state.metrics = metrics
     app.state.limits = served.limits
+    app.state.text_work = text_work
     install_error_handlers(app)
 
     @app.exception_handler(ClientDisconnected)

@@ -4,6 +4,9 @@ Handlers raise :class:`APIError` (or let a ``ValueError`` from the engine throug
 names the offending field); the exception handlers installed by :func:`install_error_handlers`
 render it as OpenAI's ``{"error": {"message", "type", "param", "code"}}`` or, under ``/api/``,
 as Ollama's ``{"error": "..."}``.
+
+A client that closes its connection while sending its body is not a failure of the server: it
+is logged as one info line, with no traceback, so that clients cannot flood the log with them.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from pagedserve.engine.errors import EngineDeadError
 from pagedserve.sampling_params import SamplingParams
@@ -148,6 +152,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(request.url.path, APIError(exc.status_code, str(exc.detail),
                                                          headers=exc.headers))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnected(request: Request, exc: ClientDisconnect) -> Response:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        logger.info("%s %s: %s closed its connection before its request body arrived",
+                    request.method, request.url.path, client)
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(EngineDeadError)
     async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:

@@ -30,7 +30,8 @@ def main(config_fd: int, info_fd: int, socket_fd: int) -> int:
     sock = socket.socket(fileno=socket_fd)
     gate = LoadingApp()
     server = make_http_server(gate, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
-                              access_log=args.verbose)
+                              access_log=args.verbose,
+                              connections=serve_cli.connection_limits_from_args(args))
 
     def load() -> None:
         from pagedserve.engine.core_client import MPClient

@@ -16,6 +16,10 @@ Three ways to end, each with its exit status:
   in flight fails (503), the server keeps answering for a moment so that those answers reach
   their clients, and the process exits with status 1, so that its supervisor restarts it.
 
+Slow and numerous clients are held off per connection (connection_guard.py): a request must
+arrive within ``--timeout-request-read``, and past ``--limit-concurrency`` connections or
+requests the server answers 503 (the operator's routes excepted).
+
 The served model is attached once loaded (the port answers from the first second; see
 loading_app.py); until then a signal simply ends the process.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -34,7 +39,8 @@ from typing import Any, Protocol
 import uvicorn
 from starlette.types import ASGIApp
 
-from pagedserve.server.limits import DEFAULT_SHUTDOWN_TIMEOUT_S
+from pagedserve.server.connection_guard import guarded_protocol
+from pagedserve.server.limits import DEFAULT_SHUTDOWN_TIMEOUT_S, ConnectionLimits
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +72,24 @@ class HTTPServer(uvicorn.Server):
         self._loop_started = threading.Event()
 
     def attach(self, served: Drainable) -> None:
-        """The loaded model, from now on drained or aborted at a signal."""
+        """The loaded model, from now on drained or aborted at a signal.
+
+        What the load left on the heap (modules, the model's Python objects: hundreds of
+        thousands) lives as long as the process, so it is frozen out of the garbage collector:
+        otherwise every full collection walks it again, a pause of a few hundred milliseconds
+        for every stream, in whichever thread happens to trigger it, the event loop's included.
+        """
         self.served = served
+        gc.collect()
+        gc.freeze()
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_started.set()
-        await super().serve(sockets)
+        try:
+            await super().serve(sockets)
+        finally:
+            gc.unfreeze()  # see attach(); what is left goes at exit, as nanobind's modules expect
 
     # -- from another thread (the model loader) --------------------------------------------------
 
@@ -169,14 +186,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def make_http_server(app: ASGIApp, host: str, port: int,
                      shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
-                     access_log: bool = False) -> HTTPServer:
+                     access_log: bool = False,
+                     connections: ConnectionLimits | None = None) -> HTTPServer:
     """A server for ``app``; attach the served model once it is loaded.
 
     uvicorn's own logging stays at warnings unless ``access_log`` (a line per request).
     """
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # httptools' if installed, else h11's
+
+    connections = connections or ConnectionLimits()
     config = uvicorn.Config(app, host=host, port=port,
                             log_level="info" if access_log else "warning",
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                            http=guarded_protocol(AutoHTTPProtocol, connections),
+                            timeout_keep_alive=connections.timeout_keep_alive)
     return HTTPServer(config, shutdown_timeout)
 
 

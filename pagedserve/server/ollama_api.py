@@ -39,6 +39,7 @@ from pagedserve.server.ollama_protocol import (
 from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.structured_outputs import (
+    ToolFormat,
     ollama_constraint,
     ollama_messages,
     ollama_tool_plan,
@@ -69,6 +70,7 @@ async def generate(request: Request):
     body = await read_body(request, GenerateRequest)
     name = check_model(served, body.model)
     served.check_generates(f"{json.dumps(name)} does not support generate")
+    _check_fields(body, name, request)
     if not body.prompt:
         return _loaded(name, body.keep_alive, {"response": ""})
     if body.raw:
@@ -92,13 +94,17 @@ async def chat(request: Request):
     body = await read_body(request, ChatRequest)
     name = check_model(served, body.model)
     served.check_generates(f"{json.dumps(name)} does not support chat")
+    _check_fields(body, name, request)
     if not body.messages:
         return _loaded(name, body.keep_alive,
                        {"message": {"role": "assistant", "content": ""}})
     constraint = ollama_constraint(body.format)
-    plan = ollama_tool_plan(body, served.tool_parser_name)
-    messages = served.with_system_prompt(ollama_messages(body))
-    prompt = await served.render_chat(messages, plan.tools if plan else None)
+    tool_format = ToolFormat.of(served.tokenizer, served.tool_parser_name)
+    plan = ollama_tool_plan(body, tool_format, constraint)
+    if plan is not None and plan.constraint is not None:
+        constraint = plan.constraint
+    messages, tools = tool_format.chat(served.with_system_prompt(ollama_messages(body)), plan)
+    prompt = await served.render_chat(messages, tools)
     generation = await _start(served, prompt, body.sampling_values(), constraint)
     reply = _Reply(name, started,
                    lambda text: {"message": {"role": "assistant", "content": text}},
@@ -106,6 +112,33 @@ async def chat(request: Request):
     if body.stream:
         return _ndjson(reply.stream(generation), generation)
     return JSONResponse(await until_disconnected(request, reply.collect(generation)))
+
+
+def _check_fields(body: GenerateRequest | ChatRequest, name: str, request: Request) -> None:
+    """400, in Ollama's words, for what would change the answer and is not implemented; the
+    fields that change nothing here go to the log, once per request."""
+    model = json.dumps(name, ensure_ascii=False)
+    if body.think not in (None, False, ""):
+        raise APIError.bad_request(f"{model} does not support thinking", param="think")
+    images = [body.images] if isinstance(body, GenerateRequest) else [
+        m.images for m in body.messages or []]
+    if any(images):
+        raise APIError.bad_request(f"{model} does not support vision (images): it reads "
+                                   "text only", param="images")
+    if isinstance(body, GenerateRequest):
+        if body.suffix:
+            raise APIError.bad_request(f"{model} does not support insert (suffix)",
+                                       param="suffix")
+        if body.template:
+            raise APIError.bad_request("template: not supported: the model's own chat "
+                                       "template is used", param="template")
+        if body.context:
+            raise APIError.bad_request("context: not supported (deprecated by Ollama): send "
+                                       "the conversation as messages to /api/chat",
+                                       param="context")
+    ignored = body.ignored_fields()
+    if ignored:
+        logger.info("%s: fields ignored: %s", request.url.path, ", ".join(ignored))
 
 
 async def _start(served: ServedModel, prompt: str, values: dict[str, Any],
@@ -165,23 +198,21 @@ class _Reply:
 
     async def stream(self, generation: Generation) -> AsyncIterator[dict]:
         """Chunks of text; tool calls come whole (Ollama's shape), in a chunk of their own
-        before the last one."""
+        before the last one; a call cut off by ``num_predict`` is left out (its arguments
+        are no object), and the answer ends with ``done_reason: "length"``."""
         tools = self.tool_parser.stream() if self.tool_parser else None
-        calls: dict[int, list[str]] = {}  # index -> [name, arguments so far]
         async for _, output in generation:
             text = output.delta_text
             if tools is not None:
-                text, deltas = tools.feed(text)
+                text, _ = tools.feed(text)
                 if output.finished:
-                    more, last = tools.finish()
-                    text, deltas = text + more, deltas + last
-                for d in deltas:
-                    entry = calls.setdefault(d.index, [d.name or "", ""])
-                    entry[1] += d.arguments
+                    more, _ = tools.finish(cut=output.finish_reason == "length")
+                    text += more
             if output.finished:
+                calls = [_tool_call(c.name, c.arguments)
+                         for c in (tools.calls if tools else []) if c.complete]
                 if calls:
-                    yield self.chunk("", tool_calls=[_tool_call(name, arguments)
-                                                     for name, arguments in calls.values()])
+                    yield self.chunk("", tool_calls=calls)
                 yield self.final(text, output, output.delta_logprobs)
             elif text or output.delta_logprobs:
                 yield self.chunk(text, output.delta_logprobs)
@@ -195,13 +226,13 @@ class _Reply:
             last = output
         if last is None:
             raise APIError(500, "the engine ended the request without an answer")
-        if self.tool_parser is not None:
-            parsed = self.tool_parser.parse(text)
-            if parsed.calls:
-                final = self.final(parsed.content, last, logprobs)
-                final["message"]["tool_calls"] = [_tool_call(c.name, c.arguments)
-                                                  for c in parsed.calls]
-                return final
+        if self.tool_parser is not None:  # as streamed: the complete calls
+            parsed = self.tool_parser.parse(text, cut=last.finish_reason == "length")
+            final = self.final(parsed.content, last, logprobs)
+            calls = [_tool_call(c.name, c.arguments) for c in parsed.calls if c.complete]
+            if calls:
+                final["message"]["tool_calls"] = calls
+            return final
         return self.final(text, last, logprobs)
 
 

@@ -4,8 +4,8 @@ The server has one model, loaded for the life of the process: ``/api/ps`` shows 
 expiring, and ``/api/tags`` lists it first, then the models of pagedserve's own store (what
 ``/api/pull`` brings there; serving one takes a server started with its name). ``/api/show``
 gives the served file's metadata (GGUF keys, or the Hugging Face equivalent) as ``model_info``,
-and its capabilities: ``completion`` for a generative model, ``embedding`` for an
-embedding-only one.
+and the model's capabilities as Ollama names them: ``completion`` and ``tools`` for a
+generative model, ``embedding`` for an embedding-only one.
 """
 
 from __future__ import annotations
@@ -87,9 +87,7 @@ async def show(request: Request) -> dict:
         "template": served.card.template or served.tokenizer.chat_template or "",
         "details": _details(served),
         "model_info": _model_info(info, verbose=body.verbose),
-        # Ollama's words: "completion" for a model that generates, "embedding" for one that
-        # only embeds (a generative model embeds too, but Ollama does not list it for that)
-        "capabilities": ["completion"] if served.info.generates else ["embedding"],
+        "capabilities": _capabilities(served),
         "modified_at": _file_time(served),
     }
     if served.card.system:
@@ -115,6 +113,18 @@ async def ps(request: Request) -> dict:
 @router.get("/api/version")
 async def version() -> dict:
     return {"version": __version__}
+
+
+def _capabilities(served: ServedModel) -> list[str]:
+    """What Ollama's clients may ask of the model: chat and generate, and tools on any model
+    with a tokenizer (its template's own format, or the generic one: docs/server.md); only
+    embeddings for an embedding-only model (a generative model embeds too, but Ollama does not
+    list it for that). Never thinking, vision or insert: those are refused (ollama_api.py)."""
+    if not served.info.generates:
+        return ["embedding"]
+    if served.tokenizer is None:
+        return ["completion"]
+    return ["completion", "tools"]
 
 
 def _details(served: ServedModel) -> dict:

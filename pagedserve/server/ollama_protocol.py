@@ -2,14 +2,19 @@
 
 Only types are checked here; ranges are SamplingParams' business. Options Ollama has and we do
 not use (``num_gpu``, ``mirostat``, ...) are accepted and ignored, as Ollama ignores options a
-model does not use.
+model does not use, and so are fields that change nothing here (``keep_alive``, unknown
+ones): ``ignored_fields`` names them for the log. Fields that would change the answer and are
+not implemented (``think``, ``images``, ``suffix``, ``template``, ``context``) are refused by
+the routes, in Ollama's words where Ollama has some.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from pagedserve.server.openai_protocol import tool_name
 
 # Ollama option -> SamplingParams field
 OPTION_FIELDS = {
@@ -79,6 +84,8 @@ class Options(BaseModel):
 
 
 class _GenerationBody(_Body):
+    model_config = ConfigDict(extra="allow")  # see ignored_fields
+
     model: str | None = None
     stream: bool = True
     options: Options | None = None
@@ -86,12 +93,27 @@ class _GenerationBody(_Body):
     keep_alive: str | int | float | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    think: bool | str | None = None  # true or a level: refused (no model here thinks)
 
     def sampling_values(self) -> dict[str, Any]:
         values = self.options.sampling_values() if self.options else {}
         if self.logprobs:
             values["logprobs"] = self.top_logprobs or 0
         return values
+
+    def ignored_fields(self) -> list[str]:
+        """The fields and options the request set that change nothing here, for the log."""
+        names = [n for n in _IGNORED_DECLARED if getattr(self, n, None) is not None]
+        names += (self.model_extra or {}).keys()
+        if self.options is not None:
+            names += [f"options.{n}" for n in _IGNORED_OPTIONS
+                      if getattr(self.options, n) is not None]
+            names += [f"options.{n}" for n in self.options.model_extra or {}]
+        return sorted(names)
+
+
+_IGNORED_DECLARED = ("keep_alive",)  # the model stays loaded
+_IGNORED_OPTIONS = ("num_ctx",)  # the context is fixed at startup
 
 
 class GenerateRequest(_GenerationBody):
@@ -110,6 +132,11 @@ class ToolFunction(BaseModel):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return tool_name(name)
 
 
 class ToolSpec(BaseModel):

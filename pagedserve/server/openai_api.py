@@ -35,6 +35,7 @@ from pagedserve.server.openai_protocol import ChatCompletionRequest, CompletionR
 from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
 from pagedserve.server.structured_outputs import (
+    ToolFormat,
     openai_constraint,
     openai_messages,
     openai_tool_plan,
@@ -74,6 +75,7 @@ async def completions(request: Request):
     body = await read_body(request, CompletionRequest)
     served.check_model(body.model)
     served.check_generates("The model does not support Completions API")
+    _check_fields(body, request)
     prompts = _completion_prompts(body.prompt)
     served.check_choices(len(prompts), body.n)
     if body.best_of is not None and body.best_of != body.n:
@@ -112,17 +114,20 @@ async def chat_completions(request: Request):
     body = await read_body(request, ChatCompletionRequest)
     served.check_model(body.model)
     served.check_generates("The model does not support Chat Completions API")
+    _check_fields(body, request)
     served.check_choices(1, body.n)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError.bad_request("top_logprobs requires logprobs to be true",
                                    param="top_logprobs")
     constraint = openai_constraint(body)
-    plan = openai_tool_plan(body, served.tool_parser_name, constraint)
+    tool_format = ToolFormat.of(served.tokenizer, served.tool_parser_name)
+    plan = openai_tool_plan(body, tool_format, constraint)
     parser = plan.parser if plan else None
     if plan is not None and plan.constraint is not None:
         constraint = plan.constraint
-    messages = served.with_system_prompt(openai_messages(body.messages))
-    prompt = await served.render_chat(messages, plan.tools if plan else None)
+    messages, tools = tool_format.chat(
+        served.with_system_prompt(openai_messages(body.messages)), plan)
+    prompt = await served.render_chat(messages, tools)
     values = body.sampling_values()
     if constraint is not None:
         values["constraint"] = constraint
@@ -155,6 +160,18 @@ def _check_prompt_logprobs(prompt_logprobs: int | None, stream: bool) -> None:
     if prompt_logprobs is not None and stream:  # as vLLM: a stream has no place for them
         raise APIError.bad_request("prompt_logprobs are not available when stream is true",
                                    param="prompt_logprobs")
+
+
+def _check_fields(body: CompletionRequest | ChatCompletionRequest, request: Request) -> None:
+    """400 for a field that would change the answer and is not implemented; the fields that
+    change nothing here go to the log, once per request."""
+    refused = body.refused()
+    if refused is not None:
+        name, why = refused
+        raise APIError.bad_request(f"{name}: {why}", param=name)
+    ignored = body.ignored_fields()
+    if ignored:
+        logger.info("%s: fields ignored: %s", request.url.path, ", ".join(ignored))
 
 
 def _completion_prompts(prompt: str | list) -> list[str | list[int]]:
@@ -308,7 +325,9 @@ async def _collect_chat(call: _Call, generation: Generation,
         message: dict[str, Any] = {"role": "assistant", "content": choice.text}
         reason = choice.finish_reason
         if parser is not None:
-            parsed = parser.parse(choice.text)
+            # as streamed: complete calls, and one cut off by max_tokens (reason "length")
+            parsed = parser.parse(choice.text, cut=reason == "length")
+            message["content"] = parsed.content
             if parsed.calls:
                 message["content"] = parsed.content or None
                 message["tool_calls"] = [
@@ -368,7 +387,7 @@ async def _stream_chat(call: _Call, generation: Generation,
         if tools is not None:
             content, tool_deltas = tools.feed(output.delta_text)
             if output.finished:
-                more, last = tools.finish()
+                more, last = tools.finish(cut=reason == "length")
                 content, tool_deltas = content + more, tool_deltas + last
                 if tools.num_calls and reason == "stop":
                     reason = "tool_calls"

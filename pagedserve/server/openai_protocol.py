@@ -1,10 +1,16 @@
 """The OpenAI API's request bodies (with vLLM's sampling extras), as pydantic models.
 
 Only types are checked here; ranges are SamplingParams' business, so that each rule lives once.
-Unknown fields are ignored, as OpenAI's own server and vLLM do for fields they do not use,
-except where ignoring would change the answer's meaning: unknown keys of
-``structured_outputs`` are refused, and so are vLLM's removed ``guided_*`` fields (a client
-that asked for a constraint must never get unconstrained text with a 200).
+A field this server does not use is one of two kinds:
+
+    refused   it would change the answer and is not implemented: a 400 naming it
+              (UNSUPPORTED_FIELDS, ``modalities`` other than text, image and audio content
+              parts, vLLM's removed ``guided_*`` fields, unknown keys of
+              ``structured_outputs``): a client must never get an answer to a question it
+              did not ask, with a 200
+    ignored   it cannot change the answer here (``user``, ``store``, ``metadata``, any unknown
+              field): accepted, and named in one log line per request (``ignored_fields``), as
+              OpenAI's own server and vLLM accept what they do not use
 """
 
 from __future__ import annotations
@@ -12,9 +18,20 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from pagedserve.structured.tool_parsers import check_tool_name
 
 NonEmptyText = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[int], Field(min_length=1)]
+
+
+def tool_name(name: str) -> str:
+    """A function name as OpenAI checks it; pydantic's error without its "Value error, "."""
+    try:
+        return check_tool_name(name)
+    except ValueError as exc:
+        raise PydanticCustomError("string_pattern_mismatch", str(exc)) from None
 
 
 class _Body(BaseModel):
@@ -68,10 +85,15 @@ class _ConstraintFields(_Body):
 
 
 class FunctionDefinition(_Body):
-    name: str = Field(min_length=1, max_length=64)
+    name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return tool_name(name)
 
 
 class Tool(_Body):
@@ -99,8 +121,35 @@ class MessageToolCall(_Body):
     function: MessageFunctionCall
 
 
+# refused with these reasons when a request asks for them (any value but null, false, empty)
+UNSUPPORTED_FIELDS: dict[str, str] = {
+    "functions": "deprecated by OpenAI and not supported here; send tools",
+    "function_call": "deprecated by OpenAI and not supported here; send tool_choice",
+    "audio": "this model answers in text only",
+    "web_search_options": "this server does not search the web",
+    "use_beam_search": "beam search is not implemented",
+    "chat_template": "not supported: the model's own chat template is used",
+    "chat_template_kwargs": "not supported: the chat template is given the messages and "
+                            "tools only",
+    "continue_final_message": "not supported: an answer always starts a new assistant turn",
+    "documents": "not supported: the chat template is given the messages and tools only",
+    "bad_words": "not implemented",
+    "allowed_token_ids": "not implemented",
+    "logits_processors": "not supported",
+}
+# fields declared below and accepted, that change nothing here
+_IGNORED_DECLARED = ("user",)
+
+
+def _asked(value: Any) -> bool:
+    return value is not None and value is not False and value != "" and value != [] \
+        and value != {}
+
+
 class _SamplingFields(_ConstraintFields):
     """Fields both completion kinds share, named as on the wire."""
+
+    model_config = ConfigDict(extra="allow")  # see ignored_fields and refused
 
     model: str | None = None
     n: int = 1
@@ -139,6 +188,26 @@ class _SamplingFields(_ConstraintFields):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def refused(self) -> tuple[str, str] | None:
+        """The first field asked for that would change the answer and is not implemented:
+        (its name, why), for a 400."""
+        extra = self.model_extra or {}
+        for name, reason in UNSUPPORTED_FIELDS.items():
+            if _asked(extra.get(name)):
+                return name, reason
+        effort = extra.get("reasoning_effort")
+        if _asked(effort) and effort != "none":
+            return "reasoning_effort", "this model has no reasoning mode"
+        modalities = extra.get("modalities")
+        if isinstance(modalities, list) and set(modalities) - {"text"}:
+            return "modalities", "this model answers in text only"
+        return None
+
+    def ignored_fields(self) -> list[str]:
+        """The fields the request set that change nothing here, for the log."""
+        names = [n for n in _IGNORED_DECLARED if getattr(self, n) is not None]
+        return sorted(names + [n for n in self.model_extra or {} if n not in UNSUPPORTED_FIELDS])
+
 
 class CompletionRequest(_SamplingFields):
     prompt: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds
@@ -148,6 +217,11 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None  # only best_of == n: ranking n of best_of draws is not done
+
+    def refused(self) -> tuple[str, str] | None:
+        if self.suffix:
+            return "suffix", "not supported: this server does not fill in the middle"
+        return super().refused()
 
 
 class ContentPart(BaseModel):
@@ -174,10 +248,12 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _text_only(cls, content: str | list[ContentPart] | None):
-        for part in content if isinstance(content, list) else ():
-            if part.type != "text":
-                raise ValueError(f"content parts of type {part.type!r} are not supported; "
-                                 "this server reads text only")
+        for index, part in enumerate(content if isinstance(content, list) else ()):
+            if part.type != "text":  # OpenAI's words for an image sent to a text model
+                raise PydanticCustomError(
+                    "invalid_type", "Invalid content type. {kind} is only supported by "
+                    "certain models; this one reads text only (content part {index})",
+                    {"kind": part.type, "index": index})
         return content
 
 
@@ -188,9 +264,18 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    echo: bool = False  # vLLM's: the last message echoed in the answer
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    def refused(self) -> tuple[str, str] | None:
+        if not self.add_generation_prompt:
+            return "add_generation_prompt", "only true is supported: an answer always starts " \
+                "a new assistant turn"
+        if self.echo:
+            return "echo", "not supported on chat completions"
+        return super().refused()
 
 
 class TokenizeRequest(_Body):

@@ -41,7 +41,7 @@ from pagedserve.server.openai_protocol import (
 
 _REF = "#/components/schemas/{model}"
 _EMBEDDING_BODIES = {"OllamaEmbedRequest", "EmbeddingRequest"}
-PROTECTED = ("/v1/", "/api/")
+PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize")  # app.py's APIKeyMiddleware guards
 
 # (path, method) -> (body model, what a streamed answer is sent as)
 BODIES: dict[tuple[str, str], tuple[type[BaseModel], str | None]] = {
@@ -66,6 +66,7 @@ QUEUES_WORK = {"/v1/completions", "/v1/chat/completions", "/api/generate", "/api
 # the store's routes: their own failures, and Ollama's empty answer to a delete or a copy
 STORE_STATUSES = {"/api/pull": [500, 502], "/api/delete": [409], "/api/copy": [409]}
 EMPTY_ANSWERS = {"/api/delete", "/api/copy"}
+BUSY = QUEUES_WORK | {"/tokenize", "/detokenize"}  # long texts wait for a worker thread
 
 # wire name -> SamplingParams field, where they differ
 _WIRE_FIELDS = {"max_completion_tokens": "max_tokens", "top_logprobs": "logprobs",
@@ -215,6 +216,8 @@ def _describe(path: str, method: str, operation: dict[str, Any]) -> None:
         statuses.append(404)
     if path in QUEUES_WORK:
         statuses += [500, 503]
+    if path in BUSY:
+        statuses.append(503)
     statuses += STORE_STATUSES.get(path, [])
     if path == "/v1/models/{model_id}":
         statuses.append(400)

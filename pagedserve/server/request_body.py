@@ -6,6 +6,9 @@ in a lone surrogate, which no tokenizer, template or response encoder accepts). 
 the parsed value only when the raw bytes say they could fail (more brackets than the depth
 limit, a surrogate escape), so a typical body costs one ``json.loads``. Large bodies are parsed
 off the event loop.
+
+A client that closes its connection before its body has arrived makes ``request.body()`` raise
+Starlette's ``ClientDisconnect``; errors.py logs it as one line, not as a failure.
 """
 
 from __future__ import annotations

@@ -8,18 +8,30 @@ request may ask for, and which field a 400 names:
             grammar | json_object}; tools + tool_choice none | auto | required | a function
     Ollama  format "json" | a JSON schema; tools (the model decides, as tool_choice auto)
 
-At most one constraint per request: response_format, structured_outputs and a tool_choice
-that forces calls (required, a named function) exclude each other. ``auto`` constrains
-nothing: the answer is read by the tool-call parser (``--tool-call-parser``, else the one the
-chat template's format calls for, else hermes). ``required`` is the parser's own format forced
-by a grammar; a named function's arguments are forced by its parameters' schema.
+Tools reach the model in one of two ways (:class:`ToolFormat`, probed once per model):
+
+    native   the chat template renders them (its ``tools`` variable), and earlier calls and
+             tool results; answers are read by the tool-call parser of its format
+             (``--tool-call-parser``, else the one the template's text calls for, else
+             hermes). ``auto`` constrains nothing.
+    generic  the template cannot (no ``tools`` variable): they go into the system prompt in
+             hermes' format (server/tool_prompt.py), and ``auto`` is a grammar too: text, or
+             calls whose arguments validate (a request's JSON schema or choices take the
+             place of the text)
+
+``required`` is the parser's format forced by a grammar, at least one call; a named function
+is the same with that one tool. Arguments validate against the tool's parameters exactly (an
+object schema takes no keys it does not list, unless it says so). At most one constraint
+otherwise: response_format, structured_outputs and a tool_choice that forces calls exclude
+each other.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedserve.server.errors import APIError
 from pagedserve.server.ollama_protocol import ChatRequest as OllamaChatRequest
@@ -28,19 +40,63 @@ from pagedserve.server.openai_protocol import (
     ChatMessage,
     NamedToolChoice,
 )
+from pagedserve.server.tool_prompt import generic_tool_messages
 from pagedserve.structured import Constraint
-from pagedserve.structured.tool_parsers import TOOL_PARSERS, NamedParser, ToolParser
+from pagedserve.structured.constraint import JSON_WHITESPACE
+from pagedserve.structured.tool_parsers import (
+    TOOL_PARSERS,
+    HermesParser,
+    ToolParser,
+    tool_spec,
+)
+
+if TYPE_CHECKING:
+    from pagedserve.tokenizer import Tokenizer
 
 DEFAULT_TOOL_PARSER = "hermes"
+GENERIC_TOOL_PARSER = HermesParser.name  # the generic format's (tool_prompt.py)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFormat:
+    """How the served model is shown tools and writes calls."""
+
+    native: bool  # its chat template renders tools, earlier calls and tool results
+    parser_name: str  # the format calls are written in
+    takes_system: bool  # its chat template renders a system message
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer | None, parser_name: str | None) -> ToolFormat:
+        """``parser_name``: the server's choice or the template's format (None: unknown)."""
+        if tokenizer is None:
+            return cls(False, GENERIC_TOOL_PARSER, True)
+        native = tokenizer.template_renders_tools
+        return cls(native, (parser_name or DEFAULT_TOOL_PARSER) if native
+                   else GENERIC_TOOL_PARSER, tokenizer.template_takes_system)
+
+    def parser(self) -> ToolParser:
+        return TOOL_PARSERS[self.parser_name]()
+
+    def chat(self, messages: Sequence[dict[str, Any]], plan: ToolPlan | None
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """The messages and the ``tools`` for the chat template: as they are for a native
+        template, else rewritten in the generic format (earlier calls and tool results too,
+        whether or not this request offers tools)."""
+        tools = plan.tools if plan is not None else []
+        if self.native:
+            return list(messages), tools or None
+        return generic_tool_messages(messages, tools, self.takes_system), None
 
 
 @dataclass(slots=True)
 class ToolPlan:
     """How a request's tools shape the prompt, the constraint and the reading of answers."""
 
-    tools: list[dict[str, Any]] = field(default_factory=list)  # for the chat template
+    tools: list[dict[str, Any]] = field(default_factory=list)  # offered, in OpenAI's shape
     parser: ToolParser | None = None  # reads the answer; None: the answer is plain text
-    constraint: Constraint | None = None  # required or a named function
+    # the answer's constraint when set, in place of the request's own (which the generic
+    # format's auto takes into its grammar)
+    constraint: Constraint | None = None
 
 
 def _bad(field_name: str, message: str) -> APIError:
@@ -106,25 +162,27 @@ def _structured_outputs(so: Any) -> Constraint:
     return _constraint(make, value, where)
 
 
-def openai_tool_plan(body: Any, parser_name: str | None,
+def openai_tool_plan(body: Any, fmt: ToolFormat,
                      constraint: Constraint | None) -> ToolPlan | None:
-    """What ``tools`` and ``tool_choice`` ask for; None when the request has no tools."""
+    """What ``tools`` and ``tool_choice`` ask for; None when the request has no tools.
+    ``constraint``: the request's own (response_format, structured_outputs)."""
     choice = body.tool_choice
     if not body.tools:
         if choice not in (None, "none", "auto"):
             raise _bad("tool_choice", "a tool choice needs tools")
         return None
-    functions = [t.function for t in body.tools]
-    names = [f.name for f in functions]
+    functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
+    names = [f["name"] for f in functions]
     if len(set(names)) != len(names):
         raise _bad("tools", "function names must be unique")
     choice = choice or "auto"
     if choice == "none":
         return ToolPlan()
-    tools = [{"type": "function", "function": f.model_dump(exclude_none=True)}
-             for f in functions]
+    tools = [{"type": "function", "function": f} for f in functions]
+    specs = [tool_spec(f) for f in functions]
+    parallel = body.parallel_tool_calls is not False
     if choice == "auto":
-        return ToolPlan(tools, _parser(parser_name))
+        return _auto_plan(tools, specs, parallel, fmt, constraint)
     if constraint is not None:
         raise _bad("tool_choice", "a tool choice that forces calls constrains the answer; it "
                    "cannot be combined with response_format or structured_outputs")
@@ -133,14 +191,35 @@ def openai_tool_plan(body: Any, parser_name: str | None,
         if wanted not in names:
             raise _bad("tool_choice", f"function {wanted!r} is not in tools "
                        f"({', '.join(names)})")
-        parameters = functions[names.index(wanted)].parameters or {"type": "object"}
-        return ToolPlan(tools, NamedParser(wanted),
-                        _constraint(Constraint.json_schema, parameters, "tools"))
-    parser = _parser(parser_name)
-    specs = [{"name": f.name, "parameters": f.parameters} for f in functions]
-    parallel = body.parallel_tool_calls is not False
+        specs, parallel = [specs[names.index(wanted)]], False
+    parser = fmt.parser()
     return ToolPlan(tools, parser,
                     Constraint.grammar(parser.required_grammar(specs, parallel), "tools"))
+
+
+def _auto_plan(tools: list[dict[str, Any]], specs: list[dict[str, Any]], parallel: bool,
+               fmt: ToolFormat, constraint: Constraint | None) -> ToolPlan:
+    """``tool_choice: "auto"``: the model's own format is read, unconstrained; the generic
+    format is constrained to text (or the request's JSON schema or choices) or calls."""
+    if fmt.native:
+        return ToolPlan(tools, fmt.parser())
+    parser = HermesParser()  # the generic format's
+    if constraint is None:
+        return ToolPlan(tools, parser, Constraint.grammar(
+            parser.auto_grammar(specs, parallel), "tools"))
+    if constraint.kind == "json_schema":
+        schema = json.loads(constraint.spec)
+        schema = {"allOf": [schema]} if isinstance(schema, bool) else schema
+        schema["x-guidance"] = {"whitespace_pattern": JSON_WHITESPACE}
+        answer = f"%json {json.dumps(schema, ensure_ascii=False)}"
+    elif constraint.kind == "choice":
+        answer = constraint.lark().removeprefix("start: ").strip()
+    else:
+        raise _bad(constraint.field, "tools offered to this model are read through a grammar "
+                   "(its chat template cannot show them), which cannot be combined with a "
+                   f"{constraint.kind}; send a JSON schema, choices, or no tools")
+    return ToolPlan(tools, parser, Constraint.grammar(
+        parser.auto_grammar(specs, parallel, answer), constraint.field))
 
 
 def openai_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -183,12 +262,17 @@ def ollama_constraint(fmt: Any) -> Constraint | None:
     return _constraint(Constraint.json_schema, fmt, "format")
 
 
-def ollama_tool_plan(body: OllamaChatRequest, parser_name: str | None) -> ToolPlan | None:
+def ollama_tool_plan(body: OllamaChatRequest, fmt: ToolFormat,
+                     constraint: Constraint | None) -> ToolPlan | None:
+    """Ollama's tools: the model decides (OpenAI's ``"auto"``, calls in parallel)."""
     if not body.tools:
         return None
-    tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)}
-             for t in body.tools]
-    return ToolPlan(tools, _parser(parser_name))
+    functions = [t.function.model_dump(exclude_none=True) for t in body.tools]
+    names = [f["name"] for f in functions]
+    if len(set(names)) != len(names):
+        raise _bad("tools", "function names must be unique")
+    tools = [{"type": "function", "function": f} for f in functions]
+    return _auto_plan(tools, [tool_spec(f) for f in functions], True, fmt, constraint)
 
 
 def ollama_messages(body: OllamaChatRequest) -> list[dict[str, Any]]:
@@ -205,6 +289,3 @@ def ollama_messages(body: OllamaChatRequest) -> list[dict[str, Any]]:
         out.append(message)
     return out
 
-
-def _parser(name: str | None) -> ToolParser:
-    return TOOL_PARSERS[name or DEFAULT_TOOL_PARSER]()

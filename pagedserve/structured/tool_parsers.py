@@ -1,20 +1,27 @@
-"""Tool calls in a model's text: parsed whole (``parse``) or as it streams (``ToolStream``).
+"""Tool calls in a model's text: as it streams (``ToolStream``) or whole (``parse``).
 
 Each parser reads one format (``--tool-call-parser``):
 
     hermes       <tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>   (Qwen2.5,
-                 Hermes, many ChatML tool templates); text before the first call is content
+                 Hermes, many ChatML tool templates, and the generic format of templates that
+                 cannot take tools); text before the first call is content
     llama3_json  {"name": "f", "parameters": {...}} at the start of the answer, maybe after
                  <|python_tag|>, several separated by ";" (Llama 3.1-3.3 JSON tool calling)
-    named        the whole answer is the arguments of one known function (OpenAI's
-                 tool_choice naming a function, enforced by its parameters' schema)
 
 Streaming is a snapshot of the text so far that only ever grows: content that could still be
 the start of a marker is held back, a call's name shows once its string is closed, and its
 arguments are the raw JSON text of the value scanned so far. Each delta is the difference of
-two snapshots, so the deltas of any split of a text add up to the parse of the whole text.
-Each parser also writes the Lark grammar that forces its own format (``tool_choice:
-"required"``), so the same parser reads what the grammar made the model write.
+two snapshots. A whole answer is parsed by streaming it in one piece, so a streamed answer and
+the same answer not streamed carry the same content and the same calls.
+
+An answer that ends without any call whose name could be read was text: all of it is the
+content. An answer cut off (``max_tokens``) inside a call keeps its complete calls and the
+cut one, marked incomplete (its arguments are what was written); a call cut before its name
+is dropped, and its markup never shows as content.
+
+Each parser also writes the Lark grammars that force its own format (``tool_choice:
+"required"`` or a named function), so the same parser reads what the grammar made the model
+write; hermes also writes the grammar of ``"auto"`` (text, or calls that parse).
 """
 
 from __future__ import annotations
@@ -25,18 +32,30 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.structured.constraint import JSON_WHITESPACE
+from pagedserve.structured.constraint import JSON_WHITESPACE, closed
 
-# Calls one answer may make when several are allowed (tool_choice "required"): without a bound
-# a small model at temperature 0.8 repeats the same call until max_tokens (measured on the
-# bundled model: 1 answer in 3), and that answer, cut short, holds no call that parses.
+# Calls one answer may make when several are allowed: without a bound a small model at
+# temperature 0.8 repeats the same call until max_tokens (measured on the bundled model: 1
+# answer in 3), and that answer, cut short, holds no call that parses.
 MAX_PARALLEL_CALLS = 4
+# OpenAI's rule for a function's name; it also keeps names out of the markup they sit in
+TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+def check_tool_name(name: str) -> str:
+    """``name`` if it is a valid function name (as OpenAI checks them), else ValueError."""
+    if re.fullmatch(TOOL_NAME_PATTERN, name) is None:
+        raise ValueError(f"a function name is 1 to 64 letters, digits, underscores or dashes "
+                         f"({TOOL_NAME_PATTERN}), got {name[:80]!r}")
+    return name
+
 
 @dataclass(slots=True)
 class ToolCall:
     id: str
     name: str
-    arguments: str  # JSON text of an object
+    arguments: str  # JSON text of an object, or what was written of it when cut off
+    complete: bool = True  # False: the answer ended inside its arguments
 
 
 @dataclass(slots=True)
@@ -64,6 +83,15 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+def tool_spec(function: dict[str, Any]) -> dict[str, Any]:
+    """A function's name and parameters schema as the grammars take them: no ``parameters``
+    is a function of no arguments (as OpenAI reads it)."""
+    parameters = function.get("parameters")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    return {"name": function["name"], "parameters": parameters}
+
+
 class ToolParser:
     """Splits an answer into content and tool calls; see the module docstring."""
 
@@ -74,26 +102,26 @@ class ToolParser:
         raise NotImplementedError
 
     def required_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:
-        """Lark for 'at least one call of these tools': exactly one unless ``parallel``, else
-        at most :data:`MAX_PARALLEL_CALLS`."""
+        """Lark for 'at least one call of these tools' (``tool_spec`` shapes): exactly one
+        unless ``parallel``, else at most :data:`MAX_PARALLEL_CALLS`."""
         raise NotImplementedError
 
-    def parse(self, text: str) -> Parsed:
-        content, calls = self.snapshot(text, final=True)
-        parsed = []
-        for call in calls:
-            if call.name is None or not _is_object(call.arguments):
-                return Parsed(text)  # not well-formed calls: the model answered in text
-            parsed.append(ToolCall(new_call_id(), call.name, call.arguments))
-        return Parsed(content, parsed)
+    def parse(self, text: str, cut: bool = False) -> Parsed:
+        """A whole answer; ``cut``: it ended at ``max_tokens``, not where the model stopped."""
+        stream = self.stream()
+        content, _ = stream.feed(text)
+        more, _ = stream.finish(cut)
+        return Parsed(content + more, stream.calls)
 
     def stream(self) -> ToolStream:
         return ToolStream(self)
 
     def _call_schema(self, tool: dict[str, Any]) -> dict[str, Any]:
+        # closed: arguments take only the keys the tool defines, unless its schema says
+        # otherwise (constraint.py)
         return {"type": "object",
                 "properties": {"name": {"const": tool["name"]},
-                               self.arguments_key: tool.get("parameters") or {"type": "object"}},
+                               self.arguments_key: closed(tool["parameters"])},
                 "required": ["name", self.arguments_key], "additionalProperties": False}
 
     def _json_rule(self, tools: list[dict[str, Any]]) -> str:
@@ -120,9 +148,34 @@ class HermesParser(ToolParser):
         return text[:first], calls
 
     def required_grammar(self, tools: list[dict[str, Any]], parallel: bool) -> str:
-        repeat = f' ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
-        return (f"start: call{repeat}\n"
-                'call: "<tool_call>\\n" call_json "\\n</tool_call>"\n' + self._json_rule(tools))
+        return ('start: "<tool_call>" call_rest' + self._more(parallel) + "\n"
+                + self._call_rules(tools))
+
+    def auto_grammar(self, tools: list[dict[str, Any]], parallel: bool,
+                     answer: str | None = None) -> str:
+        """Lark for 'text, or calls of these tools' (``tool_choice: "auto"``): text that,
+        once it writes ``<tool_call>``, must go on as a call of one of the tools whose
+        arguments validate. ``answer``: a Lark expression the text must match instead (a
+        ``response_format`` schema as ``%json {...}``); then there is no text before calls.
+        """
+        more = self._more(parallel)
+        if answer is not None:
+            start = f'start: answer | "<tool_call>" call_rest{more}\nanswer: {answer}\n'
+        else:
+            # the lazy lexeme ends at the first marker and commits: free text never holds
+            # one, so whatever follows it is a call
+            start = (f"start: TEXT | lead call_rest{more}\n"
+                     'lead[lazy]: TEXT "<tool_call>"\n'
+                     "TEXT: /(?s:.*)/\n")
+        return "%llguidance {}\n" + start + self._call_rules(tools)
+
+    def _more(self, parallel: bool) -> str:
+        if not parallel:
+            return ""
+        return f' ("\\n<tool_call>" call_rest){{0,{MAX_PARALLEL_CALLS - 1}}}'
+
+    def _call_rules(self, tools: list[dict[str, Any]]) -> str:
+        return 'call_rest: "\\n" call_json "\\n</tool_call>"\n' + self._json_rule(tools)
 
 
 class Llama3JsonParser(ToolParser):
@@ -158,16 +211,6 @@ class Llama3JsonParser(ToolParser):
         return f"start: call_json{repeat}\n" + self._json_rule(tools)
 
 
-class NamedParser(ToolParser):
-    """The answer is one function's arguments (its grammar is the parameters' schema)."""
-
-    def __init__(self, function: str) -> None:
-        self.function = function
-
-    def snapshot(self, text: str, final: bool) -> tuple[str, list[_Call]]:
-        return "", [_Call(self.function, text, final)]
-
-
 TOOL_PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesParser,
                                              "llama3_json": Llama3JsonParser}
 
@@ -184,46 +227,52 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
 
 
 class ToolStream:
-    """Deltas of content and tool calls as text arrives; see the module docstring."""
+    """Deltas of content and tool calls as text arrives; see the module docstring.
+
+    ``content`` and ``calls`` are what the deltas so far add up to.
+    """
 
     def __init__(self, parser: ToolParser) -> None:
         self.parser = parser
         self.text = ""
-        self._content = ""
-        self._calls: list[_Call] = []
-        self.ids: list[str] = []
+        self.content = ""
+        self.calls: list[ToolCall] = []
+        self._seen: list[_Call] = []  # the last snapshot's calls (nameless ones emptied)
 
     def feed(self, delta: str, final: bool = False) -> tuple[str, list[ToolCallDelta]]:
         self.text += delta
         content, calls = self.parser.snapshot(self.text, final)
-        out_content = content[len(self._content):] if content.startswith(self._content) else ""
-        self._content = max(content, self._content, key=len)
+        out_content = content[len(self.content):] if content.startswith(self.content) else ""
+        self.content += out_content
         deltas = []
         for i, call in enumerate(calls):
-            before = self._calls[i] if i < len(self._calls) else _Call(None, "")
+            before = self._seen[i] if i < len(self._seen) else _Call(None, "")
             d = ToolCallDelta(i)
             if call.name is not None and before.name is None:
-                self.ids.append(new_call_id())
-                d.id, d.name = self.ids[i], call.name
+                self.calls.append(ToolCall(new_call_id(), call.name, "", call.complete))
+                d.id, d.name = self.calls[i].id, call.name
             if call.name is not None and len(call.arguments) > len(before.arguments):
                 d.arguments = call.arguments[len(before.arguments):]
+                self.calls[i].arguments += d.arguments
+            if call.name is not None:
+                self.calls[i].complete = call.complete
             if d.name is not None or d.arguments:
                 deltas.append(d)
-        self._calls = [c if c.name is not None else _Call(None, "") for c in calls]
+        self._seen = [c if c.name is not None else _Call(None, "") for c in calls]
         return out_content, deltas
 
-    def finish(self) -> tuple[str, list[ToolCallDelta]]:
+    def finish(self, cut: bool = False) -> tuple[str, list[ToolCallDelta]]:
+        """The last deltas, once the answer has ended; ``cut``: at ``max_tokens``."""
         content, deltas = self.feed("", final=True)
-        if not self.ids:  # no call came out: what looked like one is the answer's text
-            whole = self.parser.parse(self.text).content
-            if whole.startswith(self._content):
-                content += whole[len(self._content):]
-                self._content = whole
+        if not self.calls and not cut and self.text.startswith(self.content):
+            # no call came out: what looked like the start of one is the answer's text
+            content += self.text[len(self.content):]
+            self.content = self.text
         return content, deltas
 
     @property
     def num_calls(self) -> int:
-        return len(self.ids)
+        return len(self.calls)
 
 
 # -- scanning ----------------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""An image without a C compiler: Triton cannot build its kernels' launchers there, so the CUDA
+engine must take the torch kernels at start-up, with one log line, instead of crashing at its
+first forward pass (pagedserve/triton_launch.py).
+
+Each case runs in a fresh interpreter whose PATH holds nothing but Python and whose CC is
+unset, as in a slim image; the Triton compiler lookup is the one Triton itself makes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parent.parent
+WARNING = "Triton kernels cannot launch here"
+
+SELECT = """
+import logging, torch
+logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(levelname)s %(message)s")
+from pagedserve.attention import select_backend
+from pagedserve.fused_ops import select_ops
+from pagedserve.triton_launch import compile_problem
+cuda = torch.device("cuda")
+print("compile", compile_problem())
+print("selected", select_backend("auto", cuda).name, select_ops(None, cuda).name)
+try:
+    select_backend("triton", cuda)
+except ValueError as exc:
+    print("explicit", exc)
+"""
+
+
+def _run(code: str, tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def _bare_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """PATH with only Python on it, no CC, Triton's cache in a fresh directory."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if not (bin_dir / "python").exists():
+        (bin_dir / "python").symlink_to(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "TRITON_INTERPRET")}
+    return env | {"PATH": str(bin_dir), "HOME": str(tmp_path), "PYTHONPATH": str(ROOT),
+                  "TRITON_CACHE_DIR": str(tmp_path / "triton")} | extra
+
+
+def test_no_c_compiler_means_torch_kernels_and_one_log_line(tmp_path):
+    out = _run(SELECT, tmp_path, _bare_env(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["compile"].startswith("no C compiler")
+    assert lines["selected"] == "torch torch"
+    # asked by two selectors and a third time, said once
+    warnings = [line for line in out.stderr.splitlines() if WARNING in line]
+    assert len(warnings) == 1, out.stderr
+    assert "no C compiler" in warnings[0] and "WARNING" in warnings[0]
+    # asked for by name, Triton is an error that says why, not a silent substitute
+    assert lines["explicit"].startswith("attention_backend triton: no C compiler")
+
+
+def test_a_compiler_that_fails_is_a_problem_too(tmp_path):
+    out = _run(SELECT, tmp_path, _bare_env(tmp_path, CC="/bin/false"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["compile"].startswith("the C compiler /bin/false failed")
+    assert lines["selected"] == "torch torch"
+
+
+def test_the_probe_compiles_where_a_compiler_is(tmp_path):
+    import shutil
+
+    if not (shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine")
+    env = {k: v for k, v in os.environ.items() if k != "CC"}
+    out = _run("from pagedserve.triton_launch import compile_problem; print(compile_problem())",
+               tmp_path, env | {"PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "None"
+
+
+def test_cpu_and_the_interpreter_never_ask(tmp_path):
+    """On a CPU device the probe is not asked: auto is torch, and triton under the
+    interpreter compiles nothing, so a missing compiler changes neither."""
+    code = ("import torch; from pagedserve.attention import select_backend; "
+            "print(select_backend('auto', torch.device('cpu')).name, "
+            "select_backend('triton', torch.device('cpu')).name)")
+    out = _run(code, tmp_path, _bare_env(tmp_path, TRITON_INTERPRET="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["torch", "triton"]
+    assert WARNING not in out.stderr
+
+
+GPU_ENGINE = """
+import logging
+logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(levelname)s %(message)s")
+from pagedserve.llm import LLM
+from pagedserve.sampling_params import SamplingParams
+llm = LLM("dummy:tiny-llama", device="cuda")
+runner = llm.engine.core.runner
+[out] = llm.generate(["hello"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+print("attention", runner.attention.name, "ops", runner.model.ops.name,
+      "tokens", len(out.token_ids))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_engine_without_a_compiler_serves_on_torch_kernels(tmp_path):
+    """Where a GPU is lent: the whole engine (profiling pass included) on CUDA with no C
+    compiler reachable runs on the torch kernels and generates."""
+    out = _run(GPU_ENGINE, tmp_path, _bare_env(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "attention torch ops torch tokens 4" in out.stdout
+    assert sum(WARNING in line for line in out.stderr.splitlines()) == 1, out.stderr

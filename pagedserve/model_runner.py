@@ -61,6 +61,14 @@ def resolve_dtype(dtype: str, device: str = "cpu", native_kernels: bool | None =
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
 
 
+def resolve_config_dtype(config) -> str:
+    """The dtype an engine of `config` (an EngineConfig) computes in and loads its weights in:
+    resolve_dtype with the CPU kernels counted unless the config turns them (or the low-bit
+    small steps they serve) off."""
+    native = config.native_kernels if config.low_bit_small_steps is not False else False
+    return resolve_dtype(config.dtype, config.device, native)
+
+
 def cpu_threads(setting: int | None) -> int:
     """``--threads``, else what this process's CPU affinity and cgroup quota allow (not the
     host's core count); logged with the reason."""

@@ -122,9 +122,9 @@ def run_offline(args) -> list:
     peer_size = args.peer_batch_size or sizes[0]
     loaded = path = None
     if is_dummy_name(args.model):
-        from pagedserve.model_runner import resolve_dtype
+        from pagedserve.model_runner import resolve_config_dtype
 
-        loaded = load_model(args.model, dtype=resolve_dtype(config.dtype, config.device),
+        loaded = load_model(args.model, dtype=resolve_config_dtype(config),
                             device=config.device)
         vocab = loaded.config.vocab_size
     else:
@@ -151,9 +151,9 @@ def run_offline(args) -> list:
         torch.cuda.empty_cache()
     if args.peer == "transformers":
         from pagedserve.bench import offline_peer
-        from pagedserve.model_runner import resolve_dtype
+        from pagedserve.model_runner import resolve_config_dtype
 
-        ours = resolve_dtype(args.dtype, args.device)
+        ours = resolve_config_dtype(config)
         dtype = args.peer_dtype or ours
         prompts = make(peer_size, args, vocab, seed=peer_size)
         label = f"transformers generate, batch {peer_size}"

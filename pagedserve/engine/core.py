@@ -69,7 +69,7 @@ class EngineCore:
         from pagedserve.model_runner import (
             ModelRunner,
             kv_bytes_per_token,
-            resolve_dtype,
+            resolve_config_dtype,
             resolve_kv_cache_dtype,
             resolve_low_bit,
         )
@@ -77,9 +77,7 @@ class EngineCore:
         config = config or EngineConfig()
         check_device(config.device)
         requested = config.dtype
-        dtype = resolve_dtype(config.dtype, config.device,
-                              config.native_kernels if config.low_bit_small_steps is not False
-                              else False)
+        dtype = resolve_config_dtype(config)
         self.config = config = dataclasses.replace(
             config, dtype=dtype,
             low_bit_small_steps=resolve_low_bit(config.low_bit_small_steps, requested, dtype),
@@ -181,14 +179,14 @@ class EngineCore:
         the weights dict as it fuses tensors, freeing the unfused copies early."""
         from pagedserve.device import check_device
         from pagedserve.loader import LoadedModel, load_model
-        from pagedserve.model_runner import resolve_dtype
+        from pagedserve.model_runner import resolve_config_dtype
 
         config = config or EngineConfig()
         check_device(config.device)  # before loading: the CUDA build may be missing
         loaded_here = not isinstance(model, LoadedModel)
         if loaded_here:
             model = load_model(model, load_format=load_format,
-                               dtype=resolve_dtype(config.dtype, config.device),
+                               dtype=resolve_config_dtype(config),
                                progress=progress, device=config.device)
         name = model_name or (Path(model.info.path).name if model.info else "model")
         consume = loaded_here if consume_weights is None else consume_weights

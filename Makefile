@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Why is the sky blue?
 
-.PHONY: setup setup-test run serve test lint
+.PHONY: setup setup-test run serve test test-fast lint
 
 # What running pagedserve needs: torch, the bundled model, the package and its dependencies.
 # pip install -e . compiles the CPU kernels into the source tree (setup.py): edited kernel sources
@@ -36,6 +36,12 @@ serve: setup
 lint: setup-test
 	$(VENV)/bin/ruff check .
 
+# The whole suite, CI's command: one worker per core, each taking whole test files, so a file's
+# server or engine fixture starts once.
 test: setup-test
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto --dist loadfile
+
+# Unit tests only (no server, no real model: what is not marked slow), for the edit-test loop.
+test-fast: setup-test
+	$(VENV)/bin/pytest -q -n auto --dist loadfile -m "not slow"

@@ -475,10 +475,10 @@ def _cli_env(home: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_llm_takes_the_ollama_params_and_system(ollama_models) -> None:
-    llm_module = pytest.importorskip("pagedserve.llm")
     from pagedserve.config import EngineConfig
+    from pagedserve.llm import LLM
 
-    llm = llm_module.LLM("smol", engine_config=EngineConfig(kv_cache_memory=64 << 20))
+    llm = LLM("smol", engine_config=EngineConfig(kv_cache_memory=64 << 20))
     params = llm.default_params()
     assert (params.temperature, params.top_k, params.max_tokens) == (0.3, 20, 48)
     assert params.repetition_penalty == 1.1 and "User:" in params.stop
@@ -504,7 +504,6 @@ def test_llm_takes_the_ollama_params_and_system(ollama_models) -> None:
 def test_run_a_chat_through_a_pipe(tiny_ollama, home) -> None:
     import subprocess
 
-    pytest.importorskip("pagedserve.llm")
     done = subprocess.run(
         [sys.executable, "-m", "pagedserve", "run", tiny_ollama, "--kv-cache-memory", "8MiB"],
         input="Hello world\n/clear\nThe cat sat\n/bye\nnever read\n", capture_output=True,
@@ -527,8 +526,6 @@ def test_interactive_chat_in_a_terminal(ollama_models, home) -> None:
     import subprocess
     import termios
     import time
-
-    pytest.importorskip("pagedserve.llm")
 
     def own_terminal() -> None:  # the pty becomes the child's terminal: ^C is SIGINT
         os.setsid()
@@ -586,7 +583,6 @@ def test_interactive_chat_in_a_terminal(ollama_models, home) -> None:
 @pytest.mark.slow
 def test_run_a_hugging_face_cached_model(home, tiny_llama_tokenized_dir, monkeypatch,
                                          capsys) -> None:
-    pytest.importorskip("pagedserve.llm")
     test_registry.add_hf_repo(home, "tiny-org/tiny-chat", tiny_llama_tokenized_dir)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     rc, out, err = run_cli(capsys, "run", "tiny-org/tiny-chat", "Hello world", "--max-tokens",
@@ -605,7 +601,6 @@ def _run_cli_process(home: Path, *argv: str, stdin: str = "", timeout: float = 1
 
 @pytest.mark.slow
 def test_run_varies_between_runs_unless_seeded(tiny_ollama, home) -> None:
-    pytest.importorskip("pagedserve.llm")
     hot = ("run", tiny_ollama, "Hello world", "--temperature", "1", "--max-tokens", "12",
            "--kv-cache-memory", "8MiB")
     unseeded = [_run_cli_process(home, *hot) for _ in range(2)]
@@ -620,7 +615,6 @@ def test_run_varies_between_runs_unless_seeded(tiny_ollama, home) -> None:
 def test_run_says_when_a_prompt_outgrows_the_context(tiny_ollama, home) -> None:
     """One-shot: a clear error, exit 1, no traceback. Chat: the oldest turns make room (said
     once); a message too long on its own is refused and the chat goes on."""
-    pytest.importorskip("pagedserve.llm")
     long_text = "the cat sat on the mat " * 150  # about 900 tokens; the tiny model has 512
     done = _run_cli_process(home, "run", tiny_ollama, "Summarize:", "--kv-cache-memory", "8MiB",
                             stdin=long_text)

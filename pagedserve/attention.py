@@ -23,21 +23,18 @@ attention in the same layer, so a chunk reads its own fresh K/V back from the ca
 A backend is two functions behind :class:`AttentionBackend`: ``prepare(meta, dims)``, once per
 step (what every layer can share: masks, flattened tables, scratch), and
 ``paged_attention(q, k, v, k_cache, v_cache, meta, scale)``, once per layer. This module is the
-reference and the CPU path; ``attention_triton.py`` is the CUDA one; :func:`select_backend`
-picks once at start-up.
+reference and the CPU path; ``attention_triton.py`` is the CUDA one; :mod:`pagedserve.backends`
+picks once at start-up (a backend imports this module, never the reverse).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -78,27 +75,6 @@ class AttentionBackend(NamedTuple):
     prepare: Callable[[AttentionMetadata, AttentionDims], None]
     paged_attention: Callable[..., torch.Tensor]
     supports_cuda_graphs: bool  # reads only device tensors and per-bucket constants
-
-
-def select_backend(choice: str, device: torch.device) -> AttentionBackend:
-    """``auto``: Triton on CUDA when it imports and its kernels can launch there (a C compiler
-    for their launchers: :mod:`pagedserve.triton_launch`), else torch. ``triton`` on CPU runs
-    under ``TRITON_INTERPRET=1`` (tests only: the interpreter is slow)."""
-    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
-        return TORCH_BACKEND
-    try:
-        from pagedserve.attention_triton import TRITON_BACKEND
-        from pagedserve.triton_launch import launch_problem
-    except ImportError as exc:
-        if choice == "triton":
-            raise
-        logger.warning("triton is not importable (%s); attention runs in plain torch", exc)
-        return TORCH_BACKEND
-    if device.type == "cuda" and (problem := launch_problem(device.type)) is not None:
-        if choice == "triton":
-            raise ValueError(f"attention_backend triton: {problem}")
-        return TORCH_BACKEND
-    return TRITON_BACKEND
 
 
 # -- the torch backend ----------------------------------------------------------------------

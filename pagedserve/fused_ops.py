@@ -25,19 +25,17 @@ ops the model ran before they were fused, with the same numerics.
     silu_mul(gate_up) -> silu(gate) * up
         gate_up (T, 2I) = [gate | up]  ->  (T, I)
 
-:func:`select_ops` picks the torch or the Triton ops once, when the model is built.
+:func:`pagedserve.backends.select_ops` picks the torch or the Triton ops once, when the model is
+built (the Triton module imports this one, never the reverse).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-logger = logging.getLogger(__name__)
 
 
 class DecoderOps(NamedTuple):
@@ -76,25 +74,3 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 TORCH_OPS = DecoderOps("torch", add_rms_norm, rotary_qkv, silu_mul)
-
-
-def select_ops(fused: bool | None, device: torch.device) -> DecoderOps:
-    """``None``: the Triton kernels on CUDA when triton imports and its kernels can launch
-    there (:mod:`pagedserve.triton_launch`), torch elsewhere. ``True`` on
-    CPU runs the kernels under ``TRITON_INTERPRET=1`` (tests only: the interpreter is slow)."""
-    if fused is False or (fused is None and device.type != "cuda"):
-        return TORCH_OPS
-    try:
-        from pagedserve.fused_ops_triton import TRITON_OPS
-        from pagedserve.triton_launch import launch_problem
-    except ImportError as exc:
-        if fused:
-            raise
-        logger.warning("triton is not importable (%s); the decoder's elementwise ops run in "
-                       "plain torch", exc)
-        return TORCH_OPS
-    if device.type == "cuda" and (problem := launch_problem(device.type)) is not None:
-        if fused:
-            raise ValueError(f"fused_ops: {problem}")
-        return TORCH_OPS  # launch_problem logged why, once for both selectors
-    return TRITON_OPS

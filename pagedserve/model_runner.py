@@ -20,7 +20,8 @@ import time
 import torch
 
 from pagedserve import cpu_kernels
-from pagedserve.attention import AttentionDims, select_backend
+from pagedserve.attention import AttentionDims
+from pagedserve.backends import select_backend
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.cpu_kernels.threads import cpu_budget
 from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes

@@ -226,7 +226,7 @@ def _report(emit: OnEvent, layer: Layer, completed: int) -> None:
 
 
 def _user_agent() -> str:
-    from pagedserve.server.version import __version__
+    from pagedserve.version import __version__
 
     return f"pagedserve/{__version__}"
 

@@ -201,7 +201,7 @@ def test_engine_with_triton_attention_generates_what_the_torch_backend_does(tiny
 
 
 def test_backend_is_chosen_by_device_at_start_up():
-    from pagedserve.attention import select_backend
+    from pagedserve.backends import select_backend
 
     assert select_backend("auto", torch.device("cpu")).name == "torch"
     assert select_backend("torch", torch.device("cuda")).name == "torch"

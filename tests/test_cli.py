@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import test_registry
 
+from pagedserve.arg_types import parse_bytes as parse_size
 from pagedserve.bundled import bundled_model_path
 from pagedserve.cli import build_parser, main
-from pagedserve.cli.options import parse_bytes as parse_size
 from pagedserve.cli.run import ChatSession, pipe_reader
 from pagedserve.outputs import RequestOutput
 
@@ -233,7 +233,7 @@ def test_ps_prints_the_table_and_nothing_else(ps_server, home) -> None:
 
 
 def test_version(home) -> None:
-    from pagedserve.server.version import __version__
+    from pagedserve.version import __version__
 
     for flag in ("--version", "-v"):  # -v as in Ollama; --verbose is the logs'
         done = _run_cli_process(home, flag)

@@ -22,8 +22,8 @@ WARNING = "Triton kernels cannot launch here"
 SELECT = """
 import logging, torch
 logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(levelname)s %(message)s")
-from pagedserve.attention import select_backend
-from pagedserve.fused_ops import select_ops
+from pagedserve.backends import select_backend
+from pagedserve.backends import select_ops
 from pagedserve.triton_launch import compile_problem
 cuda = torch.device("cuda")
 print("compile", compile_problem())
@@ -88,7 +88,7 @@ def test_the_probe_compiles_where_a_compiler_is(tmp_path):
 def test_cpu_and_the_interpreter_never_ask(tmp_path):
     """On a CPU device the probe is not asked: auto is torch, and triton under the
     interpreter compiles nothing, so a missing compiler changes neither."""
-    code = ("import torch; from pagedserve.attention import select_backend; "
+    code = ("import torch; from pagedserve.backends import select_backend; "
             "print(select_backend('auto', torch.device('cpu')).name, "
             "select_backend('triton', torch.device('cpu')).name)")
     out = _run(code, tmp_path, _bare_env(tmp_path, TRITON_INTERPRET="1"))

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from pagedserve import fused_ops as ref  # noqa: E402
+from pagedserve.backends import select_ops  # noqa: E402
 from pagedserve.config import ModelConfig  # noqa: E402
 from pagedserve.models.llama import Rotary  # noqa: E402
 
@@ -123,9 +124,9 @@ def test_silu_mul(dtype, T, inter, block):
 
 
 def test_ops_are_chosen_once_by_device():
-    assert ref.select_ops(None, torch.device("cpu")).name == "torch"
-    assert ref.select_ops(False, torch.device("cuda")).name == "torch"
-    assert ref.select_ops(True, torch.device("cpu")).name == "triton"  # the interpreter
+    assert select_ops(None, torch.device("cpu")).name == "torch"
+    assert select_ops(False, torch.device("cuda")).name == "torch"
+    assert select_ops(True, torch.device("cpu")).name == "triton"  # the interpreter
 
 
 # -- the whole model ------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
+from pagedserve.arg_types import parse_bytes
 from pagedserve.cli import build_parser
-from pagedserve.cli.options import parse_bytes
 from pagedserve.cli.serve import engine_config_from_args, resolve_model
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pagedserve.cli.options import parse_bytes
+from pagedserve.arg_types import parse_bytes
 
 DESCRIPTION = """\
 Submits NUM_PROMPTS random prompts of INPUT_LEN tokens at once, each generating exactly

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from pagedserve.server.version import __version__
+    from pagedserve.version import __version__
 
     parser.add_argument("-v", "--version", action="version",
                         version=f"pagedserve version {__version__}",

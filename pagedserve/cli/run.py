@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from pagedserve.cli.options import parse_bytes
+from pagedserve.arg_types import parse_bytes
 from pagedserve.engine import ContextLengthError, PromptTooLongError
 from pagedserve.outputs import RequestOutput
 

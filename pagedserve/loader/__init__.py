@@ -13,147 +13,17 @@ names the problem, so callers can print it without a traceback.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
+
+from pagedserve.loader.checks import expected_weight_names, expected_weight_shapes
+from pagedserve.loader.formats import LoadFormat, detect_format, resolve_path
+from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError
 
 if TYPE_CHECKING:
     import torch
 
     from pagedserve.config import ModelConfig
-    from pagedserve.tokenizer import Tokenizer
-
-LoadFormat = Literal["auto", "gguf", "safetensors", "dummy"]
-GGUF_MAGIC = b"GGUF"
-
-
-class ModelLoadError(Exception):
-    """A model could not be loaded; the message says what was found and what is wrong."""
-
-
-@dataclass(slots=True)
-class ModelInfo:
-    """What a model file is, read from metadata alone (no tensor data touched)."""
-
-    path: Path
-    format: str  # "gguf" | "safetensors" | "dummy"
-    quantization: str  # "Q4_1", "Q8_0", "F16", "BF16", "F32", ...
-    family: str  # "llama", "qwen2", ...
-    architecture: str  # as the file names it: "llama", "LlamaForCausalLM", ...
-    parameter_count: int
-    context_length: int
-    file_size: int  # bytes on disk (all shards)
-    metadata: dict[str, Any] = field(default_factory=dict)  # JSON-able
-
-
-@dataclass(slots=True)
-class LoadedModel:
-    config: ModelConfig
-    weights: dict[str, torch.Tensor]  # Hugging Face names, (out_features, in_features)
-    tokenizer: Tokenizer | None
-    info: ModelInfo
-    generation_config: dict[str, Any] = field(default_factory=dict)
-
-
-def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a model of this config needs, in Hugging Face naming and (out, in) order,
-    with its shape."""
-    h, ff, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    per_layer = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q, h),
-        "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, q),
-        "mlp.gate_proj.weight": (ff, h),
-        "mlp.up_proj.weight": (ff, h),
-        "mlp.down_proj.weight": (h, ff),
-    }
-    if config.attention_bias:
-        per_layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-                      "self_attn.v_proj.bias": (kv,)}
-    shapes = {"model.embed_tokens.weight": (vocab, h)}
-    for layer in range(config.num_layers):
-        shapes |= {f"model.layers.{layer}.{name}": shape for name, shape in per_layer.items()}
-    shapes["model.norm.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (vocab, h)
-    return shapes
-
-
-def expected_weight_names(config: ModelConfig) -> list[str]:
-    """Every tensor a model of this config needs, in Hugging Face naming."""
-    return list(expected_weight_shapes(config))
-
-
-def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    """Raise ModelLoadError naming the first missing tensor, or the first of the wrong shape."""
-    from pagedserve.loader.checks import check_weight_shapes
-
-    check_weight_shapes(source, config, {name: tuple(w.shape) for name, w in weights.items()})
-
-
-class tensor_progress:  # noqa: N801 (used like a function: `with tensor_progress(...) as advance`)
-    """A transient rich progress bar over `total` tensors when enabled, else a no-op;
-    entering yields the `advance()` callable."""
-
-    def __init__(self, enabled: bool, total: int, label: str) -> None:
-        self.enabled, self.total, self.label = enabled, total, label
-        self._progress = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
-
-        self._progress = Progress(transient=True)
-        self._progress.__enter__()
-        task = self._progress.add_task(f"loading {self.label}", total=self.total)
-        return lambda: self._progress.advance(task)
-
-    def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-
-
-def detect_format(path: str | Path) -> str:
-    """"gguf" for a GGUF file (or a directory holding exactly one and no config.json),
-    "safetensors" for a Hugging Face directory."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"model path does not exist: {path}")
-    if path.is_file():
-        with path.open("rb") as f:
-            if f.read(4) == GGUF_MAGIC:
-                return "gguf"
-        if path.suffix == ".gguf":
-            raise ModelLoadError(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")
-        raise ModelLoadError(f"{path} is neither a GGUF file nor a model directory")
-    if (path / "config.json").is_file():
-        return "safetensors"
-    if len(list(path.glob("*.gguf"))) == 1:
-        return "gguf"
-    raise ModelLoadError(f"{path} has no config.json and no single .gguf file")
-
-
-def _resolve(path: str | Path, load_format: str) -> tuple[Path, str]:
-    if load_format not in ("auto", "gguf", "safetensors", "dummy"):
-        raise ModelLoadError(
-            f"load_format must be auto, gguf, safetensors or dummy, got {load_format!r}"
-        )
-    path = Path(path).expanduser()
-    fmt = detect_format(path) if load_format == "auto" else load_format
-    if fmt == "gguf" and path.is_dir():
-        ggufs = list(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise ModelLoadError(f"{path} holds {len(ggufs)} .gguf files; name one")
-        path = ggufs[0]
-    if not path.exists():
-        raise ModelLoadError(f"model path does not exist: {path}")
-    return path, fmt
-
 
 def load_model(
     path: str | Path | None,
@@ -184,7 +54,7 @@ def load_model(
         return dummy.load_dummy(path, config=config, dtype=dtype, device=device)
     if path is None:
         raise ModelLoadError("a model path is required unless load_format is 'dummy'")
-    path, fmt = _resolve(path, load_format)
+    path, fmt = resolve_path(path, load_format)
     if fmt == "gguf":
         from pagedserve.loader import gguf
 
@@ -196,7 +66,7 @@ def load_model(
 
 def read_model_info(path: str | Path, load_format: LoadFormat = "auto") -> ModelInfo:
     """Metadata only: cheap enough to list many models."""
-    path, fmt = _resolve(path, load_format)
+    path, fmt = resolve_path(path, load_format)
     if fmt == "gguf":
         from pagedserve.loader import gguf
 
@@ -211,10 +81,13 @@ def read_model_info(path: str | Path, load_format: LoadFormat = "auto") -> Model
 
 
 __all__ = [
+    "LoadFormat",
     "LoadedModel",
     "ModelInfo",
     "ModelLoadError",
     "detect_format",
+    "expected_weight_names",
+    "expected_weight_shapes",
     "load_model",
     "read_model_info",
 ]

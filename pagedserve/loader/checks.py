@@ -22,10 +22,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pagedserve.config import ModelConfig
-from pagedserve.loader import ModelLoadError, expected_weight_shapes
+from pagedserve.loader.loaded_model import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_WIDTH = 1 << 20  # hidden size, FFN size, heads x head_dim
 MAX_VOCAB = 1 << 24
@@ -277,3 +280,41 @@ def check_fits(source: str, config: ModelConfig, context_key: str, weight_bytes:
         raise ModelLoadError(
             f"{source}: its weights need {_size(weight_bytes)} in {dtype_name}; "
             f"{_size(available)} of memory is available")
+
+
+def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a model of this config needs, in Hugging Face naming and (out, in) order,
+    with its shape."""
+    h, ff, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    per_layer = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (ff, h),
+        "mlp.up_proj.weight": (ff, h),
+        "mlp.down_proj.weight": (h, ff),
+    }
+    if config.attention_bias:
+        per_layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+                      "self_attn.v_proj.bias": (kv,)}
+    shapes = {"model.embed_tokens.weight": (vocab, h)}
+    for layer in range(config.num_layers):
+        shapes |= {f"model.layers.{layer}.{name}": shape for name, shape in per_layer.items()}
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, h)
+    return shapes
+
+
+def expected_weight_names(config: ModelConfig) -> list[str]:
+    """Every tensor a model of this config needs, in Hugging Face naming."""
+    return list(expected_weight_shapes(config))
+
+
+def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+    """Raise ModelLoadError naming the first missing tensor, or the first of the wrong shape."""
+    check_weight_shapes(source, config, {name: tuple(w.shape) for name, w in weights.items()})

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from pagedserve.config import ModelConfig
-from pagedserve.loader import LoadedModel, ModelInfo, ModelLoadError, expected_weight_shapes
+from pagedserve.loader.checks import expected_weight_shapes
+from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError
 from pagedserve.loader.shapes import is_dummy_name, shape_for
 
 logger = logging.getLogger(__name__)

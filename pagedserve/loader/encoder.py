@@ -20,16 +20,20 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pagedserve.loader import LoadFormat, ModelInfo, ModelLoadError, _resolve
-from pagedserve.models.bert import EncoderConfig, encoder_weight_names
+from pagedserve.loader.formats import LoadFormat, resolve_path
+from pagedserve.loader.loaded_encoder import (
+    GGUF_ARCHITECTURES,
+    LoadedEncoder,
+    check_encoder_weights,
+)
+from pagedserve.loader.loaded_model import ModelLoadError
+from pagedserve.models.bert import EncoderConfig
 from pagedserve.models.pooling import PoolingType
-from pagedserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -37,28 +41,16 @@ logger = logging.getLogger(__name__)
 _HF_ARCHITECTURES = {"BertModel": "bert", "BertForMaskedLM": "bert",
                      "NomicBertModel": "nomic-bert", "NomicBertForPreTraining": "nomic-bert"}
 _HF_MODEL_TYPES = {"bert": "bert", "nomic_bert": "nomic-bert"}
-GGUF_ARCHITECTURES = ("bert", "nomic-bert")
 
 _ST_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                "pooling_mode_lasttoken": "last"}
 _ST_MODULES_SERVED = ("Transformer", "Pooling", "Normalize")
 
 
-@dataclass(slots=True)
-class LoadedEncoder:
-    config: EncoderConfig
-    weights: dict[str, torch.Tensor]  # BertModel names, (out_features, in_features)
-    tokenizer: Tokenizer
-    pooling: PoolingType  # the model's own: sentence-transformers' Pooling, GGUF pooling_type
-    normalize: bool  # the model's own output is unit length (a sentence-transformers Normalize)
-    max_tokens: int  # the longest input, special tokens included, the model is meant to read
-    info: ModelInfo
-
-
 def encoder_architecture(path: str | Path, load_format: LoadFormat = "auto") -> str | None:
     """"bert" or "nomic-bert" when `path` holds an encoder this module loads, else None
     (a decoder, or anything else): reads config.json or the GGUF header only."""
-    path, fmt = _resolve(path, load_format)
+    path, fmt = resolve_path(path, load_format)
     if fmt == "gguf":
         from pagedserve.loader.gguf import GGUFFile
 
@@ -75,7 +67,7 @@ def load_encoder(path: str | Path, load_format: LoadFormat = "auto",
                  dtype: torch.dtype = torch.float32) -> LoadedEncoder:
     """Config, weights (as `dtype`), tokenizer and pooling of the encoder at `path`."""
     start = time.perf_counter()
-    path, fmt = _resolve(path, load_format)
+    path, fmt = resolve_path(path, load_format)
     if fmt == "gguf":
         from pagedserve.loader.gguf_encoder import load_gguf_encoder
 
@@ -237,14 +229,6 @@ def _load_hf_weights(path: Path, config: EncoderConfig, dtype: torch.dtype
             raise ModelLoadError(f"{file} is corrupt or truncated: {exc}") from exc
     check_encoder_weights(weights, config, path.name)
     return weights
-
-
-def check_encoder_weights(weights: dict[str, torch.Tensor], config: EncoderConfig,
-                          source: str) -> None:
-    missing = [n for n in encoder_weight_names(config) if n not in weights]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ModelLoadError(f"{source} is missing tensor {missing[0]!r}{more}")
 
 
 # ---------------------------------------------------------------------------------------------

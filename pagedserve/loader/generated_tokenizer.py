@@ -9,9 +9,8 @@ entries will do. This one is built, not trained (training a BPE of that size tak
     ids 0-3      <|begin_of_text|>, <|end_of_text|>, <|im_start|>, <|im_end|> (a ChatML
                  template, EOS ids 1 and 3)
     next 256     the byte-level alphabet: any text encodes
-    then         merges that make each of the benchmark prompts' English words one token
-                 (with its leading space), as in a real vocabulary (bench/prompts.py relies on
-                 it), then merges of random earlier tokens until the vocabulary is full: tokens
+    then         merges that make each of common_words.py's English words one token (with
+                 its leading space), as in a real vocabulary (bench/prompts.py relies on it), then merges of random earlier tokens until the vocabulary is full: tokens
                  of 2 to ~16 bytes, made of letters, digits and punctuation
 
 It is deterministic (a seeded generator) and takes well under a second for 150k entries.
@@ -22,6 +21,7 @@ from __future__ import annotations
 import logging
 import random
 
+from pagedserve.common_words import WORDS
 from pagedserve.tokenizer import FALLBACK_CHAT_TEMPLATE, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,6 @@ _FIRST_MERGE = len(SPECIAL_TOKENS) + 256
 
 
 def _vocab_and_merges(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    from pagedserve.bench.prompts import WORDS
-
     char_of = _byte_level_chars()
     alphabet = [char_of[b] for b in range(256)]
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *alphabet])}

@@ -29,17 +29,11 @@ import numpy as np
 import torch
 
 from pagedserve.config import ModelConfig
-from pagedserve.loader import (
-    LoadedModel,
-    ModelInfo,
-    ModelLoadError,
-    check_weights,
-    checks,
-    tensor_progress,
-    weight_cache,
-)
+from pagedserve.loader import checks, weight_cache
+from pagedserve.loader.checks import check_weights
 from pagedserve.loader.gguf_file import GGUFFile, GGUFTensor
 from pagedserve.loader.gguf_tokenizer import tokenizer_from_gguf
+from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError, tensor_progress
 
 logger = logging.getLogger(__name__)
 

@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
-from pagedserve.loader import ModelLoadError
-from pagedserve.loader.encoder import (
+from pagedserve.loader.gguf import GGUFFile, _from_f32, dequantize_tensor, read_gguf_info
+from pagedserve.loader.loaded_encoder import (
     GGUF_ARCHITECTURES,
     LoadedEncoder,
     check_encoder_weights,
 )
-from pagedserve.loader.gguf import GGUFFile, _from_f32, dequantize_tensor, read_gguf_info
+from pagedserve.loader.loaded_model import ModelLoadError
 from pagedserve.models.bert import EncoderConfig
 from pagedserve.models.pooling import GGUF_POOLING, PoolingType
 from pagedserve.tokenizer import Tokenizer

@@ -36,7 +36,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pagedserve.loader import ModelLoadError, checks
+from pagedserve.loader import checks
+from pagedserve.loader.loaded_model import ModelLoadError
 
 # GGUF value types -> struct format (little-endian); 8 is a string, 9 an array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from pagedserve.loader import ModelLoadError
 from pagedserve.loader.gguf_file import GGUFFile
+from pagedserve.loader.loaded_model import ModelLoadError
 from pagedserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)

@@ -18,15 +18,9 @@ from typing import Any, NamedTuple
 import torch
 
 from pagedserve.config import ModelConfig
-from pagedserve.loader import (
-    LoadedModel,
-    ModelInfo,
-    ModelLoadError,
-    check_weights,
-    checks,
-    expected_weight_names,
-    tensor_progress,
-)
+from pagedserve.loader import checks
+from pagedserve.loader.checks import check_weights, expected_weight_names
+from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError, tensor_progress
 from pagedserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)

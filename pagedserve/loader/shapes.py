@@ -8,7 +8,7 @@ serve tests and the GPU check's CPU dry run.
 from __future__ import annotations
 
 from pagedserve.config import ModelConfig
-from pagedserve.loader import ModelLoadError
+from pagedserve.loader.loaded_model import ModelLoadError
 
 DUMMY_PREFIX = "dummy:"
 

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 
 from pagedserve import attention as torch_attention
 from pagedserve.attention import AttentionMetadata
+from pagedserve.backends import select_ops
 from pagedserve.config import ModelConfig
 from pagedserve.cpu_kernels import Kernels, LayerWeights
 from pagedserve.cpu_kernels.packing import int4_grid
-from pagedserve.fused_ops import DecoderOps, select_ops
+from pagedserve.fused_ops import DecoderOps
 
 logger = logging.getLogger(__name__)
 

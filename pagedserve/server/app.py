@@ -40,8 +40,8 @@ from pagedserve.server.errors import APIError, error_response, install_error_han
 from pagedserve.server.generation import ClientDisconnected
 from pagedserve.server.openapi import install_openapi
 from pagedserve.server.served_model import ServedModel
-from pagedserve.server.version import __version__
 from pagedserve.server.work_slots import WorkSlots
+from pagedserve.version import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ logger = logging.getLogger(__name__)
 
 
 def main(config_fd: int, info_fd: int, socket_fd: int) -> int:
-    from pagedserve.cli import serve as serve_cli
     from pagedserve.server.http_server import make_http_server, run_http_server
     from pagedserve.server.loading_app import LoadingApp
+    from pagedserve.server.startup import connection_limits_from_args, install
 
     with open(config_fd, "rb") as pipe:
         args, limits, card, input_address, output_address, metrics_dir = pickle.load(pipe)
@@ -31,7 +31,7 @@ def main(config_fd: int, info_fd: int, socket_fd: int) -> int:
     gate = LoadingApp()
     server = make_http_server(gate, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
                               access_log=args.verbose,
-                              connections=serve_cli.connection_limits_from_args(args))
+                              connections=connection_limits_from_args(args))
 
     def load() -> None:
         from pagedserve.engine.core_client import MPClient
@@ -46,7 +46,7 @@ def main(config_fd: int, info_fd: int, socket_fd: int) -> int:
             server.call_on_loop(server.fail, 0.0)
             return
         client = MPClient(payload, input_address, output_address)
-        serve_cli.install(args, server, gate, limits, card, client, metrics_dir=metrics_dir)
+        install(args, server, gate, limits, card, client, metrics_dir=metrics_dir)
 
     threading.Thread(target=load, name="pagedserve-load", daemon=True).start()
     return run_http_server(server, sock)

@@ -1,4 +1,4 @@
-"""Argument types shared by the sub-commands."""
+"""Argument types shared by the commands (`cli/`) and the benchmark's own parsers (`bench/`)."""
 
 from __future__ import annotations
 

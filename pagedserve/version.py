@@ -1,4 +1,5 @@
-"""The version both APIs report (``/version``, ``/api/version``): the installed package's."""
+"""The version the CLI and both APIs report (`--version`, ``/version``, ``/api/version``) and the
+registry client sends as its user agent: the installed package's."""
 
 from __future__ import annotations
 

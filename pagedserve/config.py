@@ -10,6 +10,9 @@ from pagedserve.structured.limits import GrammarLimits
 
 KVLayout = Literal["paged", "static"]
 AttentionBackendName = Literal["auto", "torch", "triton"]
+# the element types weights, compute and the KV cache may take; "auto" lets the engine choose
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 @dataclass(slots=True)
@@ -145,13 +148,10 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError("attention_backend must be auto, torch or triton, got "
                              f"{self.attention_backend!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(
-                f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
-            )
-        if self.kv_cache_dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError("kv_cache_dtype must be auto, float32, bfloat16 or float16, got "
-                             f"{self.kv_cache_dtype!r}")
+        for name in ("dtype", "kv_cache_dtype"):
+            if getattr(self, name) not in DTYPE_CHOICES:
+                raise ValueError(f"{name} must be {', '.join(DTYPE_CHOICES[:-1])} or "
+                                 f"{DTYPE_CHOICES[-1]}, got {getattr(self, name)!r}")
 
     def with_model_defaults(self, defaults: dict) -> EngineConfig:
         """Apply a model's own context length (Ollama's ``num_ctx`` parameter) unless set."""

@@ -22,6 +22,7 @@ import torch
 from pagedserve import cpu_kernels
 from pagedserve.attention import AttentionDims
 from pagedserve.backends import select_backend
+from pagedserve.config import DTYPES as DTYPE_NAMES
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.cpu_kernels.threads import cpu_budget
 from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes
@@ -36,7 +37,7 @@ from pagedserve.step_inputs import StepBatch, StepChunk, StepInputs
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_low_bit(setting: bool | None, requested_dtype: str, dtype: str) -> bool:

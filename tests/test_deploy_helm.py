@@ -748,7 +748,7 @@ def test_pod_commands_parse_with_pagedserve_cli(path):
 
 
 def test_gpu_knobs_reach_the_engine_config():
-    from pagedserve.cli.serve import engine_config_from_args
+    from pagedserve.engine_args import engine_config_from_args
 
     objects = render(merged(BASE, {"profile": "gpu",
                                    "server": {"gpuMemoryUtilization": 0.8, "enforceEager": True}}))

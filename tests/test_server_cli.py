@@ -8,7 +8,8 @@ import pytest
 
 from pagedserve.arg_types import parse_bytes
 from pagedserve.cli import build_parser
-from pagedserve.cli.serve import engine_config_from_args, resolve_model
+from pagedserve.cli.serve import resolve_model
+from pagedserve.engine_args import engine_config_from_args
 
 
 @pytest.mark.parametrize(("text", "size"), [

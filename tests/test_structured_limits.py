@@ -112,19 +112,20 @@ def test_the_serve_flags_reach_the_engine_config():
     import argparse
 
     from pagedserve.cli import serve
+    from pagedserve.engine_args import engine_config_from_args
 
     parser = argparse.ArgumentParser()
     serve.register(parser.add_subparsers())
     args = parser.parse_args(["serve", "--grammar-compile-timeout", "2.5",
                               "--grammar-cache-memory", "64MiB", "--grammar-mask-budget", "0.02",
                               "--grammar-lexer-fuel", "5000"])
-    limits = serve.engine_config_from_args(args).grammar_limits
+    limits = engine_config_from_args(args).grammar_limits
     assert (limits.compile_seconds, limits.cache_memory, limits.mask_seconds,
             limits.lexer_fuel) == (2.5, 64 << 20, 0.02, 5000)
     assert limits.compile_threads == GrammarLimits().compile_threads
     bad = parser.parse_args(["serve", "--grammar-compile-threads", "0"])
     with pytest.raises(ValueError, match="^--grammar-compile-threads must be a positive"):
-        serve.engine_config_from_args(bad)
+        engine_config_from_args(bad)
 
 
 # -- the cache ------------------------------------------------------------------------------------

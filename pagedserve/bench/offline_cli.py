@@ -6,7 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from pagedserve.arg_types import parse_bytes
+from pagedserve.engine_args import add_engine_args, engine_config_from_args
+
+BENCH_ENGINE_FLAGS = ("dtype", "kv_cache_dtype", "max_num_seqs", "max_num_batched_tokens",
+                      "kv_cache_memory", "gpu_memory_utilization", "async_scheduling",
+                      "enforce_eager")
 
 DESCRIPTION = """\
 Submits NUM_PROMPTS random prompts of INPUT_LEN tokens at once, each generating exactly
@@ -41,7 +45,7 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="model name, path or dummy:SHAPE (default: the bundled one)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_engine_args(p, ("device",), defaults={"device": "cpu"})
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=80)
     p.add_argument("--output-len", type=int, default=64)
@@ -49,24 +53,11 @@ def add_parser(sub) -> None:
                    help="batches to run in turn on one engine (default: NUM_PROMPTS, and 1 "
                    "with --single)")
     p.add_argument("--single", action="store_true", help="also time one sequence alone")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="matmul dtype (default: %(default)s, as for serve and run: bfloat16 "
-                   "where the hardware has it, else float32 with low-bit small steps; float32 "
-                   "is the exact reference)")
-    p.add_argument("--kv-cache-dtype", default="auto",
-                   choices=["auto", "float32", "bfloat16", "float16"],
-                   help="KV cache dtype (default: %(default)s, as for serve and run)")
-    p.add_argument("--max-num-seqs", type=int, default=256,
-                   help="at least the largest batch (default: %(default)s)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES",
-                   help="KV cache size (default: 1GiB on CPU; on CUDA, what "
-                   "--gpu-memory-utilization leaves)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule and prepare each step while the device runs the one before "
-                   "(its tokens are read one step late; vLLM's flag); default: on CUDA only")
-    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
+    add_engine_args(p, BENCH_ENGINE_FLAGS, defaults={
+        "max_num_seqs": 256, "max_num_batched_tokens": 2048, "gpu_memory_utilization": 0.9,
+    }, default_help={
+        "max_num_seqs": "256, and at least the largest batch",
+        "kv_cache_memory": "1GiB on CPU; on CUDA, what --gpu-memory-utilization leaves"})
     p.add_argument("--peer", choices=["transformers"], default=None,
                    help="run a peer on the same prompts, in the same process")
     p.add_argument("--peer-dtype", default=None, help="the peer's dtype (default: --dtype)")
@@ -77,17 +68,11 @@ def add_parser(sub) -> None:
 
 
 def engine_config(args) -> object:
-    from pagedserve.config import EngineConfig
-
-    kv = args.kv_cache_memory
-    if kv is None and not args.device.startswith("cuda"):
-        kv = 1 << 30
-    return EngineConfig(dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, device=args.device,
-                        max_num_seqs=max(args.max_num_seqs, *batch_sizes(args)),
-                        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=kv,
-                        gpu_memory_utilization=args.gpu_memory_utilization,
-                        enforce_eager=args.enforce_eager,
-                        async_scheduling=args.async_scheduling)
+    """The engine flags, with a batch of at least the largest batch size and, on CPU, 1GiB of
+    KV cache unless --kv-cache-memory."""
+    cpu_kv = None if args.device.startswith("cuda") else 1 << 30
+    return engine_config_from_args(args, max_num_seqs=max(args.max_num_seqs, *batch_sizes(args)),
+                                   kv_cache_memory=args.kv_cache_memory or cpu_kv)
 
 
 def batch_sizes(args) -> list[int]:

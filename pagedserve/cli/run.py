@@ -9,15 +9,18 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from pagedserve.arg_types import parse_bytes
 from pagedserve.engine import ContextLengthError, PromptTooLongError
+from pagedserve.engine_args import add_engine_args, engine_config_from_args, flag_of
 from pagedserve.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
 # One user, one answer at a time: the KV cache holds this many sequences of the full context
 # (Ollama's num_ctx x num_parallel), not the server's share of free memory.
-RUN_KV_SEQUENCES = 2
+RUN_KV_SEQUENCES = 2  # the KV cache holds this many sequences of the full context
+RUN_ENGINE_FLAGS = ("kv_cache_memory", "max_model_len", "kv_layout", "dtype", "kv_cache_dtype",
+                    "device", "num_threads", "async_scheduling", "enforce_eager",
+                    "gpu_memory_utilization")
 
 
 CHAT_HELP = """Available commands:
@@ -62,53 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="same seed, same answer (default: answers vary from run to run)")
     g.add_argument("--stop", action="append", help="stop at this text (repeatable)")
     g.add_argument("--system", help="system prompt (replaces the model's)")
-    e = p.add_argument_group("engine")
-    e.add_argument("--kv-cache-memory", type=parse_bytes,
-                   help="bytes for the KV cache, e.g. 256MiB (default: room for "
-                   f"{RUN_KV_SEQUENCES} sequences of the full context, at most a quarter of "
-                   "free memory)")
-    e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    e.add_argument("--kv-layout", choices=["paged", "static"], help="KV cache layout")
-    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="compute dtype (the KV cache's: --kv-cache-dtype); auto: bfloat16 where the CPU computes it "
-                   "natively, else float32 (default: auto)")
-    e.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   default="auto", help="K and V in the cache; auto: as --dtype, but float16 "
-                   "where auto chose float32 on a CPU, as llama.cpp (half the memory and of "
-                   "attention's reads) (default: auto)")
-    e.add_argument("--device", help="cpu (default) or cuda, which needs a CUDA build of "
-                   "torch (README: 'With a GPU')")
-    e.add_argument("--threads", type=int, help="torch CPU threads")
-    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule and prepare each step while the device runs the one before "
-                   "(its tokens are read one step late; vLLM's flag); default: on CUDA only")
-    e.add_argument("--enforce-eager", action="store_true", default=None,
-                   help="CUDA: run decode steps eagerly, without CUDA graphs")
-    e.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
-                   help="CUDA: share of the GPU's memory this process may use; the KV cache "
-                   "gets what the weights and activations leave (default 0.9)")
+    add_engine_args(p.add_argument_group("engine"), RUN_ENGINE_FLAGS, default_help={
+        "kv_cache_memory": f"room for {RUN_KV_SEQUENCES} sequences of the full context, at most "
+                           "a quarter of free memory",
+        "max_model_len": "the model's"})
     p.add_argument("--stats", action="store_true",
                    help="print token counts and speed after each answer (on stderr)")
     p.set_defaults(func=cmd_run)
-
-
-def engine_config_from_args(args: argparse.Namespace) -> Any:
-    from pagedserve.config import EngineConfig
-
-    knobs: dict[str, Any] = {
-        "kv_cache_sequences": RUN_KV_SEQUENCES,
-        "kv_cache_memory": args.kv_cache_memory,
-        "max_model_len": args.max_model_len,
-        "kv_layout": args.kv_layout,
-        "dtype": args.dtype,
-        "kv_cache_dtype": args.kv_cache_dtype,
-        "device": args.device,
-        "num_threads": args.threads,
-        "enforce_eager": args.enforce_eager,
-        "async_scheduling": args.async_scheduling,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-    }
-    return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,10 +87,6 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
-# the fields whose flag is not the field's name with dashes
-_FLAG_OF_FIELD = {"num_threads": "--threads"}
-
-
 def invalid_flag(args: argparse.Namespace) -> str | None:
     """What is wrong with the sampling and engine flags, named as flags; None when nothing.
 
@@ -139,11 +98,11 @@ def invalid_flag(args: argparse.Namespace) -> str | None:
         return f"--max-tokens must be >= 1, got {args.max_tokens}"
     try:
         SamplingParams(**sampling_overrides(args))
-        engine_config_from_args(args)
+        engine_config_from_args(args, kv_cache_sequences=RUN_KV_SEQUENCES)
     except ValueError as exc:
         message = str(exc)  # starts with the field's name
         field = message.split(" ", 1)[0]
-        flag = _FLAG_OF_FIELD.get(field) or (
+        flag = flag_of(field) if field in args.engine_fields else (
             "--" + field.replace("_", "-") if hasattr(args, field) else None)
         return flag + message[len(field):] if flag else message
     return None
@@ -180,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
         if piped.strip():
             prompt = f"{prompt}\n\n{piped}"
     try:
-        engine_config = engine_config_from_args(args)
+        engine_config = engine_config_from_args(args, kv_cache_sequences=RUN_KV_SEQUENCES)
         started = time.monotonic()
         llm = LLM(model, engine_config=engine_config, progress=sys.stderr.isatty())
         logger.debug("model loaded in %.1f s", time.monotonic() - started)

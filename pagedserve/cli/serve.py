@@ -8,9 +8,9 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 from pagedserve.arg_types import parse_bytes
+from pagedserve.engine_args import add_engine_args, add_grammar_limit_args, engine_config_from_args
 from pagedserve.server.limits import (
     DEFAULT_LIMIT_CONCURRENCY,
     DEFAULT_MAX_BODY_BYTES,
@@ -28,6 +28,10 @@ from pagedserve.server.startup import connection_limits_from_args, install
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
+SERVE_ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "max_model_len",
+                      "block_size", "enable_prefix_caching", "kv_layout", "max_parallel",
+                      "num_ctx", "dtype", "kv_cache_dtype", "device", "num_threads", "seed",
+                      "async_scheduling", "enforce_eager", "gpu_memory_utilization")
 DEFAULT_PORT = 11434  # Ollama's, so that Ollama clients work with no configuration
 
 EPILOG = """examples:
@@ -97,11 +101,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "to this long, then abort the rest and exit 0; 0 aborts at once. SIGINT "
                    f"(Ctrl-C) and a second signal always stop at once "
                    f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S:.0f})")
-    lim.add_argument("--max-prompt-chars", type=int, metavar="N",
-                     help="answer 400 to longer prompt texts before tokenizing them (default: "
-                     "what the context can hold at the vocabulary's longest token)")
+    add_engine_args(lim, ("max_prompt_chars",))
 
-    _add_grammar_limits(p)
+    add_grammar_limit_args(p)
     c = p.add_argument_group("connections (slow or too many clients)")
     c.add_argument("--timeout-request-read", type=float, metavar="SECONDS",
                    default=DEFAULT_TIMEOUT_REQUEST_READ_S,
@@ -124,152 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "/metrics, /version and / (uvicorn's flag; 0: no limit; default "
                    f"{DEFAULT_LIMIT_CONCURRENCY})")
 
-    e = p.add_argument_group("engine")
-    e.add_argument("--max-num-seqs", type=int, help="most requests in one batch (default 128)")
-    e.add_argument("--max-num-batched-tokens", type=int,
-                   help="most tokens computed in one step (default 1024)")
-    e.add_argument("--kv-cache-memory", type=parse_bytes, metavar="BYTES",
-                   help="memory for the KV cache, e.g. 512MiB or 2GiB "
-                   "(default: a share of free memory)")
-    e.add_argument("--max-model-len", type=int, help="context length (default: the model's, "
-                   "capped by the KV cache)")
-    e.add_argument("--block-size", type=int, help="tokens per KV block (default 16)")
-    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=None, help="reuse the KV blocks of shared prompt prefixes (default on)")
-    e.add_argument("--kv-layout", choices=["paged", "static"],
-                   help="paged blocks (default), or static slots as Ollama/llama.cpp reserve them")
-    e.add_argument("--max-parallel", type=int,
-                   help="static layout: number of slots, like OLLAMA_NUM_PARALLEL (default 4)")
-    e.add_argument("--num-ctx", type=int,
-                   help="static layout: tokens reserved per slot, like num_ctx (default 4096)")
-    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="compute dtype (the KV cache's: --kv-cache-dtype); auto: bfloat16 where the CPU computes it "
-                   "natively (AVX-512 BF16, AMX), else float32 (default: auto)")
-    e.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   default="auto", help="K and V in the cache; auto: as --dtype, but float16 "
-                   "where auto chose float32 on a CPU, as llama.cpp (half the memory and of "
-                   "attention's reads) (default: auto)")
-    e.add_argument("--device", help="cpu (default) or cuda, which needs a CUDA build of "
-                   "torch (README: 'With a GPU')")
-    e.add_argument("--threads", type=int, help="torch CPU threads")
-    e.add_argument("--seed", type=int, help="engine seed for requests that bring none "
-                   "(default: random at each start, so answers vary between runs)")
-    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule and prepare each step while the device runs the one before "
-                   "(its tokens are read one step late; vLLM's flag); default: on CUDA only")
-    e.add_argument("--enforce-eager", action="store_true", default=None,
-                   help="CUDA: run decode steps eagerly, without CUDA graphs")
-    e.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
-                   help="CUDA: share of the GPU's memory this process may use; the KV cache "
-                   "gets what the weights and activations leave (default 0.9)")
+    add_engine_args(p.add_argument_group("engine"), SERVE_ENGINE_FLAGS)
     p.set_defaults(func=cmd_serve)
-
-
-def _add_grammar_limits(p: argparse.ArgumentParser) -> None:
-    from pagedserve.structured.limits import GrammarLimits
-
-    d = GrammarLimits()
-    g = p.add_argument_group(
-        "structured outputs (what one client's grammar may cost; over a limit is a 400)")
-    g.add_argument("--grammar-compile-timeout", type=float, metavar="SECONDS",
-                   default=d.compile_seconds,
-                   help=f"most time a grammar may take to compile, queueing included "
-                   f"(default {d.compile_seconds:g})")
-    g.add_argument("--grammar-compile-threads", type=int, metavar="N",
-                   default=d.compile_threads,
-                   help=f"grammars compiled at once (default {d.compile_threads})")
-    g.add_argument("--grammar-compile-queue", type=int, metavar="N", default=d.compile_queue,
-                   help=f"grammars that may wait for a compile thread; more are a 503 "
-                   f"(default {d.compile_queue})")
-    g.add_argument("--grammar-cache-size", type=int, metavar="N", default=d.cache_entries,
-                   help=f"compiled grammars kept for reuse (default {d.cache_entries})")
-    g.add_argument("--grammar-cache-memory", type=parse_bytes, metavar="BYTES",
-                   default=d.cache_memory,
-                   help=f"memory the kept grammars may hold, e.g. 256MiB (default "
-                   f"{d.cache_memory >> 20}MiB); one over a quarter of it is not kept")
-    g.add_argument("--grammar-mask-budget", type=float, metavar="SECONDS",
-                   default=d.mask_seconds,
-                   help="most time one request's token mask may take in a step; over it the "
-                   f"request ends with an error (default {d.mask_seconds:g})")
-    g.add_argument("--grammar-max-schema-properties", type=int, metavar="N",
-                   default=d.max_schema_properties,
-                   help=f"object properties in one JSON schema (default "
-                   f"{d.max_schema_properties}, OpenAI's limit)")
-    g.add_argument("--grammar-max-regex-repeat", type=int, metavar="N",
-                   default=d.max_regex_repeat,
-                   help=f"characters a regex's counted repetitions may spell: (a{{100}}){{300}} "
-                   f"spells 30000 (default {d.max_regex_repeat})")
-    g.add_argument("--grammar-lexer-fuel", type=int, metavar="N", default=d.lexer_fuel,
-                   help=f"llguidance's initial_lexer_fuel: building the lexer and the first "
-                   f"token mask (default {d.lexer_fuel})")
-    g.add_argument("--grammar-step-fuel", type=int, metavar="N", default=d.step_lexer_fuel,
-                   help=f"llguidance's step_lexer_fuel: one token mask's lexer work "
-                   f"(default {d.step_lexer_fuel})")
-    g.add_argument("--grammar-step-items", type=int, metavar="N", default=d.step_max_items,
-                   help=f"llguidance's step_max_items: one token mask's parser items "
-                   f"(default {d.step_max_items})")
-    g.add_argument("--grammar-lexer-states", type=int, metavar="N", default=d.max_lexer_states,
-                   help=f"llguidance's max_lexer_states, 1-2 KB each (default "
-                   f"{d.max_lexer_states})")
-    g.add_argument("--grammar-max-symbols", type=int, metavar="N",
-                   default=d.max_grammar_symbols,
-                   help=f"llguidance's max_grammar_size, in symbols (default "
-                   f"{d.max_grammar_symbols})")
-
-
-def grammar_limits_from_args(args: argparse.Namespace):
-    """The :class:`GrammarLimits` the flags ask for (ValueError names a bad one)."""
-    from pagedserve.structured.limits import GrammarLimits
-
-    flags = {  # GrammarLimits field -> the flag's dest
-        "compile_seconds": "grammar_compile_timeout",
-        "compile_threads": "grammar_compile_threads",
-        "compile_queue": "grammar_compile_queue",
-        "cache_entries": "grammar_cache_size",
-        "cache_memory": "grammar_cache_memory",
-        "mask_seconds": "grammar_mask_budget",
-        "max_schema_properties": "grammar_max_schema_properties",
-        "max_regex_repeat": "grammar_max_regex_repeat",
-        "lexer_fuel": "grammar_lexer_fuel",
-        "step_lexer_fuel": "grammar_step_fuel",
-        "step_max_items": "grammar_step_items",
-        "max_lexer_states": "grammar_lexer_states",
-        "max_grammar_symbols": "grammar_max_symbols",
-    }
-    try:
-        return GrammarLimits(**{name: getattr(args, dest) for name, dest in flags.items()})
-    except ValueError as exc:  # "compile_seconds must be ..." -> "--grammar-compile-timeout ..."
-        name, _, rest = str(exc).partition(" ")
-        flag = "--" + flags.get(name, name).replace("_", "-")
-        raise ValueError(f"{flag} {rest}") from None
-
-
-def engine_config_from_args(args: argparse.Namespace):
-    from pagedserve.config import EngineConfig
-
-    knobs: dict[str, Any] = {
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "kv_cache_memory": args.kv_cache_memory,
-        "max_model_len": args.max_model_len,
-        "block_size": args.block_size,
-        "enable_prefix_caching": args.enable_prefix_caching,
-        "kv_layout": args.kv_layout,
-        "max_parallel": args.max_parallel,
-        "num_ctx": args.num_ctx,
-        "dtype": args.dtype,
-        "kv_cache_dtype": args.kv_cache_dtype,
-        "device": args.device,
-        "num_threads": args.threads,
-        "seed": args.seed,
-        "max_prompt_chars": getattr(args, "max_prompt_chars", None),
-        "enforce_eager": args.enforce_eager,
-        "async_scheduling": args.async_scheduling,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "grammar_limits": (grammar_limits_from_args(args)
-                           if hasattr(args, "grammar_compile_timeout") else None),
-    }
-    return EngineConfig(**{k: v for k, v in knobs.items() if v is not None})
 
 
 def resolve_model(ref: str | None, served_name: str | None):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pagedserve.config import DTYPES
 from pagedserve.loader.checks import expected_weight_names, expected_weight_shapes
 from pagedserve.loader.formats import LoadFormat, detect_format, resolve_path
 from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError
@@ -45,8 +46,9 @@ def load_model(
     if dtype is None:
         dtype = torch.float32
     elif isinstance(dtype, str):
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got "
+                             f"{dtype!r}")
         dtype = getattr(torch, dtype)
     if load_format == "dummy" or (isinstance(path, str) and path.startswith("dummy:")):
         from pagedserve.loader import dummy

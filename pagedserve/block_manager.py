@@ -208,10 +208,6 @@ class BlockManager:
                 if self._hash[block] is None:
                     self._free.move_to_end(block, last=False)
 
-    def reset_prefix_cache(self) -> None:
-        for block in list(self._free):
-            self._evict(block)
-
     def _evict(self, block: int) -> None:
         h = self._hash[block]
         if h is not None:

@@ -116,7 +116,6 @@ class EngineConfig:
     num_threads: int | None = None
     # structured outputs: what compiling and following one client's grammar may cost
     grammar_limits: GrammarLimits = field(default_factory=GrammarLimits)
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_parallel",

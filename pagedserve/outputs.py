@@ -42,12 +42,6 @@ class RequestMetrics:
             return None
         return self.first_token_time - self.arrival_time
 
-    @property
-    def queue_time(self) -> float | None:
-        if self.first_scheduled_time is None:
-            return None
-        return self.first_scheduled_time - self.arrival_time
-
 
 @dataclass(slots=True)
 class RequestOutput:

@@ -85,9 +85,6 @@ class StaticSlotManager:
             self._free_slots.append(slot)
             self._free_slots.sort()
 
-    def reset_prefix_cache(self) -> None:
-        pass
-
     def check_integrity(self) -> None:
         taken = sorted(self._slot.values())
         assert len(taken) == len(set(taken)), f"a slot is held twice: {taken}"

@@ -18,11 +18,9 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pagedserve.config import EngineConfig
 from pagedserve.engine import Engine, EngineObserver, StepStats
 from pagedserve.sampling_params import SamplingParams
 
@@ -100,17 +98,6 @@ def run_batch(engine: Engine, prompts: list[list[int]], output_len: int,
     duration = time.perf_counter() - start
     return OfflineResult(label, len(prompts), len(prompts[0]), output_len, engine.config.dtype,
                          duration, done, engine.config.device, steps.median_ms())
-
-
-def run_pagedserve(model: str | Path | None, prompts: list[list[int]], output_len: int,
-                   config: EngineConfig, progress: bool = True, label: str = "pagedserve"
-                   ) -> OfflineResult:
-    """One batch on a fresh engine (the bundled model when `model` is None)."""
-    from pagedserve.llm import LLM
-
-    engine = LLM(model, engine_config=config).engine
-    warm_up(engine, prompts[0])
-    return run_batch(engine, prompts, output_len, progress, label)
 
 
 class _progress:  # noqa: N801 (a context manager used like a function)

@@ -53,15 +53,28 @@ class StreamingHTTP:
     async def stream(self, method: str, url: str, json: dict | None = None
                      ) -> AsyncIterator[Response]:
         body = _dumps(json)
-        reader, writer = await self._connection()
         head = (f"{method} {self.prefix}{url} HTTP/1.1\r\n".encode()
                 + b"Host: " + self._host_header + b"\r\nContent-Type: application/json\r\n"
                 + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        reader, writer, reused = await self._connection()
         response = Response(reader, writer)
         try:
             async with asyncio.timeout(self.timeout):  # the whole answer, however read
                 writer.write(head + body)
-                await response.read_head()
+                try:
+                    await response.read_head()
+                except httpx.RemoteProtocolError:
+                    if not reused or response.status_code:
+                        raise
+                    # A kept-alive connection the server closed after its last answer (llama.cpp's
+                    # server does after every stream, whatever its Keep-Alive header says), its
+                    # FIN not read yet: nothing of this request was answered, so send it again on
+                    # a new connection, as HTTP clients do.
+                    writer.close()
+                    reader, writer, _ = await self._connection(fresh=True)
+                    response = Response(reader, writer)
+                    writer.write(head + body)
+                    await response.read_head()
                 yield response
                 await response.finish()
         except OSError as exc:
@@ -78,19 +91,22 @@ class StreamingHTTP:
         else:
             writer.close()
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        while self._idle:
+    async def _connection(self, fresh: bool = False
+                          ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """A kept-alive connection (reused: True), else a new one."""
+        while self._idle and not fresh:
             reader, writer = self._idle.pop()
             if not writer.is_closing() and not reader.at_eof():
-                return reader, writer
+                return reader, writer, True
             writer.close()
         try:
-            return await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port, limit=MAX_LINE),
                 self.connect_timeout)
         except (OSError, TimeoutError) as exc:
             raise httpx.ConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") \
                 from exc
+        return reader, writer, False
 
 
 class Response:

@@ -22,30 +22,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-
-@dataclass(slots=True)
-class KVUsage:
-    """Occupancy of a KV cache, in token slots."""
-
-    num_blocks: int
-    num_free_blocks: int
-    reserved_tokens: int  # slots set aside for running requests
-    used_tokens: int  # slots that hold a computed token
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
-
-    @property
-    def waste_tokens(self) -> int:
-        return self.reserved_tokens - self.used_tokens
-
-    @property
-    def waste_perc(self) -> float:
-        """Reserved-but-unused slots as a percentage of the used ones (vLLM's '<4%' figure)."""
-        return 100.0 * self.waste_tokens / self.used_tokens if self.used_tokens else 0.0
+from pagedserve.kv_cache_manager import KVUsage
 
 
 def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:

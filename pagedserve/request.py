@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 
 class RequestStatus(enum.Enum):
+    WAITING_FOR_GRAMMAR = "waiting_for_grammar"  # its grammar compiles; not in the scheduler yet
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"

@@ -19,11 +19,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from pagedserve.block_manager import BlockManager
+from pagedserve.kv_cache_manager import KVCacheManager
 from pagedserve.request import Request, RequestStatus
-from pagedserve.static_slots import StaticSlotManager
-
-KVManager = BlockManager | StaticSlotManager
 
 
 @dataclass(slots=True)
@@ -56,7 +53,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -65,6 +62,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -150,13 +148,11 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def finish(self, request: Request) -> None:
-        """Retire a request (finished or aborted): leave the queues, free its blocks now."""
+        """Retire a request (finished or aborted): leave the queues, free its blocks now. One
+        still waiting for its grammar was never queued here and holds no blocks."""
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
-            try:
-                self.waiting.remove(request)
-            except ValueError:
-                pass
+            self.waiting.remove(request)
         self.kv.free(request.request_id)
         request.status = RequestStatus.FINISHED

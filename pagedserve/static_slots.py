@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pagedserve.block_manager import KVUsage
+from pagedserve.kv_cache_manager import KVUsage
 
 
 class StaticSlotManager:
-    enable_prefix_caching = False
-    prefix_queries = 0
-    prefix_hits = 0
+    """A :class:`~pagedserve.kv_cache_manager.KVCacheManager` with one slot per request."""
+
+    enable_prefix_caching = False  # a slot belongs to one request: nothing to share
 
     def __init__(self, num_slots: int, slot_tokens: int, block_size: int):
         if num_slots < 1 or slot_tokens < 1 or block_size < 1:
@@ -32,6 +32,8 @@ class StaticSlotManager:
         self._slot: dict[str, int] = {}
         self._held: dict[str, int] = {}
         self._held_total = 0  # sum of _held: usage() stays O(1) and safe from another thread
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     @property
     def capacity_tokens(self) -> int:
@@ -57,6 +59,7 @@ class StaticSlotManager:
                        self._held_total)
 
     def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Nothing: a slot is never shared, so every prompt is computed whole."""
         return []
 
     def allocate(self, request_id: str, num_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
@@ -73,10 +76,12 @@ class StaticSlotManager:
         return True
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
-        pass
+        """Counted as the paged layout counts them, so the hit rate reads 0%, not "no data"."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
 
     def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        pass
+        """Nothing to record: written positions are offered to no other request."""
 
     def free(self, request_id: str) -> None:
         slot = self._slot.pop(request_id, None)

@@ -1,5 +1,7 @@
 """Continuous batching, chunked prefill, preemption and abort, with a fake model: no torch."""
 
+import pytest
+
 from pagedserve.block_manager import BlockManager
 from pagedserve.outputs import RequestMetrics
 from pagedserve.request import Request, RequestStatus
@@ -151,3 +153,44 @@ def test_static_layout_never_runs_more_requests_than_slots():
     assert max_running == 2
     assert all(r.num_output_tokens == 3 for r in reqs)
     assert sched.kv.all_free()
+
+
+def test_a_request_waiting_for_its_grammar_is_not_queued_and_finishes_cleanly():
+    """A constrained request waits outside the scheduler while its grammar compiles (vLLM's
+    WAITING_FOR_FSM); retiring it then frees nothing and touches no queue, while a WAITING
+    request missing from the queue is a bookkeeping error that shows."""
+    sched = Scheduler(BlockManager(8, 2), max_num_seqs=2, max_num_batched_tokens=100)
+    compiling = make("g", 5, 4)
+    compiling.status = RequestStatus.WAITING_FOR_GRAMMAR
+    sched.finish(compiling)
+    assert compiling.status is RequestStatus.FINISHED and sched.kv.all_free()
+
+    queued = make("q", 5, 4)
+    queued.status = RequestStatus.WAITING_FOR_GRAMMAR
+    sched.add(queued)  # compiled: it joins the queue as WAITING
+    assert queued.status is RequestStatus.WAITING
+    sched.finish(queued)
+    lost = make("lost", 5, 4)  # WAITING, but never added
+    with pytest.raises(ValueError):
+        sched.finish(lost)
+
+
+@pytest.mark.parametrize("layout", [BlockManager(8, 2), StaticSlotManager(2, 8, 2)],
+                         ids=["paged", "static"])
+def test_both_layouts_implement_the_whole_kv_cache_manager_contract(layout):
+    import inspect
+
+    from pagedserve.kv_cache_manager import KVCacheManager
+
+    members = {n: m for n, m in vars(KVCacheManager).items() if not n.startswith("_")}
+    for name, member in members.items():
+        assert hasattr(layout, name), name
+        if inspect.isfunction(member):
+            ours = inspect.signature(getattr(type(layout), name))
+            assert list(ours.parameters) == list(inspect.signature(member).parameters), name
+    for name in KVCacheManager.__annotations__:
+        assert hasattr(layout, name), name
+    # the lookup is counted by both, so the hit rate reads 0% on static slots, not "no data"
+    before = layout.prefix_queries
+    layout.record_prefix_lookup(10, 0)
+    assert (layout.prefix_queries - before, layout.prefix_hits) == (10, 0)

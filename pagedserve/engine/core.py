@@ -236,7 +236,8 @@ class EngineCore:
         if grammar is None:
             self.scheduler.add(r)
         else:
-            self._awaiting_grammar.add(r)  # joins the scheduler once compiled
+            r.status = RequestStatus.WAITING_FOR_GRAMMAR  # joins the scheduler once compiled
+            self._awaiting_grammar.add(r)
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         """Stop requests now and free their KV blocks; the final outputs of those still live."""

@@ -102,6 +102,10 @@ class EngineConfig:
     # they cannot be. False: torch's int4 kernel.
     native_kernels: bool | None = None
     device: str = "cpu"
+    # ranks the model is split across (vLLM's --tensor-parallel-size): rank 0 is this engine,
+    # the others worker processes (engine/workers.py); 1 starts nothing and imports no
+    # torch.distributed
+    tensor_parallel_size: int = 1
     # attention kernels: auto = Triton on CUDA (when importable), plain torch elsewhere
     attention_backend: AttentionBackendName = "auto"
     # the decoder's norms, residual adds, rotary and SwiGLU as fused Triton kernels (see
@@ -119,7 +123,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_parallel",
-                     "num_ctx"):
+                     "num_ctx", "tensor_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

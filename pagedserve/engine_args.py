@@ -79,6 +79,10 @@ _FLAGS = (
     EngineFlag("device", "--device",
                "cpu or cuda, which needs a CUDA build of torch (README: 'With a GPU')",
                _default("device")),
+    EngineFlag("tensor_parallel_size", "--tensor-parallel-size",
+               "split the model across N ranks (worker processes; on CUDA one GPU each, on a "
+               "CPU sharing its cores); docs/tensor-parallel.md", _default("tensor_parallel_size"),
+               {"type": int, "metavar": "N"}),
     EngineFlag("num_threads", "--threads", "torch CPU threads",
                "what the CPU affinity and cgroup quota allow", {"type": int}),
     EngineFlag("seed", "--seed", "engine seed for requests that bring none",

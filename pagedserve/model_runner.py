@@ -10,12 +10,19 @@ logprobs (:mod:`pagedserve.prompt_logprobs`; taken by the core with
 :meth:`ModelRunner.take_prompt_logprobs` after each step).
 
     slot of position p = block_table[p // block_size] * block_size + p % block_size
+
+Under tensor parallelism every rank has a runner over its shard of the model and a KV cache of
+its heads under the same block tables. Rank 0's runner plans each step (the chunks of each
+pass: integers only), broadcasts the plan (:class:`StepPlan`), and every rank runs the same
+passes in lockstep, meeting in the model's collectives; only rank 0 samples. Workers take the
+plans in :meth:`ModelRunner.follow` (engine/workers.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -99,6 +106,32 @@ def kv_bytes_per_token(config: ModelConfig, dtype: str) -> int:
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
 
 
+@dataclass(slots=True)
+class StepPlan:
+    """What a worker runs for one step: the chunks of each forward pass, in order; the
+    rows of chunks that sample go through the LM head (whose logits rank 0 samples)."""
+
+    passes: list[list[StepChunk]]
+
+
+@dataclass(slots=True)
+class AllocatePlan:
+    """Every rank allocates the KV cache rank 0 sized (the same number of blocks)."""
+
+    num_blocks: int
+    max_num_seqs: int
+    max_model_len: int
+
+
+@dataclass(slots=True)
+class ProfilePlan:
+    """Every rank runs rank 0's memory-profiling pass (CUDA)."""
+
+    num_tokens: int
+    num_seqs: int
+    model_len: int
+
+
 class LaunchedStep:
     """A step queued on the device: its sampled ids there (``tokens``, one row per sampling
     request, ``row_of`` maps request ids to rows) and, once read, a token per scheduled
@@ -146,11 +179,16 @@ class ModelRunner:
     be measured), then :meth:`allocate` with the KV cache's size and the step limits."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
-                 engine_config: EngineConfig, consume_weights: bool = False):
+                 engine_config: EngineConfig, consume_weights: bool = False, tp=None):
+        """`tp`: the tensor-parallel group (distributed.py) whose rank's shard `weights`
+        are; `config` stays the whole model's."""
+        self.tp = tp
+        if tp is not None:
+            config = tp.shard.local_config(config)
         self.config = config
         self.engine_config = engine_config
         self.block_size = engine_config.block_size
-        self.device = torch.device(engine_config.device)
+        self.device = tp.device if tp is not None else torch.device(engine_config.device)
         self.dtype = DTYPES[engine_config.dtype]
         # the Engine resolves "auto" (resolve_kv_cache_dtype); a runner built alone follows dtype
         kv_dtype = engine_config.kv_cache_dtype
@@ -181,7 +219,7 @@ class ModelRunner:
                                       attention=self.attention.paged_attention,
                                       consume_weights=consume_weights,
                                       fused_ops=engine_config.fused_ops,
-                                      kernels=resolution.kernels)
+                                      kernels=resolution.kernels, tp=tp)
         self._kernels_changed()
         self.sampler = Sampler(engine_config.seed)
         self.align_prefix_tail = engine_config.enable_prefix_caching
@@ -229,8 +267,38 @@ class ModelRunner:
         logger.info("switched to the %s CPU kernels built in the background (%.1f s to repack "
                     "the weights)", kernels.isa, time.monotonic() - start)
 
+    @property
+    def leads(self) -> bool:
+        """Rank 0 of several: what this runner does, the workers must do too."""
+        return self.tp is not None and self.tp.is_leader
+
+    def follow(self, plan: StepPlan | AllocatePlan | ProfilePlan) -> None:
+        """A worker's share of what rank 0's runner does (sent by :meth:`launch`,
+        :meth:`allocate`, :meth:`profile_gpu_memory`)."""
+        if isinstance(plan, StepPlan):
+            self._follow_step(plan)
+        elif isinstance(plan, AllocatePlan):
+            self.allocate(plan.num_blocks, plan.max_num_seqs, plan.max_model_len)
+        elif isinstance(plan, ProfilePlan):
+            self.profile_gpu_memory(plan.num_tokens, plan.num_seqs, plan.model_len)
+        else:
+            raise TypeError(f"a worker cannot follow {type(plan).__name__}")
+
+    @torch.inference_mode()
+    def _follow_step(self, plan: StepPlan) -> None:
+        rows = []
+        for part_chunks in plan.passes:
+            batch, hidden = self._run_pass(part_chunks, None)
+            num_sampling = sum(c.samples for c in part_chunks)
+            if num_sampling:
+                rows.append(self._sampling_rows(hidden, batch, num_sampling))
+        if rows:
+            self.model.logits(torch.cat(rows))  # the gather: rank 0 samples from its copy
+
     def allocate(self, num_blocks: int, max_num_seqs: int, max_model_len: int) -> None:
         """The KV cache and the persistent step inputs."""
+        if self.leads:
+            self.tp.broadcast(AllocatePlan(num_blocks, max_num_seqs, max_model_len))
         shape = (num_blocks, self.block_size, self.config.num_kv_heads, self.config.head_dim)
         # Zeroed, not empty: masked attention weights are exactly 0, but 0 * NaN garbage is not.
         self.kv_caches = [
@@ -260,6 +328,8 @@ class ModelRunner:
         head and a log_softmax over a block of those rows), the LM head over `num_seqs` rows and
         a sort of their logits (the sampler's largest scratch). The pass's own temporary KV
         cache is not counted."""
+        if self.leads:
+            self.tp.broadcast(ProfilePlan(num_tokens, num_seqs, model_len))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -343,22 +413,18 @@ class ModelRunner:
         sample_of, rows = [], []
         fed_by = previous.tokens if previous is not None else None
         owing = self._prompt_logprobs_owed(scheduled)
+        if self.leads:
+            self.tp.broadcast(StepPlan([[chunks[j] for j in part] for part in passes]))
         for part in passes:
             part_chunks = [chunks[j] for j in part]
-            bucket = None  # a decode-only step replays the CUDA graph of its batch-size bucket
-            if self.graphs is not None and part_chunks[-1].is_decode:  # decodes come first
-                bucket = self.graphs.bucket_for(len(part_chunks))
-            batch = self.inputs.prepare(part_chunks, pad_to=bucket or 0)
-            batch.feed(fed_by)
-            hidden = self.graphs.replay(bucket, batch) if bucket else self._forward(batch)
+            batch, hidden = self._run_pass(part_chunks, fed_by)
             if owing:
                 self._collect_prompt_logprobs(hidden, part_chunks,
                                               [scheduled[owners[j]].request for j in part])
             sampling = [owners[j] for j in part if chunks[j].samples]  # in row order
             if sampling:
                 sample_of += sampling
-                rows.append(hidden[: len(sampling)] if batch.samples_are_prefix
-                            else hidden.index_select(0, batch.sample_rows))
+                rows.append(self._sampling_rows(hidden, batch, len(sampling)))
         pending = None
         if sample_of:
             logits = self.model.logits(rows[0] if len(rows) == 1 else torch.cat(rows))
@@ -368,6 +434,21 @@ class ModelRunner:
                                  for row, i in enumerate(sample_of)})
         self._previous = launched if pending is not None else None
         return launched
+
+    def _run_pass(self, chunks: list[StepChunk], fed_by: torch.Tensor | None
+                  ) -> tuple[StepBatch, torch.Tensor]:
+        """One forward pass over `chunks`: its batch and final hidden states."""
+        bucket = None  # a decode-only step replays the CUDA graph of its batch-size bucket
+        if self.graphs is not None and chunks[-1].is_decode:  # decodes come first
+            bucket = self.graphs.bucket_for(len(chunks))
+        batch = self.inputs.prepare(chunks, pad_to=bucket or 0)
+        batch.feed(fed_by)
+        return batch, self.graphs.replay(bucket, batch) if bucket else self._forward(batch)
+
+    @staticmethod
+    def _sampling_rows(hidden: torch.Tensor, batch: StepBatch, n: int) -> torch.Tensor:
+        return hidden[:n] if batch.samples_are_prefix else hidden.index_select(0,
+                                                                               batch.sample_rows)
 
     def take_prompt_logprobs(self) -> dict[str, PromptLogprobs]:
         """The prompt logprobs computed since the last call, by request id."""

@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 # (Ollama's num_ctx x num_parallel), not the server's share of free memory.
 RUN_KV_SEQUENCES = 2  # the KV cache holds this many sequences of the full context
 RUN_ENGINE_FLAGS = ("kv_cache_memory", "max_model_len", "kv_layout", "dtype", "kv_cache_dtype",
-                    "device", "num_threads", "async_scheduling", "enforce_eager",
-                    "gpu_memory_utilization")
+                    "device", "tensor_parallel_size", "num_threads", "async_scheduling",
+                    "enforce_eager", "gpu_memory_utilization")
 
 
 CHAT_HELP = """Available commands:

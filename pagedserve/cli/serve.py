@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 SERVE_ENGINE_FLAGS = ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "max_model_len",
                       "block_size", "enable_prefix_caching", "kv_layout", "max_parallel",
-                      "num_ctx", "dtype", "kv_cache_dtype", "device", "num_threads", "seed",
+                      "num_ctx", "dtype", "kv_cache_dtype", "device", "tensor_parallel_size",
+                      "num_threads", "seed",
                       "async_scheduling", "enforce_eager", "gpu_memory_utilization")
 DEFAULT_PORT = 11434  # Ollama's, so that Ollama clients work with no configuration
 

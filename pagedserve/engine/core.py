@@ -7,6 +7,11 @@ deals in token ids only: text (detokenizing, stop strings) is the front end's
 (:mod:`pagedserve.engine.output_processor`), which asks the core to abort a request whose text
 hit a stop string.
 
+With ``tensor_parallel_size`` N > 1 the core is rank 0 of N: its runner holds a shard of the
+model and drives N - 1 worker processes in lockstep (:mod:`pagedserve.engine.workers`); the
+scheduler, the KV manager's block tables and sampling stay here, once. A lost rank is a
+:class:`TensorParallelError` out of :meth:`EngineCore.step`: the core stops.
+
 The core is single-threaded. It runs inside :class:`~pagedserve.engine.llm_engine.Engine`
 (offline, in the caller's thread), in a thread of the server (tests), or in a process of its
 own behind a busy loop (:mod:`pagedserve.engine.core_process`, what ``serve`` runs).
@@ -22,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from pagedserve.block_manager import BlockManager
 from pagedserve.config import EngineConfig, ModelConfig
-from pagedserve.engine.errors import EngineStepError
+from pagedserve.engine.errors import EngineStepError, TensorParallelError
 from pagedserve.engine.info import EngineInfo
 from pagedserve.engine.messages import (
     EngineCoreOutput,
@@ -40,6 +45,7 @@ from pagedserve.structured.constraint import Constraint
 from pagedserve.structured.state import GrammarState, GrammarWaitingRoom
 
 if TYPE_CHECKING:
+    from pagedserve.engine.workers import TensorParallelWorkers
     from pagedserve.loader import LoadedModel, ModelInfo
     from pagedserve.model_runner import LaunchedStep
     from pagedserve.prompt_logprobs import PromptLogprobs
@@ -64,6 +70,7 @@ class EngineCore:
         model_name: str = "model",
         *,
         consume_weights: bool = False,  # may empty `weights` to free unfused copies early
+        workers: TensorParallelWorkers | None = None,  # tensor parallel: `weights` is rank 0's
     ):
         from pagedserve.device import check_device
         from pagedserve.model_runner import (
@@ -73,9 +80,13 @@ class EngineCore:
             resolve_kv_cache_dtype,
             resolve_low_bit,
         )
+        from pagedserve.tensor_shard import tensor_parallel_config
 
-        config = config or EngineConfig()
+        config = tensor_parallel_config(config or EngineConfig())
         check_device(config.device)
+        if (config.tensor_parallel_size > 1) != (workers is not None):
+            raise ValueError("tensor_parallel_size > 1 needs its workers: build the core with "
+                             "EngineCore.from_model")
         requested = config.dtype
         dtype = resolve_config_dtype(config)
         self.config = config = dataclasses.replace(
@@ -91,8 +102,13 @@ class EngineCore:
         self.model_name = model_name
         if config.kv_cache_dtype != config.dtype:
             logger.info("KV cache in %s", config.kv_cache_dtype)
-        per_token = kv_bytes_per_token(model_config, config.kv_cache_dtype)
-        self.runner = ModelRunner(model_config, weights, config, consume_weights)
+        self.workers = workers
+        self.runner = ModelRunner(model_config, weights, config, consume_weights,
+                                  tp=workers.group if workers is not None else None)
+        if workers is not None:
+            workers.collect_reports(self.runner.model.weight_bytes())
+        # this rank's K/V heads: under tensor parallelism each rank caches its own
+        per_token = kv_bytes_per_token(self.runner.config, config.kv_cache_dtype)
         model_len = config.max_model_len or model_config.max_position_embeddings
         if model_len > model_config.max_position_embeddings:
             # positions past the model's own context have no rotary angles: cap, do not crash
@@ -180,18 +196,34 @@ class EngineCore:
         from pagedserve.device import check_device
         from pagedserve.loader import LoadedModel, load_model
         from pagedserve.model_runner import resolve_config_dtype
+        from pagedserve.tensor_shard import tensor_parallel_config
 
-        config = config or EngineConfig()
+        config = tensor_parallel_config(config or EngineConfig())
         check_device(config.device)  # before loading: the CUDA build may be missing
         loaded_here = not isinstance(model, LoadedModel)
-        if loaded_here:
-            model = load_model(model, load_format=load_format,
-                               dtype=resolve_config_dtype(config),
-                               progress=progress, device=config.device)
-        name = model_name or (Path(model.info.path).name if model.info else "model")
-        consume = loaded_here if consume_weights is None else consume_weights
-        return cls(model.config, model.weights, model.tokenizer, config, model.info, name,
-                   consume_weights=consume)
+        workers = shard = None
+        if config.tensor_parallel_size > 1:
+            if not loaded_here:
+                raise ValueError("tensor_parallel_size > 1: each rank loads its shard from the "
+                                 "file; pass the model's path, not a LoadedModel")
+            config = dataclasses.replace(config, dtype=resolve_config_dtype(config))
+            from pagedserve.engine.workers import TensorParallelWorkers
+
+            workers = TensorParallelWorkers.start(str(model), load_format, config)
+            shard = workers.group.shard
+        try:
+            if loaded_here:
+                model = load_model(model, load_format=load_format,
+                                   dtype=resolve_config_dtype(config),
+                                   progress=progress, device=config.device, shard=shard)
+            name = model_name or (Path(model.info.path).name if model.info else "model")
+            consume = loaded_here if consume_weights is None else consume_weights
+            return cls(model.config, model.weights, model.tokenizer, config, model.info, name,
+                       consume_weights=consume, workers=workers)
+        except BaseException:
+            if workers is not None:
+                workers.close()
+            raise
 
     def info(self) -> EngineInfo:
         return EngineInfo(
@@ -199,7 +231,9 @@ class EngineCore:
             tokenizer=self.tokenizer, model_info=self.model_info,
             max_model_len=self.max_model_len, max_prompt_chars=self.max_prompt_chars,
             max_num_seqs=self.scheduler.max_num_seqs, kv_capacity_tokens=self.kv.capacity_tokens,
-            kv_num_blocks=self.kv.num_blocks, embedding=self.embeddings.inputs)
+            kv_num_blocks=self.kv.num_blocks,
+            # embedding batches run on rank 0 alone: not under tensor parallelism
+            embedding=self.embeddings.inputs if self.workers is None else None)
 
     # -- requests ------------------------------------------------------------------------
     def grammar_for(self, constraint: Constraint) -> GrammarState:
@@ -219,6 +253,8 @@ class EngineCore:
         if request.request_id in self._requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         constraint = request.params.constraint
+        if self.workers is not None and request.params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: not supported with tensor_parallel_size > 1")
         if grammar is None and constraint is not None:
             grammar = self.grammar_for(constraint)
         params = request.params
@@ -272,6 +308,8 @@ class EngineCore:
         it (with overlap: the device runs this step while the host reads the previous one and
         goes on to schedule the next) or of this one (without)."""
         start = time.monotonic()
+        if self.workers is not None:
+            self.workers.check()
         outputs = self._admit_compiled()
         plan = self.scheduler.schedule()
         launched = None
@@ -338,6 +376,8 @@ class EngineCore:
         """
         try:
             launched = self.runner.launch(scheduled)
+        except TensorParallelError:
+            raise  # a rank is lost: every request would fail alone too
         except Exception as exc:  # noqa: BLE001 - isolated below, per request
             outputs = []
             previous, self._in_flight = self._in_flight, None
@@ -379,6 +419,8 @@ class EngineCore:
         for s in scheduled:
             try:
                 [token] = self.runner.execute([s])
+            except TensorParallelError:
+                raise
             except Exception as exc:  # noqa: BLE001 - this request fails alone
                 logger.exception("step failed for request %s", s.request.request_id)
                 failures.append((s, exc))
@@ -534,6 +576,9 @@ class EngineCore:
     def close(self) -> None:
         if self.grammars is not None:
             self.grammars.close()
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
 
 class _InFlight:

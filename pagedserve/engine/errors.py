@@ -49,3 +49,8 @@ class EngineDeadError(RuntimeError):
 class EngineBusyError(RuntimeError):
     """The core could not take a request in now (e.g. no grammar compile thread was free in
     time); the request may well be fine: retry."""
+
+
+class TensorParallelError(EngineStepError):
+    """A tensor-parallel rank is gone or a collective failed: not one request's fault, so the
+    core does not run requests alone to find the bad one; it stops, failing them all."""

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from pagedserve.config import ModelConfig
+    from pagedserve.tensor_shard import TensorShard
 
 def load_model(
     path: str | Path | None,
@@ -33,6 +34,7 @@ def load_model(
     progress: bool = False,
     config: ModelConfig | None = None,
     device: str = "cpu",
+    shard: TensorShard | None = None,
 ) -> LoadedModel:
     """Load config, weights (as `dtype`: a torch dtype or its name; default float32) and
     tokenizer from `path`.
@@ -40,6 +42,9 @@ def load_model(
     `load_format="dummy"` (implied by a ``dummy:NAME`` path) makes random weights on `device`
     shaped by `config`, by the named shape (``dummy:llama-3.1-8b``, see shapes.py) or by the
     config.json in `path` (path may be None when a config is given). Files load on the CPU.
+
+    `shard`: only this tensor-parallel rank's part of each weight (tensor_shard.py), cut from
+    each tensor as it is read, so that no rank ever holds the whole model.
     """
     import torch
 
@@ -53,17 +58,17 @@ def load_model(
     if load_format == "dummy" or (isinstance(path, str) and path.startswith("dummy:")):
         from pagedserve.loader import dummy
 
-        return dummy.load_dummy(path, config=config, dtype=dtype, device=device)
+        return dummy.load_dummy(path, config=config, dtype=dtype, device=device, shard=shard)
     if path is None:
         raise ModelLoadError("a model path is required unless load_format is 'dummy'")
     path, fmt = resolve_path(path, load_format)
     if fmt == "gguf":
         from pagedserve.loader import gguf
 
-        return gguf.load_gguf(path, dtype=dtype, progress=progress)
+        return gguf.load_gguf(path, dtype=dtype, progress=progress, shard=shard)
     from pagedserve.loader import hf
 
-    return hf.load_hf_dir(path, dtype=dtype, progress=progress)
+    return hf.load_hf_dir(path, dtype=dtype, progress=progress, shard=shard)
 
 
 def read_model_info(path: str | Path, load_format: LoadFormat = "auto") -> ModelInfo:

@@ -30,6 +30,8 @@ from pagedserve.loader.loaded_model import ModelLoadError
 if TYPE_CHECKING:
     import torch
 
+    from pagedserve.tensor_shard import TensorShard
+
 MAX_WIDTH = 1 << 20  # hidden size, FFN size, heads x head_dim
 MAX_VOCAB = 1 << 24
 MAX_LAYERS = 1 << 16
@@ -318,3 +320,16 @@ def expected_weight_names(config: ModelConfig) -> list[str]:
 def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
     """Raise ModelLoadError naming the first missing tensor, or the first of the wrong shape."""
     check_weight_shapes(source, config, {name: tuple(w.shape) for name, w in weights.items()})
+
+
+def check_shard_weights(weights: dict[str, torch.Tensor], config: ModelConfig,
+                        shard: TensorShard, source: str) -> None:
+    """As :func:`check_weights`, for one tensor-parallel rank's part of each tensor."""
+    for name, shape in expected_weight_shapes(config).items():
+        if name not in weights:
+            raise ModelLoadError(f"{source}: missing tensor {name}")
+        expected = shard.shape_of(name, shape, config)
+        if tuple(weights[name].shape) != expected:
+            raise ModelLoadError(f"{source}: tensor {name} has shape "
+                                 f"{tuple(weights[name].shape)} on rank {shard.rank}, "
+                                 f"expected {expected}")

@@ -16,6 +16,7 @@ from pagedserve.config import ModelConfig
 from pagedserve.loader.checks import expected_weight_shapes
 from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError
 from pagedserve.loader.shapes import is_dummy_name, shape_for
+from pagedserve.tensor_shard import TensorShard
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,12 @@ def _config_from(path: str | Path | None, config: ModelConfig | None) -> ModelCo
 
 
 def dummy_weights(config: ModelConfig, dtype: torch.dtype = torch.float32,
-                  seed: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                  seed: int = 0, device: str | torch.device = "cpu",
+                  shard: TensorShard | None = None) -> dict[str, torch.Tensor]:
     """Made where they will be used: on a GPU, an 8B model never passes through host memory.
-    The same seed gives the same weights on the same device (CPU and CUDA generators differ)."""
+    The same seed gives the same weights on the same device (CPU and CUDA generators differ).
+    `shard`: each tensor is drawn whole (the same numbers at any tensor_parallel_size) and
+    cut to this rank's part before the next is drawn."""
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     weights = {}
@@ -50,6 +54,8 @@ def dummy_weights(config: ModelConfig, dtype: torch.dtype = torch.float32,
         else:  # drawn in the target dtype: no float32 copy of a large matrix on the device
             weights[name] = torch.randn(shape, generator=generator, dtype=dtype,
                                         device=device).mul_(0.02)
+        if shard is not None:
+            weights[name] = shard.take(name, weights[name], config)
     return weights
 
 
@@ -70,7 +76,8 @@ def dummy_info(path: str | Path | None, config: ModelConfig | None = None) -> Mo
 
 def load_dummy(path: str | Path | None, config: ModelConfig | None = None,
                dtype: torch.dtype = torch.float32, seed: int = 0,
-               device: str | torch.device = "cpu") -> LoadedModel:
+               device: str | torch.device = "cpu", shard: TensorShard | None = None
+               ) -> LoadedModel:
     """Random weights on `device` shaped by `config`, by a name (``dummy:llama-3.1-8b``, see
     shapes.py) or by the config.json at `path`. A tokenizer in that directory is loaded too,
     so a dummy model can still serve text; a named shape gets a generated tokenizer of its
@@ -89,7 +96,7 @@ def load_dummy(path: str | Path | None, config: ModelConfig | None = None,
         from pagedserve.loader.generated_tokenizer import generated_tokenizer
 
         tokenizer = generated_tokenizer(config.vocab_size)
-    weights = dummy_weights(config, dtype, seed, device)
+    weights = dummy_weights(config, dtype, seed, device, shard)
     logger.info("made dummy weights (%d parameters) in %.2f s", config.num_parameters,
                 time.perf_counter() - start)
     return LoadedModel(config=config, weights=weights, tokenizer=tokenizer,

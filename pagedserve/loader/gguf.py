@@ -30,10 +30,11 @@ import torch
 
 from pagedserve.config import ModelConfig
 from pagedserve.loader import checks, weight_cache
-from pagedserve.loader.checks import check_weights
+from pagedserve.loader.checks import check_shard_weights, check_weights
 from pagedserve.loader.gguf_file import GGUFFile, GGUFTensor
 from pagedserve.loader.gguf_tokenizer import tokenizer_from_gguf
 from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError, tensor_progress
+from pagedserve.tensor_shard import TensorShard
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +341,10 @@ def _used_tensors(f: GGUFFile, config: ModelConfig) -> list[tuple[GGUFTensor, st
 
 
 def _load_weights(f: GGUFFile, todo: list[tuple[GGUFTensor, str]], config: ModelConfig,
-                  dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype, progress: bool, shard: TensorShard | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """`shard`: each tensor is dequantized whole (llama.cpp's q/k row order must be undone
+    on whole heads) and cut to that rank's part before the next is read."""
     permuted = f.arch in _PERMUTED_QK
     weights: dict[str, torch.Tensor] = {}
     with tensor_progress(progress, len(todo), f.name) as advance:
@@ -350,7 +354,7 @@ def _load_weights(f: GGUFFile, todo: list[tuple[GGUFTensor, str]], config: Model
                 w = _unpermute(w, config.num_heads)
             elif permuted and ".self_attn.k_proj." in name:
                 w = _unpermute(w, config.num_kv_heads)
-            weights[name] = w.contiguous()
+            weights[name] = w.contiguous() if shard is None else shard.take(name, w, config)
             advance()
     return weights
 
@@ -358,7 +362,8 @@ def _load_weights(f: GGUFFile, todo: list[tuple[GGUFTensor, str]], config: Model
 # ---------------------------------------------------------------------------------------------
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> LoadedModel:
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: bool = False,
+              shard: TensorShard | None = None) -> LoadedModel:
     start = time.perf_counter()
     f = GGUFFile(path)
     config = _model_config(f)
@@ -367,13 +372,18 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: bool = F
     weight_bytes = sum(t.n_elements for t, _ in todo) * torch.empty((), dtype=dtype).element_size()
     checks.check_fits(f.name, config, _config_keys(f).max_position_embeddings, weight_bytes,
                       str(dtype).removeprefix("torch."))
-    weights = weight_cache.load(path, dtype)
-    source = "the dequantized-weight cache" if weights is not None else "GGUF tensors"
-    if weights is None:
-        weights = _load_weights(f, todo, config, dtype, progress)
-    check_weights(weights, config, f.name)
-    if source == "GGUF tensors":
-        weight_cache.store(path, dtype, weights)
+    if shard is not None:  # the cache holds whole tensors: a rank reads its part from the file
+        shard.check(config)
+        weights, source = _load_weights(f, todo, config, dtype, progress, shard), "GGUF tensors"
+        check_shard_weights(weights, config, shard, f.name)
+    else:
+        weights = weight_cache.load(path, dtype)
+        source = "the dequantized-weight cache" if weights is not None else "GGUF tensors"
+        if weights is None:
+            weights = _load_weights(f, todo, config, dtype, progress)
+        check_weights(weights, config, f.name)
+        if source == "GGUF tensors":
+            weight_cache.store(path, dtype, weights)
     info = _info(f)
     generation_config: dict[str, Any] = {}
     if tokenizer is not None:

@@ -19,8 +19,9 @@ import torch
 
 from pagedserve.config import ModelConfig
 from pagedserve.loader import checks
-from pagedserve.loader.checks import check_weights, expected_weight_names
+from pagedserve.loader.checks import check_shard_weights, check_weights, expected_weight_names
 from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError, tensor_progress
+from pagedserve.tensor_shard import TensorShard
 from pagedserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -195,8 +196,9 @@ def _checked_config(path: Path, raw: dict[str, Any],
 
 def _load_safetensors(
     headers: dict[Path, dict[str, _Entry]], config: ModelConfig, dtype: torch.dtype,
-    progress: bool,
+    progress: bool, shard: TensorShard | None = None,
 ) -> dict[str, torch.Tensor]:
+    """`shard`: only that rank's rows or columns of each tensor are read from the file."""
     from safetensors import SafetensorError, safe_open
 
     files = list(headers)
@@ -209,12 +211,23 @@ def _load_safetensors(
                 with safe_open(str(file), framework="pt") as f:
                     for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                         if name in wanted:
-                            weights[name] = f.get_tensor(name).to(dtype)
+                            weights[name] = _read(f, name, config, shard).to(dtype)
                             advance()
             except (SafetensorError, OSError) as exc:
                 raise ModelLoadError(f"{file} is corrupt or truncated: {exc}") from exc
-    check_weights(weights, config, files[0].parent.name)
+    if shard is None:
+        check_weights(weights, config, files[0].parent.name)
+    else:
+        check_shard_weights(weights, config, shard, files[0].parent.name)
     return weights
+
+
+def _read(f, name: str, config: ModelConfig, shard: TensorShard | None) -> torch.Tensor:
+    if shard is None or (where := shard.slice_of(name, config)) is None:
+        return f.get_tensor(name)
+    dim, lo, hi = where
+    part = f.get_slice(name)  # reads only the slice's bytes
+    return part[lo:hi] if dim == 0 else part[:, lo:hi]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +365,8 @@ def _info(path: Path, raw: dict[str, Any], headers: dict[Path, dict[str, _Entry]
     )
 
 
-def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> LoadedModel:
+def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, progress: bool = False,
+                shard: TensorShard | None = None) -> LoadedModel:
     start = time.perf_counter()
     if not path.is_dir():
         raise ModelLoadError(f"model directory does not exist: {path}")
@@ -365,7 +379,9 @@ def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32, progress: bool =
     checks.check_fits(path.name, config, _CONFIG_KEYS.max_position_embeddings,
                       elements * torch.empty((), dtype=dtype).element_size(),
                       str(dtype).removeprefix("torch."))
-    weights = _load_safetensors(headers, config, dtype, progress)
+    if shard is not None:
+        shard.check(config)
+    weights = _load_safetensors(headers, config, dtype, progress, shard)
     generation_config = read_generation_config(path)
     tokenizer = load_hf_tokenizer(path, generation_config, raw)
     info = _info(path, raw, headers)

@@ -7,6 +7,12 @@ alone knows which request each token belongs to (through :class:`AttentionMetada
 
 Weights come in Hugging Face names and layout; q/k/v and gate/up are fused at load time so each
 layer runs two large matmuls instead of five.
+
+Under tensor parallelism (``tp``, a :class:`~pagedserve.distributed.TensorParallelGroup`) the
+weights are this rank's shard (:mod:`pagedserve.tensor_shard`) and the config its local shapes:
+o_proj and down_proj become :class:`RowParallel` (their partial outputs summed over the ranks),
+the embedding looks up only its vocabulary rows (the others are zeros, summed in), and the LM
+head's logits are gathered across the ranks. Without ``tp`` none of this runs.
 """
 
 from __future__ import annotations
@@ -115,6 +121,23 @@ class Linear:
             y = y.to(x.dtype)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
+
+
+class RowParallel:
+    """A matmul over this rank's share of the input features: its output is a partial sum,
+    completed by one all-reduce over the ranks."""
+
+    def __init__(self, linear: Linear, tp) -> None:
+        if linear.bias is not None:
+            raise ValueError("a row-parallel matmul with a bias would add it once per rank")
+        self.linear, self.tp = linear, tp
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def __call__(self, x: torch.Tensor, small_step: bool | None = None) -> torch.Tensor:
+        return self.tp.all_reduce(self.linear(x, small_step))
 
 
 def low_bit_step(meta: AttentionMetadata, num_tokens: int) -> bool:
@@ -240,12 +263,14 @@ class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device,
                  low_bit_small_steps: bool = False, attention=torch_attention.paged_attention,
                  consume_weights: bool = False, fused_ops: bool | None = None,
-                 kernels: Kernels | None = None):
+                 kernels: Kernels | None = None, tp=None):
         """`consume_weights`: the caller hands `weights` over; it is emptied, so that each
         layer's unfused q/k/v and gate/up tensors are freed once the fused copies exist.
         `kernels`: the low-bit copies are for these CPU kernels (see :meth:`use_kernels`).
         `fused_ops`: the norms, residual adds, rotary and SwiGLU as Triton kernels; None: on
-        CUDA only (True on CPU runs them under the Triton interpreter: tests)."""
+        CUDA only (True on CPU runs them under the Triton interpreter: tests).
+        `tp`: the tensor-parallel group whose rank's shard `weights` and `config` are (the
+        module docstring); the CPU kernels are not used then."""
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         if consume_weights:
             weights.clear()
@@ -260,6 +285,12 @@ class LlamaForCausalLM:
             prefix = f"model.layers.{i}."
             for name in [n for n in w if n.startswith(prefix)]:
                 del w[name]
+        self.tp = tp
+        if tp is not None:
+            for layer in self.layers:
+                layer.attn.o = RowParallel(layer.attn.o, tp)
+                layer.mlp.down = RowParallel(layer.mlp.down, tp)
+            self.vocab_start = tp.shard.vocab(config.vocab_size)[0]
         self.norm = RMSNorm(w["model.norm.weight"], config.rms_norm_eps, dtype, self.ops)
         self.rotary = Rotary(config, config.max_position_embeddings, dtype)
         if device != "cpu":
@@ -267,6 +298,9 @@ class LlamaForCausalLM:
         self.dtype = dtype
         self.kernels: Kernels | None = None
         self.native_decoder = None  # cpu_kernels.Decoder: every layer of a step in one call
+        if tp is not None and (low_bit_small_steps or kernels is not None):
+            raise ValueError("tensor_parallel_size > 1 runs the torch path: no low-bit copies, "
+                             "no CPU kernels")
         if low_bit_small_steps and kernels is not None:
             self.use_kernels(kernels)
         elif low_bit_small_steps:
@@ -341,7 +375,11 @@ class LlamaForCausalLM:
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (T,) -> final hidden states (T, H)."""
-        x, residual = self.embed[input_ids].float(), None  # x: a new tensor, updated in place
+        if self.tp is None:
+            x = self.embed[input_ids].float()  # a new tensor, updated in place
+        else:
+            x = self._embed_shard(input_ids)
+        residual = None
         if self.takes_native_step(meta, x.shape[0]):
             lens, tables = self.native_rows(positions, meta)
             x = self.native_decoder.forward(x, positions, meta.slot_mapping, lens, tables,
@@ -352,6 +390,30 @@ class LlamaForCausalLM:
             x, residual = layer(x, residual, rope, kv_cache, meta)
         return self.norm(x, residual)[1]
 
+    def _embed_shard(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel lookup: this rank's rows [vocab_start, vocab_start + n) are looked
+        up, the other tokens are zeros here and summed in from the rank that holds them."""
+        local = input_ids.long() - self.vocab_start
+        outside = (local < 0) | (local >= self.embed.shape[0])
+        x = self.embed[local.clamp(0, self.embed.shape[0] - 1)].float()  # (T, H)
+        x[outside] = 0.0
+        return self.tp.all_reduce(x)
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # (N, V)
+        logits = self.lm_head(hidden).float()  # (N, V), or (N, V/world) of this rank's rows
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits, self.config.vocab_size)
+        return logits
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this process holds (a tied LM head counted once)."""
+        tensors = {id(self.embed): self.embed, id(self.lm_head.weight): self.lm_head.weight}
+        for layer in self.layers:
+            for t in (layer.attn.qkv.weight, layer.attn.qkv.bias, layer.attn.o.weight,
+                      layer.mlp.gate_up.weight, layer.mlp.down.weight, layer.input_norm.weight,
+                      layer.post_attn_norm.weight):
+                if t is not None:
+                    tensors[id(t)] = t
+        tensors[id(self.norm.weight)] = self.norm.weight
+        return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -207,7 +207,9 @@ class EngineCore:
                 raise ValueError("tensor_parallel_size > 1: each rank loads its shard from the "
                                  "file; pass the model's path, not a LoadedModel")
             config = dataclasses.replace(config, dtype=resolve_config_dtype(config))
-            from pagedserve.engine.workers import TensorParallelWorkers
+            from pagedserve.engine.workers import TensorParallelWorkers, threads_per_rank
+
+            config = threads_per_rank(config)
 
             workers = TensorParallelWorkers.start(str(model), load_format, config)
             shard = workers.group.shard

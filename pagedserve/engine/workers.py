@@ -31,6 +31,7 @@ when the engine core is gone, so that no worker outlives it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -97,7 +98,8 @@ class TensorParallelWorkers:
         logger.info("tensor parallel: %d ranks, %d started here, meeting at %s:%d", world,
                     len(processes), addr, port)
         try:
-            group = TensorParallelGroup(Rendezvous(0, world, addr, port), config.device)
+            group = _join_watching(processes, lambda: TensorParallelGroup(
+                Rendezvous(0, world, addr, port), config.device))
             group.broadcast(config)
         except BaseException:
             _stop_processes(processes, 0)
@@ -133,6 +135,53 @@ class TensorParallelWorkers:
             logger.warning("could not tell every worker to stop: %s", exc)
         _stop_processes(self.processes, JOIN_TIMEOUT_S)
         self.group.close()
+
+
+def threads_per_rank(config: EngineConfig) -> EngineConfig:
+    """On a CPU without --threads: the ranks of this host share its cores (each rank computing
+    with all of them, they would fight over them at every collective)."""
+    if config.num_threads is not None or config.device.startswith("cuda"):
+        return config
+    from pagedserve.cpu_kernels.threads import cpu_budget
+
+    local = min(config.tensor_parallel_size,
+                int(os.environ.get("LOCAL_WORLD_SIZE", config.tensor_parallel_size)))
+    return dataclasses.replace(config, num_threads=max(1, cpu_budget().threads // local))
+
+
+def _join_watching(processes: list[multiprocessing.Process], join):
+    """`join()` (which waits for every rank to arrive) in a thread, while watching the local
+    workers: one that exits before the group forms is an error now, not at the timeout."""
+    from multiprocessing.connection import wait
+
+    done_read, done_write = os.pipe()
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(join())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            result.append(exc)
+        os.write(done_write, b"x")
+
+    threading.Thread(target=run, name="tp-rendezvous", daemon=True).start()
+    try:
+        ready = wait([done_read, *(p.sentinel for p in processes)])
+    finally:
+        if done_read not in ready:  # the thread still waits for the store: let it time out
+            os.close(done_read)
+    if done_read not in ready:
+        dead = [p for p in processes if p.sentinel in ready]
+        for p in dead:
+            p.join(5)  # its sentinel closes as it exits: reap it for its status
+        raise TensorParallelError("tensor_parallel_size: worker "
+                                  + ", ".join(f"{p.name} exited with status {p.exitcode}"
+                                              for p in dead) + " before the group formed")
+    os.close(done_read)
+    os.close(done_write)
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def _stop_processes(processes: list[multiprocessing.Process], timeout: float) -> None:

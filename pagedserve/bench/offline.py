@@ -38,6 +38,11 @@ class OfflineResult:
     output_tokens: int
     device: str = "cpu"
     decode_step_ms: float | None = None  # median step with the whole batch decoding
+    tensor_parallel_size: int = 1
+    weight_bytes_per_rank: list[int] | None = None
+    # tensor parallel: share of the batch's wall time rank 0 spent in the model's collectives
+    # (all-reduces and the logits' gather, waiting for the other ranks included)
+    collective_share: float | None = None
 
     @property
     def output_tok_s(self) -> float:
@@ -83,6 +88,8 @@ def run_batch(engine: Engine, prompts: list[list[int]], output_len: int,
     steps = _DecodeSteps(len(prompts))
     engine.observers.append(steps)
     total = len(prompts) * output_len
+    workers = engine.core.workers
+    collective_before = workers.group.collective_seconds if workers is not None else 0.0
     start = time.perf_counter()
     for p in prompts:
         engine.add_request(p, params)
@@ -96,8 +103,14 @@ def run_batch(engine: Engine, prompts: list[list[int]], output_len: int,
     finally:
         engine.observers.remove(steps)
     duration = time.perf_counter() - start
+    if workers is not None:
+        weights = list(workers.weight_bytes)
+        share = (workers.group.collective_seconds - collective_before) / duration
+    else:
+        weights, share = [engine.runner.model.weight_bytes()], None
     return OfflineResult(label, len(prompts), len(prompts[0]), output_len, engine.config.dtype,
-                         duration, done, engine.config.device, steps.median_ms())
+                         duration, done, engine.config.device, steps.median_ms(),
+                         engine.config.tensor_parallel_size, weights, share)
 
 
 class _progress:  # noqa: N801 (a context manager used like a function)

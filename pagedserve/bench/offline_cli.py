@@ -106,7 +106,13 @@ def run_offline(args) -> list:
     sizes = batch_sizes(args)
     peer_size = args.peer_batch_size or sizes[0]
     loaded = path = None
-    if is_dummy_name(args.model):
+    if config.tensor_parallel_size > 1 and args.peer is not None:
+        raise SystemExit("--peer runs on one rank's weights: not with --tensor-parallel-size")
+    if is_dummy_name(args.model) and config.tensor_parallel_size > 1:
+        from pagedserve.loader.shapes import shape_for
+
+        path, vocab = args.model, shape_for(args.model).vocab_size  # each rank makes its shard
+    elif is_dummy_name(args.model):
         from pagedserve.model_runner import resolve_config_dtype
 
         loaded = load_model(args.model, dtype=resolve_config_dtype(config),
@@ -128,6 +134,7 @@ def run_offline(args) -> list:
         label = f"pagedserve {n} seq" + ("s" if n > 1 else "")
         results.append(offline.run_batch(engine, make(n, args, vocab, seed=n), args.output_len,
                                          label=label))
+    engine.core.close()  # tensor parallel: its workers stop
     del engine
     gc.collect()
     if args.device.startswith("cuda"):
@@ -166,13 +173,21 @@ def results_table(results: list, args):
 
     table = Table(title=f"offline throughput, {args.input_len} in / {args.output_len} out, "
                   f"on {device_name(args.device)}")
-    for col in ("run", "dtype", "seqs", "seconds", "output tok/s", "decode step", "vs first"):
+    parallel = any(r.tensor_parallel_size > 1 for r in results)
+    columns = ["run", "dtype", "seqs", "seconds", "output tok/s", "decode step", "vs first"]
+    if parallel:
+        columns += ["weights per rank", "all-reduce share"]
+    for col in columns:
         table.add_column(col, justify="right" if col != "run" else "left")
     base = results[0].output_tok_s
     for r in results:
         step = f"{r.decode_step_ms:.1f} ms" if r.decode_step_ms is not None else ""
-        table.add_row(r.label, r.dtype, str(r.num_prompts), f"{r.duration:.2f}",
-                      f"{r.output_tok_s:.1f}", step, f"{r.output_tok_s / base:.2f}x")
+        row = [r.label, r.dtype, str(r.num_prompts), f"{r.duration:.2f}",
+               f"{r.output_tok_s:.1f}", step, f"{r.output_tok_s / base:.2f}x"]
+        if parallel:
+            row += [" / ".join(f"{b / 2**20:.1f} MiB" for b in r.weight_bytes_per_rank or []),
+                    f"{r.collective_share:.0%}" if r.collective_share is not None else ""]
+        table.add_row(*row)
     return table
 
 

@@ -12,6 +12,12 @@ Two groups over the same ranks, as vLLM keeps a CPU group beside the device grou
   timeout is long. A peer that dies closes its sockets, so a rank waiting on it in either
   group gets an error at once (measured: ~30 ms on loopback), not at the timeout.
 
+A gloo broadcast's root waits until every receiver is ready, whatever the timeout, so a worker
+that hangs (stopped, deadlocked) would hold rank 0 in the plan's broadcast for ever. Rank 0
+therefore times its own blocking calls with a watchdog thread: past the collective timeout it
+calls ``on_hang`` (engine/workers.py kills the local workers, which turns the wait into an
+error), the same bound the compute group's timeout gives.
+
 The ranks meet torchrun's way: ``MASTER_ADDR``/``MASTER_PORT`` (rank 0's store), ``RANK``,
 ``WORLD_SIZE`` and ``LOCAL_RANK`` (:class:`Rendezvous`), so that ranks on other hosts start
 exactly as torchrun or a Kubernetes LeaderWorkerSet would start them.
@@ -22,10 +28,13 @@ synchronous, so the wall time is their cost, waiting for the slowest rank includ
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +100,13 @@ class TensorParallelGroup:
         dist.init_process_group(backend, init_method=url, rank=self.rank,
                                 world_size=self.world_size, timeout=collective_timeout())
         self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        self.failed = False  # a collective failed: the group cannot be trusted to stop cleanly
+        # rank 0: called (from the watchdog's thread) when one of its calls outlives the timeout
+        self.on_hang: Callable[[float], None] | None = None
+        self._timeout_s = collective_timeout().total_seconds()
+        self._waiting_since: float | None = None
+        if self.is_leader:
+            threading.Thread(target=self._watch, name="tp-watchdog", daemon=True).start()
         self.collective_seconds = 0.0  # time inside the compute group's collectives
         self.num_collectives = 0
         logger.info("rank %d of %d joined the tensor-parallel group at %s (%s)", self.rank,
@@ -100,13 +116,39 @@ class TensorParallelGroup:
     def is_leader(self) -> bool:
         return self.rank == 0
 
+    def _watch(self) -> None:
+        period = min(1.0, self._timeout_s / 4)
+        while True:
+            time.sleep(period)
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > self._timeout_s:
+                self._waiting_since = None
+                waited = time.monotonic() - since
+                logger.error("rank 0 waited %.0f s for the other ranks inside a step", waited)
+                if self.on_hang is not None:
+                    self.on_hang(waited)
+
+    @contextlib.contextmanager
+    def _waiting(self):
+        """Rank 0's blocking calls, seen by the watchdog (workers wait idle without limit)."""
+        if not self.is_leader:
+            yield
+            return
+        self._waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._waiting_since = None
+
     # -- the model's collectives -------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place (the partial outputs of a row-parallel matmul)."""
         start = time.perf_counter()
         try:
-            dist.all_reduce(x)
+            with self._waiting():
+                dist.all_reduce(x)
         except (RuntimeError, dist.DistBackendError) as exc:
+            self.failed = True
             raise TensorParallelError(f"all-reduce across {self.world_size} ranks failed: "
                                       f"{exc}") from exc
         self.collective_seconds += time.perf_counter() - start
@@ -121,8 +163,10 @@ class TensorParallelGroup:
         parts = [torch.empty_like(logits) for _ in range(self.world_size)]
         start = time.perf_counter()
         try:
-            dist.all_gather(parts, logits.contiguous())
+            with self._waiting():
+                dist.all_gather(parts, logits.contiguous())
         except (RuntimeError, dist.DistBackendError) as exc:
+            self.failed = True
             raise TensorParallelError(f"gathering logits across {self.world_size} ranks "
                                       f"failed: {exc}") from exc
         self.collective_seconds += time.perf_counter() - start
@@ -134,8 +178,10 @@ class TensorParallelGroup:
         """Rank 0 sends `message` to every worker; a worker receives (and returns) it."""
         box = [message]
         try:
-            dist.broadcast_object_list(box, src=0, group=self.control)
+            with self._waiting():
+                dist.broadcast_object_list(box, src=0, group=self.control)
         except (RuntimeError, dist.DistBackendError) as exc:
+            self.failed = True
             raise TensorParallelError(f"rank {self.rank}: the control group failed: "
                                       f"{exc}") from exc
         return box[0]
@@ -146,6 +192,7 @@ class TensorParallelGroup:
         try:
             dist.gather_object(value, out, dst=0, group=self.control)
         except (RuntimeError, dist.DistBackendError) as exc:
+            self.failed = True
             raise TensorParallelError(f"rank {self.rank}: the control group failed: "
                                       f"{exc}") from exc
         return out

@@ -82,3 +82,31 @@ def test_a_killed_worker_ends_the_stream_and_the_server(tiny_llama_tokenized_dir
             time.sleep(0.1)
     finally:
         server.stop()
+
+
+def test_a_hung_worker_ends_the_server_at_the_collective_timeout(tiny_llama_tokenized_dir,
+                                                                 monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_TP_TIMEOUT", "3")
+    server = ServerProcess(str(tiny_llama_tokenized_dir), TP_ARGS).start()
+    [worker] = worker_pids(server)
+    try:
+        long = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=long,
+                          timeout=60) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.kill(worker, signal.SIGSTOP)
+            start = time.monotonic()
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert any("error" in line for line in rest), rest[-3:]
+        assert server.proc.wait(30) == 1
+        assert time.monotonic() - start < 30
+        deadline = time.monotonic() + 10
+        while alive(worker):  # the core killed it on its way out
+            assert time.monotonic() < deadline, "the stopped worker was left behind"
+            time.sleep(0.1)
+    finally:
+        if alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        server.stop()

@@ -73,6 +73,20 @@ class TensorParallelWorkers:
         self.group = group  # distributed.TensorParallelGroup
         self.processes = processes
         self.weight_bytes: list[int] = []  # per rank, filled by collect_reports
+        group.on_hang = self._hung
+
+    def _hung(self, waited: float) -> None:
+        """A rank has not answered for the collective timeout: kill the local workers, which
+        turns rank 0's wait into an error. Ranks on other hosts cannot be killed from here:
+        then this process exits, as a dead engine core does."""
+        for process in self.processes:
+            if process.exitcode is None:
+                logger.error("killing worker %s (pid %d): no answer for %.0f s", process.name,
+                             process.pid, waited)
+                process.kill()
+        if len(self.processes) < self.group.world_size - 1:
+            logger.critical("a rank on another host does not answer: the engine core exits")
+            os._exit(1)
 
     @classmethod
     def start(cls, model: str, load_format: str, config: EngineConfig) -> TensorParallelWorkers:
@@ -128,13 +142,18 @@ class TensorParallelWorkers:
                                           f"{process.exitcode}")
 
     def close(self) -> None:
-        """Tell the workers to stop, wait for them (killing those that do not), leave."""
-        try:
-            self.group.broadcast(None)
-        except TensorParallelError as exc:  # a worker is gone already
-            logger.warning("could not tell every worker to stop: %s", exc)
-        _stop_processes(self.processes, JOIN_TIMEOUT_S)
-        self.group.close()
+        """Tell the workers to stop, wait for them (killing those that do not), leave. After a
+        failed collective a worker may hang, so the survivors are killed without a word."""
+        healthy = not self.group.failed and all(p.exitcode is None for p in self.processes)
+        if healthy:
+            try:
+                self.group.broadcast(None)
+            except TensorParallelError as exc:  # a worker is gone already
+                logger.warning("could not tell every worker to stop: %s", exc)
+                healthy = False
+        _stop_processes(self.processes, JOIN_TIMEOUT_S if healthy else 0.5)
+        if healthy:
+            self.group.close()
 
 
 def threads_per_rank(config: EngineConfig) -> EngineConfig:

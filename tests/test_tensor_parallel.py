@@ -1,5 +1,7 @@
 """Tensor parallelism on a CPU (gloo, 2 processes): the same greedy tokens as one process.
 
+The models: safetensors Llama (untied head) and Qwen2 (q/k/v biases, tied head), and the
+Llama as an F32 GGUF (q/k rows permuted as llama.cpp writes them, undone before the cut).
 Each engine of tensor_parallel_size 2 is rank 0 in this process plus one spawned worker; the
 batch runs chunked prefills (max_num_batched_tokens below the prompt length), preemptions (a
 KV cache of 12 blocks for six 64-token sequences) and, in a second round, prefix-cache hits on
@@ -29,9 +31,9 @@ def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
 
 
 def _run(path, tp: int) -> dict:
-    from pagedserve.loader.hf import model_config_from_hf, read_config_json
+    from pagedserve.loader import load_model
 
-    config = model_config_from_hf(read_config_json(path))
+    config = load_model(path).config
     local = TensorShard(0, tp).local_config(config)
     per_block = kv_bytes_per_token(local, "float32") * 16
     engine = Engine.from_model(str(path), EngineConfig(
@@ -58,7 +60,7 @@ def _run(path, tp: int) -> dict:
         engine.core.close()
 
 
-@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_qwen2_dir"])
+@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_qwen2_dir", "tiny_llama_gguf"])
 def runs(request):
     path = request.getfixturevalue(request.param)
     return _run(path, 1), _run(path, 2)

@@ -10,6 +10,7 @@ the first round's prompts. Every engine is closed, its worker joined, before the
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -49,6 +50,9 @@ def _run(path, tp: int) -> dict:
             ids = [engine.add_request(p, GREEDY) for p in batch]
             tokens += [r["tokens"] for r in drain(engine, ids)]
         assert engine.kv.all_free()
+        if tp > 1:  # computed by rank 0's LM head shard alone: refused, naming the field
+            with pytest.raises(ValueError, match="^prompt_logprobs"):
+                engine.add_request([5, 6, 7], SamplingParams(max_tokens=1, prompt_logprobs=1))
         stats = engine.core.stats()
         workers = engine.core.workers
         return {"tokens": tokens, "preemptions": stats.num_preemptions,
@@ -108,3 +112,40 @@ def test_shard_ranges_cover_the_model_once():
 def test_tensor_parallel_size_must_be_positive():
     with pytest.raises(ValueError, match="^tensor_parallel_size must be a positive integer"):
         EngineConfig(tensor_parallel_size=0)
+
+
+def test_a_worker_started_by_hand_joins_as_on_another_host(tiny_llama_dir, monkeypatch):
+    """The multi-host path on one host: rank 0 starts no worker (LOCAL_WORLD_SIZE 1) and rank 1
+    is started as on a second node, with torchrun's variables."""
+    import os
+    import subprocess
+    import sys
+
+    from pagedserve.engine.workers import _free_port
+
+    prompt = _prompts(1, 40, seed=0)[0]
+    config = EngineConfig(dtype="float32", kv_cache_memory=1 << 20)
+    alone = Engine.from_model(str(tiny_llama_dir), config)
+    [expected] = drain(alone, [alone.add_request(prompt, GREEDY)])
+    port = str(_free_port())
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
+           "RANK": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "pagedserve.engine.workers",
+                               str(tiny_llama_dir), "--tensor-parallel-size", "2"], env=env)
+    try:
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port),
+                            ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "1")):
+            monkeypatch.setenv(name, value)
+        engine = Engine.from_model(str(tiny_llama_dir),
+                                   dataclasses.replace(config, tensor_parallel_size=2))
+        try:
+            assert engine.core.workers.processes == []
+            [answer] = drain(engine, [engine.add_request(prompt, GREEDY)])
+        finally:
+            engine.core.close()
+        assert worker.wait(30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert answer["tokens"] == expected["tokens"]

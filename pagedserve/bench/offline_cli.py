@@ -10,7 +10,7 @@ from pagedserve.engine_args import add_engine_args, engine_config_from_args
 
 BENCH_ENGINE_FLAGS = ("dtype", "kv_cache_dtype", "max_num_seqs", "max_num_batched_tokens",
                       "kv_cache_memory", "gpu_memory_utilization", "async_scheduling",
-                      "enforce_eager", "tensor_parallel_size")
+                      "enforce_eager", "tensor_parallel_size", "num_threads")
 
 DESCRIPTION = """\
 Submits NUM_PROMPTS random prompts of INPUT_LEN tokens at once, each generating exactly

@@ -497,6 +497,8 @@ class ModelRunner:
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int], kv_block_table: list[int]) -> torch.Tensor:
         """All-position logits of one prompt (for correctness tests against a reference)."""
+        if self.tp is not None:
+            raise ValueError("prompt_logits: rank 0 alone would wait for the other ranks")
         single = len(token_ids) == 1  # a single token takes the decode path
         chunks = [StepChunk(token_ids, 0, kv_block_table, True, is_decode=single)]
         inputs = self.inputs

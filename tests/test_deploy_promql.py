@@ -398,7 +398,11 @@ def _scrapes(*texts: str, step: float = 10.0):
 def test_evaluator_rate_handles_counter_resets():
     ev = _scrapes("# TYPE c counter\nc_total 10\n", "# TYPE c counter\nc_total 30\n",
                   "# TYPE c counter\nc_total 5\n")  # restarted between the 2nd and 3rd
-    assert ev.query("rate(c_total[1m])", 20.0) == {(): pytest.approx((20 + 5) / 20)}
+    # an increase of 25 over the 20 s sampled, stretched back 8 s (where the counter, at this
+    # rate, was 0) and divided by the window, as Prometheus does
+    assert ev.query("rate(c_total[1m])", 20.0) == {(): pytest.approx(25 * (20 + 8) / 20 / 60)}
+    # the window starts 5 s before its first sample, within 1.1 sample intervals: stretched
+    # over the whole window, an increase of 5 over 10 s
     assert ev.query("rate(c_total[15s])", 20.0) == {(): pytest.approx(5 / 10)}
 
 

@@ -15,6 +15,47 @@ os.environ.setdefault("PAGEDSERVE_HOME", tempfile.mkdtemp(prefix="pagedserve-tes
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+ALL_CPUS = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+
+
+def _pin_xdist_worker() -> None:
+    """Under pytest-xdist (make test), each worker computes on its own share of the CPUs: two
+    workers' OpenMP teams on the same 2 cores spin at each other's barriers (a 12 s test took
+    100 s). The worker's engines and servers read the share from the affinity (cpu_budget), torch
+    from OMP_NUM_THREADS, set before anything imports it."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(ALL_CPUS)
+    index, count = int(worker.removeprefix("gw")), int(count)
+    if count > len(cpus):
+        return  # more workers than CPUs: sharing is unavoidable
+    share = cpus[index::count]
+    os.sched_setaffinity(0, share)
+    os.environ["OMP_NUM_THREADS"] = str(len(share))
+
+
+_pin_xdist_worker()
+
+
+@pytest.fixture
+def every_cpu():
+    """The whole machine's CPUs for one test (and the processes it starts), where the worker is
+    pinned to its share: a test of how the engine reads its CPU budget."""
+    if not ALL_CPUS:
+        yield
+        return
+    share, threads = os.sched_getaffinity(0), os.environ.get("OMP_NUM_THREADS")
+    os.sched_setaffinity(0, ALL_CPUS)
+    os.environ.pop("OMP_NUM_THREADS", None)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, share)
+        if threads is not None:
+            os.environ["OMP_NUM_THREADS"] = threads
+
+
 # The CPU kernels the suite computes with: built once per version of their sources, by the
 # package build (setup.py), into a cache that outlives the run (the engine looks nowhere else
 # while PAGEDSERVE_KERNEL_DIR is set). A tree installed with `pip install -e .` already holds

@@ -75,7 +75,7 @@ def test_cgroup_v1_quota(tmp_path):
     assert budget.threads == 1 and "cfs_quota_us 100000" in budget.reason
 
 
-def test_the_affinity_limits_the_threads():
+def test_the_affinity_limits_the_threads(every_cpu):
     """taskset: the budget is the CPUs this process may run on, not the host's."""
     if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs sched_setaffinity and two CPUs")
@@ -113,7 +113,7 @@ def make_cgroup_with_one_cpu(name: str) -> Path:
     return group
 
 
-def test_a_real_cgroup_with_a_quota_of_one_cpu():
+def test_a_real_cgroup_with_a_quota_of_one_cpu(every_cpu):
     """Where this machine lets a test make a cgroup (root, or a delegated subtree), a process
     moved into one with a quota of one CPU computes with one thread, and says why."""
     group = make_cgroup_with_one_cpu(f"pagedserve-test-{os.getpid()}")

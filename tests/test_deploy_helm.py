@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -128,16 +127,6 @@ def test_crd_schemas_refuse_what_the_api_server_refuses():
     pool = _rendered("InferencePool", "gateway-values.yaml")
     del pool["spec"]["endpointPickerRef"]
     assert not _crd_validator("InferencePool").is_valid(pool)
-
-
-@pytest.mark.skipif(not os.environ.get("PAGEDSERVE_CRD_DIR"),
-                    reason="PAGEDSERVE_CRD_DIR: a directory with the released CRD files")
-@pytest.mark.parametrize("kind", sorted(crd_schema.SOURCES))
-def test_derived_schemas_match_the_released_crds(kind):
-    """Where the released CRD files are at hand, the committed schemas are what they derive
-    (the files' sha256 is checked against the releases named in crd_schema.SOURCES)."""
-    fresh = crd_schema.derive_from(Path(os.environ["PAGEDSERVE_CRD_DIR"]), kind)
-    assert json.loads(json.dumps(fresh)) == crd_schema.load(kind)
 
 
 def test_crd_conversion_keeps_the_structural_rules():

@@ -2,8 +2,10 @@
 every values file) parses, names only series a real `pagedserve serve` exports (or, for the
 alerts on pods, kube-state-metrics documents), uses each the way its type allows, and gives
 data: evaluated over scrapes of that server after real traffic. The KEDA query must come back
-as one series however many pods there are. The same server meets the Gateway API Inference
-Extension's model-server protocol as the chart's endpoint picker is configured to read it."""
+as one series however many pods there are. A real Prometheus, given the same scrapes, accepts
+every expression and answers each as the in-repo evaluator does. The same server meets the
+Gateway API Inference Extension's model-server protocol as the chart's endpoint picker is
+configured to read it."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from deploy_chart import (
     promql_eval,
     render_file,
 )
+from deploy_prometheus import Prometheus, binaries, millis
 
 pp = pytest.importorskip("promql_parser")
 pytest.importorskip("helm_python")
@@ -316,13 +319,7 @@ def test_every_dashboard_panel_and_alert_has_data(served):
             [call] = absent
             assert evaluator.query(call.args[0].prettify(), t), f"{where}: watches nothing"
             continue
-        # the alert's condition without its threshold measures something; of a ratio of
-        # failures (none happened here, so no series) the denominator
-        assert str(condition.op) in ("==", ">"), where
-        quantity = condition.lhs
-        if isinstance(quantity, pp.BinaryExpr) and str(quantity.op) == "/":
-            quantity = quantity.rhs
-        assert evaluator.query(quantity.prettify(), t), f"{where}: {expr} measures nothing"
+        assert evaluator.query(_quantity(where, condition), t), f"{where}: {expr} measures nothing"
     ttft = evaluator.query(ev.substitute(
         'histogram_quantile(0.5, sum by (le) (rate(pagedserve:time_to_first_token_seconds_bucket'
         '[$__rate_interval])))', RATE_WINDOW), t)
@@ -334,6 +331,16 @@ def test_every_dashboard_panel_and_alert_has_data(served):
     assert {"length", "abort"} <= got
 
 
+def _quantity(where: str, condition) -> str:
+    """An alert's condition without its threshold, which measures something; of a ratio of
+    failures (none happen in the fixture, so no series) the denominator."""
+    assert str(condition.op) in ("==", ">"), where
+    quantity = condition.lhs
+    if isinstance(quantity, pp.BinaryExpr) and str(quantity.op) == "/":
+        quantity = quantity.rhs
+    return quantity.prettify()
+
+
 @pytest.mark.slow
 def test_keda_query_sums_the_pods(served):
     evaluator, _, scrapes, _ = served
@@ -343,6 +350,115 @@ def test_keda_query_sums_the_pods(served):
     assert len(evaluator.query(query, t)) == 1
     unaggregated = query.removeprefix("sum(").removesuffix(")")
     assert len(evaluator.query(unaggregated, t)) == 2, "two pods, two series"
+
+
+# -- against a real Prometheus --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus(request, tmp_path_factory):
+    """Debian's Prometheus over the fixture's scrapes (backfilled, see deploy_prometheus.py),
+    and the in-repo evaluator over the same scrapes at the milliseconds Prometheus stores.
+    Checked for the binaries before the server is started."""
+    binaries()
+    _, _, scrapes, _ = request.getfixturevalue("served")
+    stored = [(millis(t) / 1000, samples) for t, samples in scrapes]
+    with Prometheus(stored, tmp_path_factory.mktemp("prometheus")) as server:
+        yield server, promql_eval().Evaluator(stored), [t for t, _ in stored]
+
+
+def _rate_windows(times: list[float]) -> list[str]:
+    """$__rate_interval as the other tests set it (the whole run: Prometheus extrapolates from
+    the first sample by half an interval, or to where the counter was 0), and one that starts
+    a millisecond before the next-to-last scrape (Prometheus extrapolates to the window's edge,
+    a millisecond): both ways its rate() stretches a window's increase."""
+    last, before = sorted(set(times))[-2:]
+    return [RATE_WINDOW, f"{millis(before) - millis(last) + 1}ms"]
+
+
+def _compared(where: str, expr: str) -> list[tuple[str, str]]:
+    """(where, expr) and, for a threshold alert, what it measures: the expressions whose
+    answers both evaluators must give alike."""
+    condition = _parse(expr)
+    nodes = _nodes(condition)
+    if (not where.startswith("alert:")
+            or any(isinstance(n, pp.Call) and n.func.name == "absent" for n in nodes)
+            or any(isinstance(n, pp.VectorSelector) and n.name in KUBE_STATE_METRICS
+                   for n in nodes)):
+        return [(where, expr)]
+    return [(where, expr), (f"{where} (its quantity)", _quantity(where, condition))]
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal but for rounding: Prometheus reckons time in integer milliseconds, the evaluator
+    in float seconds since the epoch, exact to 2.4e-7 s, so its window edges move by that
+    much, a relative 1e-7 of a rate over a window of 1.5 s or more."""
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_prometheus_answers_as_the_evaluator_does(prometheus):
+    """Every expression we ship, asked of a real Prometheus at the last scrape: it accepts
+    it, and where the in-repo evaluator has an answer, Prometheus gives the same series with
+    the same values. The evaluator computes rate() as Prometheus does (extrapolated), so the
+    values agree to float rounding, not to a tolerance for a different definition; an
+    expression it cannot evaluate (absent(), increase(), series of kube-state-metrics) is
+    still sent to Prometheus, which must accept it."""
+    server, evaluator, times = prometheus
+    t = times[-1]
+    compared = 0
+    for window in _rate_windows(times):
+        exprs = [(w, promql_eval().substitute(e, window, {"model_name": ".*"}))
+                 for w, e in _ours()]
+        for where, expr in [c for w, e in exprs for c in _compared(w, e)]:
+            try:
+                got = server.query(expr, t)
+            except ValueError as exc:
+                pytest.fail(f"{where}: Prometheus refuses {expr!r}: {exc}")
+            try:
+                want = evaluator.query(expr, t)
+            except promql_eval().Unsupported:
+                continue
+            compared += 1
+            if where.startswith("dashboard:"):
+                assert got, f"{where}: {expr} returns nothing from Prometheus"
+            if isinstance(want, float):
+                assert isinstance(got, float) and _same(got, want), f"{where}: {expr}"
+                continue
+            assert set(got) == set(want), f"{where}: {expr}: Prometheus {got}, evaluator {want}"
+            for labels, value in want.items():
+                assert _same(got[labels], value), \
+                    f"{where}: {expr}: {dict(labels)}: Prometheus {got[labels]}, evaluator {value}"
+    assert compared >= 2 * (len(_dashboard_exprs()) + 4)
+
+
+@pytest.mark.slow
+def test_prometheus_quiet_alerts_and_wake_queries(prometheus):
+    """What the evaluator cannot run, Prometheus can: the "series absent" alerts stay quiet
+    over a server that is scraped, and a scale-to-zero wake query with no ingress series
+    answers 0 (one series, as KEDA needs), not nothing."""
+    server, _, times = prometheus
+    t = times[-1]
+    absent = [(w, e) for w, e in _alert_exprs() if "absent(" in e]
+    assert absent
+    for where, expr in absent:
+        assert server.query(expr, t) == {}, f"{where}: {expr} fires over a scraped server"
+    for trigger in _keda_triggers():
+        if trigger["name"] != "requests-waiting":
+            assert server.query(trigger["metadata"]["query"], t) == {(): 0.0}, trigger
+
+
+@pytest.mark.slow
+def test_prometheus_lists_the_dashboard_variables(prometheus):
+    """Each query variable (`label_values(metric, label)`) lists what the scrapes hold."""
+    server, evaluator, _ = prometheus
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        m = VARIABLE.fullmatch(variable["query"]["query"])
+        want = {dict(k)[m["label"]] for _, samples in evaluator.scrapes for k in samples
+                if dict(k)["__name__"] == m["metric"] and m["label"] in dict(k)}
+        assert want and server.label_values(m["label"], m["metric"]) == want
 
 
 # -- the Gateway API Inference Extension's model-server protocol ---------------------------------
@@ -398,7 +514,11 @@ def _scrapes(*texts: str, step: float = 10.0):
 def test_evaluator_rate_handles_counter_resets():
     ev = _scrapes("# TYPE c counter\nc_total 10\n", "# TYPE c counter\nc_total 30\n",
                   "# TYPE c counter\nc_total 5\n")  # restarted between the 2nd and 3rd
-    assert ev.query("rate(c_total[1m])", 20.0) == {(): pytest.approx((20 + 5) / 20)}
+    # an increase of 25 over the 20 s sampled, stretched back 8 s (where the counter, at this
+    # rate, was 0) and divided by the window, as Prometheus does
+    assert ev.query("rate(c_total[1m])", 20.0) == {(): pytest.approx(25 * (20 + 8) / 20 / 60)}
+    # the window starts 5 s before its first sample, within 1.1 sample intervals: stretched
+    # over the whole window, an increase of 5 over 10 s
     assert ev.query("rate(c_total[15s])", 20.0) == {(): pytest.approx(5 / 10)}
 
 

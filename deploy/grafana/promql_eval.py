@@ -5,9 +5,9 @@ Prometheus's semantics for the subset the dashboard, the alerts and the KEDA tri
 
 - selectors with ``=``, ``!=``, ``=~``, ``!~`` matchers (regexes anchored, as in Prometheus);
   an instant selector takes each series' latest sample at or before ``t`` (5 minute lookback);
-- ``rate(v[r])`` over the samples in ``(t - r, t]``, counter resets handled. Prometheus also
-  extrapolates to the window's edges; this does not, so a rate here can be lower by the share of
-  the window before the first sample;
+- ``rate(v[r])`` over the samples in ``(t - r, t]``, counter resets handled, extrapolated to
+  the window's edges as Prometheus does (:func:`_extrapolated_rate`), so a window wider than
+  the samples gives Prometheus' number, not the increase over the sampled span;
 - ``sum``, ``avg``, ``min``, ``max``, ``count`` with ``by`` / ``without``;
 - ``histogram_quantile`` with Prometheus's linear interpolation inside the bucket;
 - arithmetic, comparisons (filtering, or ``bool``), ``and``, ``or`` between vectors matched
@@ -139,13 +139,10 @@ class Evaluator:
         name, args = node.func.name, list(node.args)
         if name == "rate":
             out = {}
+            window = args[0].range.total_seconds()
             for labels, points in self._range(args[0], t).items():
-                if len(points) < 2:
-                    continue
-                increase = 0.0
-                for (_, prev), (_, cur) in zip(points, points[1:], strict=False):
-                    increase += cur - prev if cur >= prev else cur  # a reset starts from 0
-                out[_drop_name(labels)] = increase / (points[-1][0] - points[0][0])
+                if len(points) >= 2:
+                    out[_drop_name(labels)] = _extrapolated_rate(points, t - window, t)
             return out
         if name == "histogram_quantile":
             return _histogram_quantile(self._eval(args[0], t), self._eval(args[1], t))
@@ -247,6 +244,26 @@ def _apply(op: str, a: float, b: float, return_bool: bool, scalar: bool = False)
             return 1.0 if hit else 0.0
         return a if hit else None
     raise Unsupported(f"operator {op}")
+
+
+def _extrapolated_rate(points: list[tuple[float, float]], start: float, end: float) -> float:
+    """Prometheus' ``rate``: the increase over the samples (a drop is a reset to 0), stretched
+    to the window ``[start, end]`` and divided by its length. An edge within 1.1 average
+    sample intervals of the first or last sample is extrapolated to in full; one farther away
+    by half an interval (the series may have begun or ended in between); and the start never
+    past the moment the counter, run backwards at this rate, would have been 0."""
+    increase = 0.0
+    for (_, prev), (_, cur) in zip(points, points[1:], strict=False):
+        increase += cur - prev if cur >= prev else cur
+    (first_t, first_v), (last_t, _) = points[0], points[-1]
+    sampled = last_t - first_t
+    average = sampled / (len(points) - 1)
+    to_start, to_end = first_t - start, end - last_t
+    if increase > 0 and first_v >= 0:
+        to_start = min(to_start, sampled * first_v / increase)
+    threshold = average * 1.1
+    covered = sampled + sum(gap if gap < threshold else average / 2 for gap in (to_start, to_end))
+    return increase * covered / sampled / (end - start)
 
 
 def _histogram_quantile(q: float, buckets: Vector) -> Vector:

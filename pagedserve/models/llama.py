@@ -35,9 +35,8 @@ logger = logging.getLogger(__name__)
 
 SMALL_STEP_TOKENS = 8  # decode-only steps of at most this many tokens read torch's low-bit kernels
 # ... and steps of up to this many tokens, prompts included, take the native decoder
-# (cpu_kernels.Decoder), where it is built: in practice every step. On the 2-core AVX2 machine a
-# decode step of 16 / 32 / 64 sequences took 47 / 72-90 / 170-183 ms there against 131-142 /
-# 178-187 / 333-366 ms op by op with dense float32 weights (docs/performance.md)
+# (cpu_kernels.Decoder), where it is built: in practice every step, since it beats the per-op
+# path at every batch size measured (docs/performance.md has the figures)
 NATIVE_STEP_TOKENS = 1 << 16
 INT4_GROUP = 32  # along the input dimension, as Q4_0/Q4_1 blocks
 

@@ -13,6 +13,7 @@ import pickle
 import socket
 import sys
 import threading
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ def main(config_fd: int, info_fd: int, socket_fd: int) -> int:
                         format=f"%(asctime)s %(levelname)s [front end {args.client_index}] "
                         "%(name)s: %(message)s", datefmt="%H:%M:%S")
     sock = socket.socket(fileno=socket_fd)
-    gate = LoadingApp()
+    ready_dir = Path(metrics_dir) / "ready"
+    gate = LoadingApp(peers_ready=lambda: len(list(ready_dir.iterdir())) >= args.api_server_count)
     server = make_http_server(gate, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
                               access_log=args.verbose,
                               connections=connection_limits_from_args(args))
@@ -47,6 +49,8 @@ def main(config_fd: int, info_fd: int, socket_fd: int) -> int:
             return
         client = MPClient(payload, input_address, output_address)
         install(args, server, gate, limits, card, client, metrics_dir=metrics_dir)
+        if gate.app is not None:  # serving: the others may report ready once all are
+            (ready_dir / str(args.client_index)).touch()
 
     threading.Thread(target=load, name="pagedserve-load", daemon=True).start()
     return run_http_server(server, sock)

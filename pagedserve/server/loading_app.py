@@ -9,13 +9,17 @@ llama.cpp's server, pagedserve listens at once and answers while it loads:
     anything else           503 + Retry-After, in the API's error shape
 
 Once the model is loaded, :meth:`LoadingApp.install` runs the real application's lifespan (the
-engine loop starts) and from then on every request goes to it unchanged.
+engine loop starts) and from then on every request goes to it unchanged. With several front ends
+on one port (``--api-server-count``), a front end that is ready still answers /health and /ready
+503 until every other one is (``peers_ready``): the kernel spreads connections over all of them,
+so a probe that passed on one must not send traffic to one still loading.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
@@ -29,9 +33,10 @@ LOADING_RETRY_AFTER_S = 5
 
 
 class LoadingApp:
-    def __init__(self) -> None:
+    def __init__(self, peers_ready: Callable[[], bool] | None = None) -> None:
         self.app: FastAPI | None = None
         self._lifespans = contextlib.AsyncExitStack()
+        self._peers_ready = peers_ready  # None once they all were
 
     async def install(self, app: FastAPI) -> None:
         """Start ``app``'s lifespan, then hand it every request (call on the event loop)."""
@@ -42,6 +47,12 @@ class LoadingApp:
         if scope["type"] == "lifespan":
             await self._lifespan(receive, send)
         elif self.app is not None:
+            if self._peers_ready is not None and scope["type"] == "http" and (
+                    scope["path"] in ("/health", "/ready")):
+                if not self._peers_ready():
+                    await self._loading(scope, receive, send)
+                    return
+                self._peers_ready = None
             await self.app(scope, receive, send)
         elif scope["type"] == "http":
             await self._loading(scope, receive, send)

@@ -47,6 +47,7 @@ def serve_many(args: argparse.Namespace, sock: socket.socket, limits, card, conf
 
     count = args.api_server_count
     metrics_dir = tempfile.mkdtemp(prefix="pagedserve-metrics-")
+    os.mkdir(os.path.join(metrics_dir, "ready"))  # a file per front end serving (readiness)
     input_address, output_addresses = transport.ipc_addresses(count)
     sock.listen(2048)
     frontends = [_start_frontend(args, i, sock, limits, card, input_address,

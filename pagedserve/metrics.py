@@ -157,15 +157,21 @@ class _ProcessCollector(Collector):
         self._core_pid = processes.core_pid
         self._dir = Path(multiprocess_dir) if multiprocess_dir else None
         self._own = {f"frontend-{processes.frontend_index}": os.getpid()}
-        if self._dir is not None:
-            (self._dir / f"frontend-{processes.frontend_index}.pid").write_text(str(os.getpid()))
+        if self._dir is not None:  # whole or absent for a reader: written aside, then renamed
+            pid_file = self._dir / f"frontend-{processes.frontend_index}.pid"
+            partial = pid_file.with_suffix(".pid.partial")
+            partial.write_text(str(os.getpid()))
+            os.replace(partial, pid_file)
         self._readers: dict[int, ProcessCollector] = {}
 
     def _processes(self) -> dict[str, int]:
         roles = dict(self._own)
         if self._dir is not None:
             for pid_file in self._dir.glob("frontend-*.pid"):
-                roles[pid_file.stem] = int(pid_file.read_text())
+                try:
+                    roles[pid_file.stem] = int(pid_file.read_text())
+                except (OSError, ValueError):  # not there yet, or gone: it is not reported
+                    continue
             roles["supervisor"] = os.getppid()
         if self._core_pid is not None:
             roles["core"] = self._core_pid

@@ -82,3 +82,14 @@ def test_several_front_ends_each_report_all_of_them(tmp_path, child):
     finally:
         core.kill()
         core.wait()
+
+
+def test_a_pid_file_being_written_is_passed_over(tmp_path):
+    """Front ends start together: one may read another's pid file between its creation and its
+    write. That front end is left out of this scrape rather than failing the reader's start
+    (which had left it answering "loading" for ever)."""
+    (tmp_path / "frontend-1.pid").write_text("")
+    metrics = ServerMetrics("m", EngineStats, multiprocess_dir=str(tmp_path),
+                            processes=ServingProcesses(0, None))
+    assert {role for _, role in _process_samples(metrics)} == {"frontend-0", "supervisor"}
+    assert not list(tmp_path.glob("*.partial"))

@@ -135,6 +135,29 @@ def test_the_core_does_not_outlive_its_server(tiny_llama_tokenized_dir):
         server.stop()
 
 
+def test_front_ends_and_core_do_not_outlive_a_killed_supervisor(tiny_llama_tokenized_dir):
+    """SIGKILL (the OOM killer) leaves the supervisor no time to stop anyone: the front ends and
+    the core watch it and exit, and the port is free again."""
+    server = ServerProcess(str(tiny_llama_tokenized_dir),
+                           [*ARGS, "--api-server-count", "2"]).start()
+    try:
+        processes = children(server.proc.pid)
+        assert len(processes) == 3
+        server.proc.kill()
+        server.proc.wait(10)
+        deadline = time.monotonic() + 15
+        alive = processes
+        while alive:
+            assert time.monotonic() < deadline, f"outlived the supervisor: {alive}"
+            time.sleep(0.1)
+            alive = [p for p in processes if Path(f"/proc/{p}").exists()
+                     and b"pagedserve" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/health", timeout=2)
+    finally:
+        server.stop()
+
+
 def test_two_front_ends_share_one_core_and_add_up_their_metrics(tiny_llama_tokenized_dir):
     import ollama
 

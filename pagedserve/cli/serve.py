@@ -231,4 +231,9 @@ def _load(args: argparse.Namespace, server, gate, limits, card, config) -> None:
             logger.debug("starting the engine core failed", exc_info=True)
         server.call_on_loop(server.fail, 0.0)
         return
-    install(args, server, gate, limits, card, client)
+    try:
+        install(args, server, gate, limits, card, client)
+    except Exception:  # noqa: BLE001 - a server that cannot serve must not answer "loading"
+        logger.exception("the server could not start serving the loaded model")
+        client.close_unstarted()
+        server.call_on_loop(server.fail, 0.0)

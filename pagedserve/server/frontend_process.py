@@ -9,10 +9,13 @@ single server does, then talks to the engine core over its own output socket.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import select
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -48,12 +51,35 @@ def main(config_fd: int, info_fd: int, socket_fd: int) -> int:
             server.call_on_loop(server.fail, 0.0)
             return
         client = MPClient(payload, input_address, output_address)
-        install(args, server, gate, limits, card, client, metrics_dir=metrics_dir)
+        try:
+            install(args, server, gate, limits, card, client, metrics_dir=metrics_dir)
+        except Exception:  # noqa: BLE001 - a front end that cannot serve must not answer "loading"
+            logger.exception("front end %d could not start serving", args.client_index)
+            server.call_on_loop(server.fail, 0.0)
+            return
         if gate.app is not None:  # serving: the others may report ready once all are
             (ready_dir / str(args.client_index)).touch()
 
     threading.Thread(target=load, name="pagedserve-load", daemon=True).start()
+    threading.Thread(target=_exit_with_supervisor, args=(server,), name="pagedserve-parent",
+                     daemon=True).start()
     return run_http_server(server, sock)
+
+
+def _exit_with_supervisor(server) -> None:
+    """A supervisor that is killed (SIGKILL, the OOM killer) cannot stop its front ends: each
+    watches it through a pidfd and exits with status 1 when it is gone, freeing the port."""
+    parent = os.getppid()
+    try:
+        fd = os.pidfd_open(parent)
+    except (AttributeError, OSError):  # no pidfd: poll the parent's pid instead
+        while os.getppid() == parent:
+            time.sleep(1.0)
+    else:
+        select.select([fd], [], [])
+        os.close(fd)
+    logger.error("the supervisor (pid %d) is gone: this front end stops", parent)
+    server.call_on_loop(server.fail, 0.0)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,22 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def fault_while_streaming(server: ServerProcess, worker: int, sig: signal.Signals) -> None:
+    """Send `sig` to the worker once a long stream has begun: the stream ends with an error
+    event and the server with status 1, within 30 s of the fault."""
+    long = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=long, timeout=60) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        os.kill(worker, sig)
+        start = time.monotonic()
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert any("error" in line for line in rest), rest[-3:]
+    assert server.proc.wait(30) == 1
+    assert time.monotonic() - start < 30
+
+
 def test_both_apis_answer_as_one_process_does(tiny_llama_tokenized_dir):
     import ollama
 
@@ -63,19 +79,7 @@ def test_a_killed_worker_ends_the_stream_and_the_server(tiny_llama_tokenized_dir
     try:
         core = core_pid(server)
         [worker] = worker_pids(server)
-        long = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True,
-                "stream": True}
-        start = time.monotonic()
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=long,
-                          timeout=60) as resp:
-            lines = resp.iter_lines()
-            assert next(lines).startswith("data: ")
-            os.kill(worker, signal.SIGKILL)
-            start = time.monotonic()
-            rest = [line for line in lines if line.startswith("data: ")]
-        assert any("error" in line for line in rest), rest[-3:]
-        assert server.proc.wait(30) == 1
-        assert time.monotonic() - start < 30
+        fault_while_streaming(server, worker, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while alive(core):
             assert time.monotonic() < deadline, "the engine core outlived its server"
@@ -90,18 +94,7 @@ def test_a_hung_worker_ends_the_server_at_the_collective_timeout(tiny_llama_toke
     server = ServerProcess(str(tiny_llama_tokenized_dir), TP_ARGS).start()
     [worker] = worker_pids(server)
     try:
-        long = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "ignore_eos": True,
-                "stream": True}
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=long,
-                          timeout=60) as resp:
-            lines = resp.iter_lines()
-            assert next(lines).startswith("data: ")
-            os.kill(worker, signal.SIGSTOP)
-            start = time.monotonic()
-            rest = [line for line in lines if line.startswith("data: ")]
-        assert any("error" in line for line in rest), rest[-3:]
-        assert server.proc.wait(30) == 1
-        assert time.monotonic() - start < 30
+        fault_while_streaming(server, worker, signal.SIGSTOP)
         deadline = time.monotonic() + 10
         while alive(worker):  # the core killed it on its way out
             assert time.monotonic() < deadline, "the stopped worker was left behind"

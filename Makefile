@@ -36,12 +36,12 @@ serve: setup
 lint: setup-test
 	$(VENV)/bin/ruff check .
 
-# The whole suite, CI's command: one worker per core, each taking whole test files, so a file's
-# server or engine fixture starts once.
+# The whole suite, CI's command: one worker per core (at most 4: each may hold a model and a
+# server), each taking whole test files, so a file's server or engine fixture starts once.
 test: setup-test
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -n auto --dist loadfile
+	$(VENV)/bin/pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 # Unit tests only (no server, no real model: what is not marked slow), for the edit-test loop.
 test-fast: setup-test
-	$(VENV)/bin/pytest -q -n auto --dist loadfile -m "not slow"
+	$(VENV)/bin/pytest -q -n auto --maxprocesses 4 --dist loadfile -m "not slow"

@@ -217,7 +217,8 @@ def test_a_slow_compile_does_not_hold_up_a_small_one(tokenizer):
     with contextlib.suppress(GrammarError):  # it may go over llguidance's step items
         slow.result(60)
     slow_done = time.perf_counter() - start
-    assert small_done < 1.0 < slow_done, (small_done, slow_done)
+    # not queued behind the slow one (whose own time depends on the machine: 1-3 s here)
+    assert small_done < 1.0 and small_done * 3 < slow_done, (small_done, slow_done)
     compiler.close()
 
 

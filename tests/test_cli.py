@@ -604,13 +604,15 @@ def _run_cli_process(home: Path, *argv: str, stdin: str = "", timeout: float = 1
 
 @pytest.mark.slow
 def test_run_varies_between_runs_unless_seeded(tiny_ollama, home) -> None:
-    hot = ("run", tiny_ollama, "Hello world", "--temperature", "1", "--max-tokens", "12",
+    hot = ("run", tiny_ollama, "Hello world", "--temperature", "1", "--max-tokens", "24",
            "--kv-cache-memory", "8MiB")
-    unseeded = [_run_cli_process(home, *hot) for _ in range(2)]
+    # three unseeded runs: the random tiny model can sample an answer that prints nothing, and
+    # two such runs agree
+    unseeded = [_run_cli_process(home, *hot) for _ in range(3)]
     seeded = [_run_cli_process(home, *hot, "--seed", "7") for _ in range(2)]
     for done in unseeded + seeded:
         assert done.returncode == 0, done.stderr
-    assert unseeded[0].stdout != unseeded[1].stdout
+    assert len({done.stdout for done in unseeded}) > 1, [d.stdout for d in unseeded]
     assert seeded[0].stdout == seeded[1].stdout
 
 

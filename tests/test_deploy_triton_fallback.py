@@ -3,7 +3,8 @@ engine must take the torch kernels at start-up, with one log line, instead of cr
 first forward pass (pagedserve/triton_launch.py).
 
 Each case runs in a fresh interpreter whose PATH holds nothing but Python and whose CC is
-unset, as in a slim image; the Triton compiler lookup is the one Triton itself makes."""
+unset, as in a slim image; the Triton compiler lookup is the one Triton itself makes. The same
+case on a GPU, the whole engine, is a section of scripts/gpu-check."""
 
 from __future__ import annotations
 
@@ -95,27 +96,3 @@ def test_cpu_and_the_interpreter_never_ask(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["torch", "triton"]
     assert WARNING not in out.stderr
-
-
-GPU_ENGINE = """
-import logging
-logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(levelname)s %(message)s")
-from pagedserve.llm import LLM
-from pagedserve.sampling_params import SamplingParams
-llm = LLM("dummy:tiny-llama", device="cuda")
-runner = llm.engine.core.runner
-[out] = llm.generate(["hello"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-print("attention", runner.attention.name, "ops", runner.model.ops.name,
-      "tokens", len(out.token_ids))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_engine_without_a_compiler_serves_on_torch_kernels(tmp_path):
-    """Where a GPU is lent: the whole engine (profiling pass included) on CUDA with no C
-    compiler reachable runs on the torch kernels and generates."""
-    out = _run(GPU_ENGINE, tmp_path, _bare_env(tmp_path))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "attention torch ops torch tokens 4" in out.stdout
-    assert sum(WARNING in line for line in out.stderr.splitlines()) == 1, out.stderr

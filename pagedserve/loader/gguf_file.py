@@ -261,26 +261,27 @@ class GGUFFile:
         return value
 
     def integers(self, key: str, length: int | None = None) -> list[int] | None:
-        value = self.fields.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
-            raise ModelLoadError(f"{self.name}: {key} must be an array of integers, found "
-                                 f"{self._kind(value)}")
-        self._check_length(key, value, length)
-        return value.tolist()
+        value = self._array(key, "iu", "integers", length)
+        return None if value is None else value.tolist()
 
     def numbers(self, key: str, length: int | None = None) -> list[float] | None:
-        value = self.fields.get(key)
+        value = self._array(key, "iuf", "numbers", length)
         if value is None:
             return None
-        if not isinstance(value, np.ndarray) or value.dtype.kind not in "iuf":
-            raise ModelLoadError(f"{self.name}: {key} must be an array of numbers, found "
-                                 f"{self._kind(value)}")
-        self._check_length(key, value, length)
         if not np.isfinite(value).all():
             raise ModelLoadError(f"{self.name}: {key} holds a value that is not finite")
         return value.tolist()
+
+    def _array(self, key: str, kinds: str, what: str, length: int | None) -> np.ndarray | None:
+        """The numeric array at `key` (numpy dtype kinds `kinds`), its length checked."""
+        value = self.fields.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, np.ndarray) or value.dtype.kind not in kinds:
+            raise ModelLoadError(f"{self.name}: {key} must be an array of {what}, found "
+                                 f"{self._kind(value)}")
+        self._check_length(key, value, length)
+        return value
 
     def _check_length(self, key: str, value, length: int | None) -> None:
         if length is not None and len(value) != length:

@@ -38,22 +38,22 @@ _IDS_PER_SLICE = 8192  # about a millisecond of json.dumps
 
 @router.post("/tokenize", response_class=Response)
 async def tokenize(request: Request) -> Response:
-    raw = await request.body()
-    if len(raw) < LONG_BODY_BYTES:
-        return await _tokenize(request, raw, _here)
-    slots: WorkSlots = request.app.state.text_work
-    async with slots.slot():
-        return await _tokenize(request, raw, slots.call)
+    return await _sized(request, _tokenize)
 
 
 @router.post("/detokenize", response_class=Response)
 async def detokenize(request: Request) -> Response:
+    return await _sized(request, _detokenize)
+
+
+async def _sized(request: Request, handler) -> Response:
+    """A short body's work on the event loop; a long one's in a work slot (a thread)."""
     raw = await request.body()
     if len(raw) < LONG_BODY_BYTES:
-        return await _detokenize(request, raw, _here)
+        return await handler(request, raw, _here)
     slots: WorkSlots = request.app.state.text_work
     async with slots.slot():
-        return await _detokenize(request, raw, slots.call)
+        return await handler(request, raw, slots.call)
 
 
 async def _here(fn: Callable[..., T], *args: Any) -> T:

@@ -11,21 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
+from client_tools import ARGS, ASK, EXACT, MODEL, WEATHER
 
 from pagedserve.bench.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
-
-MODEL = "smollm2:135m"
-ARGS = ["--served-model-name", MODEL, "--kv-cache-memory", "128MiB", "--max-model-len", "2048",
-        "--max-num-seqs", "16"]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {
-        "city": {"type": "string", "minLength": 1, "maxLength": 20},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}}
-EXACT = {"get_weather": {**WEATHER["function"]["parameters"], "additionalProperties": False}}
-ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
+from client_tools import ARGS, ASK, MODEL
 
 from pagedserve.bench.server_process import ServerProcess
 
 pytestmark = pytest.mark.slow
 
-MODEL = "smollm2:135m"
-ARGS = ["--served-model-name", MODEL, "--kv-cache-memory", "128MiB", "--max-model-len", "2048",
-        "--max-num-seqs", "16"]
 # parameters as pydantic writes them: no word on other keys
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -32,7 +30,6 @@ NOW = {"type": "function", "function": {"name": "get_time", "description": "The 
 # what calls must validate against: the tools' schemas, taking no keys they do not define
 EXACT = {"get_weather": {**WEATHER["function"]["parameters"], "additionalProperties": False},
          "get_time": {"type": "object", "properties": {}, "additionalProperties": False}}
-ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,20 @@ def test_the_probe_agrees_with_what_linux_lists():
         assert (ours in features) == (linux in flags), ours
 
 
+def record_native_steps(model) -> list[bool]:
+    """A list that gets, for each forward of `model` from now on, whether it took the native
+    decoder."""
+    steps: list[bool] = []
+    forward = model.forward
+
+    def recording(input_ids, positions, kv_caches, meta):
+        steps.append(model.takes_native_step(meta, input_ids.shape[0]))
+        return forward(input_ids, positions, kv_caches, meta)
+
+    model.forward = recording
+    return steps
+
+
 def test_a_fresh_install_computes_with_the_kernels_from_its_first_step(built, tmp_path,
                                                                        monkeypatch,
                                                                        tiny_llama_dir):
@@ -77,14 +91,7 @@ def test_a_fresh_install_computes_with_the_kernels_from_its_first_step(built, tm
     runner = llm.engine.runner
     assert llm.engine.config.dtype == "float32" and llm.engine.config.kv_cache_dtype == "float16"
     assert runner.model.native_decoder is not None and runner._kernel_watch is None
-    native_steps = []
-    forward = runner.model.forward
-
-    def recording(input_ids, positions, kv_caches, meta):
-        native_steps.append(runner.model.takes_native_step(meta, input_ids.shape[0]))
-        return forward(input_ids, positions, kv_caches, meta)
-
-    runner.model.forward = recording
+    native_steps = record_native_steps(runner.model)
     llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert native_steps == [True] * 4
 
@@ -110,14 +117,7 @@ def test_a_start_without_kernels_switches_to_them_between_steps(built, tmp_path,
     engine, runner = llm.engine, llm.engine.runner
     assert runner._kernel_watch is not None and runner.model.kernels is None
     assert runner.model.layers[0].mlp.down._int4 is not None  # torch's int4 meanwhile
-    native_steps = []
-    forward = runner.model.forward
-
-    def recording(input_ids, positions, kv_caches, meta):
-        native_steps.append(runner.model.takes_native_step(meta, input_ids.shape[0]))
-        return forward(input_ids, positions, kv_caches, meta)
-
-    runner.model.forward = recording
+    native_steps = record_native_steps(runner.model)
     engine.add_request([5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=8,
                                                     ignore_eos=True), request_id="a")
     tokens = []

@@ -104,7 +104,8 @@ def test_the_port_answers_while_the_model_loads(tiny_llama_tokenized_dir):
 def test_sigterm_drains_what_is_in_flight_and_exits_0(tiny_llama_tokenized_dir):
     with ServerProcess(str(tiny_llama_tokenized_dir),
                        [*ARGS, "--shutdown-timeout", "120"]) as server:
-        threads, results = start_streams(server.url, 4, max_tokens=100)
+        # long enough that the drain outlasts the four probes below
+        threads, results = start_streams(server.url, 4, max_tokens=400)
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         ready = httpx.get(f"{server.url}/ready")
@@ -122,7 +123,7 @@ def test_sigterm_drains_what_is_in_flight_and_exits_0(tiny_llama_tokenized_dir):
     assert late.json()["error"]["code"] == "server_shutting_down"
     assert ollama.status_code == 503 and "shutting down" in ollama.json()["error"]
     # every stream in flight ran to its end
-    assert results == {i: (200, 100, "length") for i in range(4)}, results
+    assert results == {i: (200, 400, "length") for i in range(4)}, results
     assert took < 120  # they finished: the timeout did not have to end them
 
 

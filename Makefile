@@ -8,7 +8,7 @@ PROMPT ?= Why is the sky blue?
 # What running pagedserve needs: torch, the bundled model, the package and its dependencies.
 # pip install -e . compiles the CPU kernels into the source tree (setup.py): edited kernel sources
 # install again
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard pagedserve/cpu_kernels/csrc/*)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard pagedserve/ops/cpu_kernels/csrc/*)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0 is the CPU build; an unpinned torch would pull a multi-GB CUDA build.

@@ -1,6 +1,6 @@
 """The CPU kernels, compiled when the package is built or installed (``pip install .``,
 ``pip install -e .``, a wheel): one library per instruction-set variant of this architecture
-and the probe that picks one at run time (pagedserve/cpu_kernels/build.py says what and how;
+and the probe that picks one at run time (pagedserve/ops/cpu_kernels/build.py says what and how;
 everything else about the package is in pyproject.toml).
 
 The kernels are optional: without a C++ compiler the install still succeeds, with a warning,
@@ -18,7 +18,7 @@ from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).parent
 _spec = importlib.util.spec_from_file_location(
-    "_pagedserve_build", HERE / "pagedserve" / "cpu_kernels" / "build.py")
+    "_pagedserve_build", HERE / "pagedserve" / "ops" / "cpu_kernels" / "build.py")
 build = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = build
 _spec.loader.exec_module(build)
@@ -50,7 +50,7 @@ def kernel_extensions() -> list[Extension]:
     names = [build.PROBE] + [v.name for v in build.isa.variants_for()]
     if len(names) == 1:  # an architecture without variants yet: nothing to build
         return []
-    return [Extension(f"pagedserve.cpu_kernels._{'probe' if n == build.PROBE else 'kernels_' + n}",
+    return [Extension(f"pagedserve.ops.cpu_kernels._{'probe' if n == build.PROBE else 'kernels_' + n}",
                       sources=[], depends=sources, optional=True)
             for n in names]
 

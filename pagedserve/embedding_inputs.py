@@ -1,6 +1,6 @@
 """What an embedding model takes: its spec, and how texts become its token ids.
 
-The half of :class:`~pagedserve.embedder.Embedder` that needs no weights and no torch, so that
+The half of :class:`~pagedserve.worker.embedder.Embedder` that needs no weights and no torch, so that
 the server's front end holds it (``EngineInfo.embedding``, pickled to each front end with the
 tokenizer) and tokenizes and refuses bad input there, before anything reaches the engine core.
 

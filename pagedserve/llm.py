@@ -31,7 +31,7 @@ class LLM:
         progress: bool = False,
         **engine_kwargs: Any,
     ):
-        from pagedserve.registry import resolve
+        from pagedserve.hub.registry import resolve
 
         if engine_config is None:
             engine_config = EngineConfig(**engine_kwargs)

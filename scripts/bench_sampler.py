@@ -1,7 +1,7 @@
 """Time the sampler alone on CPU tensors: one call per step, the shapes of a real decode step.
 
     python scripts/bench_sampler.py                               # this checkout's sampler
-    git show <rev>:pagedserve/sampler.py > /tmp/old_sampler.py
+    git show <rev>:pagedserve/worker/sampler.py > /tmp/old_sampler.py
     python scripts/bench_sampler.py --baseline /tmp/old_sampler.py  # both, interleaved
 
 With ``--baseline`` each scenario alternates the two samplers call by call, so that both see the
@@ -20,10 +20,10 @@ import time
 
 import torch
 
+from pagedserve.core.request import Request
 from pagedserve.outputs import RequestMetrics
-from pagedserve.request import Request
-from pagedserve.sampler import Sampler
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.sampler import Sampler
 
 OLLAMA = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.1,
           "repeat_last_n": 64}

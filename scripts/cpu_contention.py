@@ -60,10 +60,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    from pagedserve.bundled import bundled_model_path
     from pagedserve.config import EngineConfig
-    from pagedserve.cpu_kernels.threads import affinity_cpus
+    from pagedserve.hub.bundled import bundled_model_path
     from pagedserve.llm import LLM
+    from pagedserve.ops.cpu_kernels.threads import affinity_cpus
 
     llm = LLM(str(bundled_model_path()), engine_config=EngineConfig(num_threads=args.threads))
     threads = llm.engine.runner.threads

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from pagedserve.embedder import EmbeddingSpec, EncoderModel
 from pagedserve.models.bert import BertEncoder, EncoderConfig, encoder_weight_names
 from pagedserve.models.pooling import finish
+from pagedserve.worker.embedder import EmbeddingSpec, EncoderModel
 
 SHAPES = {
     "minilm": dict(architecture="bert", vocab_size=30522, hidden_size=384,

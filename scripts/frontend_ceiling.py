@@ -36,8 +36,8 @@ def make_tiny_model(out: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from pagedserve.bundled import bundled_model_path
     from pagedserve.config import ModelConfig
+    from pagedserve.hub.bundled import bundled_model_path
     from pagedserve.loader import expected_weight_names
     from pagedserve.loader.dummy import dummy_weights
     from pagedserve.loader.gguf import GGUFFile, tokenizer_from_gguf

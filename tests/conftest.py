@@ -71,7 +71,7 @@ def build_cpu_kernels(directory: Path) -> str:
     import subprocess
     import sys
 
-    from pagedserve.cpu_kernels import build, isa
+    from pagedserve.ops.cpu_kernels import build, isa
 
     names = [build.library_name(t) for t in [build.PROBE, *(v.name for v in isa.variants_for())]]
     if all((directory / name).exists() for name in names):
@@ -86,7 +86,7 @@ def build_cpu_kernels(directory: Path) -> str:
         subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib",
                         str(source), "--build-temp", str(source / "tmp")], cwd=root,
                        check=True, capture_output=True)
-        source = source / "pagedserve" / "cpu_kernels"
+        source = source / "pagedserve" / "ops" / "cpu_kernels"
     for name in names:
         if (source / name).exists():  # a variant the compiler could not build is left out
             shutil.copy(source / name, directory / f"{name}.tmp")
@@ -95,7 +95,7 @@ def build_cpu_kernels(directory: Path) -> str:
 
 
 def _built_from_these_sources(path: Path) -> bool:
-    from pagedserve.cpu_kernels import build
+    from pagedserve.ops.cpu_kernels import build
 
     return path.exists() and build.source_hash().encode() in path.read_bytes()
 
@@ -104,7 +104,7 @@ def _built_from_these_sources(path: Path) -> bool:
 def cpu_kernels_built() -> str | None:
     """The CPU kernels built before the first test, so that every engine of the suite finds the
     same ones; None where they cannot be (no compiler, another architecture)."""
-    from pagedserve.cpu_kernels import build, isa
+    from pagedserve.ops.cpu_kernels import build, isa
 
     if not isa.variants_for() or build.compiler() is None:
         return None
@@ -113,7 +113,7 @@ def cpu_kernels_built() -> str | None:
 
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
-    from pagedserve.bundled import bundled_model_path
+    from pagedserve.hub.bundled import bundled_model_path
 
     return bundled_model_path()
 

@@ -20,12 +20,12 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from pagedserve import attention as ref  # noqa: E402
-from pagedserve.attention import AttentionDims, AttentionMetadata  # noqa: E402
+from pagedserve.ops import attention as ref  # noqa: E402
+from pagedserve.ops.attention import AttentionDims, AttentionMetadata  # noqa: E402
 
-if "pagedserve.attention_triton" in sys.modules:  # imported earlier, maybe compiled for a GPU
-    importlib.reload(sys.modules["pagedserve.attention_triton"])
-from pagedserve import attention_triton as tri  # noqa: E402
+if "pagedserve.ops.attention_triton" in sys.modules:  # imported earlier, maybe compiled for a GPU
+    importlib.reload(sys.modules["pagedserve.ops.attention_triton"])
+from pagedserve.ops import attention_triton as tri  # noqa: E402
 
 BS = 16
 NUM_BLOCKS = 24
@@ -201,7 +201,7 @@ def test_engine_with_triton_attention_generates_what_the_torch_backend_does(tiny
 
 
 def test_backend_is_chosen_by_device_at_start_up():
-    from pagedserve.backends import select_backend
+    from pagedserve.ops.backends import select_backend
 
     assert select_backend("auto", torch.device("cpu")).name == "torch"
     assert select_backend("torch", torch.device("cuda")).name == "torch"

@@ -18,7 +18,7 @@ import importlib.machinery, importlib.util, sys
 for name in {MISSING!r}:
     sys.modules[name] = None  # as if not installed: importing it raises ImportError
 import pagedserve.engine, pagedserve.llm, pagedserve.loader.dummy, pagedserve.loader.hf
-import pagedserve.attention_triton, pagedserve.bench.offline, pagedserve.bench.offline_peer
+import pagedserve.ops.attention_triton, pagedserve.bench.offline, pagedserve.bench.offline_peer
 from pagedserve.cli import build_parser
 build_parser().parse_args(["bench", "offline", "dummy:llama-3.1-8b", "--device", "cuda"])
 loader = importlib.machinery.SourceFileLoader("gpu_check", "scripts/gpu-check")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pagedserve.block_manager import BlockManager
-from pagedserve.static_slots import StaticSlotManager
+from pagedserve.core.block_manager import BlockManager
+from pagedserve.core.static_slots import StaticSlotManager
 
 
 def tokens(n: int, start: int = 0) -> list[int]:

@@ -18,9 +18,9 @@ import pytest
 import test_registry
 
 from pagedserve.arg_types import parse_bytes as parse_size
-from pagedserve.bundled import bundled_model_path
 from pagedserve.cli import build_parser, main
 from pagedserve.cli.run import ChatSession, pipe_reader
+from pagedserve.hub.bundled import bundled_model_path
 from pagedserve.outputs import RequestOutput
 
 # the stores of test_registry.py, as fixtures here too
@@ -414,7 +414,7 @@ def test_run_chats_over_a_pipe(fake_llm, monkeypatch, capsys) -> None:
 
 
 def test_run_reports_a_missing_model(home, monkeypatch, capsys) -> None:
-    from pagedserve.registry import ModelNotFoundError
+    from pagedserve.hub.registry import ModelNotFoundError
 
     def refuse(model=None, engine_config=None, **kwargs):
         raise ModelNotFoundError(f"model {model!r} not found; looked at: ...")

@@ -1,4 +1,4 @@
-"""The CPU kernels (pagedserve/cpu_kernels): their tiles hold Q4_1 and Q8_0 weights exactly,
+"""The CPU kernels (pagedserve/ops/cpu_kernels): their tiles hold Q4_1 and Q8_0 weights exactly,
 every instruction-set variant this CPU can run computes llama.cpp's integer arithmetic and the
 same bits as the others, a row's result does not depend on its batch-mates, and an engine reads
 them on every step through the native decoder and stays close to float32."""
@@ -8,11 +8,11 @@ import os
 import pytest
 import torch
 
-from pagedserve import cpu_kernels
 from pagedserve.config import EngineConfig
-from pagedserve.cpu_kernels import isa
 from pagedserve.llm import LLM
 from pagedserve.models import llama
+from pagedserve.ops import cpu_kernels
+from pagedserve.ops.cpu_kernels import isa
 from pagedserve.sampling_params import SamplingParams
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pagedserve import cpu_kernels
 from pagedserve.config import EngineConfig
-from pagedserve.cpu_kernels import build, isa
 from pagedserve.llm import LLM
+from pagedserve.ops import cpu_kernels
+from pagedserve.ops.cpu_kernels import build, isa
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -202,14 +202,14 @@ def test_the_engine_takes_its_thread_count_from_the_cpu_budget(built, monkeypatc
                                                                tiny_llama_dir):
     """No --threads: the count the affinity and the cgroup quota allow, for torch and the
     kernels' pool alike, logged with the reason."""
-    from pagedserve import model_runner
-    from pagedserve.cpu_kernels.threads import CpuBudget
+    from pagedserve.ops.cpu_kernels.threads import CpuBudget
+    from pagedserve.worker import model_runner
 
     monkeypatch.setattr(model_runner, "cpu_budget",
                         lambda: CpuBudget(1, "the cgroup's CPU quota is 1 CPUs (test)"))
     threads = torch.get_num_threads()
     try:
-        with caplog.at_level("INFO", logger="pagedserve.model_runner"):
+        with caplog.at_level("INFO", logger="pagedserve.worker.model_runner"):
             llm = LLM(str(tiny_llama_dir))
         assert torch.get_num_threads() == 1 and llm.engine.runner.threads == 1
         assert llm.engine.runner.model.kernels.library.threads == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve.cpu_kernels.threads import cgroup_cpu_quota, cpu_budget, parse_cpu_max
+from pagedserve.ops.cpu_kernels.threads import cgroup_cpu_quota, cpu_budget, parse_cpu_max
 
 
 def test_cpu_max_in_cpus():
@@ -80,7 +80,7 @@ def test_the_affinity_limits_the_threads(every_cpu):
     if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs sched_setaffinity and two CPUs")
     cpu = min(os.sched_getaffinity(0))
-    code = ("import os; from pagedserve.cpu_kernels.threads import cpu_budget; "
+    code = ("import os; from pagedserve.ops.cpu_kernels.threads import cpu_budget; "
             f"os.sched_setaffinity(0, {{{cpu}}}); print(cpu_budget().threads)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
@@ -121,7 +121,7 @@ def test_a_real_cgroup_with_a_quota_of_one_cpu(every_cpu):
         code = ("import logging, os, sys\n"
                 "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s')\n"
                 f"open('{group}/cgroup.procs', 'w').write(str(os.getpid()))\n"
-                "from pagedserve.model_runner import cpu_threads\n"
+                "from pagedserve.worker.model_runner import cpu_threads\n"
                 "print(cpu_threads(None))\n")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

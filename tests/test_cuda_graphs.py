@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from pagedserve.config import EngineConfig
-from pagedserve.cuda_graphs import DecodeGraphs, graph_batch_sizes, pick_bucket
 from pagedserve.engine import Engine
 from pagedserve.loader import load_model
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes, pick_bucket
 
 
 def test_bucket_sizes():

@@ -227,7 +227,7 @@ def test_cpu_image_carries_the_built_kernel():
     copies = [i["value"].split() for i in structure[:final] if i["instruction"] == "COPY"]
     assert any("setup.py" in c for c in copies)
     [install] = [r for r in build if '"/src[hub]"' in r]
-    assert re.search(r"/opt/pagedserve/\S+/pagedserve/cpu_kernels/_kernels_avx2\.\*\.so", install)
+    assert re.search(r"/opt/pagedserve/\S+/pagedserve/ops/cpu_kernels/_kernels_avx2\.\*\.so", install)
     assert not any("PAGEDSERVE_KERNEL_DIR" in i["value"] for i in structure
                    if i["instruction"] == "ENV")
     assert any(c.startswith("--from=build /opt/pagedserve ") for c in

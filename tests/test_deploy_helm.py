@@ -763,7 +763,7 @@ def test_init_container_fills_the_store_the_server_reads(tmp_path, smollm_gguf):
                    cwd=Path(__file__).parent.parent)
     assert env["PAGEDSERVE_HOME"] == pod["containers"][0]["env"][0]["value"]
     resolved = subprocess.run(
-        [sys.executable, "-c", "from pagedserve.registry import resolve; r = resolve('smol:q4');"
+        [sys.executable, "-c", "from pagedserve.hub.registry import resolve; r = resolve('smol:q4');"
          "print(r.source)"], check=True, capture_output=True, text=True, timeout=60,
         env={"PATH": "/usr/bin:/bin", "PAGEDSERVE_HOME": str(home), "HOME": str(tmp_path)},
         cwd=Path(__file__).parent.parent)

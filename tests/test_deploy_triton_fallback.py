@@ -1,6 +1,6 @@
 """An image without a C compiler: Triton cannot build its kernels' launchers there, so the CUDA
 engine must take the torch kernels at start-up, with one log line, instead of crashing at its
-first forward pass (pagedserve/triton_launch.py).
+first forward pass (pagedserve/ops/triton_launch.py).
 
 Each case runs in a fresh interpreter whose PATH holds nothing but Python and whose CC is
 unset, as in a slim image; the Triton compiler lookup is the one Triton itself makes. The same
@@ -23,9 +23,9 @@ WARNING = "Triton kernels cannot launch here"
 SELECT = """
 import logging, torch
 logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(levelname)s %(message)s")
-from pagedserve.backends import select_backend
-from pagedserve.backends import select_ops
-from pagedserve.triton_launch import compile_problem
+from pagedserve.ops.backends import select_backend
+from pagedserve.ops.backends import select_ops
+from pagedserve.ops.triton_launch import compile_problem
 cuda = torch.device("cuda")
 print("compile", compile_problem())
 print("selected", select_backend("auto", cuda).name, select_ops(None, cuda).name)
@@ -80,7 +80,7 @@ def test_the_probe_compiles_where_a_compiler_is(tmp_path):
     if not (shutil.which("gcc") or shutil.which("clang")):
         pytest.skip("no C compiler on this machine")
     env = {k: v for k, v in os.environ.items() if k != "CC"}
-    out = _run("from pagedserve.triton_launch import compile_problem; print(compile_problem())",
+    out = _run("from pagedserve.ops.triton_launch import compile_problem; print(compile_problem())",
                tmp_path, env | {"PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "None"
@@ -89,7 +89,7 @@ def test_the_probe_compiles_where_a_compiler_is(tmp_path):
 def test_cpu_and_the_interpreter_never_ask(tmp_path):
     """On a CPU device the probe is not asked: auto is torch, and triton under the
     interpreter compiles nothing, so a missing compiler changes neither."""
-    code = ("import torch; from pagedserve.backends import select_backend; "
+    code = ("import torch; from pagedserve.ops.backends import select_backend; "
             "print(select_backend('auto', torch.device('cpu')).name, "
             "select_backend('triton', torch.device('cpu')).name)")
     out = _run(code, tmp_path, _bare_env(tmp_path, TRITON_INTERPRET="1"))

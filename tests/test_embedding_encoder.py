@@ -21,10 +21,10 @@ from embedding_models import (
     write_encoder_gguf,
 )
 
-from pagedserve.embedder import Embedder
 from pagedserve.loader import ModelLoadError
 from pagedserve.loader.encoder import encoder_architecture, encoder_config_from_hf, load_encoder
 from pagedserve.models.bert import PackedBatch
+from pagedserve.worker.embedder import Embedder
 
 
 def _has_nomic_bert() -> bool:

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedserve.embedder import Embedder, EmbeddingSpec
 from pagedserve.loader import load_model
-from pagedserve.models.decoder_pooling import pooled_hidden_states, prompt_hidden_states
 from pagedserve.models.llama import LlamaForCausalLM
 from pagedserve.models.pooling import check_pooling, finish, pool
+from pagedserve.worker.decoder_pooling import pooled_hidden_states, prompt_hidden_states
+from pagedserve.worker.embedder import Embedder, EmbeddingSpec
 
 # three texts packed: rows [0, 2) [2, 5) [5, 6)
 HIDDEN = torch.tensor([[1.0, 0.0], [3.0, 2.0],
@@ -138,7 +138,7 @@ def test_decoder_embedder_from_gguf(tiny_llama_gguf, hf_llama):
 def test_decoder_pooling_through_the_native_decoder(tiny_llama_dir, llama):
     """The engine's CPU model (int4 copies, every layer in one native call) embeds too: the
     same vectors within int4 rounding."""
-    from pagedserve import cpu_kernels
+    from pagedserve.ops import cpu_kernels
 
     try:
         kernels = cpu_kernels.load()

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from pagedserve.config import EngineConfig
-from pagedserve.embedder import Embedder, EmbeddingSpec
 from pagedserve.engine.core import EngineCore
 from pagedserve.engine.core_loop import CoreLoop
 from pagedserve.engine.embedding_queue import EmbeddingQueue
@@ -22,6 +21,7 @@ from pagedserve.engine.messages import (
     EngineCoreRequest,
 )
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.embedder import Embedder, EmbeddingSpec
 
 
 class _RecordingModel:
@@ -210,8 +210,8 @@ class _FakeClient:
 
 def test_the_front_end_answers_aborts_and_fails_embedding_requests(core):
     from pagedserve.engine.async_engine import AsyncEngine
-    from pagedserve.engine.errors import EngineDeadError
     from pagedserve.engine.messages import EmbedResult, EngineCoreOutputs
+    from pagedserve.errors import EngineDeadError
 
     async def main():
         client = _FakeClient(core.info())

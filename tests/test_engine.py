@@ -11,8 +11,8 @@ from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.engine import ContextLengthError, Engine
 from pagedserve.llm import LLM
 from pagedserve.loader import load_model
-from pagedserve.model_runner import kv_bytes_per_token
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.model_runner import kv_bytes_per_token
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -195,7 +195,7 @@ def test_kv_cache_sized_for_a_few_sequences_of_full_context(tiny):
 def test_llm_picks_its_dtype_like_run_and_serve(tiny_llama_tokenized_dir, monkeypatch):
     """LLM() asks for "auto" (bf16 where native and the CPU kernels do not run), as run, serve
     and vLLM do; float32 is one argument away."""
-    import pagedserve.model_runner as model_runner
+    import pagedserve.worker.model_runner as model_runner
 
     native = {"auto": "bfloat16"}  # as on a CPU with AVX-512 BF16 and no CPU kernels
     monkeypatch.setattr(model_runner, "resolve_dtype",
@@ -262,8 +262,8 @@ def test_unseeded_sampling_differs_between_engines_and_a_seed_repeats(tiny):
 def test_an_answer_cut_inside_an_emoji_ends_before_it(tiny):
     """The runner is scripted to emit "ok 🎉 done" token by token; max_tokens stops it inside
     the emoji's bytes: the text ends before the emoji, not with U+FFFD, streamed or whole."""
-    from pagedserve.model_runner import LaunchedStep
-    from pagedserve.sampler import SampledToken
+    from pagedserve.worker.model_runner import LaunchedStep
+    from pagedserve.worker.sampler import SampledToken
 
     engine = make_engine(tiny)
     script = engine.tokenizer.encode("ok 🎉 done", add_special_tokens=False)

@@ -17,9 +17,9 @@ import pytest
 from pagedserve.config import EngineConfig
 from pagedserve.engine import Engine
 from pagedserve.loader import load_model
-from pagedserve.model_runner import kv_bytes_per_token
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.structured import Constraint
+from pagedserve.worker.model_runner import kv_bytes_per_token
 
 
 @pytest.fixture(scope="module")

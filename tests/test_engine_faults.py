@@ -17,8 +17,8 @@ from pagedserve.engine import (
     PromptTooLongError,
 )
 from pagedserve.loader import load_model
-from pagedserve.model_runner import kv_bytes_per_token
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.model_runner import kv_bytes_per_token
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 POISON = 299  # a token id the fault below recognises in a prompt

@@ -21,15 +21,15 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from pagedserve import fused_ops as ref  # noqa: E402
-from pagedserve.backends import select_ops  # noqa: E402
 from pagedserve.config import ModelConfig  # noqa: E402
 from pagedserve.models.llama import Rotary  # noqa: E402
+from pagedserve.ops import fused_ops as ref  # noqa: E402
+from pagedserve.ops.backends import select_ops  # noqa: E402
 
-for _name in ("pagedserve.fused_ops_triton", "pagedserve.attention_triton"):
+for _name in ("pagedserve.ops.fused_ops_triton", "pagedserve.ops.attention_triton"):
     if _name in sys.modules:  # imported earlier, maybe compiled for a GPU
         importlib.reload(sys.modules[_name])
-from pagedserve import fused_ops_triton as tri  # noqa: E402
+from pagedserve.ops import fused_ops_triton as tri  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

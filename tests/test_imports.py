@@ -26,7 +26,10 @@ Layers, from the top (an import may go sideways or down, never up):
   and they do not import each other;
 - the library: everything else.
 
-Within the library two seams are checked as well:
+Within the library, its packages are layers too (``LIBRARY_LAYERS``, from the bottom: ``core``,
+``ops``, ``parallel``, ``models``, ``loader``, ``worker``, ``engine``; each imports only those
+below it, and the modules at the package's root, value objects and services, sit beside them),
+and two seams are checked as well:
 
 - a backend imports its base, never the reverse: ``attention`` and ``fused_ops`` define an
   interface and its torch reference, ``attention_triton`` and ``fused_ops_triton`` implement it,
@@ -48,12 +51,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = ("pagedserve.cli", "pagedserve.__main__")
 APPLICATIONS = ("pagedserve.server", "pagedserve.bench")
 BACKENDS = {  # base -> the modules that implement its interface
-    "pagedserve.attention": ("pagedserve.attention_triton",),
-    "pagedserve.fused_ops": ("pagedserve.fused_ops_triton",),
+    "pagedserve.ops.attention": ("pagedserve.ops.attention_triton",),
+    "pagedserve.ops.fused_ops": ("pagedserve.ops.fused_ops_triton",),
 }
-BACKEND_SELECTOR = "pagedserve.backends"
-CONTROL_PLANE = ("pagedserve.scheduler", "pagedserve.block_manager", "pagedserve.static_slots",
-                 "pagedserve.kv_cache_manager", "pagedserve.request")
+BACKEND_SELECTOR = "pagedserve.ops.backends"
+LIBRARY_LAYERS = (  # the library's packages from the bottom: each imports only those before it
+    "pagedserve.core", "pagedserve.ops", "pagedserve.parallel", "pagedserve.models",
+    "pagedserve.loader", "pagedserve.worker", "pagedserve.engine")
+CONTROL_PLANE = ("pagedserve.core",)
 CONTROL_PLANE_MAY_IMPORT = CONTROL_PLANE + (
     "pagedserve.outputs", "pagedserve.sampling_params", "pagedserve.config",
     "pagedserve.structured.state",  # annotation only: a request's grammar
@@ -185,6 +190,11 @@ def layer(module: str) -> int:
     return 2 if _within(module, ENTRY_POINTS) else 1 if _within(module, APPLICATIONS) else 0
 
 
+def library_layer(module: str) -> int | None:
+    """The rank of `module`'s package in LIBRARY_LAYERS; None for the modules beside them."""
+    return next((i for i, p in enumerate(LIBRARY_LAYERS) if _within(module, (p,))), None)
+
+
 def _application(module: str) -> str | None:
     return next((p for p in APPLICATIONS if _within(module, (p,))), None)
 
@@ -201,9 +211,13 @@ def upward_imports(edges: dict[str, set[str]]) -> list[str]:
             elif (layer(source) == layer(target) == 1
                   and _application(source) != _application(target)):
                 why = "one application imports another"
+            elif (library_layer(source) is not None and library_layer(target) is not None
+                  and library_layer(target) > library_layer(source)):
+                why = "imports a package above its own"
             elif target in backends and source not in (BACKEND_SELECTOR, *backends):
                 why = f"only {BACKEND_SELECTOR} imports a backend of {backends[target]}"
-            elif source in CONTROL_PLANE and target not in CONTROL_PLANE_MAY_IMPORT:
+            elif (_within(source, CONTROL_PLANE)
+                  and not _within(target, CONTROL_PLANE_MAY_IMPORT)):
                 why = "the control plane imports beyond its value objects"
             if why:
                 found.append(f"{source} -> {target}: {why}")
@@ -216,12 +230,12 @@ def graph() -> ImportGraph:
 
 
 def test_the_walker_sees_the_package(graph):
-    assert {"pagedserve.scheduler", "pagedserve.loader", "pagedserve.loader.gguf",
-            "pagedserve.cli.serve", "pagedserve.backends"} <= graph.modules
+    assert {"pagedserve.core.scheduler", "pagedserve.loader", "pagedserve.loader.gguf",
+            "pagedserve.cli.serve", "pagedserve.ops.backends"} <= graph.modules
     # a top-level import, a lazy one inside a function, and one under TYPE_CHECKING
-    assert "pagedserve.request" in graph.runtime["pagedserve.scheduler"]
-    assert "pagedserve.attention_triton" in graph.runtime[BACKEND_SELECTOR]
-    assert "pagedserve.structured.state" in graph.typing_only["pagedserve.request"]
+    assert "pagedserve.core.request" in graph.runtime["pagedserve.core.scheduler"]
+    assert "pagedserve.ops.attention_triton" in graph.runtime[BACKEND_SELECTOR]
+    assert "pagedserve.structured.state" in graph.typing_only["pagedserve.core.request"]
     # `from pagedserve.loader import checks` names the submodule, not the package
     assert "pagedserve.loader.checks" in graph.runtime["pagedserve.loader.gguf"]
 
@@ -245,13 +259,16 @@ def test_the_checks_fail_on_a_cycle_and_on_upward_imports(tmp_path):
     """The rules above against a small package built to break each of them once."""
     _write(tmp_path, {
         "pagedserve/__init__.py": "",
-        "pagedserve/attention.py": "def select():\n    from pagedserve import attention_triton\n",
-        "pagedserve/attention_triton.py": "from pagedserve.attention import select\n",
-        "pagedserve/scheduler.py": "from pagedserve.request import Request\n"
-                                   "from pagedserve.model_runner import ModelRunner\n",
-        "pagedserve/request.py": "from typing import TYPE_CHECKING\n"
-                                 "if TYPE_CHECKING:\n    from pagedserve.scheduler import X\n",
-        "pagedserve/model_runner.py": "",
+        "pagedserve/ops/attention.py": "def select():\n    from pagedserve.ops import attention_triton\n",
+        "pagedserve/ops/attention_triton.py": "from pagedserve.ops.attention import select\n",
+        "pagedserve/core/scheduler.py": "from pagedserve.core.request import Request\n"
+                                        "from pagedserve.tokenizer import Tokenizer\n",
+        "pagedserve/core/request.py": "from typing import TYPE_CHECKING\n"
+                                      "if TYPE_CHECKING:\n"
+                                      "    from pagedserve.core.scheduler import X\n",
+        "pagedserve/tokenizer.py": "",
+        "pagedserve/ops/fused_ops.py": "from pagedserve.worker.model_runner import ModelRunner\n",
+        "pagedserve/worker/model_runner.py": "",
         "pagedserve/cli/__init__.py": "",
         "pagedserve/cli/options.py": "",
         "pagedserve/bench/__init__.py": "",
@@ -262,15 +279,18 @@ def test_the_checks_fail_on_a_cycle_and_on_upward_imports(tmp_path):
     })
     graph = import_graph(tmp_path)
     # the lazy import closes a cycle; the one under TYPE_CHECKING does not
-    assert cycles(graph.runtime) == [["pagedserve.attention", "pagedserve.attention_triton"]]
+    assert cycles(graph.runtime) == [
+        ["pagedserve.ops.attention", "pagedserve.ops.attention_triton"]]
     assert cycles(graph.all_edges()) == [
-        ["pagedserve.attention", "pagedserve.attention_triton"],
-        ["pagedserve.request", "pagedserve.scheduler"]]
+        ["pagedserve.core.request", "pagedserve.core.scheduler"],
+        ["pagedserve.ops.attention", "pagedserve.ops.attention_triton"]]
     assert upward_imports(graph.all_edges()) == [
-        "pagedserve.attention -> pagedserve.attention_triton: only pagedserve.backends imports "
-        "a backend of pagedserve.attention",
         "pagedserve.bench.offline -> pagedserve.cli.options: imports a layer above its own",
         "pagedserve.bench.offline -> pagedserve.server.app: one application imports another",
-        "pagedserve.scheduler -> pagedserve.model_runner: the control plane imports beyond its "
+        "pagedserve.core.scheduler -> pagedserve.tokenizer: the control plane imports beyond its "
         "value objects",
+        "pagedserve.ops.attention -> pagedserve.ops.attention_triton: only "
+        "pagedserve.ops.backends imports a backend of pagedserve.ops.attention",
+        "pagedserve.ops.fused_ops -> pagedserve.worker.model_runner: imports a package above "
+        "its own",
     ]

@@ -10,8 +10,8 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.llm import LLM
-from pagedserve.model_runner import resolve_kv_cache_dtype
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.model_runner import resolve_kv_cache_dtype
 
 
 def test_auto_is_float16_only_where_auto_chose_float32_on_a_cpu():
@@ -67,8 +67,8 @@ def test_a_prompt_attends_to_its_keys_and_values_as_the_cache_holds_them():
     """A chunk with no cached prefix attends to its fresh K and V without reading the cache
     back; with a float16 cache they are rounded first, so that the chunk computes what a
     prefix-cache hit or the native decoder (both reading the cache) would."""
-    from pagedserve.attention import AttentionDims, paged_attention, prepare
-    from pagedserve.step_inputs import StepChunk, StepInputs
+    from pagedserve.ops.attention import AttentionDims, paged_attention, prepare
+    from pagedserve.worker.step_inputs import StepChunk, StepInputs
 
     torch.manual_seed(0)
     n, nh, nkv, hd, bs = 20, 4, 2, 16, 16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagedserve.config import EngineConfig
-from pagedserve.kv_sizing import GpuMemory, cpu_kv_cache_bytes, kv_cache_bytes_for_gpu
+from pagedserve.core.kv_sizing import GpuMemory, cpu_kv_cache_bytes, kv_cache_bytes_for_gpu
 
 GiB = 1 << 30
 

@@ -19,17 +19,17 @@ import pytest
 from registry_server import Registry
 from server_thread import ServerThread
 
-from pagedserve import registry
 from pagedserve.cli import main as cli_main
 from pagedserve.config import EngineConfig
 from pagedserve.engine import Engine
-from pagedserve.registry_client import (
+from pagedserve.hub import registry
+from pagedserve.hub.registry_client import (
     PullError,
     PullEvent,
     RegistryRef,
     pull_from_registry,
 )
-from pagedserve.store import (
+from pagedserve.hub.store import (
     MEDIA_MODEL,
     MEDIA_PARAMS,
     MEDIA_SYSTEM,

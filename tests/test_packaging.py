@@ -48,6 +48,6 @@ def test_the_cpu_kernels_sources_ship_in_the_package() -> None:
     from setuptools.dist import Distribution
 
     dist = apply_configuration(Distribution(), ROOT / "pyproject.toml")
-    assert "cpu_kernels/csrc/*" in dist.package_data["pagedserve"]
-    sources = {p.name for p in (ROOT / "pagedserve" / "cpu_kernels" / "csrc").iterdir()}
+    assert "ops/cpu_kernels/csrc/*" in dist.package_data["pagedserve"]
+    sources = {p.name for p in (ROOT / "pagedserve" / "ops" / "cpu_kernels" / "csrc").iterdir()}
     assert {"kernels.h", "kernels.cpp", "thread_pool.cpp", "probe.c"} <= sources

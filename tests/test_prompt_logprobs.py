@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve import prompt_logprobs as prompt_logprobs_module
 from pagedserve.config import EngineConfig
 from pagedserve.engine import Engine
 from pagedserve.loader import load_model
 from pagedserve.outputs import RequestOutput, TokenLogprobs
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker import prompt_logprobs as prompt_logprobs_module
 
 TOP = 3
 TOL = 2e-4  # float32 on both sides: logits agree to ~1e-5 relative

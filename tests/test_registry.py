@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from pagedserve import registry, store
-from pagedserve.bundled import bundled_model_path
-from pagedserve.registry import ModelNotFoundError, resolve
-from pagedserve.store import (
+from pagedserve.hub import registry, store
+from pagedserve.hub.bundled import bundled_model_path
+from pagedserve.hub.registry import ModelNotFoundError, resolve
+from pagedserve.hub.store import (
     MEDIA_MODEL,
     MEDIA_PARAMS,
     MEDIA_SYSTEM,

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from pagedserve.core.request import Request
 from pagedserve.outputs import RequestMetrics
-from pagedserve.penalties import penalized
-from pagedserve.request import Request
-from pagedserve.sampler import Sampler
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.penalties import penalized
+from pagedserve.worker.sampler import Sampler
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,12 @@
 
 import pytest
 
-from pagedserve.block_manager import BlockManager
+from pagedserve.core.block_manager import BlockManager
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.static_slots import StaticSlotManager
 from pagedserve.outputs import RequestMetrics
-from pagedserve.request import Request, RequestStatus
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.scheduler import Scheduler
-from pagedserve.static_slots import StaticSlotManager
 
 
 def make(rid: str, prompt_len: int, max_tokens: int, start: int = 0) -> Request:
@@ -180,7 +180,7 @@ def test_a_request_waiting_for_its_grammar_is_not_queued_and_finishes_cleanly():
 def test_both_layouts_implement_the_whole_kv_cache_manager_contract(layout):
     import inspect
 
-    from pagedserve.kv_cache_manager import KVCacheManager
+    from pagedserve.core.kv_cache_manager import KVCacheManager
 
     members = {n: m for n, m in vars(KVCacheManager).items() if not n.startswith("_")}
     for name, member in members.items():

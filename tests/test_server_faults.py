@@ -16,8 +16,8 @@ from server_thread import ServerThread
 from pagedserve.config import EngineConfig
 from pagedserve.engine import Engine
 from pagedserve.loader import load_model
-from pagedserve.model_runner import kv_bytes_per_token
 from pagedserve.server import http_server
+from pagedserve.worker.model_runner import kv_bytes_per_token
 
 POISON = 299  # a prompt holding this token id makes the model fail (see poison_the_runner)
 

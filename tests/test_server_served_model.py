@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from pagedserve.engine.errors import EngineDeadError
+from pagedserve.errors import EngineDeadError
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.limits import ServerLimits

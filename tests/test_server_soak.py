@@ -14,7 +14,7 @@ from soak_client import run_soak
 from pagedserve.config import EngineConfig
 from pagedserve.engine import Engine
 from pagedserve.loader import load_model
-from pagedserve.model_runner import kv_bytes_per_token
+from pagedserve.worker.model_runner import kv_bytes_per_token
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.step_inputs import StepChunk, StepInputs
+from pagedserve.worker.step_inputs import StepChunk, StepInputs
 
 
 def make_inputs(**kw) -> StepInputs:

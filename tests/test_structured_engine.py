@@ -16,11 +16,11 @@ from engine_drain import drain
 from pagedserve.config import EngineConfig
 from pagedserve.engine import Engine
 from pagedserve.loader import load_model
-from pagedserve.model_runner import kv_bytes_per_token
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.structured import Constraint
 from pagedserve.structured.compiler import GrammarCompiler
 from pagedserve.structured.state import GrammarState
+from pagedserve.worker.model_runner import kv_bytes_per_token
 
 SCHEMA = {
     "type": "object",

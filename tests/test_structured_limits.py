@@ -293,7 +293,7 @@ def tiny(tiny_llama_tokenized_dir):
 def engine_with(tiny, **limits):
     from pagedserve.config import EngineConfig
     from pagedserve.engine import Engine
-    from pagedserve.model_runner import kv_bytes_per_token
+    from pagedserve.worker.model_runner import kv_bytes_per_token
 
     per_block = kv_bytes_per_token(tiny.config, "float32") * 16
     return Engine.from_model(tiny, EngineConfig(kv_cache_memory=256 * per_block, dtype="float32",

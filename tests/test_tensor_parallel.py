@@ -18,9 +18,9 @@ from engine_drain import drain
 
 from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.engine import Engine
-from pagedserve.model_runner import kv_bytes_per_token
+from pagedserve.parallel.tensor_shard import TensorShard
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.tensor_shard import TensorShard
+from pagedserve.worker.model_runner import kv_bytes_per_token
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 NUM_BLOCKS = 12  # of 16 tokens: two of the six 64-token sequences fit at once

@@ -2,7 +2,7 @@
 
 Read from /proc where it exists; torch's version comes from the package metadata so the client
 never imports torch, and the CPU kernels the engine would choose here come from a process of
-their own (``python -m pagedserve.cpu_kernels --json``).
+their own (``python -m pagedserve.ops.cpu_kernels --json``).
 """
 
 from __future__ import annotations
@@ -63,10 +63,10 @@ def instruction_sets() -> list[str]:
 
 
 def cpu_kernels_here() -> dict:
-    """What ``python -m pagedserve.cpu_kernels --json`` says: the variant an engine started
+    """What ``python -m pagedserve.ops.cpu_kernels --json`` says: the variant an engine started
     here uses (``kernels``, None with a ``reason`` where none)."""
     try:
-        done = subprocess.run([sys.executable, "-m", "pagedserve.cpu_kernels", "--json"],
+        done = subprocess.run([sys.executable, "-m", "pagedserve.ops.cpu_kernels", "--json"],
                               capture_output=True, text=True, timeout=120)
         return json.loads(done.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:

@@ -111,7 +111,7 @@ def measure(tokenizer, batch: int) -> dict[str, float]:
 
 
 def main() -> None:
-    from pagedserve.bundled import bundled_model_path
+    from pagedserve.hub.bundled import bundled_model_path
     from pagedserve.loader.gguf import GGUFFile, tokenizer_from_gguf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

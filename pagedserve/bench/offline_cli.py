@@ -113,14 +113,14 @@ def run_offline(args) -> list:
 
         path, vocab = args.model, shape_for(args.model).vocab_size  # each rank makes its shard
     elif is_dummy_name(args.model):
-        from pagedserve.model_runner import resolve_config_dtype
+        from pagedserve.worker.model_runner import resolve_config_dtype
 
         loaded = load_model(args.model, dtype=resolve_config_dtype(config),
                             device=config.device)
         vocab = loaded.config.vocab_size
     else:
+        from pagedserve.hub.registry import resolve
         from pagedserve.loader import read_model_info
-        from pagedserve.registry import resolve
 
         path = resolve(args.model).path
         metadata = read_model_info(path).metadata
@@ -143,7 +143,7 @@ def run_offline(args) -> list:
         torch.cuda.empty_cache()
     if args.peer == "transformers":
         from pagedserve.bench import offline_peer
-        from pagedserve.model_runner import resolve_config_dtype
+        from pagedserve.worker.model_runner import resolve_config_dtype
 
         ours = resolve_config_dtype(config)
         dtype = args.peer_dtype or ours

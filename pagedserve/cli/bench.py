@@ -121,7 +121,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                  layouts=[x.strip() for x in args.layouts.split(",") if x.strip()])
         targets += [parse_peer(spec) for spec in args.peer]
         if args.llama_server:
-            from pagedserve.registry import resolve
+            from pagedserve.hub.registry import resolve
 
             targets += llama_cpp_targets(args.llama_server, resolve(args.model).path,
                                          threads=threads,

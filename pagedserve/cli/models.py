@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pagedserve import registry
-from pagedserve.store import ModelIntegrityError
+from pagedserve.hub import registry
+from pagedserve.hub.store import ModelIntegrityError
 
 logger = logging.getLogger(__name__)
 

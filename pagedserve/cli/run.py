@@ -124,10 +124,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pagedserve.hub.registry import ModelNotFoundError
+    from pagedserve.hub.store import ModelIntegrityError
     from pagedserve.llm import LLM
     from pagedserve.loader import ModelLoadError
-    from pagedserve.registry import ModelNotFoundError
-    from pagedserve.store import ModelIntegrityError
 
     if (problem := invalid_flag(args)) is not None:
         print(f"Error: {problem}", file=sys.stderr)

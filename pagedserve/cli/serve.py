@@ -133,8 +133,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_model(ref: str | None, served_name: str | None):
     """The registry's entry for MODEL as a :class:`ModelCard`."""
-    from pagedserve.bundled import BUNDLED_ALIASES
-    from pagedserve.registry import resolve
+    from pagedserve.hub.bundled import BUNDLED_ALIASES
+    from pagedserve.hub.registry import resolve
     from pagedserve.server.served_model import ModelCard
 
     resolved = resolve(ref)

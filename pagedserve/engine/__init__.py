@@ -10,14 +10,14 @@ its own (``serve``: :mod:`core_process`, msgpack over ZeroMQ) or in a thread (te
 """
 
 from pagedserve.engine.core import MAX_FAILED_STEPS
-from pagedserve.engine.errors import (
+from pagedserve.engine.llm_engine import Engine, EngineObserver
+from pagedserve.engine.messages import EngineStats, StepStats
+from pagedserve.errors import (
     ContextLengthError,
     EngineDeadError,
     EngineStepError,
     PromptTooLongError,
 )
-from pagedserve.engine.llm_engine import Engine, EngineObserver
-from pagedserve.engine.messages import EngineStats, StepStats
 
 __all__ = [
     "MAX_FAILED_STEPS",

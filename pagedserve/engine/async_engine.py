@@ -33,7 +33,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from pagedserve.engine.core_client import EngineCoreClient
-from pagedserve.engine.errors import EngineBusyError, EngineDeadError
 from pagedserve.engine.info import EngineInfo
 from pagedserve.engine.input_processor import InputProcessor
 from pagedserve.engine.llm_engine import EngineObserver, notify
@@ -45,6 +44,7 @@ from pagedserve.engine.messages import (
     EngineStats,
 )
 from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.errors import EngineBusyError, EngineDeadError
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 

@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pagedserve.block_manager import BlockManager
 from pagedserve.config import EngineConfig, ModelConfig
-from pagedserve.engine.errors import EngineStepError, TensorParallelError
+from pagedserve.core.block_manager import BlockManager
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.scheduler import ScheduledRequest, Scheduler
+from pagedserve.core.static_slots import StaticSlotManager
 from pagedserve.engine.info import EngineInfo
 from pagedserve.engine.messages import (
     EngineCoreOutput,
@@ -36,10 +38,8 @@ from pagedserve.engine.messages import (
     EngineStats,
     StepStats,
 )
+from pagedserve.errors import EngineStepError, TensorParallelError
 from pagedserve.outputs import RequestMetrics
-from pagedserve.request import Request, RequestStatus
-from pagedserve.scheduler import ScheduledRequest, Scheduler
-from pagedserve.static_slots import StaticSlotManager
 from pagedserve.structured.compiler import GrammarBusy, GrammarCompiler
 from pagedserve.structured.constraint import Constraint
 from pagedserve.structured.state import GrammarState, GrammarWaitingRoom
@@ -47,10 +47,10 @@ from pagedserve.structured.state import GrammarState, GrammarWaitingRoom
 if TYPE_CHECKING:
     from pagedserve.engine.workers import TensorParallelWorkers
     from pagedserve.loader import LoadedModel, ModelInfo
-    from pagedserve.model_runner import LaunchedStep
-    from pagedserve.prompt_logprobs import PromptLogprobs
-    from pagedserve.sampler import SampledToken
     from pagedserve.tokenizer import Tokenizer
+    from pagedserve.worker.model_runner import LaunchedStep
+    from pagedserve.worker.prompt_logprobs import PromptLogprobs
+    from pagedserve.worker.sampler import SampledToken
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,14 @@ class EngineCore:
         workers: TensorParallelWorkers | None = None,  # tensor parallel: `weights` is rank 0's
     ):
         from pagedserve.device import check_device
-        from pagedserve.model_runner import (
+        from pagedserve.parallel.tensor_shard import tensor_parallel_config
+        from pagedserve.worker.model_runner import (
             ModelRunner,
             kv_bytes_per_token,
             resolve_config_dtype,
             resolve_kv_cache_dtype,
             resolve_low_bit,
         )
-        from pagedserve.tensor_shard import tensor_parallel_config
 
         config = tensor_parallel_config(config or EngineConfig())
         check_device(config.device)
@@ -167,7 +167,7 @@ class EngineCore:
     def _kv_cache_budget(self, model_len: int, per_token: int) -> int:
         """Bytes for the paged KV cache when kv_cache_memory does not say: the device's share
         (kv_sizing.py), and no more than kv_cache_sequences sequences of model_len when set."""
-        from pagedserve.kv_sizing import cpu_kv_cache_bytes, kv_cache_bytes_for_gpu
+        from pagedserve.core.kv_sizing import cpu_kv_cache_bytes, kv_cache_bytes_for_gpu
 
         config = self.config
         if not config.device.startswith("cuda"):
@@ -195,8 +195,8 @@ class EngineCore:
         the weights dict as it fuses tensors, freeing the unfused copies early."""
         from pagedserve.device import check_device
         from pagedserve.loader import LoadedModel, load_model
-        from pagedserve.model_runner import resolve_config_dtype
-        from pagedserve.tensor_shard import tensor_parallel_config
+        from pagedserve.parallel.tensor_shard import tensor_parallel_config
+        from pagedserve.worker.model_runner import resolve_config_dtype
 
         config = tensor_parallel_config(config or EngineConfig())
         check_device(config.device)  # before loading: the CUDA build may be missing
@@ -403,7 +403,7 @@ class EngineCore:
                         f"{self._failed_steps} steps in a row failed for every request in "
                         f"them; the last error: {failures[-1][1]!r}") from failures[-1][1]
             if ok:
-                from pagedserve.model_runner import LaunchedStep
+                from pagedserve.worker.model_runner import LaunchedStep
 
                 flight = self._advance(ok, LaunchedStep.done(tokens))
                 flight.prompt_logprobs = self.runner.take_prompt_logprobs()
@@ -631,8 +631,8 @@ def resolve_async_scheduling(setting: bool | None, device: str) -> bool:
 def _decoder_embeddings(core: EngineCore):
     """The core's embedding requests: its model's final hidden states, pooled (the last
     token's), computed between steps with caches of their own; batches the size of a step."""
-    from pagedserve.embedder import Embedder
     from pagedserve.engine.embedding_queue import EmbeddingQueue
+    from pagedserve.worker.embedder import Embedder
 
     embedder = Embedder.from_decoder(core.runner.model, core.tokenizer,
                                      backend=core.runner.attention, max_tokens=core.max_model_len)

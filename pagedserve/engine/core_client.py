@@ -25,7 +25,6 @@ from pagedserve.engine import transport
 from pagedserve.engine.core import EngineCore
 from pagedserve.engine.core_loop import GRAMMAR_WAIT_S, CoreLoop
 from pagedserve.engine.encoder_core import EncoderCore
-from pagedserve.engine.errors import EngineDeadError
 from pagedserve.engine.info import EngineInfo
 from pagedserve.engine.messages import (
     AbortRequests,
@@ -38,6 +37,7 @@ from pagedserve.engine.messages import (
     EngineStats,
     Shutdown,
 )
+from pagedserve.errors import EngineDeadError
 
 if TYPE_CHECKING:
     import subprocess

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedserve.embedder import Embedder
 from pagedserve.embedding_inputs import EmbeddingInputs
 from pagedserve.engine.messages import EmbedRequest, EmbedResult
 from pagedserve.models.pooling import finish
+from pagedserve.worker.embedder import Embedder
 
 logger = logging.getLogger(__name__)
 

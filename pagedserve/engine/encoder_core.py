@@ -28,9 +28,9 @@ from pagedserve.engine.messages import (
 )
 
 if TYPE_CHECKING:
-    from pagedserve.embedder import Embedder
     from pagedserve.engine.core import EngineCore
     from pagedserve.loader import ModelInfo
+    from pagedserve.worker.embedder import Embedder
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 class EncoderCore:
     def __init__(self, embedder: Embedder, config: EngineConfig, model_info: ModelInfo | None,
                  model_name: str = "model") -> None:
-        from pagedserve.embedder import DEFAULT_MAX_BATCH_TOKENS
         from pagedserve.engine.embedding_queue import EmbeddingQueue
+        from pagedserve.worker.embedder import DEFAULT_MAX_BATCH_TOKENS
 
         self.config = config
         self.model_info = model_info
@@ -59,9 +59,9 @@ class EncoderCore:
         import torch
 
         from pagedserve.device import check_device
-        from pagedserve.embedder import Embedder
         from pagedserve.loader.encoder import load_encoder
-        from pagedserve.model_runner import resolve_dtype
+        from pagedserve.worker.embedder import Embedder
+        from pagedserve.worker.model_runner import resolve_dtype
 
         config = config or EngineConfig()
         check_device(config.device)

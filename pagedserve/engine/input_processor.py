@@ -13,9 +13,9 @@ import itertools
 import time
 from collections.abc import Sequence
 
-from pagedserve.engine.errors import ContextLengthError, PromptTooLongError
 from pagedserve.engine.info import EngineInfo
 from pagedserve.engine.messages import EmbedRequest, EngineCoreRequest
+from pagedserve.errors import ContextLengthError, PromptTooLongError
 from pagedserve.sampling_params import SamplingParams
 
 

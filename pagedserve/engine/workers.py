@@ -41,7 +41,7 @@ import threading
 from dataclasses import dataclass
 
 from pagedserve.config import EngineConfig
-from pagedserve.engine.errors import TensorParallelError
+from pagedserve.errors import TensorParallelError
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class TensorParallelWorkers:
     @classmethod
     def start(cls, model: str, load_format: str, config: EngineConfig) -> TensorParallelWorkers:
         """Start the local workers and join the group as rank 0."""
-        from pagedserve.distributed import Rendezvous, TensorParallelGroup
+        from pagedserve.parallel.distributed import Rendezvous, TensorParallelGroup
 
         world = config.tensor_parallel_size
         env = os.environ
@@ -161,7 +161,7 @@ def threads_per_rank(config: EngineConfig) -> EngineConfig:
     with all of them, they would fight over them at every collective)."""
     if config.num_threads is not None or config.device.startswith("cuda"):
         return config
-    from pagedserve.cpu_kernels.threads import cpu_budget
+    from pagedserve.ops.cpu_kernels.threads import cpu_budget
 
     local = min(config.tensor_parallel_size,
                 int(os.environ.get("LOCAL_WORLD_SIZE", config.tensor_parallel_size)))
@@ -247,9 +247,9 @@ def run_worker(spec: WorkerSpec) -> int:
                         "%(message)s", datefmt="%H:%M:%S")
     if spec.parent_pid is not None:
         _exit_with_parent(spec.parent_pid)
-    from pagedserve.distributed import Rendezvous, TensorParallelGroup
     from pagedserve.loader import load_model
-    from pagedserve.model_runner import ModelRunner
+    from pagedserve.parallel.distributed import Rendezvous, TensorParallelGroup
+    from pagedserve.worker.model_runner import ModelRunner
 
     group = TensorParallelGroup(
         Rendezvous(spec.rank, spec.world_size, spec.master_addr, spec.master_port,
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     """A worker on another host: ``python -m pagedserve.engine.workers MODEL
     --tensor-parallel-size N [--device cuda]``, with RANK, MASTER_ADDR and MASTER_PORT (and
     LOCAL_RANK on CUDA) in the environment; the other engine settings come from rank 0."""
-    from pagedserve.distributed import Rendezvous
+    from pagedserve.parallel.distributed import Rendezvous
 
     parser = argparse.ArgumentParser(prog="python -m pagedserve.engine.workers")
     parser.add_argument("model", help="the model's path on this host")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from pagedserve.config import ModelConfig
-    from pagedserve.tensor_shard import TensorShard
+    from pagedserve.parallel.tensor_shard import TensorShard
 
 def load_model(
     path: str | Path | None,

@@ -30,7 +30,7 @@ from pagedserve.loader.loaded_model import ModelLoadError
 if TYPE_CHECKING:
     import torch
 
-    from pagedserve.tensor_shard import TensorShard
+    from pagedserve.parallel.tensor_shard import TensorShard
 
 MAX_WIDTH = 1 << 20  # hidden size, FFN size, heads x head_dim
 MAX_VOCAB = 1 << 24

@@ -16,7 +16,7 @@ from pagedserve.config import ModelConfig
 from pagedserve.loader.checks import expected_weight_shapes
 from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError
 from pagedserve.loader.shapes import is_dummy_name, shape_for
-from pagedserve.tensor_shard import TensorShard
+from pagedserve.parallel.tensor_shard import TensorShard
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from pagedserve.loader.checks import check_shard_weights, check_weights
 from pagedserve.loader.gguf_file import GGUFFile, GGUFTensor
 from pagedserve.loader.gguf_tokenizer import tokenizer_from_gguf
 from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError, tensor_progress
-from pagedserve.tensor_shard import TensorShard
+from pagedserve.parallel.tensor_shard import TensorShard
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pagedserve.config import ModelConfig
 from pagedserve.loader import checks
 from pagedserve.loader.checks import check_shard_weights, check_weights, expected_weight_names
 from pagedserve.loader.loaded_model import LoadedModel, ModelInfo, ModelLoadError, tensor_progress
-from pagedserve.tensor_shard import TensorShard
+from pagedserve.parallel.tensor_shard import TensorShard
 from pagedserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ alone knows which request each token belongs to (through :class:`AttentionMetada
 Weights come in Hugging Face names and layout; q/k/v and gate/up are fused at load time so each
 layer runs two large matmuls instead of five.
 
-Under tensor parallelism (``tp``, a :class:`~pagedserve.distributed.TensorParallelGroup`) the
-weights are this rank's shard (:mod:`pagedserve.tensor_shard`) and the config its local shapes:
+Under tensor parallelism (``tp``, a :class:`~pagedserve.parallel.distributed.TensorParallelGroup`) the
+weights are this rank's shard (:mod:`pagedserve.parallel.tensor_shard`) and the config its local shapes:
 o_proj and down_proj become :class:`RowParallel` (their partial outputs summed over the ranks),
 the embedding looks up only its vocabulary rows (the others are zeros, summed in), and the LM
 head's logits are gathered across the ranks. Without ``tp`` none of this runs.
@@ -23,13 +23,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pagedserve import attention as torch_attention
-from pagedserve.attention import AttentionMetadata
-from pagedserve.backends import select_ops
 from pagedserve.config import ModelConfig
-from pagedserve.cpu_kernels import Kernels, LayerWeights
-from pagedserve.cpu_kernels.packing import int4_grid
-from pagedserve.fused_ops import DecoderOps
+from pagedserve.ops import attention as torch_attention
+from pagedserve.ops.attention import AttentionMetadata
+from pagedserve.ops.backends import select_ops
+from pagedserve.ops.cpu_kernels import Kernels, LayerWeights
+from pagedserve.ops.cpu_kernels.packing import int4_grid
+from pagedserve.ops.fused_ops import DecoderOps
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Linear:
     tokens a prefix-cache hit leaves to compute round as they did within the whole prompt.
 
     On an x86 CPU the int4 copy can instead be Q4_1 blocks, and the int8 one Q8_0 blocks (a
-    scale per group of 32), for the kernels of :mod:`pagedserve.cpu_kernels` (int8-rounded
+    scale per group of 32), for the kernels of :mod:`pagedserve.ops.cpu_kernels` (int8-rounded
     activations, llama.cpp's arithmetic). In a float32 model those serve every step, prompts
     included: they are faster than dense float32 at every size measured (1 to 512 rows, 2-3x
     from 16 rows on), and a row's result does not depend on the other rows of the step, so a
@@ -185,7 +185,7 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 class Rotary:
     """cos/sin tables for every position, applied the Hugging Face way (rotate halves) by
-    :func:`~pagedserve.fused_ops.rotary_qkv`."""
+    :func:`~pagedserve.ops.fused_ops.rotary_qkv`."""
 
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype):
         inv_freq = rope_inv_freq(config)

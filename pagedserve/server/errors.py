@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pagedserve.engine.errors import EngineDeadError
+from pagedserve.errors import EngineDeadError
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

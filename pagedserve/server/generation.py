@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from starlette.requests import Request
 
-from pagedserve.engine.errors import EngineDeadError
+from pagedserve.errors import EngineDeadError
 from pagedserve.outputs import RequestOutput
 from pagedserve.server.errors import APIError
 

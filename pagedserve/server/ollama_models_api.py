@@ -20,12 +20,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from pagedserve import registry
+from pagedserve.hub import registry
+from pagedserve.hub.store import ModelName, own_store
 from pagedserve.server.ollama_api import check_model, served_model
 from pagedserve.server.ollama_protocol import FIELD_OPTIONS, OPTION_FIELDS, ShowRequest
 from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
-from pagedserve.store import ModelName, own_store
 from pagedserve.version import __version__
 
 logger = logging.getLogger(__name__)

@@ -29,15 +29,15 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pagedserve import registry
-from pagedserve.registry_client import PullError, PullEvent, RegistryRef, pull_from_registry
+from pagedserve.hub import registry
+from pagedserve.hub.registry_client import PullError, PullEvent, RegistryRef, pull_from_registry
+from pagedserve.hub.store import ModelIntegrityError, ModelName, own_store
 from pagedserve.server.errors import APIError
 from pagedserve.server.generation import until_disconnected
 from pagedserve.server.ollama_api import served_model
 from pagedserve.server.ollama_protocol import CopyRequest, DeleteRequest, PullRequest
 from pagedserve.server.request_body import read_body
 from pagedserve.server.served_model import ServedModel
-from pagedserve.store import ModelIntegrityError, ModelName, own_store
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pagedserve.engine.errors import (
+from pagedserve.errors import (
     ContextLengthError,
     EngineBusyError,
     EngineDeadError,

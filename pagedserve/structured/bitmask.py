@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pagedserve.core.request import Request
 from pagedserve.device import on_device
-from pagedserve.request import Request
 
 if TYPE_CHECKING:
     from pagedserve.structured.state import GrammarState

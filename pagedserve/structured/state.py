@@ -21,7 +21,7 @@ from pagedserve.structured.compiler import CompiledGrammar, GrammarError, short_
 from pagedserve.structured.constraint import Constraint
 
 if TYPE_CHECKING:
-    from pagedserve.request import Request
+    from pagedserve.core.request import Request
 
 
 class GrammarViolation(RuntimeError):

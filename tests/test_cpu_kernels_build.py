@@ -211,9 +211,31 @@ def test_the_engine_takes_its_thread_count_from_the_cpu_budget(built, monkeypatc
     try:
         with caplog.at_level("INFO", logger="pagedserve.worker.model_runner"):
             llm = LLM(str(tiny_llama_dir))
-        assert torch.get_num_threads() == 1 and llm.engine.runner.threads == 1
+        assert llm.engine.runner.threads == 1
         assert llm.engine.runner.model.kernels.library.threads == 1
         assert "computing with 1 threads: the cgroup's CPU quota is 1 CPUs" in caplog.text
+    finally:
+        torch.set_num_threads(threads)
+        cpu_kernels.load().set_threads(threads)
+
+
+def test_torch_keeps_one_thread_while_the_native_decoder_runs(built, monkeypatch, tiny_llama_dir):
+    """OpenMP's workers spin after each torch op; with the native decoder carrying the layers
+    they would spin on the cores the kernels' pool uses, so torch gets one thread then, and the
+    whole budget where torch runs the layers."""
+    from pagedserve.ops.cpu_kernels.threads import CpuBudget
+    from pagedserve.worker import model_runner
+
+    monkeypatch.setattr(model_runner, "cpu_budget", lambda: CpuBudget(2, "two CPUs (test)"))
+    threads = torch.get_num_threads()
+    try:
+        native = LLM(str(tiny_llama_dir))
+        assert native.engine.runner.model.native_decoder is not None
+        assert torch.get_num_threads() == 1 and native.engine.runner.threads == 2
+        assert native.engine.runner.model.kernels.library.threads == 2
+        plain = LLM(str(tiny_llama_dir), native_kernels=False)
+        assert plain.engine.runner.model.native_decoder is None
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
         cpu_kernels.load().set_threads(threads)

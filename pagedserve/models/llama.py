@@ -262,10 +262,12 @@ class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device,
                  low_bit_small_steps: bool = False, attention=torch_attention.paged_attention,
                  consume_weights: bool = False, fused_ops: bool | None = None,
-                 kernels: Kernels | None = None, tp=None):
+                 kernels: Kernels | None = None, tp=None, native_decoder: bool = True):
         """`consume_weights`: the caller hands `weights` over; it is emptied, so that each
         layer's unfused q/k/v and gate/up tensors are freed once the fused copies exist.
         `kernels`: the low-bit copies are for these CPU kernels (see :meth:`use_kernels`).
+        `native_decoder`: whether a float32 model on those kernels runs its layers in one
+        native call (False where the execution plan says it cannot: a KV cache it cannot read).
         `fused_ops`: the norms, residual adds, rotary and SwiGLU as Triton kernels; None: on
         CUDA only (True on CPU runs them under the Triton interpreter: tests).
         `tp`: the tensor-parallel group whose rank's shard `weights` and `config` are (the
@@ -297,6 +299,7 @@ class LlamaForCausalLM:
         self.dtype = dtype
         self.kernels: Kernels | None = None
         self.native_decoder = None  # cpu_kernels.Decoder: every layer of a step in one call
+        self._native_allowed = native_decoder
         if tp is not None and (low_bit_small_steps or kernels is not None):
             raise ValueError("tensor_parallel_size > 1 runs the torch path: no low-bit copies, "
                              "no CPU kernels")
@@ -311,7 +314,7 @@ class LlamaForCausalLM:
         step's layers in one native call."""
         self._pack_low_bit(kernels)
         self.kernels = kernels
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 and self._native_allowed:
             self.native_decoder = self._build_native_decoder()
 
     def _pack_low_bit(self, kernels: Kernels | None) -> None:

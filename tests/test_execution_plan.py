@@ -218,6 +218,31 @@ def test_this_machine_is_resolved_without_building_anything():
     assert plan.threads is not None and plan.threads >= 1
 
 
+def test_the_engine_builds_its_runner_and_model_from_one_plan(tiny_llama_dir, caplog):
+    """The runner computes as the engine's plan says: torch's int4 kernel in each matmul when
+    the CPU kernels are off, no native decoder; the plan is logged once."""
+    from pagedserve.engine import Engine
+    from pagedserve.models.linear_kernels import Dense, TorchInt4, TorchInt8
+
+    config = EngineConfig(dtype="float32", low_bit_small_steps=True, native_kernels=False,
+                          kv_cache_memory=8 << 20)
+    with caplog.at_level("INFO", logger="pagedserve.engine.core"):
+        core = Engine.from_model(str(tiny_llama_dir), config).core
+    assert core.runner.plan is core.plan
+    assert (core.config.dtype, core.config.kv_cache_dtype) == ("float32", "float32")
+    assert core.plan.linear_kernel.startswith("torch int4") and not core.plan.native_decoder
+    model = core.runner.model
+    assert model.native_decoder is None and model.kernels is None
+    assert all(type(linear.kernel) is TorchInt4 for layer in model.layers
+               for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down))
+    assert type(model.lm_head.kernel) is TorchInt8
+    logged = [r.message for r in caplog.records if r.message.startswith("execution plan: ")]
+    assert logged == [f"execution plan: {core.plan.summary()}"]
+    dense = Engine.from_model(str(tiny_llama_dir), EngineConfig(dtype="float32",
+                                                                kv_cache_memory=8 << 20)).core
+    assert type(dense.runner.model.layers[0].mlp.down.kernel) is Dense
+
+
 # -- pagedserve show --plan -------------------------------------------------------------------
 
 

@@ -121,7 +121,10 @@ class LaunchedStep:
 
 class ModelRunner:
     """Built in two phases: the model first (so that, on CUDA, what is left of the memory can
-    be measured), then :meth:`allocate` with the KV cache's size and the step limits."""
+    be measured), then :meth:`allocate` with the KV cache's size and the step limits.
+
+    It computes as its :class:`~pagedserve.worker.execution_plan.ExecutionPlan` says (dtypes,
+    attention backend, CPU kernels, native decoder, graphs, threads) and decides none of it."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
                  engine_config: EngineConfig, consume_weights: bool = False, tp=None,
@@ -176,7 +179,7 @@ class ModelRunner:
             logger.info("every step reads int4 weights (an int8 LM head) with the %s CPU kernels "
                         "(int8-rounded activations); the CPU allows %s", kernels.isa,
                         " ".join(sorted(kernels.cpu_features)))
-        if kernels is not None and not self.plan.native_decoder:
+        if kernels is not None and self.dtype == torch.float32 and not self.plan.native_decoder:
             logger.info("no native decoder: %s", self.plan.why["native_decoder"])
         if model.native_decoder is not None:
             logger.info("every step of up to %d tokens runs the native decoder (%s)",

@@ -74,7 +74,7 @@ def test_auto_on_a_cpu_with_the_kernels_runs_them_in_float32_with_a_float16_cach
     assert (plan.attention_backend, plan.fused_ops, plan.cuda_graphs, plan.async_scheduling) == (
         "torch", False, False, False)
     assert plan.low_bit_small_steps and plan.cpu_kernels == "avx2" and plan.native_decoder
-    assert plan.linear_kernel == "cpu-q4_1 avx2 (q8_0 LM head), every step"
+    assert plan.linear_kernel == "cpu-q4_1 avx2, every step"
     assert plan.threads == 3 and plan.why["threads"] == "3 CPUs in this process's affinity"
     assert plan.why["dtype"].startswith("auto: float32 because the CPU kernels run")
     assert plan.kernels.isa == "avx2"
@@ -93,14 +93,17 @@ def test_native_kernels_off_names_the_torch_path():
     plan = plan_of(native_kernels=False)  # a CPU without native bf16: auto is float32
     assert (plan.dtype, plan.low_bit_small_steps, plan.cpu_kernels) == ("float32", True, None)
     assert not plan.native_decoder and plan.kernels is None
-    assert plan.linear_kernel == ("torch int4 (int8 LM head) in decode steps of up to 8 tokens "
-                                  "+ dense")
+    assert plan.linear_kernel == "torch int4 + dense"
+    assert plan.why["linear_kernel"].startswith("decode steps of up to 8 tokens read int4")
     assert plan.why["cpu_kernels"] == "native_kernels False: torch's int4 kernel"
     bf16 = plan_of(FakeHardware(native_bf16=True), native_kernels=False)
     assert (bf16.dtype, bf16.kv_cache_dtype, bf16.low_bit_small_steps) == (
         "bfloat16", "bfloat16", True)
     assert bf16.why["dtype"] == "auto: this CPU computes bfloat16 natively"
-    assert bf16.linear_kernel.startswith("torch int4")
+    assert bf16.linear_kernel == "torch int4 + dense"
+    with_kernels = plan_of(FakeHardware(native_bf16=True), dtype="bfloat16")
+    assert with_kernels.linear_kernel == "cpu-q4_1 avx2 + dense"
+    assert with_kernels.why["linear_kernel"].endswith("keep dense bfloat16")
 
 
 def test_no_low_bit_steps_means_dense_and_no_kernels():

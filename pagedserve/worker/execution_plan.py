@@ -404,19 +404,22 @@ def _fused_ops(setting: bool | None, cuda: bool, hw: Hardware, why: dict[str, st
 
 def _linear_kernel(low_bit: bool, dtype: str, kernels: cpu_kernels.Kernels | None,
                    watch: cpu_kernels.KernelWatch | None) -> tuple[str, str]:
-    """What the matmuls read (see ``models.llama.Linear``), and why."""
+    """What the matmuls read (``models/linear_kernels.py``), and why."""
     if not low_bit:
         return "dense", "the low-bit small steps are off: every step reads the dense weights"
     small = f"decode steps of up to {SMALL_STEP_TOKENS} tokens"
     if kernels is not None and dtype == "float32":
-        return (f"cpu-q4_1 {kernels.isa} (q8_0 LM head), every step",
-                "faster than dense float32 at every size, and a row rounds alike in any batch")
+        return (f"cpu-q4_1 {kernels.isa}, every step",
+                "Q4_1 tiles (a Q8_0 LM head): faster than dense float32 at every size, and a "
+                "row rounds alike in any batch")
     if kernels is not None:
-        return (f"cpu-q4_1 {kernels.isa} (q8_0 LM head) in {small} + dense",
-                f"small steps are bandwidth-bound; larger ones keep dense {dtype}")
-    later = "; the CPU kernels' once built" if watch is not None else ""
-    return (f"torch int4 (int8 LM head) in {small} + dense",
-            f"small steps are bandwidth-bound; torch's weight-only kernels{later}")
+        return (f"cpu-q4_1 {kernels.isa} + dense",
+                f"{small} read Q4_1 tiles (a Q8_0 LM head); larger ones are compute-bound and "
+                f"keep dense {dtype}")
+    later = "; the CPU kernels once built" if watch is not None else ""
+    return ("torch int4 + dense",
+            f"{small} read int4 (an int8 LM head) with torch's weight-only kernels; larger "
+            f"ones dense{later}")
 
 
 def with_plan(config: EngineConfig, plan: ExecutionPlan) -> EngineConfig:

@@ -189,13 +189,10 @@ def resolve_execution_plan(config: EngineConfig, hardware: Hardware | None = Non
     why["dtype"] = _dtype_reason(config, dtype, cuda, hw)
 
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, requested, dtype, device)
-    if config.kv_cache_dtype != "auto":
-        why["kv_cache_dtype"] = f"--kv-cache-dtype {kv_dtype}"
-    elif kv_dtype != dtype:
-        why["kv_cache_dtype"] = ("auto: float16 where dtype auto chose float32 on a CPU (half "
-                                 "the memory and of attention's reads, as llama.cpp)")
-    else:
-        why["kv_cache_dtype"] = "auto: the compute dtype"
+    why["kv_cache_dtype"] = (f"--kv-cache-dtype {kv_dtype}" if config.kv_cache_dtype != "auto"
+                             else "auto: the compute dtype" if kv_dtype == dtype else
+                             "auto: float16 where dtype auto chose float32 on a CPU (half the "
+                             "memory and of attention's reads, as llama.cpp)")
 
     attention = _attention_backend(config.attention_backend, cuda, hw, why)
     if kv_dtype != dtype and attention != "torch":
@@ -213,56 +210,12 @@ def resolve_execution_plan(config: EngineConfig, hardware: Hardware | None = Non
         why["low_bit_small_steps"] = "off under tensor parallelism: every rank runs torch's path"
     resolution = hw.cpu_kernels(config.native_kernels) if low_bit else cpu_kernels.Resolution(None)
     kernels, watch = resolution.kernels, resolution.watch
-    if kernels is not None:
-        why["cpu_kernels"] = ("native_kernels True" if config.native_kernels
-                              else "auto: the best variant this CPU allows, built and self-tested")
-    elif not low_bit:
-        why["cpu_kernels"] = "they serve the low-bit steps, which are off"
-    elif config.native_kernels is False:
-        why["cpu_kernels"] = "native_kernels False: torch's int4 kernel"
-    elif watch is not None:
-        why["cpu_kernels"] = ("not built: compiling in the background; the engine switches to "
-                              "them between two steps")
-    else:
-        why["cpu_kernels"] = f"unusable here: {hw.cpu_kernels_problem()}"
-
-    native = low_bit and dtype == "float32" and (kernels is not None or watch is not None)
-    if native and kv_dtype not in NATIVE_DECODER_KV_DTYPES:
-        native = False
-        why["native_decoder"] = (f"it reads float32 or float16 KV caches; with a {kv_dtype} "
-                                 "cache the layers run op by op")
-    elif native:
-        why["native_decoder"] = ("a float32 model on the CPU kernels: every layer of a step in "
-                                 "one call, where each matmul fits the kernels' tiles")
-    else:
-        why["native_decoder"] = ("it runs a float32 model on the CPU kernels" if low_bit
-                                 else "it runs on the CPU kernels, which are off")
-
+    why["cpu_kernels"] = _cpu_kernels_reason(config.native_kernels, low_bit, resolution, hw)
+    native = _native_decoder(low_bit, dtype, kv_dtype, resolution, why)
     linear, why["linear_kernel"] = _linear_kernel(low_bit, dtype, kernels, watch)
-
-    graph_capable = attention in GRAPH_BACKENDS
-    graphs = cuda and not config.enforce_eager and graph_capable
-    if not cuda:
-        why["cuda_graphs"] = "CUDA only"
-    elif config.tensor_parallel_size > 1:
-        why["cuda_graphs"] = "off under tensor parallelism: no graph captures the all-reduce"
-    elif config.enforce_eager:
-        why["cuda_graphs"] = "--enforce-eager"
-    elif not graph_capable:
-        why["cuda_graphs"] = "CUDA graphs need the triton attention backend; running eagerly"
-    else:
-        why["cuda_graphs"] = "decode steps replay a graph per batch-size bucket"
-
+    graphs = _cuda_graphs(config, cuda, attention, why)
     overlap = resolve_async_scheduling(config.async_scheduling, device)
-    if config.tensor_parallel_size > 1:
-        why["async_scheduling"] = "off under tensor parallelism: a worker feeds no ids"
-    elif config.async_scheduling is not None:
-        why["async_scheduling"] = ("--async-scheduling" if overlap
-                                   else "--no-async-scheduling")
-    else:
-        why["async_scheduling"] = ("auto: on CUDA the host prepares a step while the device "
-                                   "runs the one before" if overlap else
-                                   "auto: on a CPU the host runs the step itself")
+    why["async_scheduling"] = _async_reason(config, overlap)
 
     threads = None
     if not cuda or config.num_threads:
@@ -280,6 +233,63 @@ def resolve_execution_plan(config: EngineConfig, hardware: Hardware | None = Non
 
 
 # -- the decisions, one function each ---------------------------------------------------------
+
+
+def _cpu_kernels_reason(setting: bool | None, low_bit: bool,
+                        resolution: cpu_kernels.Resolution, hw: Hardware) -> str:
+    if resolution.kernels is not None:
+        return ("native_kernels True" if setting
+                else "auto: the best variant this CPU allows, built and self-tested")
+    if not low_bit:
+        return "they serve the low-bit steps, which are off"
+    if setting is False:
+        return "native_kernels False: torch's int4 kernel"
+    if resolution.watch is not None:
+        return "not built: compiling in the background; the engine switches to them between steps"
+    return f"unusable here: {hw.cpu_kernels_problem()}"
+
+
+def _native_decoder(low_bit: bool, dtype: str, kv_dtype: str,
+                    resolution: cpu_kernels.Resolution, why: dict[str, str]) -> bool:
+    """Whether a step's layers run in one call of the CPU kernels (those there, or those a
+    background build brings): a float32 model over a cache the decoder reads."""
+    on_kernels = resolution.kernels is not None or resolution.watch is not None
+    if not (low_bit and on_kernels):
+        why["native_decoder"] = "it runs on the CPU kernels, which are off"
+    elif dtype != "float32":
+        why["native_decoder"] = "it runs a float32 model on the CPU kernels"
+    elif kv_dtype not in NATIVE_DECODER_KV_DTYPES:
+        why["native_decoder"] = (f"it reads float32 or float16 KV caches; with a {kv_dtype} "
+                                 "cache the layers run op by op")
+    else:
+        why["native_decoder"] = ("a float32 model on the CPU kernels: every layer of a step in "
+                                 "one call, where each matmul fits the kernels' tiles")
+        return True
+    return False
+
+
+def _cuda_graphs(config: EngineConfig, cuda: bool, attention: str, why: dict[str, str]) -> bool:
+    if not cuda:
+        why["cuda_graphs"] = "CUDA only"
+    elif config.tensor_parallel_size > 1:
+        why["cuda_graphs"] = "off under tensor parallelism: no graph captures the all-reduce"
+    elif config.enforce_eager:
+        why["cuda_graphs"] = "--enforce-eager"
+    elif attention not in GRAPH_BACKENDS:
+        why["cuda_graphs"] = "CUDA graphs need the triton attention backend; running eagerly"
+    else:
+        why["cuda_graphs"] = "decode steps replay a graph per batch-size bucket"
+        return True
+    return False
+
+
+def _async_reason(config: EngineConfig, overlap: bool) -> str:
+    if config.tensor_parallel_size > 1:
+        return "off under tensor parallelism: a worker feeds no ids"
+    if config.async_scheduling is not None:
+        return "--async-scheduling" if overlap else "--no-async-scheduling"
+    return ("auto: on CUDA the host prepares a step while the device runs the one before"
+            if overlap else "auto: on a CPU the host runs the step itself")
 
 
 def resolve_low_bit(setting: bool | None, requested_dtype: str, dtype: str) -> bool:

@@ -203,13 +203,13 @@ def test_the_engine_takes_its_thread_count_from_the_cpu_budget(built, monkeypatc
     """No --threads: the count the affinity and the cgroup quota allow, for torch and the
     kernels' pool alike, logged with the reason."""
     from pagedserve.ops.cpu_kernels.threads import CpuBudget
-    from pagedserve.worker import model_runner
+    from pagedserve.worker import execution_plan
 
-    monkeypatch.setattr(model_runner, "cpu_budget",
+    monkeypatch.setattr(execution_plan, "cpu_budget",
                         lambda: CpuBudget(1, "the cgroup's CPU quota is 1 CPUs (test)"))
     threads = torch.get_num_threads()
     try:
-        with caplog.at_level("INFO", logger="pagedserve.worker.model_runner"):
+        with caplog.at_level("INFO", logger="pagedserve.worker.execution_plan"):
             llm = LLM(str(tiny_llama_dir))
         assert llm.engine.runner.threads == 1
         assert llm.engine.runner.model.kernels.library.threads == 1

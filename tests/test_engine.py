@@ -195,11 +195,12 @@ def test_kv_cache_sized_for_a_few_sequences_of_full_context(tiny):
 def test_llm_picks_its_dtype_like_run_and_serve(tiny_llama_tokenized_dir, monkeypatch):
     """LLM() asks for "auto" (bf16 where native and the CPU kernels do not run), as run, serve
     and vLLM do; float32 is one argument away."""
-    import pagedserve.worker.model_runner as model_runner
+    import pagedserve.worker.execution_plan as execution_plan
 
     native = {"auto": "bfloat16"}  # as on a CPU with AVX-512 BF16 and no CPU kernels
-    monkeypatch.setattr(model_runner, "resolve_dtype",
-                        lambda d, device="cpu", native_kernels=False: native.get(d, d))
+    monkeypatch.setattr(execution_plan, "resolve_dtype",
+                        lambda d, device="cpu", native_kernels=False, hardware=None:
+                        native.get(d, d))
     assert EngineConfig().dtype == "auto"
     assert LLM(str(tiny_llama_tokenized_dir), kv_cache_memory=8 << 20).engine.config.dtype == (
         "bfloat16")

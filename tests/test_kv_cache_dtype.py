@@ -11,7 +11,7 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.llm import LLM
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.worker.model_runner import resolve_kv_cache_dtype
+from pagedserve.worker.execution_plan import resolve_kv_cache_dtype
 
 
 def test_auto_is_float16_only_where_auto_chose_float32_on_a_cpu():

@@ -51,7 +51,7 @@ def test_bf16_engine_logits_stay_close_to_float32(smollm):
 
 
 def test_low_bit_small_steps_by_default_except_in_an_explicit_float32():
-    from pagedserve.worker.model_runner import resolve_low_bit
+    from pagedserve.worker.execution_plan import resolve_low_bit
 
     assert resolve_low_bit(None, "auto", "bfloat16") and resolve_low_bit(None, "bfloat16",
                                                                           "bfloat16")

@@ -106,7 +106,7 @@ def test_list(client):
 def test_the_dtype_is_logged_and_shown(server):
     """The dtype `auto` chose: in the start-up log, /api/show, /api/ps and /v1/models."""
     from pagedserve.config import EngineConfig
-    from pagedserve.worker.model_runner import resolve_config_dtype
+    from pagedserve.worker.execution_plan import resolve_config_dtype
 
     dtype = resolve_config_dtype(EngineConfig())  # float32 where the CPU kernels run
     assert f"computing in {dtype} on cpu (dtype auto: " in server.log_path.read_text()

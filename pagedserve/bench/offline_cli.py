@@ -113,7 +113,7 @@ def run_offline(args) -> list:
 
         path, vocab = args.model, shape_for(args.model).vocab_size  # each rank makes its shard
     elif is_dummy_name(args.model):
-        from pagedserve.worker.model_runner import resolve_config_dtype
+        from pagedserve.worker.execution_plan import resolve_config_dtype
 
         loaded = load_model(args.model, dtype=resolve_config_dtype(config),
                             device=config.device)
@@ -143,7 +143,7 @@ def run_offline(args) -> list:
         torch.cuda.empty_cache()
     if args.peer == "transformers":
         from pagedserve.bench import offline_peer
-        from pagedserve.worker.model_runner import resolve_config_dtype
+        from pagedserve.worker.execution_plan import resolve_config_dtype
 
         ours = resolve_config_dtype(config)
         dtype = args.peer_dtype or ours

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pagedserve.engine_args import add_engine_args, engine_config_from_args, flag_of
 from pagedserve.hub import registry
 from pagedserve.hub.store import ModelIntegrityError
 
@@ -18,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1:11434"
 TEMPLATE_PREVIEW_LINES = 8
+# the engine flags that change an execution plan (worker/execution_plan.py)
+PLAN_ENGINE_FLAGS = ("dtype", "kv_cache_dtype", "device", "tensor_parallel_size", "num_threads",
+                     "async_scheduling", "enforce_eager")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,13 +44,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "quantization) and the defaults that apply to it (Ollama params and system layers, "
         "generation_config.json).",
         epilog="examples:\n  pagedserve show smollm2:135m\n  pagedserve show llama3.2 --template"
-        "\n  pagedserve show ./model.gguf",
+        "\n  pagedserve show ./model.gguf\n  pagedserve show --plan\n"
+        "  pagedserve show qwen2.5:0.5b --plan --dtype bfloat16 --threads 4",
     )
-    p.add_argument("model", metavar="MODEL", help="name, ORG/NAME or path")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="name, ORG/NAME or path (default: the bundled smollm2:135m)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--template", action="store_true", help="print the whole chat template")
     what.add_argument("--parameters", action="store_true", help="print the default parameters")
     what.add_argument("--system", action="store_true", help="print the system prompt")
+    what.add_argument("--plan", action="store_true",
+                      help="print how an engine would compute this model on this machine "
+                      "under the engine flags below: each decision, its value and why")
+    add_engine_args(p.add_argument_group("engine (with --plan; as serve takes them)"),
+                    PLAN_ENGINE_FLAGS)
     p.set_defaults(func=cmd_show)
 
     p = subparsers.add_parser(
@@ -262,6 +273,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     except (registry.ModelNotFoundError, ModelIntegrityError, ModelLoadError) as exc:
         logger.debug("cannot show %s", args.model, exc_info=True)  # --verbose: the traceback
         return _fail(str(exc))
+    if args.plan:
+        return _show_plan(args, resolved)
     if args.template:
         template = _chat_template(resolved, info) or resolved.template or ""
         print(template.rstrip())
@@ -283,6 +296,47 @@ def cmd_show(args: argparse.Namespace) -> int:
     else:
         print(format_show(resolved, info), end="")
     return 0
+
+
+def _show_plan(args: argparse.Namespace, resolved: registry.ResolvedModel) -> int:
+    """`show --plan`: the execution plan an engine of these flags would resolve here. It only
+    looks: CPU kernels that are not built are reported, not compiled."""
+    from pagedserve.device import check_device
+    from pagedserve.loader.encoder import encoder_architecture
+    from pagedserve.ops.cpu_kernels import KernelUnavailable
+    from pagedserve.worker.execution_plan import Machine, resolve_dtype, resolve_execution_plan
+
+    try:
+        config = engine_config_from_args(args)
+        check_device(config.device)
+        if encoder_architecture(resolved.path) is not None:  # an EncoderCore: dtype only
+            dtype = resolve_dtype(config.dtype, config.device)
+            why = f"--dtype {dtype}" if config.dtype != "auto" else (
+                "auto: bfloat16 or float16 on CUDA, else bfloat16 where the CPU computes it "
+                "natively, else float32")
+            print(format_plan(resolved.name, config.device, [("dtype", dtype, why)],
+                              "an embedding model: torch's kernels, no KV cache"), end="")
+            return 0
+        plan = resolve_execution_plan(config, Machine(build_kernels=False))
+    except (ValueError, KernelUnavailable) as exc:
+        field, _, rest = str(exc).partition(" ")
+        flag = flag_of(field)
+        return _fail(f"{flag} {rest}" if flag else str(exc))
+    print(format_plan(resolved.name, plan.device, plan.rows()), end="")
+    return 0
+
+
+def format_plan(name: str, device: str, rows: list[tuple[str, str, str]],
+                note: str | None = None) -> str:
+    """The plan as a table: decision, value, why."""
+    table = [("decision", "value", "why"), *rows]
+    widths = [max(len(row[i]) for row in table) + 2 for i in range(2)]
+    out = [f"  Execution plan: {name} on {device}"]
+    if note:
+        out.append(f"    ({note})")
+    out.extend(f"    {d.ljust(widths[0])}{v.ljust(widths[1])}{why}".rstrip()
+               for d, v, why in table)
+    return "\n".join(out) + "\n"
 
 
 def _base_url(host: str) -> str:

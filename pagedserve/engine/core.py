@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from pagedserve.engine.workers import TensorParallelWorkers
     from pagedserve.loader import LoadedModel, ModelInfo
     from pagedserve.tokenizer import Tokenizer
+    from pagedserve.worker.execution_plan import ExecutionPlan
     from pagedserve.worker.model_runner import LaunchedStep
     from pagedserve.worker.prompt_logprobs import PromptLogprobs
     from pagedserve.worker.sampler import SampledToken
@@ -71,40 +72,32 @@ class EngineCore:
         *,
         consume_weights: bool = False,  # may empty `weights` to free unfused copies early
         workers: TensorParallelWorkers | None = None,  # tensor parallel: `weights` is rank 0's
+        plan: ExecutionPlan | None = None,  # None: resolved here from `config`
     ):
         from pagedserve.device import check_device
         from pagedserve.parallel.tensor_shard import tensor_parallel_config
-        from pagedserve.worker.model_runner import (
-            ModelRunner,
-            kv_bytes_per_token,
-            resolve_config_dtype,
-            resolve_kv_cache_dtype,
-            resolve_low_bit,
-        )
+        from pagedserve.worker.execution_plan import resolve_execution_plan, with_plan
+        from pagedserve.worker.model_runner import ModelRunner, kv_bytes_per_token
 
         config = tensor_parallel_config(config or EngineConfig())
         check_device(config.device)
         if (config.tensor_parallel_size > 1) != (workers is not None):
             raise ValueError("tensor_parallel_size > 1 needs its workers: build the core with "
                              "EngineCore.from_model")
-        requested = config.dtype
-        dtype = resolve_config_dtype(config)
-        self.config = config = dataclasses.replace(
-            config, dtype=dtype,
-            low_bit_small_steps=resolve_low_bit(config.low_bit_small_steps, requested, dtype),
-            kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, requested, dtype,
-                                                  config.device))
-        logger.info("computing in %s on %s%s", config.dtype, config.device,
-                    _auto_dtype_note(config.dtype, config.device) if requested == "auto" else "")
+        self.plan = plan = plan if plan is not None else resolve_execution_plan(config)
+        self.config = config = with_plan(config, plan)
+        logger.info("computing in %s on %s (dtype %s)", plan.dtype, plan.device,
+                    plan.why["dtype"])
+        if plan.kv_cache_dtype != plan.dtype:
+            logger.info("KV cache in %s", plan.kv_cache_dtype)
+        logger.info("execution plan: %s", plan.summary())
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.model_info = model_info
         self.model_name = model_name
-        if config.kv_cache_dtype != config.dtype:
-            logger.info("KV cache in %s", config.kv_cache_dtype)
         self.workers = workers
         self.runner = ModelRunner(model_config, weights, config, consume_weights,
-                                  tp=workers.group if workers is not None else None)
+                                  tp=workers.group if workers is not None else None, plan=plan)
         if workers is not None:
             workers.collect_reports(self.runner.model.weight_bytes())
         # this rank's K/V heads: under tensor parallelism each rank caches its own
@@ -153,7 +146,7 @@ class EngineCore:
         self._generation_tokens_total = 0
         self._failed_steps = 0  # consecutive steps in which every request failed
         # overlap: the step on the device whose tokens the host has not read yet
-        self.async_scheduling = resolve_async_scheduling(config.async_scheduling, config.device)
+        self.async_scheduling = plan.async_scheduling
         self._in_flight: _InFlight | None = None
         self.embeddings = _decoder_embeddings(self)
         capacity = self.kv.capacity_tokens
@@ -170,7 +163,7 @@ class EngineCore:
         from pagedserve.core.kv_sizing import cpu_kv_cache_bytes, kv_cache_bytes_for_gpu
 
         config = self.config
-        if not config.device.startswith("cuda"):
+        if not self.plan.device.startswith("cuda"):  # a CPU's share of its free memory
             share = cpu_kv_cache_bytes(config.kv_cache_fraction)
         else:
             memory = self.runner.profile_gpu_memory(config.max_num_batched_tokens,
@@ -196,7 +189,7 @@ class EngineCore:
         from pagedserve.device import check_device
         from pagedserve.loader import LoadedModel, load_model
         from pagedserve.parallel.tensor_shard import tensor_parallel_config
-        from pagedserve.worker.model_runner import resolve_config_dtype
+        from pagedserve.worker.execution_plan import resolve_config_dtype, resolve_execution_plan
 
         config = tensor_parallel_config(config or EngineConfig())
         check_device(config.device)  # before loading: the CUDA build may be missing
@@ -206,22 +199,23 @@ class EngineCore:
             if not loaded_here:
                 raise ValueError("tensor_parallel_size > 1: each rank loads its shard from the "
                                  "file; pass the model's path, not a LoadedModel")
+            # every rank computes in the dtype rank 0 chose, and resolves its plan from it
             config = dataclasses.replace(config, dtype=resolve_config_dtype(config))
             from pagedserve.engine.workers import TensorParallelWorkers, threads_per_rank
 
             config = threads_per_rank(config)
-
+        plan = resolve_execution_plan(config)  # before loading: the weights' dtype is its
+        if config.tensor_parallel_size > 1:
             workers = TensorParallelWorkers.start(str(model), load_format, config)
             shard = workers.group.shard
         try:
             if loaded_here:
-                model = load_model(model, load_format=load_format,
-                                   dtype=resolve_config_dtype(config),
+                model = load_model(model, load_format=load_format, dtype=plan.dtype,
                                    progress=progress, device=config.device, shard=shard)
             name = model_name or (Path(model.info.path).name if model.info else "model")
             consume = loaded_here if consume_weights is None else consume_weights
             return cls(model.config, model.weights, model.tokenizer, config, model.info, name,
-                       consume_weights=consume, workers=workers)
+                       consume_weights=consume, workers=workers, plan=plan)
         except BaseException:
             if workers is not None:
                 workers.close()
@@ -621,13 +615,6 @@ def _needs_host(request: Request) -> bool:
     return request.grammar is not None or bool(penalized) or request.owes_prompt_logprobs
 
 
-def resolve_async_scheduling(setting: bool | None, device: str) -> bool:
-    """``EngineConfig.async_scheduling``: None means on CUDA (where the device runs a step
-    while the host prepares the next); on a CPU the host computes the step itself, so
-    reading its tokens one step late gains nothing."""
-    return device.startswith("cuda") if setting is None else setting
-
-
 def _decoder_embeddings(core: EngineCore):
     """The core's embedding requests: its model's final hidden states, pooled (the last
     token's), computed between steps with caches of their own; batches the size of a step."""
@@ -648,13 +635,3 @@ def _add_prompt_logprobs(request: Request, out: EngineCoreOutput,
     request.prompt_logprobs_next = piece.end
     out.prompt_logprobs, out.prompt_ranks = piece.logprobs, piece.ranks
     out.prompt_top_ids, out.prompt_top_logprobs = piece.top_ids, piece.top_logprobs
-
-
-def _auto_dtype_note(dtype: str, device: str) -> str:
-    if device.startswith("cuda"):
-        return " (dtype auto: bfloat16 where the GPU has it, else float16)"
-    if dtype == "bfloat16":
-        return " (dtype auto: this CPU computes bfloat16 natively)"
-    return (" (dtype auto: int4 weights read by the CPU kernels with float32 around them, or, "
-            "where those are unavailable and the CPU has no native bfloat16, by torch's kernel "
-            "in decode steps of a few tokens; --dtype float32 keeps the exact dense model)")

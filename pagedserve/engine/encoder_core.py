@@ -61,7 +61,7 @@ class EncoderCore:
         from pagedserve.device import check_device
         from pagedserve.loader.encoder import load_encoder
         from pagedserve.worker.embedder import Embedder
-        from pagedserve.worker.model_runner import resolve_dtype
+        from pagedserve.worker.execution_plan import resolve_dtype
 
         config = config or EngineConfig()
         check_device(config.device)

@@ -21,14 +21,19 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 
 from pagedserve.config import ModelConfig
+from pagedserve.models.linear_kernels import (
+    CpuTiles,
+    Dense,
+    TorchInt4,
+    TorchInt8,
+    pack_low_bit,
+)
 from pagedserve.ops import attention as torch_attention
 from pagedserve.ops.attention import AttentionMetadata
 from pagedserve.ops.backends import select_ops
 from pagedserve.ops.cpu_kernels import Kernels, LayerWeights
-from pagedserve.ops.cpu_kernels.packing import int4_grid
 from pagedserve.ops.fused_ops import DecoderOps
 
 logger = logging.getLogger(__name__)
@@ -38,88 +43,61 @@ SMALL_STEP_TOKENS = 8  # decode-only steps of at most this many tokens read torc
 # (cpu_kernels.Decoder), where it is built: in practice every step, since it beats the per-op
 # path at every batch size measured (docs/performance.md has the figures)
 NATIVE_STEP_TOKENS = 1 << 16
-INT4_GROUP = 32  # along the input dimension, as Q4_0/Q4_1 blocks
 
 
 class Linear:
-    """``y = x W^T + b``, with optional low-bit copies of W for small steps.
+    """``y = x W^T + b``, through one kernel (:mod:`pagedserve.models.linear_kernels`): dense
+    until :meth:`pack_low_bit` gives it a low-bit copy of W for small steps (decode-only steps
+    of at most ``SMALL_STEP_TOKENS`` tokens; for the LM head, that many sampling rows).
 
-    A step of a few tokens is bound by memory bandwidth: every weight is read for a handful of
-    multiply-adds. For those, :meth:`pack_low_bit` adds an int4 copy (groups of 32 along the
-    input dimension, a scale and a zero each: exact for weights that came from Q4_0/Q4_1
-    GGUF blocks, which are min/max-quantized over the same groups) or an int8 copy (a scale per
-    output row), read by torch's weight-only kernels at a quarter or half the bytes of bf16.
-    Large steps are compute-bound and keep the dense bf16 matmul, which is faster there.
-    Those kernels want bf16 activations on CPU (given float32 they fall back to a reference
-    loop ~10x slower), so a float32 model's small steps cast their few rows to bf16 and back.
-
-    Prompt tokens take the dense weights there (see :func:`low_bit_step`), so that the few
-    tokens a prefix-cache hit leaves to compute round as they did within the whole prompt.
-
-    On an x86 CPU the int4 copy can instead be Q4_1 blocks, and the int8 one Q8_0 blocks (a
-    scale per group of 32), for the kernels of :mod:`pagedserve.ops.cpu_kernels` (int8-rounded
-    activations, llama.cpp's arithmetic). In a float32 model those serve every step, prompts
-    included: they are faster than dense float32 at every size measured (1 to 512 rows, 2-3x
-    from 16 rows on), and a row's result does not depend on the other rows of the step, so a
-    prompt's tokens round the same whole or after a prefix-cache hit. A bf16 model keeps its
-    dense weights for large steps (on AVX-512 BF16 / AMX they were not measured against).
+    Prompt tokens take the dense weights in a bf16 model (see :func:`low_bit_step`), so that the
+    few tokens a prefix-cache hit leaves to compute round as they did within the whole prompt;
+    in a float32 model the CPU kernels serve every step, since a row's result there does not
+    depend on the other rows.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight  # (out, in)
         self.bias = bias
-        self._int4: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._int8: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._kernels: Kernels | None = None  # the CPU kernels that read the two below
-        self._q4: torch.Tensor | None = None  # their Q4_1 tiles
-        self._q8: torch.Tensor | None = None  # their Q8_0 tiles
-        # what the low-bit kernels compute in: bf16, also for a float32 model (see above)
-        self._low_dtype = torch.bfloat16 if weight.dtype == torch.float32 else weight.dtype
+        self.kernel: Dense = Dense(weight, bias)
 
     def pack_low_bit(self, bits: int, kernels: Kernels | None = None) -> None:
-        """`kernels`: int4 (Q4_1) or int8 (Q8_0) in the tiles of those CPU kernels, instead of
-        torch's layouts (a copy for torch's kernels is dropped)."""
-        w = self.weight.float()
-        n, k = w.shape
-        if kernels is not None and kernels.fits(n, k) and bits in (4, 8):
-            self._kernels = kernels
-            if bits == 4:
-                self._q4, self._int4 = kernels.pack(w), None
-            else:
-                self._q8, self._int8 = kernels.pack_q8(w), None
-        elif bits == 4 and k % INT4_GROUP == 0:
-            q, scale, lo = int4_grid(w)
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.view(n, k).to(torch.int32), 1)
-            # the kernel computes (q - 8) * scale + zero
-            zeros = lo + 8 * scale
-            scales_zeros = torch.stack([scale.t(), zeros.t()], -1).to(self._low_dtype)
-            self._int4 = (packed, scales_zeros.contiguous())
-        elif bits == 8:
-            scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
-            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-            self._int8 = (q, scale.to(self._low_dtype))
+        """Read a `bits`-bit copy (4 or 8) on small steps from now on: in the tiles of
+        `kernels` (the CPU kernels) where given and the shape fits them, else in torch's
+        layouts; unchanged where no copy fits."""
+        kernel = pack_low_bit(self.weight, self.bias, bits, kernels)
+        if kernel is not None:
+            self.kernel = kernel
+
+    def drop_low_bit(self) -> None:
+        self.kernel = Dense(self.weight, self.bias)
+
+    # the low-bit copies by layout, None where the kernel holds another (the native decoder
+    # reads the Q4_1 tiles; tests look at which one a matmul holds)
+    @property
+    def _q4(self) -> torch.Tensor | None:
+        k = self.kernel
+        return k.tiles if isinstance(k, CpuTiles) and k.bits == 4 else None
+
+    @property
+    def _q8(self) -> torch.Tensor | None:
+        k = self.kernel
+        return k.tiles if isinstance(k, CpuTiles) and k.bits == 8 else None
+
+    @property
+    def _int4(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        k = self.kernel
+        return (k.packed, k.scales_zeros) if isinstance(k, TorchInt4) else None
+
+    @property
+    def _int8(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        k = self.kernel
+        return (k.q, k.scale) if isinstance(k, TorchInt8) else None
 
     def __call__(self, x: torch.Tensor, small_step: bool | None = None) -> torch.Tensor:
         if small_step is None:  # the LM head: only the rows that sample
             small_step = x.shape[0] <= SMALL_STEP_TOKENS
-        native = self._q4 is not None or self._q8 is not None
-        # float32: every step (see the class docstring); bf16's dense kernels may use AMX
-        if native and (small_step or self.weight.dtype == torch.float32):
-            if self._q4 is not None:
-                y = self._kernels.matmul(x, self._q4).to(x.dtype)
-            else:
-                y = self._kernels.matmul_q8(x, self._q8).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        if small_step and (self._int4 is not None or self._int8 is not None):
-            xl = x.to(self._low_dtype)
-            if self._int4 is not None:
-                y = torch._weight_int4pack_mm_for_cpu(xl, self._int4[0], INT4_GROUP,
-                                                      self._int4[1])
-            else:
-                y = torch._weight_int8pack_mm(xl, *self._int8)
-            y = y.to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return self.kernel(x, small_step)
 
 
 class RowParallel:
@@ -262,10 +240,12 @@ class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device,
                  low_bit_small_steps: bool = False, attention=torch_attention.paged_attention,
                  consume_weights: bool = False, fused_ops: bool | None = None,
-                 kernels: Kernels | None = None, tp=None):
+                 kernels: Kernels | None = None, tp=None, native_decoder: bool = True):
         """`consume_weights`: the caller hands `weights` over; it is emptied, so that each
         layer's unfused q/k/v and gate/up tensors are freed once the fused copies exist.
         `kernels`: the low-bit copies are for these CPU kernels (see :meth:`use_kernels`).
+        `native_decoder`: whether a float32 model on those kernels runs its layers in one
+        native call (False where the execution plan says it cannot: a KV cache it cannot read).
         `fused_ops`: the norms, residual adds, rotary and SwiGLU as Triton kernels; None: on
         CUDA only (True on CPU runs them under the Triton interpreter: tests).
         `tp`: the tensor-parallel group whose rank's shard `weights` and `config` are (the
@@ -297,6 +277,7 @@ class LlamaForCausalLM:
         self.dtype = dtype
         self.kernels: Kernels | None = None
         self.native_decoder = None  # cpu_kernels.Decoder: every layer of a step in one call
+        self._native_allowed = native_decoder
         if tp is not None and (low_bit_small_steps or kernels is not None):
             raise ValueError("tensor_parallel_size > 1 runs the torch path: no low-bit copies, "
                              "no CPU kernels")
@@ -311,7 +292,7 @@ class LlamaForCausalLM:
         step's layers in one native call."""
         self._pack_low_bit(kernels)
         self.kernels = kernels
-        if self.dtype == torch.float32:
+        if self.dtype == torch.float32 and self._native_allowed:
             self.native_decoder = self._build_native_decoder()
 
     def _pack_low_bit(self, kernels: Kernels | None) -> None:
@@ -324,8 +305,8 @@ class LlamaForCausalLM:
             logger.warning("low-bit weights for small steps unavailable (%s); using dense", exc)
             for layer in self.layers:
                 for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down):
-                    linear._int4 = linear._q4 = linear._kernels = None
-            self.lm_head._int8 = self.lm_head._q8 = self.lm_head._kernels = None
+                    linear.drop_low_bit()
+            self.lm_head.drop_low_bit()
 
     def native_weights(self, num_layers: int | None = None) -> list[LayerWeights] | None:
         """The first `num_layers` layers (all by default) as the native decoder takes them, or

@@ -9,6 +9,10 @@ only place that imports the Triton ones, lazily: a machine without triton never 
 Triton is taken on CUDA when it imports and :func:`pagedserve.ops.triton_launch.launch_problem`
 finds nothing in the way (a C compiler for the launchers, a kernel that launches); asked for
 explicitly on CPU it runs under ``TRITON_INTERPRET=1`` (tests only: the interpreter is slow).
+
+The engine decides in its execution plan (:mod:`pagedserve.worker.execution_plan`, with the
+reason) and asks here for what it chose by name (``torch``/``triton``, ``True``/``False``);
+``auto`` and ``None`` serve a model built alone (an embedder, tests).
 """
 
 from __future__ import annotations

@@ -31,13 +31,11 @@ from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.core.kv_sizing import GpuMemory
 from pagedserve.core.request import PLACEHOLDER, Request
 from pagedserve.core.scheduler import ScheduledRequest
-from pagedserve.device import cpu_flags
 from pagedserve.models.llama import NATIVE_STEP_TOKENS, SMALL_STEP_TOKENS, LlamaForCausalLM
-from pagedserve.ops import cpu_kernels
 from pagedserve.ops.attention import AttentionDims
 from pagedserve.ops.backends import select_backend
-from pagedserve.ops.cpu_kernels.threads import cpu_budget
 from pagedserve.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from pagedserve.worker.execution_plan import ExecutionPlan, resolve_execution_plan
 from pagedserve.worker.prompt_logprobs import BLOCK_ELEMENTS, PromptLogprobs, collect
 from pagedserve.worker.sampler import PendingSample, SampledToken, Sampler
 from pagedserve.worker.step_inputs import StepBatch, StepChunk, StepInputs
@@ -45,59 +43,6 @@ from pagedserve.worker.step_inputs import StepBatch, StepChunk, StepInputs
 logger = logging.getLogger(__name__)
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-
-
-def resolve_low_bit(setting: bool | None, requested_dtype: str, dtype: str) -> bool:
-    """Whether small CPU steps read low-bit weights (``EngineConfig.low_bit_small_steps``):
-    ``None`` means in bfloat16, and in float32 only when ``"auto"`` chose it, so that an
-    explicit ``float32`` stays the exact reference."""
-    if setting is not None:
-        return setting
-    return dtype == "bfloat16" or (dtype == "float32" and requested_dtype == "auto")
-
-
-def resolve_dtype(dtype: str, device: str = "cpu", native_kernels: bool | None = False) -> str:
-    """``"auto"``: on a CPU, float32 where the CPU kernels are usable (`native_kernels` not
-    False, EngineConfig's): their decoder computes in float32 around int4 weights and int8
-    activations, faster than bfloat16 at every batch size measured (docs/performance.md);
-    else bfloat16 where the hardware computes it natively, else float32."""
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if native_kernels is not False and cpu_kernels.available():
-        return "float32"
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32"
-
-
-def resolve_config_dtype(config) -> str:
-    """The dtype an engine of `config` (an EngineConfig) computes in and loads its weights in:
-    resolve_dtype with the CPU kernels counted unless the config turns them (or the low-bit
-    small steps they serve) off."""
-    native = config.native_kernels if config.low_bit_small_steps is not False else False
-    return resolve_dtype(config.dtype, config.device, native)
-
-
-def cpu_threads(setting: int | None) -> int:
-    """``--threads``, else what this process's CPU affinity and cgroup quota allow (not the
-    host's core count); logged with the reason."""
-    if setting:
-        logger.info("computing with %d threads (--threads)", setting)
-        return setting
-    budget = cpu_budget()
-    logger.info("computing with %d threads: %s", budget.threads, budget.reason)
-    return budget.threads
-
-
-def resolve_kv_cache_dtype(setting: str, requested_dtype: str, dtype: str, device: str) -> str:
-    """``EngineConfig.kv_cache_dtype``: ``"auto"`` is the compute dtype, except float16 where
-    ``"auto"`` chose float32 on a CPU (as llama.cpp caches K and V), so that an explicit
-    ``float32`` stays the exact reference."""
-    if setting != "auto":
-        return setting
-    if dtype == "float32" and requested_dtype == "auto" and not device.startswith("cuda"):
-        return "float16"
-    return dtype
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: str) -> int:
@@ -176,50 +121,46 @@ class LaunchedStep:
 
 class ModelRunner:
     """Built in two phases: the model first (so that, on CUDA, what is left of the memory can
-    be measured), then :meth:`allocate` with the KV cache's size and the step limits."""
+    be measured), then :meth:`allocate` with the KV cache's size and the step limits.
+
+    It computes as its :class:`~pagedserve.worker.execution_plan.ExecutionPlan` says (dtypes,
+    attention backend, CPU kernels, native decoder, graphs, threads) and decides none of it."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor],
-                 engine_config: EngineConfig, consume_weights: bool = False, tp=None):
+                 engine_config: EngineConfig, consume_weights: bool = False, tp=None,
+                 plan: ExecutionPlan | None = None):
         """`tp`: the tensor-parallel group (distributed.py) whose rank's shard `weights`
-        are; `config` stays the whole model's."""
+        are; `config` stays the whole model's. `plan`: how to compute (the engine resolves it
+        once; a runner built alone, as a tensor-parallel worker's, resolves its own)."""
         self.tp = tp
         if tp is not None:
             config = tp.shard.local_config(config)
         self.config = config
         self.engine_config = engine_config
+        self.plan = plan = plan if plan is not None else resolve_execution_plan(engine_config)
         self.block_size = engine_config.block_size
-        self.device = tp.device if tp is not None else torch.device(engine_config.device)
-        self.dtype = DTYPES[engine_config.dtype]
-        # the Engine resolves "auto" (resolve_kv_cache_dtype); a runner built alone follows dtype
-        kv_dtype = engine_config.kv_cache_dtype
-        self.kv_dtype = self.dtype if kv_dtype == "auto" else DTYPES[kv_dtype]
+        self.device = tp.device if tp is not None else torch.device(plan.device)
+        self.dtype = DTYPES[plan.dtype]
+        self.kv_dtype = DTYPES[plan.kv_cache_dtype]
         self.threads = torch.get_num_threads()
-        if self.device.type == "cpu" or engine_config.num_threads:
-            self.threads = cpu_threads(engine_config.num_threads)
+        if plan.threads is not None:
+            self.threads = plan.threads
             torch.set_num_threads(self.threads)
-        low_bit = (engine_config.low_bit_small_steps is not False and self.device.type == "cpu"
-                   and self.dtype in (torch.bfloat16, torch.float32))
-        self.attention = select_backend(engine_config.attention_backend, self.device)
-        if self.kv_dtype != self.dtype and self.attention.name != "torch":
-            raise ValueError(
-                f"kv_cache_dtype {kv_dtype} under dtype {engine_config.dtype} needs "
-                f"attention_backend torch: the {self.attention.name} kernels read the cache in "
-                "the model's dtype")
+        self.attention = select_backend(plan.attention_backend, self.device)
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
-        resolution = (cpu_kernels.resolve(engine_config.native_kernels) if low_bit
-                      else cpu_kernels.Resolution(None))
         # a background build of the CPU kernels, looked at between steps (launch)
-        self._kernel_watch = resolution.watch
-        if resolution.kernels is None and low_bit:
+        self._kernel_watch = plan.kernel_watch
+        if plan.kernels is None and plan.low_bit_small_steps:
             logger.info("decode steps of up to %d tokens read int4 weights with torch's kernel "
                         "(bfloat16 activations)", SMALL_STEP_TOKENS)
-        if resolution.kernels is not None:
-            resolution.kernels.set_threads(self.threads)
-        self.model = LlamaForCausalLM(config, weights, self.dtype, self.device, low_bit,
+        if plan.kernels is not None:
+            plan.kernels.set_threads(self.threads)
+        self.model = LlamaForCausalLM(config, weights, self.dtype, self.device,
+                                      plan.low_bit_small_steps,
                                       attention=self.attention.paged_attention,
                                       consume_weights=consume_weights,
-                                      fused_ops=engine_config.fused_ops,
-                                      kernels=resolution.kernels, tp=tp)
+                                      fused_ops=plan.fused_ops, kernels=plan.kernels, tp=tp,
+                                      native_decoder=plan.native_decoder)
         self._kernels_changed()
         self.sampler = Sampler(engine_config.seed)
         self.align_prefix_tail = engine_config.enable_prefix_caching
@@ -238,11 +179,8 @@ class ModelRunner:
             logger.info("every step reads int4 weights (an int8 LM head) with the %s CPU kernels "
                         "(int8-rounded activations); the CPU allows %s", kernels.isa,
                         " ".join(sorted(kernels.cpu_features)))
-        if model.native_decoder is not None and self.kv_dtype not in (torch.float32,
-                                                                        torch.float16):
-            logger.info("the native decoder reads float32 or float16 KV caches; with a %s "
-                        "cache the layers run op by op", self.kv_dtype)
-            model.native_decoder = None
+        if kernels is not None and self.dtype == torch.float32 and not self.plan.native_decoder:
+            logger.info("no native decoder: %s", self.plan.why["native_decoder"])
         if model.native_decoder is not None:
             logger.info("every step of up to %d tokens runs the native decoder (%s)",
                         NATIVE_STEP_TOKENS, kernels.isa)
@@ -319,13 +257,10 @@ class ModelRunner:
         self.inputs = StepInputs(max_tokens, max_pieces, -(-max_model_len // self.block_size),
                                  self.block_size, self.device)
         self.max_model_len = max_model_len
-        if self.device.type == "cuda" and not self.engine_config.enforce_eager:
-            if self.attention.supports_cuda_graphs:
-                self.graphs = DecodeGraphs()
-                self.graphs.capture(graph_batch_sizes(max_num_seqs), self._graph_inputs,
-                                    self._forward)
-            else:
-                logger.info("CUDA graphs need the triton attention backend; running eagerly")
+        if self.plan.cuda_graphs:
+            self.graphs = DecodeGraphs()
+            self.graphs.capture(graph_batch_sizes(max_num_seqs), self._graph_inputs,
+                                self._forward)
 
     @torch.inference_mode()
     def profile_gpu_memory(self, num_tokens: int, num_seqs: int, model_len: int) -> GpuMemory:

@@ -1,0 +1,283 @@
+"""The execution plan: every decision about how the engine computes, made once from the config
+and what the hardware allows (worker/execution_plan.py), and ``pagedserve show --plan``.
+
+Most cases describe a machine (:class:`FakeHardware`): a CPU with or without the CPU kernels or
+native bfloat16, a GPU that is not here. One resolves on this machine, only looking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+
+from pagedserve.cli import main
+from pagedserve.config import EngineConfig
+from pagedserve.ops import cpu_kernels
+from pagedserve.ops.cpu_kernels.threads import CpuBudget
+from pagedserve.worker.execution_plan import (
+    GRAPH_BACKENDS,
+    Machine,
+    resolve_config_dtype,
+    resolve_execution_plan,
+    resolve_kv_cache_dtype,
+    resolve_low_bit,
+)
+
+
+@dataclass
+class FakeHardware:
+    """A machine described, not probed: what each question of the plan answers."""
+
+    gpu_bf16: bool = True
+    native_bf16: bool = False
+    kernels_isa: str | None = "avx2"  # the CPU kernels built here, None: none usable
+    building: bool = False  # none built, a background build started
+    triton: str | None = None  # why Triton cannot run, None: it can
+    budget: CpuBudget = CpuBudget(3, "3 CPUs in this process's affinity")
+
+    def cuda_bf16(self) -> bool:
+        return self.gpu_bf16
+
+    def cpu_bf16(self) -> bool:
+        return self.native_bf16
+
+    def cpu_kernels_available(self) -> bool:
+        return self.kernels_isa is not None
+
+    def cpu_kernels(self, setting: bool | None) -> cpu_kernels.Resolution:
+        if setting is False:
+            return cpu_kernels.Resolution(None)
+        if self.building:
+            return cpu_kernels.Resolution(None, watch=SimpleNamespace(done=False))
+        if self.kernels_isa is None:
+            return cpu_kernels.Resolution(None)
+        return cpu_kernels.Resolution(SimpleNamespace(isa=self.kernels_isa))
+
+    def cpu_kernels_problem(self) -> str:
+        return "no CPU kernels for riscv64 yet"
+
+    def triton_problem(self, device_type: str) -> str | None:
+        return self.triton
+
+    def threads(self, setting: int | None) -> CpuBudget:
+        return CpuBudget(setting, "--threads") if setting else self.budget
+
+
+def plan_of(hardware: FakeHardware | None = None, **config):
+    return resolve_execution_plan(EngineConfig(**config), hardware or FakeHardware())
+
+
+def test_auto_on_a_cpu_with_the_kernels_runs_them_in_float32_with_a_float16_cache():
+    plan = plan_of()
+    assert (plan.device, plan.dtype, plan.kv_cache_dtype) == ("cpu", "float32", "float16")
+    assert (plan.attention_backend, plan.fused_ops, plan.cuda_graphs, plan.async_scheduling) == (
+        "torch", False, False, False)
+    assert plan.low_bit_small_steps and plan.cpu_kernels == "avx2" and plan.native_decoder
+    assert plan.linear_kernel == "cpu-q4_1 avx2, every step"
+    assert plan.threads == 3 and plan.why["threads"] == "3 CPUs in this process's affinity"
+    assert plan.why["dtype"].startswith("auto: float32 because the CPU kernels run")
+    assert plan.kernels.isa == "avx2"
+
+
+def test_every_decision_says_why():
+    for plan in (plan_of(), plan_of(dtype="float32"), plan_of(device="cuda"),
+                 plan_of(FakeHardware(kernels_isa=None, native_bf16=True))):
+        rows = plan.rows()
+        assert [name for name, _, _ in rows][:3] == ["device", "dtype", "kv_cache_dtype"]
+        assert all(why for _, _, why in rows), rows
+        assert plan.summary().startswith(f"device {plan.device}, dtype {plan.dtype}, ")
+
+
+def test_native_kernels_off_names_the_torch_path():
+    plan = plan_of(native_kernels=False)  # a CPU without native bf16: auto is float32
+    assert (plan.dtype, plan.low_bit_small_steps, plan.cpu_kernels) == ("float32", True, None)
+    assert not plan.native_decoder and plan.kernels is None
+    assert plan.linear_kernel == "torch int4 + dense"
+    assert plan.why["linear_kernel"].startswith("decode steps of up to 8 tokens read int4")
+    assert plan.why["cpu_kernels"] == "native_kernels False: torch's int4 kernel"
+    bf16 = plan_of(FakeHardware(native_bf16=True), native_kernels=False)
+    assert (bf16.dtype, bf16.kv_cache_dtype, bf16.low_bit_small_steps) == (
+        "bfloat16", "bfloat16", True)
+    assert bf16.why["dtype"] == "auto: this CPU computes bfloat16 natively"
+    assert bf16.linear_kernel == "torch int4 + dense"
+    with_kernels = plan_of(FakeHardware(native_bf16=True), dtype="bfloat16")
+    assert with_kernels.linear_kernel == "cpu-q4_1 avx2 + dense"
+    assert with_kernels.why["linear_kernel"].endswith("keep dense bfloat16")
+
+
+def test_no_low_bit_steps_means_dense_and_no_kernels():
+    plan = plan_of(low_bit_small_steps=False)
+    # the kernels serve only the low-bit steps: without them, auto is not float32 for them
+    assert plan.dtype == "float32" and plan.why["dtype"].startswith("auto: this CPU has no")
+    assert (plan.low_bit_small_steps, plan.cpu_kernels, plan.linear_kernel) == (
+        False, None, "dense")
+    assert plan.why["cpu_kernels"] == "they serve the low-bit steps, which are off"
+
+
+def test_an_explicit_float32_stays_the_exact_reference():
+    plan = plan_of(dtype="float32")
+    assert (plan.dtype, plan.kv_cache_dtype, plan.low_bit_small_steps) == (
+        "float32", "float32", False)
+    assert plan.linear_kernel == "dense" and not plan.native_decoder
+    assert plan.why["dtype"] == "--dtype float32"
+    assert plan.why["low_bit_small_steps"] == ("auto: off in an explicit float32, the exact "
+                                               "reference")
+    forced = plan_of(dtype="float32", low_bit_small_steps=True)
+    assert forced.low_bit_small_steps and forced.native_decoder and forced.cpu_kernels == "avx2"
+
+
+def test_a_bfloat16_cache_keeps_the_native_decoder_off():
+    plan = plan_of(dtype="float32", kv_cache_dtype="bfloat16", low_bit_small_steps=True)
+    assert plan.cpu_kernels == "avx2" and not plan.native_decoder
+    assert "float32 or float16 KV caches" in plan.why["native_decoder"]
+    assert plan.why["kv_cache_dtype"] == "--kv-cache-dtype bfloat16"
+
+
+def test_kernels_building_in_the_background_are_planned_for():
+    plan = plan_of(FakeHardware(building=True))
+    assert plan.cpu_kernels is None and plan.kernel_watch is not None
+    assert plan.native_decoder  # once they land, between two steps
+    assert plan.why["cpu_kernels"].startswith("not built: compiling in the background")
+    assert plan.linear_kernel.startswith("torch int4")
+    unusable = plan_of(FakeHardware(kernels_isa=None), native_kernels=None, dtype="bfloat16")
+    assert unusable.why["cpu_kernels"] == "unusable here: no CPU kernels for riscv64 yet"
+
+
+def test_the_plan_agrees_with_the_resolve_functions():
+    """The resolve_* functions the plan is made of keep their rules (test_low_bit.py and
+    test_kv_cache_dtype.py test them alone)."""
+    hw = FakeHardware()
+    for config in (EngineConfig(), EngineConfig(dtype="float32"),
+                   EngineConfig(dtype="bfloat16", kv_cache_dtype="float16"),
+                   EngineConfig(low_bit_small_steps=True, dtype="float32"),
+                   EngineConfig(native_kernels=False)):
+        plan = resolve_execution_plan(config, hw)
+        assert plan.dtype == resolve_config_dtype(config, hw)
+        assert plan.kv_cache_dtype == resolve_kv_cache_dtype(config.kv_cache_dtype, config.dtype,
+                                                             plan.dtype, config.device)
+        assert plan.low_bit_small_steps == resolve_low_bit(config.low_bit_small_steps,
+                                                           config.dtype, plan.dtype)
+
+
+def test_cuda_takes_triton_graphs_and_overlapped_steps():
+    plan = plan_of(device="cuda")
+    assert (plan.dtype, plan.kv_cache_dtype, plan.attention_backend) == (
+        "bfloat16", "bfloat16", "triton")
+    assert plan.fused_ops and plan.cuda_graphs and plan.async_scheduling
+    assert not plan.low_bit_small_steps and plan.cpu_kernels is None and plan.threads is None
+    assert plan.linear_kernel == "dense"
+    assert plan.why["attention_backend"] == "auto: Triton's kernels launch on this GPU"
+    assert plan_of(FakeHardware(gpu_bf16=False), device="cuda:1").dtype == "float16"
+    assert plan_of(device="cuda", num_threads=4).threads == 4
+
+
+def test_cuda_without_triton_falls_back_to_torch_and_runs_eagerly():
+    hw = FakeHardware(triton="no C compiler: CC is unset")
+    plan = plan_of(hw, device="cuda")
+    assert (plan.attention_backend, plan.fused_ops, plan.cuda_graphs) == ("torch", False, False)
+    assert plan.why["attention_backend"] == "auto: torch, since no C compiler: CC is unset"
+    assert plan.why["cuda_graphs"].startswith("CUDA graphs need the triton attention backend")
+    with pytest.raises(ValueError, match="^attention_backend triton: no C compiler"):
+        plan_of(hw, device="cuda", attention_backend="triton")
+    with pytest.raises(ValueError, match="^fused_ops: no C compiler"):
+        plan_of(hw, device="cuda", fused_ops=True)
+
+
+def test_cuda_flags_turn_decisions_off():
+    plan = plan_of(device="cuda", enforce_eager=True, async_scheduling=False)
+    assert not plan.cuda_graphs and plan.why["cuda_graphs"] == "--enforce-eager"
+    assert not plan.async_scheduling and plan.why["async_scheduling"] == "--no-async-scheduling"
+    with pytest.raises(ValueError, match="needs attention_backend torch"):
+        plan_of(device="cuda", dtype="bfloat16", kv_cache_dtype="float16")
+    torch_cache = plan_of(device="cuda", dtype="bfloat16", kv_cache_dtype="float16",
+                          attention_backend="torch")
+    assert torch_cache.kv_cache_dtype == "float16" and not torch_cache.cuda_graphs
+
+
+def test_tensor_parallelism_runs_the_torch_path_eagerly():
+    cpu = plan_of(tensor_parallel_size=2)
+    assert not cpu.low_bit_small_steps and cpu.linear_kernel == "dense"
+    assert "tensor parallelism" in cpu.why["low_bit_small_steps"]
+    gpu = plan_of(device="cuda", tensor_parallel_size=2)
+    assert not gpu.cuda_graphs and not gpu.async_scheduling
+    assert "tensor parallelism" in gpu.why["cuda_graphs"]
+
+
+def test_graph_backends_are_those_whose_kernels_a_graph_can_capture():
+    from pagedserve.ops.attention import TORCH_BACKEND
+    from pagedserve.ops.attention_triton import TRITON_BACKEND
+
+    assert {b.name for b in (TORCH_BACKEND, TRITON_BACKEND) if b.supports_cuda_graphs} == (
+        GRAPH_BACKENDS)
+
+
+def test_this_machine_is_resolved_without_building_anything():
+    config = EngineConfig()
+    plan = resolve_execution_plan(config, Machine(build_kernels=False))
+    assert plan.dtype == resolve_config_dtype(config) and plan.kernel_watch is None
+    assert plan.cpu_kernels == (cpu_kernels.load().isa if cpu_kernels.available() and
+                                plan.low_bit_small_steps else None)
+    assert plan.threads is not None and plan.threads >= 1
+
+
+def test_the_engine_builds_its_runner_and_model_from_one_plan(tiny_llama_dir, caplog):
+    """The runner computes as the engine's plan says: torch's int4 kernel in each matmul when
+    the CPU kernels are off, no native decoder; the plan is logged once."""
+    from pagedserve.engine import Engine
+    from pagedserve.models.linear_kernels import Dense, TorchInt4, TorchInt8
+
+    config = EngineConfig(dtype="float32", low_bit_small_steps=True, native_kernels=False,
+                          kv_cache_memory=8 << 20)
+    with caplog.at_level("INFO", logger="pagedserve.engine.core"):
+        core = Engine.from_model(str(tiny_llama_dir), config).core
+    assert core.runner.plan is core.plan
+    assert (core.config.dtype, core.config.kv_cache_dtype) == ("float32", "float32")
+    assert core.plan.linear_kernel.startswith("torch int4") and not core.plan.native_decoder
+    model = core.runner.model
+    assert model.native_decoder is None and model.kernels is None
+    assert all(type(linear.kernel) is TorchInt4 for layer in model.layers
+               for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down))
+    assert type(model.lm_head.kernel) is TorchInt8
+    logged = [r.message for r in caplog.records if r.message.startswith("execution plan: ")]
+    assert logged == [f"execution plan: {core.plan.summary()}"]
+    dense = Engine.from_model(str(tiny_llama_dir), EngineConfig(dtype="float32",
+                                                                kv_cache_memory=8 << 20)).core
+    assert type(dense.runner.model.layers[0].mlp.down.kernel) is Dense
+
+
+# -- pagedserve show --plan -------------------------------------------------------------------
+
+
+def plan_table(out: str) -> dict[str, tuple[str, str]]:
+    """decision -> (value, why), from the table `show --plan` prints."""
+    lines = out.splitlines()
+    assert lines[0].startswith("  Execution plan: smollm2:135m on cpu"), out
+    header = lines[1]
+    value_at, why_at = header.index("value"), header.index("why")
+    return {line[:value_at].strip(): (line[value_at:why_at].strip(), line[why_at:].strip())
+            for line in lines[2:]}
+
+
+def test_show_plan_prints_each_decision_under_the_engine_flags(capsys):
+    rc = main(["show", "--plan", "--dtype", "float32", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    table = plan_table(out)
+    assert table["dtype"] == ("float32", "--dtype float32")
+    assert table["kv_cache_dtype"] == ("float32", "auto: the compute dtype")
+    assert table["linear_kernel"][0] == "dense"
+    assert table["threads"] == ("1", "--threads")
+    assert table["cuda_graphs"] == ("off", "CUDA only")
+    assert list(table) == [name for name, _, _ in plan_of().rows()]
+
+
+def test_show_plan_refuses_what_cannot_run_here(capsys):
+    rc = main(["show", "--plan", "--threads", "0"])
+    assert rc == 1
+    assert capsys.readouterr().err.startswith("Error: --threads must be a positive integer")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["show", "--plan", "--device", "cuda"]) == 1
+        assert "device 'cuda'" in capsys.readouterr().err

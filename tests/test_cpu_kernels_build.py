@@ -224,9 +224,9 @@ def test_torch_keeps_one_thread_while_the_native_decoder_runs(built, monkeypatch
     they would spin on the cores the kernels' pool uses, so torch gets one thread then, and the
     whole budget where torch runs the layers."""
     from pagedserve.ops.cpu_kernels.threads import CpuBudget
-    from pagedserve.worker import model_runner
+    from pagedserve.worker import execution_plan
 
-    monkeypatch.setattr(model_runner, "cpu_budget", lambda: CpuBudget(2, "two CPUs (test)"))
+    monkeypatch.setattr(execution_plan, "cpu_budget", lambda: CpuBudget(2, "two CPUs (test)"))
     threads = torch.get_num_threads()
     try:
         native = LLM(str(tiny_llama_dir))

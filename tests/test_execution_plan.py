@@ -75,7 +75,8 @@ def test_auto_on_a_cpu_with_the_kernels_runs_them_in_float32_with_a_float16_cach
         "torch", False, False, False)
     assert plan.low_bit_small_steps and plan.cpu_kernels == "avx2" and plan.native_decoder
     assert plan.linear_kernel == "cpu-q4_1 avx2, every step"
-    assert plan.threads == 3 and plan.why["threads"] == "3 CPUs in this process's affinity"
+    assert plan.threads == 3 and plan.why["threads"] == (
+        "3 CPUs in this process's affinity (the kernels' pool; torch's own small ops on one)")
     assert plan.why["dtype"].startswith("auto: float32 because the CPU kernels run")
     assert plan.kernels.isa == "avx2"
 

@@ -221,6 +221,8 @@ def resolve_execution_plan(config: EngineConfig, hardware: Hardware | None = Non
     if not cuda or config.num_threads:
         budget = hw.threads(config.num_threads)
         threads, why["threads"] = budget.threads, budget.reason
+        if native:
+            why["threads"] += " (the kernels' pool; torch's own small ops on one)"
     else:
         why["threads"] = "torch's own count: the GPU computes"
 

@@ -184,11 +184,11 @@ class ModelRunner:
         if model.native_decoder is not None:
             logger.info("every step of up to %d tokens runs the native decoder (%s)",
                         NATIVE_STEP_TOKENS, kernels.isa)
-        if self.device.type == "cpu":
+        if self.plan.threads is not None:
             # With the native decoder carrying the layers, torch's own ops (embedding, final
-            # norm, sampling) are small, and OpenMP's workers spin for a while after each one:
-            # on the cores the kernels' pool is about to use (a 64-row decode step took 12-21%
-            # longer with them). torch then computes on one thread; the kernels keep the budget.
+            # norm, sampling) are small, and OpenMP's workers spin for a while after each one,
+            # on the cores the kernels' pool is about to use (docs/performance.md). torch then
+            # computes on one thread; the kernels keep the budget.
             torch.set_num_threads(1 if model.native_decoder is not None else self.threads)
         # MKL's float32 GEMM gives a row different last bits with 1-3 (or, on 2 threads, 5-7,
         # 9-11) rows than within more; bf16, CUDA and the native decoder's kernels do not

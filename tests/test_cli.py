@@ -299,7 +299,7 @@ class FakeLLM:
 
     max_model_len = 10_000
     engine = types.SimpleNamespace(model_config=types.SimpleNamespace(
-        max_position_embeddings=10_000), kv=types.SimpleNamespace(capacity_tokens=20_000))
+        max_position_embeddings=10_000), info=types.SimpleNamespace(kv_capacity_tokens=20_000))
 
     def default_params(self, **overrides):
         return {"defaults": True, **overrides}
@@ -701,7 +701,7 @@ def test_a_prompt_refused_by_its_length_in_characters_says_so() -> None:
     from pagedserve.engine import PromptTooLongError
 
     engine = SimpleNamespace(model_config=SimpleNamespace(max_position_embeddings=8192),
-                             kv=SimpleNamespace(capacity_tokens=100_000))
+                             info=SimpleNamespace(kv_capacity_tokens=100_000))
     message = context_overflow_message(PromptTooLongError(512, 900_000, 41_472),
                                        SimpleNamespace(engine=engine))
     assert message.startswith("the prompt is 900000 characters, more than a context of 512 "

@@ -342,7 +342,7 @@ def context_overflow_message(exc: ContextLengthError, llm: Any) -> str:
     if limit < own:
         way = (f"shorten it, or give a longer context: --max-model-len N (up to {own}, the "
                "model's own), or num_ctx in the model's parameters")
-        if llm.engine.kv.capacity_tokens <= limit:
+        if llm.engine.info.kv_capacity_tokens <= limit:
             way += ", with a larger --kv-cache-memory"
     else:
         way = f"shorten it: {own} tokens is the model's own context"

@@ -168,6 +168,46 @@ def test_kernel_refuses_mismatched_shapes(kernels):
         kernels.matmul_q8(torch.randn(1, 64), blocks)
 
 
+@pytest.mark.parametrize("rows, n", [(1, 49152), (64, 49152), (3, 7), (5, 8), (4, 1037)])
+def test_each_variants_rows_max_is_torch_max(variant, rows, n):
+    """The greedy rows' choice: torch.max(dim=-1)'s values and first indices, bit for bit,
+    with ties (a repeated maximum in several lanes and the tail), all -inf rows, and NaN."""
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, n, generator=g)
+    if n >= 8:
+        x[0, [3, n // 2, n - 1]] = 50.0  # a tie: the first index wins
+    if rows > 1:
+        x[1] = float("-inf")  # nothing larger than -inf: index 0
+    values, indices = variant.rows_max(x)
+    expected_values, expected_indices = x.max(dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(indices, expected_indices)
+    x[rows - 1, n // 3] = float("nan")  # NaN is reported as NaN, as torch does
+    assert torch.isnan(variant.rows_max(x)[0][rows - 1])
+
+
+def test_the_sampler_takes_greedy_rows_with_the_kernels_rows_max(kernels):
+    """Same tokens as torch's reduction; the runner hands it over where the kernels run."""
+    from pagedserve.core.request import Request
+    from pagedserve.outputs import RequestMetrics
+    from pagedserve.worker.sampler import Sampler
+
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(3))
+    logits[2, [10, 20]] = 9.0
+    requests = [Request(str(i), [1, 2], SamplingParams(temperature=0), frozenset({0}), 4,
+                        RequestMetrics(0.0)) for i in range(6)]
+    plain = Sampler(seed=0)(logits, requests)
+    calls = []
+
+    def counted(x):
+        calls.append(x.shape)
+        return kernels.rows_max(x)
+
+    native = Sampler(seed=0, rows_max=counted)(logits, requests)
+    assert [s.token_id for s in native] == [s.token_id for s in plain] == (
+        logits.argmax(-1).tolist())
+    assert calls == [(6, 300)]
+
+
 def reference_q8(kernels, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """llama.cpp's Q8_0 x Q8 arithmetic, in float64."""
     m, k = x.shape

@@ -161,8 +161,8 @@ class ModelRunner:
                                       consume_weights=consume_weights,
                                       fused_ops=plan.fused_ops, kernels=plan.kernels, tp=tp,
                                       native_decoder=plan.native_decoder)
-        self._kernels_changed()
         self.sampler = Sampler(engine_config.seed)
+        self._kernels_changed()
         self.align_prefix_tail = engine_config.enable_prefix_caching
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.inputs: StepInputs | None = None
@@ -184,6 +184,8 @@ class ModelRunner:
         if model.native_decoder is not None:
             logger.info("every step of up to %d tokens runs the native decoder (%s)",
                         NATIVE_STEP_TOKENS, kernels.isa)
+        if kernels is not None:
+            self.sampler.use_rows_max(kernels.rows_max)  # torch's reduction: one thread's time
         if self.plan.threads is not None:
             # With the native decoder carrying the layers, torch's own ops (embedding, final
             # norm, sampling) are small, and OpenMP's workers spin for a while after each one,

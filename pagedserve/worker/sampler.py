@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,10 +82,29 @@ class SampledToken:
     top: list[tuple[int, float]] | None = None  # (token id, logprob) alternatives
 
 
+# (B, V) float logits -> (values (B,), indices (B,)): each row's largest and its first index
+RowsMax = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _torch_rows_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, indices = logits.max(dim=-1)
+    return values, indices
+
+
 class Sampler:
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, rows_max: RowsMax | None = None):
+        """`rows_max`: what takes the greedy rows' maxima (torch.max(dim=-1) by default; the
+        CPU kernels' own where they run, see :meth:`use_rows_max`)."""
         self._rng = random.Random(seed)  # row keys of unseeded requests; None: from the OS
         self._token_hashes: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._rows_max: RowsMax = _torch_rows_max
+        if rows_max is not None:
+            self.use_rows_max(rows_max)
+
+    def use_rows_max(self, rows_max: RowsMax) -> None:
+        """Take the greedy rows' maxima with `rows_max` (float32 CPU logits only), as exact as
+        torch's: same values, same first index of a tie, NaN where a row holds one."""
+        self._rows_max = rows_max
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
         """One token per row of ``logits`` (B, V), any float dtype, on any device."""
@@ -125,7 +145,7 @@ class Sampler:
         if len(drawn) == B:
             tokens, unsettled = self._draw(logits, numbers, drawn_params, exact=False)
             return tokens, logits[:0, 0], unsettled
-        greedy_max, tokens = logits.max(dim=-1)
+        greedy_max, tokens = self._rows_max(logits)
         if not drawn:
             return tokens, greedy_max, tokens[:0]
         rows = on_device(drawn, torch.long, logits.device)

@@ -88,6 +88,11 @@ class Kernels:
         """x (M, K) -> (M, N) float32, W in :meth:`pack_q8`'s tiles."""
         return self.library.q8_matmul(x, blocks)
 
+    def rows_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch.max(x, dim=-1) of a float32 (B, V) on the kernels' pool: the greedy rows'
+        choice."""
+        return self.library.rows_max(x)
+
     def decoder(self, layers: list[LayerWeights], cos: torch.Tensor, sin: torch.Tensor,
                 num_heads: int, num_kv_heads: int, head_dim: int, eps: float) -> Decoder:
         return Decoder(self.library, layers, cos, sin, num_heads, num_kv_heads, head_dim, eps)

@@ -85,6 +85,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "ps_threads": (ctypes.c_int32, []),
         "ps_set_spin_us": (None, [ctypes.c_int32]),
         "ps_parallel_threads": (ctypes.c_int32, [_i64]),
+        "ps_rows_max": (ctypes.c_int, [_p, _i64, _i64, _p, _p]),
         "ps_q4_matmul": (ctypes.c_int, [_p, _i64, _i64, _p, _i64, _p]),
         "ps_q8_matmul": (ctypes.c_int, [_p, _i64, _i64, _p, _i64, _p]),
         "ps_decoder_new": (_p, [ctypes.POINTER(DecoderDims), ctypes.POINTER(Layer), _p, _p]),
@@ -143,6 +144,22 @@ class KernelLibrary:
     def parallel_threads(self, tasks: int) -> int:
         """Threads that took part in a loop of `tasks` items (a test that the pool runs)."""
         return self._lib.ps_parallel_threads(tasks)
+
+    # --- the greedy rows' choice -----------------------------------------------------------
+
+    def rows_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, V) float32 -> (values (B,), indices (B,) int64): torch.max(x, dim=-1) on the
+        kernels' pool (torch's reduction takes one thread's time over a batch's logits); a row
+        holding NaN gives NaN."""
+        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"x must be a float32 CPU matrix, got {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        values = torch.empty(x.shape[0], dtype=torch.float32)
+        indices = torch.empty(x.shape[0], dtype=torch.int64)
+        if self._lib.ps_rows_max(x.data_ptr(), x.shape[0], x.shape[1], values.data_ptr(),
+                                 indices.data_ptr()) != 0:
+            raise KernelError(self._lib.ps_last_error().decode())
+        return values, indices
 
     # --- matmuls -------------------------------------------------------------------------
 

@@ -399,6 +399,13 @@ int32_t ps_threads(void) { return ps::ThreadPool::get().threads(); }
 void ps_set_spin_us(int32_t microseconds) { ps::ThreadPool::get().set_spin_us(microseconds); }
 int32_t ps_parallel_threads(int64_t tasks) { return ps::ThreadPool::get().parallel_threads(tasks); }
 
+int ps_rows_max(const float* x, int64_t rows, int64_t n, float* values, int64_t* indices) {
+  return guarded([&] {
+    if (rows < 0 || n < 1) ps::fail("rows_max: ", rows, " rows of ", n);
+    ps::each_row(rows, [&](int64_t r) { values[r] = ps::row_max(x + r * n, n, indices + r); });
+  });
+}
+
 int ps_q4_matmul(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t n,
                  float* out) {
   return guarded([&] {

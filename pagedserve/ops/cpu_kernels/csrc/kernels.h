@@ -115,6 +115,11 @@ PS_API int ps_q4_matmul(const float* x, int64_t rows, int64_t k, const uint8_t* 
 PS_API int ps_q8_matmul(const float* x, int64_t rows, int64_t k, const uint8_t* w, int64_t n,
                  float* out);
 
+// values (rows), indices (rows) = each row of x (rows, n)'s largest value and the index of its
+// first occurrence (torch.max(dim=-1)); a row holding NaN gives NaN. 0, or -1 with
+// ps_last_error.
+PS_API int ps_rows_max(const float* x, int64_t rows, int64_t n, float* values, int64_t* indices);
+
 // The layers of a decode step in one call. The handle keeps the pointers, not the tensors.
 PS_API void* ps_decoder_new(const ps_decoder_dims* dims, const ps_layer* layers, const float* cos,
                      const float* sin);

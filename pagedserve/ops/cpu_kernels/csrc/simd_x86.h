@@ -216,6 +216,46 @@ void weighted_sum(const float* weights, const E* const* v_rows, int64_t n, int64
   }
 }
 
+// The largest of n floats and the index of its first occurrence, as torch.max(dim=-1): 8 lanes
+// each keep their own first maximum (a strict >), then the lanes' maxima are compared, the
+// lowest index winning a tie. A row holding NaN reports NaN (its index is then meaningless).
+inline float row_max(const float* x, int64_t n, int64_t* index) {
+  float best = -INFINITY;
+  int64_t at = 0;
+  bool nan = false;
+  int64_t i = 0;
+  if (n >= 8) {
+    __m256 top = _mm256_loadu_ps(x);
+    __m256i where = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i lane = where;
+    __m256 unordered = _mm256_cmp_ps(top, top, _CMP_UNORD_Q);
+    const __m256i eight = _mm256_set1_epi32(8);
+    for (i = 8; i + 8 <= n && i + 8 <= INT32_MAX; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      lane = _mm256_add_epi32(lane, eight);
+      const __m256 greater = _mm256_cmp_ps(v, top, _CMP_GT_OQ);
+      top = _mm256_blendv_ps(top, v, greater);
+      where = _mm256_blendv_epi8(where, lane, _mm256_castps_si256(greater));
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    alignas(32) float tops[8];
+    alignas(32) int32_t wheres[8];
+    _mm256_store_ps(tops, top);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(wheres), where);
+    nan = _mm256_movemask_ps(unordered) != 0;
+    best = tops[0];
+    at = wheres[0];
+    for (int j = 1; j < 8; ++j)
+      if (tops[j] > best || (tops[j] == best && wheres[j] < at)) best = tops[j], at = wheres[j];
+  }
+  for (; i < n; ++i) {
+    if (x[i] != x[i]) nan = true;
+    else if (x[i] > best || (i == 0)) best = x[i], at = i;
+  }
+  *index = at;
+  return nan ? NAN : best;
+}
+
 // out = x * rsqrt(mean(x^2) + eps) * w, for one row of n
 inline void rms_norm(const float* x, const float* w, float eps, int64_t n, float* out) {
   const float inverse = 1.f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);

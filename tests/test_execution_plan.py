@@ -277,7 +277,7 @@ def test_the_engine_builds_its_runner_and_model_from_one_plan(tiny_llama_dir, ca
     assert (core.config.dtype, core.config.kv_cache_dtype) == ("float32", "float32")
     assert core.plan.linear_kernel.startswith("torch int4") and not core.plan.native_decoder
     model = core.runner.model
-    assert model.native_decoder is None and model.kernels is None
+    assert model.decoder_layers.name == "torch" and model.kernels is None
     assert all(type(linear.kernel) is TorchInt4 for layer in model.layers
                for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down))
     assert type(model.lm_head.kernel) is TorchInt8

@@ -222,7 +222,7 @@ def test_float32_matmuls_on_a_cpu_are_row_variant():
     bf16 = plan_of(FakeHardware(native_bf16=True, kernels_isa=None))
     assert bf16.dtype == "bfloat16" and not bf16.row_variant_matmuls
     assert bf16.why["row_variant_matmuls"] == (
-        "off: bfloat16 matmuls on a CPU round a row alike in any batch")
+        "bfloat16 matmuls on a CPU round a row alike in any batch")
     gpu = plan_of(device="cuda", dtype="float32")
     assert not gpu.row_variant_matmuls and "GPU" in gpu.why["row_variant_matmuls"]
 

@@ -281,10 +281,10 @@ def _row_variant_matmuls(cuda: bool, dtype: str, native: bool, why: dict[str, st
     float32 GEMM does with 1-3 rows (on 2 threads also 5-7, 9-11) against more; bfloat16,
     CUDA and the native decoder's kernels do not (measured; tests/test_cpu_kernels.py)."""
     if cuda:
-        why["row_variant_matmuls"] = "off: the GPU's matmuls round a row alike in any batch"
+        why["row_variant_matmuls"] = "the GPU's matmuls round a row alike in any batch"
         return False
     if dtype != "float32":
-        why["row_variant_matmuls"] = (f"off: {dtype} matmuls on a CPU round a row alike in any "
+        why["row_variant_matmuls"] = (f"{dtype} matmuls on a CPU round a row alike in any "
                                       "batch")
         return False
     why["row_variant_matmuls"] = ("MKL's float32 GEMM rounds a row by the rows beside it: a "

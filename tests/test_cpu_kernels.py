@@ -11,6 +11,7 @@ import torch
 from pagedserve.config import EngineConfig
 from pagedserve.llm import LLM
 from pagedserve.models import llama
+from pagedserve.models.decoder_layers import NATIVE_STEP_TOKENS, native_rows
 from pagedserve.ops import cpu_kernels
 from pagedserve.ops.cpu_kernels import isa
 from pagedserve.sampling_params import SamplingParams
@@ -276,11 +277,12 @@ def test_engine_steps_read_the_kernels_and_stay_close_to_float32(smollm_gguf, ke
     assert got.token_ids[:4] == want.token_ids[:4]
     ref = exact.engine.runner.prompt_logits(got.prompt_token_ids[-1:], [0])
     # a one-token step takes the decode path: the native decoder, whose matmuls are the kernel's
-    model.native_decoder = recorder = Recorder(model.native_decoder)
+    native = model.decoder_layers
+    native.decoder = recorder = Recorder(native.decoder)
     logits = llm.engine.runner.prompt_logits(got.prompt_token_ids[-1:], [0])
     assert recorder.rows == [1]
     # without the decoder, the same step runs op by op, each matmul through the kernel
-    model.native_decoder = None
+    model.decoder_layers = native.per_op
     calls = []
     chosen = model.kernels
     assert chosen.isa == kernels.isa  # the best variant this CPU allows
@@ -306,17 +308,17 @@ def decode_steps_both_ways(llm: LLM) -> list[tuple[torch.Tensor, torch.Tensor]]:
     by op and then natively; returns the (native, per-op) final hidden states of every step."""
     runner = llm.engine.runner
     model = runner.model
-    native, forward = model.native_decoder, model.forward
-    assert native is not None
+    native, forward = model.decoder_layers, model.forward
+    assert native.name == "native"
     pairs = []
 
     def both(input_ids, positions, kv_caches, meta):
-        if not model.takes_native_step(meta, input_ids.shape[0]):
+        if not native.takes_step(meta, input_ids.shape[0]):
             return forward(input_ids, positions, kv_caches, meta)
-        model.native_decoder = None  # the per-op path first: it writes this step's K/V ...
+        model.decoder_layers = native.per_op  # the per-op path first writes this step's K/V ...
         runner.attention.prepare(meta, runner.dims)
         want = forward(input_ids, positions, kv_caches, meta)
-        model.native_decoder = native  # ... and the native one writes them again
+        model.decoder_layers = native  # ... and the native one writes them again
         got = forward(input_ids, positions, kv_caches, meta)
         pairs.append((got, want))
         return got
@@ -333,7 +335,7 @@ def test_native_decoder_computes_what_the_per_op_path_does(model_dir, kv_cache_d
     (prompts beside decodes, contexts over several blocks, finishing one by one): GQA, llama3
     rope scaling, Qwen2's q/k/v biases; a float16 cache rounds K and V as torch's .to() does."""
     # the per-op path reads the int4 weights in steps of up to 16 rows too, as the native one
-    monkeypatch.setattr(llama, "SMALL_STEP_TOKENS", llama.NATIVE_STEP_TOKENS)
+    monkeypatch.setattr(llama, "SMALL_STEP_TOKENS", NATIVE_STEP_TOKENS)
     config = EngineConfig(low_bit_small_steps=True, native_kernels=True, dtype="float32",
                           max_num_seqs=16, kv_cache_dtype=kv_cache_dtype)
     llm = LLM(str(request.getfixturevalue(model_dir)), engine_config=config)
@@ -371,7 +373,7 @@ def test_a_prefix_cache_hit_rounds_as_the_whole_prompt_did(tiny_llama_dir, kerne
         config = EngineConfig(low_bit_small_steps=True, native_kernels=True, dtype="float32",
                               max_num_batched_tokens=budget)
         llm = LLM(str(tiny_llama_dir), engine_config=config)
-        assert llm.engine.runner.model.native_decoder is not None
+        assert llm.engine.runner.model.decoder_layers.name == "native"
         outputs += [llm.generate([prompt], params)[0].token_ids for _ in range(2)]
         assert llm.engine.kv.prefix_hits > 0  # the second run read the first one's blocks
     assert all(tokens == outputs[0] for tokens in outputs)
@@ -404,7 +406,7 @@ def test_native_decoder_on_the_bundled_model_layer_by_layer(smollm_gguf, kernels
     forward, errors = model.forward, {}
 
     def compare(input_ids, positions, kv_caches, meta):
-        if model.takes_native_step(meta, input_ids.shape[0]) and not errors:
+        if model.decoder_layers.takes_step(meta, input_ids.shape[0]) and not errors:
             runner.attention.prepare(meta, runner.dims)
             x, residual, rope = model.embed[input_ids].float(), None, model.rotary.at(positions)
             for n, (layer, kv) in enumerate(zip(model.layers, kv_caches, strict=True), 1):
@@ -413,7 +415,7 @@ def test_native_decoder_on_the_bundled_model_layer_by_layer(smollm_gguf, kernels
                     decoder = model.kernels.decoder(
                         model.native_weights(n), model.rotary.cos, model.rotary.sin,
                         9, 3, 64, model.config.rms_norm_eps)
-                    lens, tables = model.native_rows(positions, meta)
+                    lens, tables = native_rows(positions, meta)
                     got = decoder.forward(model.embed[input_ids].float(), positions,
                                           meta.slot_mapping, lens, tables,
                                           [c for pair in kv_caches[:n] for c in pair])
@@ -430,7 +432,7 @@ def test_native_decoder_on_the_bundled_model_layer_by_layer(smollm_gguf, kernels
 def test_native_decoder_refuses_inconsistent_steps(tiny_llama_dir, kernels):
     config = EngineConfig(low_bit_small_steps=True, native_kernels=True, dtype="float32")
     runner = LLM(str(tiny_llama_dir), engine_config=config).engine.runner
-    decoder = runner.model.native_decoder
+    decoder = runner.model.decoder_layers.decoder
     caches = [c for kv in runner.kv_caches for c in kv]
     x = torch.zeros(1, runner.config.hidden_size)
     table = torch.zeros(1, 4, dtype=torch.int32)

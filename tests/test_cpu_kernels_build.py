@@ -70,7 +70,7 @@ def record_native_steps(model) -> list[bool]:
     forward = model.forward
 
     def recording(input_ids, positions, kv_caches, meta):
-        steps.append(model.takes_native_step(meta, input_ids.shape[0]))
+        steps.append(not model.decoder_layers.uses_attention_backend(meta, input_ids.shape[0]))
         return forward(input_ids, positions, kv_caches, meta)
 
     model.forward = recording
@@ -90,7 +90,7 @@ def test_a_fresh_install_computes_with_the_kernels_from_its_first_step(built, tm
     llm = LLM(str(tiny_llama_dir))
     runner = llm.engine.runner
     assert llm.engine.config.dtype == "float32" and llm.engine.config.kv_cache_dtype == "float16"
-    assert runner.model.native_decoder is not None and runner._kernel_watch is None
+    assert runner.model.decoder_layers.name == "native" and runner._kernel_watch is None
     native_steps = record_native_steps(runner.model)
     llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert native_steps == [True] * 4
@@ -130,7 +130,7 @@ def test_a_start_without_kernels_switches_to_them_between_steps(built, tmp_path,
         tokens += [t for out in engine.step() for t in out.delta_token_ids]
     assert len(tokens) == 8 and native_steps == [False] * 3 + [True] * 5
     model = runner.model
-    assert model.kernels is not None and model.native_decoder is not None
+    assert model.kernels is not None and model.decoder_layers.name == "native"
     assert model.layers[0].mlp.down._int4 is None and model.layers[0].mlp.down._q4 is not None
     assert runner._kernel_watch is None
 
@@ -230,11 +230,11 @@ def test_torch_keeps_one_thread_while_the_native_decoder_runs(built, monkeypatch
     threads = torch.get_num_threads()
     try:
         native = LLM(str(tiny_llama_dir))
-        assert native.engine.runner.model.native_decoder is not None
+        assert native.engine.runner.model.decoder_layers.name == "native"
         assert torch.get_num_threads() == 1 and native.engine.runner.threads == 2
         assert native.engine.runner.model.kernels.library.threads == 2
         plain = LLM(str(tiny_llama_dir), native_kernels=False)
-        assert plain.engine.runner.model.native_decoder is None
+        assert plain.engine.runner.model.decoder_layers.name == "torch"
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

@@ -35,6 +35,7 @@ class FakeHardware:
     building: bool = False  # none built, a background build started
     triton: str | None = None  # why Triton cannot run, None: it can
     budget: CpuBudget = CpuBudget(3, "3 CPUs in this process's affinity")
+    host_ranks: int | None = None  # the tensor-parallel ranks on this host, None: all
 
     def cuda_bf16(self) -> bool:
         return self.gpu_bf16
@@ -62,6 +63,9 @@ class FakeHardware:
 
     def threads(self, setting: int | None) -> CpuBudget:
         return CpuBudget(setting, "--threads") if setting else self.budget
+
+    def ranks_on_this_host(self, world_size: int) -> int:
+        return min(world_size, self.host_ranks or world_size)
 
 
 def plan_of(hardware: FakeHardware | None = None, **config):
@@ -205,6 +209,43 @@ def test_tensor_parallelism_runs_the_torch_path_eagerly():
     assert "tensor parallelism" in gpu.why["cuda_graphs"]
 
 
+def test_float32_matmuls_on_a_cpu_are_row_variant():
+    """MKL's float32 GEMM rounds a row by the rows beside it (the runner then runs a prompt's
+    tail in a pass of its own); bfloat16 and the GPU's matmuls do not."""
+    exact = plan_of(dtype="float32")
+    assert exact.row_variant_matmuls
+    assert exact.why["row_variant_matmuls"].startswith("MKL's float32 GEMM rounds a row")
+    native = plan_of()  # float32 on the CPU kernels: torch's matmuls until the decoder runs
+    assert native.native_decoder and native.row_variant_matmuls
+    assert native.why["row_variant_matmuls"].endswith(
+        "(not while the native decoder runs: each row alone)")
+    bf16 = plan_of(FakeHardware(native_bf16=True, kernels_isa=None))
+    assert bf16.dtype == "bfloat16" and not bf16.row_variant_matmuls
+    assert bf16.why["row_variant_matmuls"] == (
+        "bfloat16 matmuls on a CPU round a row alike in any batch")
+    gpu = plan_of(device="cuda", dtype="float32")
+    assert not gpu.row_variant_matmuls and "GPU" in gpu.why["row_variant_matmuls"]
+
+
+def test_tensor_parallel_ranks_share_this_hosts_threads():
+    """Without --threads the ranks on one host split its budget (each computing with all of
+    it, they would fight over the cores at every collective); --threads is each rank's."""
+    budget = CpuBudget(8, "8 CPUs in this process's affinity")
+    shared = plan_of(FakeHardware(budget=budget), tensor_parallel_size=4)
+    assert shared.threads == 2
+    assert shared.why["threads"] == ("8 CPUs in this process's affinity, shared by the 4 "
+                                     "tensor-parallel ranks on this host")
+    two_here = plan_of(FakeHardware(budget=budget, host_ranks=2), tensor_parallel_size=4)
+    assert two_here.threads == 4
+    assert plan_of(FakeHardware(budget=CpuBudget(3, "3 CPUs")), tensor_parallel_size=4
+                   ).threads == 1  # never none
+    assert plan_of(FakeHardware(budget=budget), tensor_parallel_size=4, num_threads=5
+                   ).threads == 5
+    assert plan_of(FakeHardware(budget=budget)).threads == 8  # one rank: the whole budget
+    gpu = plan_of(FakeHardware(budget=budget), device="cuda", tensor_parallel_size=2)
+    assert gpu.threads is None
+
+
 def test_graph_backends_are_those_whose_kernels_a_graph_can_capture():
     from pagedserve.ops.attention import TORCH_BACKEND
     from pagedserve.ops.attention_triton import TRITON_BACKEND
@@ -236,7 +277,7 @@ def test_the_engine_builds_its_runner_and_model_from_one_plan(tiny_llama_dir, ca
     assert (core.config.dtype, core.config.kv_cache_dtype) == ("float32", "float32")
     assert core.plan.linear_kernel.startswith("torch int4") and not core.plan.native_decoder
     model = core.runner.model
-    assert model.native_decoder is None and model.kernels is None
+    assert model.decoder_layers.name == "torch" and model.kernels is None
     assert all(type(linear.kernel) is TorchInt4 for layer in model.layers
                for linear in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down))
     assert type(model.lm_head.kernel) is TorchInt8

@@ -49,7 +49,7 @@ def test_the_per_op_path_reads_a_float16_cache(tiny_llama_dir):
     for kv in ("float32", "float16"):
         llm = LLM(str(tiny_llama_dir), engine_config=EngineConfig(
             dtype="float32", kv_cache_dtype=kv, low_bit_small_steps=False))
-        assert llm.engine.runner.model.native_decoder is None
+        assert llm.engine.runner.model.decoder_layers.name == "torch"
         runs[kv] = [llm.generate([prompt], params)[0] for _ in range(2)]
         assert llm.engine.kv.prefix_hits > 0
         assert runs[kv][1].token_ids == runs[kv][0].token_ids
@@ -95,7 +95,7 @@ def test_a_bfloat16_cache_leaves_the_native_decoder_for_the_per_op_path(tiny_lla
     config = EngineConfig(dtype="float32", kv_cache_dtype="bfloat16", low_bit_small_steps=True,
                           native_kernels=True)
     llm = LLM(str(tiny_llama_dir), engine_config=config)
-    assert llm.engine.runner.model.native_decoder is None
+    assert llm.engine.runner.model.decoder_layers.name == "torch"
     assert llm.engine.runner.kv_caches[0][0].dtype == torch.bfloat16
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=4,
                                                       ignore_eos=True))[0]

@@ -201,12 +201,13 @@ class EngineCore:
                                  "file; pass the model's path, not a LoadedModel")
             # every rank computes in the dtype rank 0 chose, and resolves its plan from it
             config = dataclasses.replace(config, dtype=resolve_config_dtype(config))
-            from pagedserve.engine.workers import TensorParallelWorkers, threads_per_rank
-
-            config = threads_per_rank(config)
         plan = resolve_execution_plan(config)  # before loading: the weights' dtype is its
         if config.tensor_parallel_size > 1:
-            workers = TensorParallelWorkers.start(str(model), load_format, config)
+            from pagedserve.engine.workers import TensorParallelWorkers
+
+            # every rank computes with the share of this host's threads the plan gave rank 0
+            workers = TensorParallelWorkers.start(
+                str(model), load_format, dataclasses.replace(config, num_threads=plan.threads))
             shard = workers.group.shard
         try:
             if loaded_here:

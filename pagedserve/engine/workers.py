@@ -31,7 +31,6 @@ when the engine core is gone, so that no worker outlives it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -154,18 +153,6 @@ class TensorParallelWorkers:
         _stop_processes(self.processes, JOIN_TIMEOUT_S if healthy else 0.5)
         if healthy:
             self.group.close()
-
-
-def threads_per_rank(config: EngineConfig) -> EngineConfig:
-    """On a CPU without --threads: the ranks of this host share its cores (each rank computing
-    with all of them, they would fight over them at every collective)."""
-    if config.num_threads is not None or config.device.startswith("cuda"):
-        return config
-    from pagedserve.ops.cpu_kernels.threads import cpu_budget
-
-    local = min(config.tensor_parallel_size,
-                int(os.environ.get("LOCAL_WORLD_SIZE", config.tensor_parallel_size)))
-    return dataclasses.replace(config, num_threads=max(1, cpu_budget().threads // local))
 
 
 def _join_watching(processes: list[multiprocessing.Process], join):

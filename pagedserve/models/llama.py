@@ -23,6 +23,7 @@ import math
 import torch
 
 from pagedserve.config import ModelConfig
+from pagedserve.models.decoder_layers import DecoderLayers, NativeLayers, TorchLayers
 from pagedserve.models.linear_kernels import (
     CpuTiles,
     Dense,
@@ -33,16 +34,12 @@ from pagedserve.models.linear_kernels import (
 from pagedserve.ops import attention as torch_attention
 from pagedserve.ops.attention import AttentionMetadata
 from pagedserve.ops.backends import select_ops
-from pagedserve.ops.cpu_kernels import Kernels, LayerWeights
+from pagedserve.ops.cpu_kernels import Decoder, Kernels, LayerWeights
 from pagedserve.ops.fused_ops import DecoderOps
 
 logger = logging.getLogger(__name__)
 
 SMALL_STEP_TOKENS = 8  # decode-only steps of at most this many tokens read torch's low-bit kernels
-# ... and steps of up to this many tokens, prompts included, take the native decoder
-# (cpu_kernels.Decoder), where it is built: in practice every step, since it beats the per-op
-# path at every batch size measured (docs/performance.md has the figures)
-NATIVE_STEP_TOKENS = 1 << 16
 
 
 class Linear:
@@ -276,7 +273,9 @@ class LlamaForCausalLM:
             self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
         self.dtype = dtype
         self.kernels: Kernels | None = None
-        self.native_decoder = None  # cpu_kernels.Decoder: every layer of a step in one call
+        # how the layers run for a step: op by op until use_kernels builds the native decoder
+        self._per_op = TorchLayers(self.layers, self.rotary)
+        self.decoder_layers: DecoderLayers = self._per_op
         self._native_allowed = native_decoder
         if tp is not None and (low_bit_small_steps or kernels is not None):
             raise ValueError("tensor_parallel_size > 1 runs the torch path: no low-bit copies, "
@@ -293,7 +292,9 @@ class LlamaForCausalLM:
         self._pack_low_bit(kernels)
         self.kernels = kernels
         if self.dtype == torch.float32 and self._native_allowed:
-            self.native_decoder = self._build_native_decoder()
+            decoder = self._build_native_decoder()
+            self.decoder_layers = (self._per_op if decoder is None
+                                   else NativeLayers(decoder, self._per_op))
 
     def _pack_low_bit(self, kernels: Kernels | None) -> None:
         try:
@@ -324,7 +325,7 @@ class LlamaForCausalLM:
                 gate_up=layer.mlp.gate_up._q4, down=layer.mlp.down._q4))
         return weights
 
-    def _build_native_decoder(self):
+    def _build_native_decoder(self) -> Decoder | None:
         """Every layer of a step in one native call, when each matmul holds Q4_1 tiles (a
         float32 model: the decoder computes in float32 around them)."""
         weights = self.native_weights()
@@ -334,24 +335,6 @@ class LlamaForCausalLM:
         return self.kernels.decoder(weights, self.rotary.cos, self.rotary.sin, c.num_heads,
                                     c.num_kv_heads, c.head_dim, c.rms_norm_eps)
 
-    def takes_native_step(self, meta: AttentionMetadata, num_tokens: int) -> bool:
-        """Whether :meth:`forward` runs this step's layers as one native call (then the
-        attention backend's per-step preparation is not needed)."""
-        return (self.native_decoder is not None and num_tokens <= NATIVE_STEP_TOKENS
-                and meta.num_actual_tokens == num_tokens)
-
-    @staticmethod
-    def native_rows(positions: torch.Tensor, meta: AttentionMetadata
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's context length and block table row, as the native decoder takes them:
-        a prompt's token at position p is a query over the p + 1 tokens up to itself (causal
-        attention, row by row), in its request's blocks."""
-        if meta.num_prefills == 0:  # one token per request
-            return meta.seq_lens, meta.block_tables
-        counts = torch.tensor(meta.query_start_loc_host).diff()
-        tables = meta.block_tables[: len(counts)].repeat_interleave(counts, dim=0)
-        return (positions + 1).to(torch.int32), tables
-
     @torch.inference_mode()
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (T,) -> final hidden states (T, H)."""
@@ -359,15 +342,7 @@ class LlamaForCausalLM:
             x = self.embed[input_ids].float()  # a new tensor, updated in place
         else:
             x = self._embed_shard(input_ids)
-        residual = None
-        if self.takes_native_step(meta, x.shape[0]):
-            lens, tables = self.native_rows(positions, meta)
-            x = self.native_decoder.forward(x, positions, meta.slot_mapping, lens, tables,
-                                            [c for kv in kv_caches for c in kv])
-            return self.norm(x, None)[1]
-        rope = self.rotary.at(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, rope, kv_cache, meta)
+        x, residual = self.decoder_layers(x, positions, kv_caches, meta)
         return self.norm(x, residual)[1]
 
     def _embed_shard(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ def prompt_hidden_states(model: LlamaForCausalLM, prompts: list[list[int]],
                         max(len(c.block_table) for c in chunks), BLOCK_SIZE, device)
     batch = inputs.prepare(chunks)
     num_tokens = batch.input_ids.shape[0]
-    if not model.takes_native_step(batch.meta, num_tokens):
+    if model.decoder_layers.uses_attention_backend(batch.meta, num_tokens):
         backend.prepare(batch.meta, AttentionDims(config.num_heads, config.num_kv_heads,
                                                   config.head_dim))
     hidden = model.forward(batch.input_ids, batch.positions, caches, batch.meta)

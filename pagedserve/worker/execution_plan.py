@@ -12,7 +12,10 @@ reason for it:
 - the attention backend and the decoder's elementwise ops (Triton on CUDA when it launches);
 - the low-bit small steps, the CPU kernels (which instruction-set variant, or why none), the
   native decoder, and so the kernel each ``Linear`` reads its weights with;
-- CUDA graphs, overlapped (async) scheduling, and the CPU threads.
+- whether torch's matmuls round a row by the rows beside it (then a prompt's tail runs in a
+  pass of its own);
+- CUDA graphs, overlapped (async) scheduling, and the CPU threads (shared by the ranks of a
+  tensor-parallel group on one host).
 
 The runner and the model take these as given: nothing downstream asks "is this CUDA?" to decide
 how to compute (only to place tensors). ``pagedserve show --plan`` prints the table of
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,6 +74,9 @@ class Hardware(Protocol):
 
     def threads(self, setting: int | None) -> CpuBudget:
         """How many threads to compute with, and why."""
+
+    def ranks_on_this_host(self, world_size: int) -> int:
+        """How many of a tensor-parallel group's `world_size` ranks run on this host."""
 
 
 class Machine:
@@ -121,10 +128,12 @@ class Machine:
 
     def threads(self, setting: int | None) -> CpuBudget:
         """``--threads``, else what this process's CPU affinity and cgroup quota allow (not
-        the host's core count); logged with the reason."""
-        budget = CpuBudget(setting, "--threads") if setting else cpu_budget()
-        logger.info("computing with %d threads: %s", budget.threads, budget.reason)
-        return budget
+        the host's core count)."""
+        return CpuBudget(setting, "--threads") if setting else cpu_budget()
+
+    def ranks_on_this_host(self, world_size: int) -> int:
+        """``LOCAL_WORLD_SIZE`` (set by torchrun and the like), else all of them."""
+        return min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
 @dataclass(slots=True, frozen=True)
@@ -141,6 +150,7 @@ class ExecutionPlan:
     cpu_kernels: str | None  # the instruction-set variant of pagedserve's CPU kernels
     native_decoder: bool  # a float32 model's layers run in one call of the CPU kernels
     linear_kernel: str  # what the matmuls read their weights with
+    row_variant_matmuls: bool  # torch's matmuls round a row by the rows beside it
     cuda_graphs: bool  # decode steps replay captured CUDA graphs
     async_scheduling: bool  # step N+1 is prepared while the device runs step N
     threads: int | None  # CPU threads; None: torch's own count (CUDA without --threads)
@@ -163,6 +173,7 @@ class ExecutionPlan:
             ("cpu_kernels", self.cpu_kernels or "none"),
             ("native_decoder", on[self.native_decoder]),
             ("linear_kernel", self.linear_kernel),
+            ("row_variant_matmuls", on[self.row_variant_matmuls]),
             ("cuda_graphs", on[self.cuda_graphs]),
             ("async_scheduling", on[self.async_scheduling]),
             ("threads", str(self.threads) if self.threads is not None else "torch's default"),
@@ -213,24 +224,19 @@ def resolve_execution_plan(config: EngineConfig, hardware: Hardware | None = Non
     why["cpu_kernels"] = _cpu_kernels_reason(config.native_kernels, low_bit, resolution, hw)
     native = _native_decoder(low_bit, dtype, kv_dtype, resolution, why)
     linear, why["linear_kernel"] = _linear_kernel(low_bit, dtype, kernels, watch)
+    row_variant = _row_variant_matmuls(cuda, dtype, native, why)
     graphs = _cuda_graphs(config, cuda, attention, why)
     overlap = resolve_async_scheduling(config.async_scheduling, device)
     why["async_scheduling"] = _async_reason(config, overlap)
 
-    threads = None
-    if not cuda or config.num_threads:
-        budget = hw.threads(config.num_threads)
-        threads, why["threads"] = budget.threads, budget.reason
-        if native:
-            why["threads"] += " (the kernels' pool; torch's own small ops on one)"
-    else:
-        why["threads"] = "torch's own count: the GPU computes"
+    threads = _threads(config, cuda, native, hw, why)
 
     return ExecutionPlan(
         device=device, dtype=dtype, kv_cache_dtype=kv_dtype, attention_backend=attention,
         fused_ops=fused, low_bit_small_steps=low_bit,
         cpu_kernels=kernels.isa if kernels is not None else None, native_decoder=native,
-        linear_kernel=linear, cuda_graphs=graphs, async_scheduling=overlap, threads=threads,
+        linear_kernel=linear, row_variant_matmuls=row_variant, cuda_graphs=graphs,
+        async_scheduling=overlap, threads=threads,
         why=why, kernels=kernels, kernel_watch=watch)
 
 
@@ -268,6 +274,47 @@ def _native_decoder(low_bit: bool, dtype: str, kv_dtype: str,
                                  "one call, where each matmul fits the kernels' tiles")
         return True
     return False
+
+
+def _row_variant_matmuls(cuda: bool, dtype: str, native: bool, why: dict[str, str]) -> bool:
+    """Whether torch's matmuls give a row other last bits with other rows beside it: MKL's
+    float32 GEMM does with 1-3 rows (on 2 threads also 5-7, 9-11) against more; bfloat16,
+    CUDA and the native decoder's kernels do not (measured; tests/test_cpu_kernels.py)."""
+    if cuda:
+        why["row_variant_matmuls"] = "the GPU's matmuls round a row alike in any batch"
+        return False
+    if dtype != "float32":
+        why["row_variant_matmuls"] = (f"{dtype} matmuls on a CPU round a row alike in any "
+                                      "batch")
+        return False
+    why["row_variant_matmuls"] = ("MKL's float32 GEMM rounds a row by the rows beside it: a "
+                                  "prompt's tail runs in a pass of its own, the shape a "
+                                  "prefix-cache hit gives it")
+    if native:
+        why["row_variant_matmuls"] += " (not while the native decoder runs: each row alone)"
+    return True
+
+
+def _threads(config: EngineConfig, cuda: bool, native: bool, hw: Hardware,
+             why: dict[str, str]) -> int | None:
+    """The CPU threads to compute with (None: torch's own count, on CUDA without --threads):
+    ``--threads``, else the process's budget, shared by the ranks of a tensor-parallel group
+    on this host (each computing with all of them, they would fight over the cores at every
+    collective)."""
+    if cuda and not config.num_threads:
+        why["threads"] = "torch's own count: the GPU computes"
+        return None
+    budget = hw.threads(config.num_threads)
+    threads, why["threads"] = budget.threads, budget.reason
+    if config.num_threads is None and config.tensor_parallel_size > 1:
+        ranks = hw.ranks_on_this_host(config.tensor_parallel_size)
+        threads = max(1, budget.threads // ranks)
+        why["threads"] = (f"{budget.reason}, shared by the {ranks} tensor-parallel ranks on "
+                          "this host")
+    if native:
+        why["threads"] += " (the kernels' pool; torch's own small ops on one)"
+    logger.info("computing with %d threads: %s", threads, why["threads"])
+    return threads
 
 
 def _cuda_graphs(config: EngineConfig, cuda: bool, attention: str, why: dict[str, str]) -> bool:

@@ -31,7 +31,8 @@ from pagedserve.config import EngineConfig, ModelConfig
 from pagedserve.core.kv_sizing import GpuMemory
 from pagedserve.core.request import PLACEHOLDER, Request
 from pagedserve.core.scheduler import ScheduledRequest
-from pagedserve.models.llama import NATIVE_STEP_TOKENS, SMALL_STEP_TOKENS, LlamaForCausalLM
+from pagedserve.models.decoder_layers import NATIVE_STEP_TOKENS
+from pagedserve.models.llama import SMALL_STEP_TOKENS, LlamaForCausalLM
 from pagedserve.ops.attention import AttentionDims
 from pagedserve.ops.backends import select_backend
 from pagedserve.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
@@ -174,29 +175,23 @@ class ModelRunner:
 
     def _kernels_changed(self) -> None:
         """After the model took CPU kernels (at start-up or between steps): what they run."""
-        model, kernels = self.model, self.model.kernels
+        kernels, layers = self.model.kernels, self.model.decoder_layers
         if kernels is not None:
             logger.info("every step reads int4 weights (an int8 LM head) with the %s CPU kernels "
                         "(int8-rounded activations); the CPU allows %s", kernels.isa,
                         " ".join(sorted(kernels.cpu_features)))
         if kernels is not None and self.dtype == torch.float32 and not self.plan.native_decoder:
             logger.info("no native decoder: %s", self.plan.why["native_decoder"])
-        if model.native_decoder is not None:
+        if layers.name == "native":
             logger.info("every step of up to %d tokens runs the native decoder (%s)",
                         NATIVE_STEP_TOKENS, kernels.isa)
         if kernels is not None:
             self.sampler.use_rows_max(kernels.rows_max)  # torch's reduction: one thread's time
         if self.plan.threads is not None:
-            # With the native decoder carrying the layers, torch's own ops (embedding, final
-            # norm, sampling) are small, and OpenMP's workers spin for a while after each one,
-            # on the cores the kernels' pool is about to use (docs/performance.md). torch then
-            # computes on one thread; the kernels keep the budget.
-            torch.set_num_threads(1 if model.native_decoder is not None else self.threads)
-        # MKL's float32 GEMM gives a row different last bits with 1-3 (or, on 2 threads, 5-7,
-        # 9-11) rows than within more; bf16, CUDA and the native decoder's kernels do not
-        # (measured; the native decoder computes each row alone, tests/test_cpu_kernels.py)
-        self._row_variant_matmuls = (self.device.type == "cpu" and self.dtype == torch.float32
-                                     and model.native_decoder is None)
+            torch.set_num_threads(layers.torch_threads(self.threads))
+        # the plan says whether torch's matmuls round a row by the rows beside it; layers that
+        # compute each row alone do not need the prompt tails apart
+        self._split_prompt_tails = self.plan.row_variant_matmuls and not layers.rows_alone
 
     def _take_built_kernels(self) -> None:
         """Switch to the CPU kernels once their background build has landed: called between
@@ -345,7 +340,7 @@ class ModelRunner:
                                         samples=s.samples and hi == end, is_decode=s.is_decode,
                                         feed_from=feed_from))
                 owners.append(i)
-        if tails and self._row_variant_matmuls:
+        if tails and self._split_prompt_tails:
             # float32 CPU matmuls round a row differently with the number of rows beside it:
             # the prompt tails go through a pass of their own, the shape a prefix-cache hit
             # gives them later (see _prefill_pieces)
@@ -433,7 +428,8 @@ class ModelRunner:
         return [(start, split), (split, end)]
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
-        if not self.model.takes_native_step(batch.meta, batch.input_ids.shape[0]):
+        if self.model.decoder_layers.uses_attention_backend(batch.meta,
+                                                            batch.input_ids.shape[0]):
             self.attention.prepare(batch.meta, self.dims)
         return self.model.forward(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 

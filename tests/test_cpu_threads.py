@@ -121,8 +121,10 @@ def test_a_real_cgroup_with_a_quota_of_one_cpu(every_cpu):
         code = ("import logging, os, sys\n"
                 "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s')\n"
                 f"open('{group}/cgroup.procs', 'w').write(str(os.getpid()))\n"
-                "from pagedserve.worker.execution_plan import Machine\n"
-                "print(Machine().threads(None).threads)\n")
+                "from pagedserve.config import EngineConfig\n"
+                "from pagedserve.worker.execution_plan import Machine, resolve_execution_plan\n"
+                "plan = resolve_execution_plan(EngineConfig(), Machine(build_kernels=False))\n"
+                "print(plan.threads)\n")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         if done.returncode != 0 and "cgroup.procs" in done.stderr:

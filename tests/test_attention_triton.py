@@ -201,9 +201,21 @@ def test_engine_with_triton_attention_generates_what_the_torch_backend_does(tiny
 
 
 def test_backend_is_chosen_by_device_at_start_up():
+    """The plan decides (auto: Triton on a GPU where it launches, torch on a CPU); the
+    selector only turns its answer into the backend, and refuses an undecided auto."""
+    from fake_hardware import FakeHardware, plan_of
+
     from pagedserve.ops.backends import select_backend
 
-    assert select_backend("auto", torch.device("cpu")).name == "torch"
-    assert select_backend("torch", torch.device("cuda")).name == "torch"
-    triton_backend = select_backend("triton", torch.device("cpu"))  # the interpreter
+    assert plan_of(attention_backend="auto").attention_backend == "torch"
+    assert plan_of(device="cuda", attention_backend="auto").attention_backend == "triton"
+    assert plan_of(FakeHardware(triton="no C compiler"), device="cuda").attention_backend == (
+        "torch")
+    assert plan_of(device="cuda", attention_backend="torch").attention_backend == "torch"
+    triton = plan_of(dtype="float32", attention_backend="triton")  # on a CPU: the interpreter
+    assert triton.attention_backend == "triton"
+    assert select_backend("torch").name == "torch"
+    triton_backend = select_backend("triton")
     assert triton_backend.name == "triton" and triton_backend.supports_cuda_graphs
+    with pytest.raises(ValueError, match="^attention_backend must be a resolved torch or triton"):
+        select_backend("auto")

@@ -20,17 +20,23 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parent.parent
 WARNING = "Triton kernels cannot launch here"
 
+# the execution plan of an engine on a GPU (its dtype named, so that its bfloat16 is not
+# asked), this machine's Triton answering; then the kernels the plan's names select
 SELECT = """
-import logging, torch
+import logging
 logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(levelname)s %(message)s")
-from pagedserve.ops.backends import select_backend
-from pagedserve.ops.backends import select_ops
+from pagedserve.config import EngineConfig
+from pagedserve.ops.backends import select_backend, select_ops
 from pagedserve.ops.triton_launch import compile_problem
-cuda = torch.device("cuda")
+from pagedserve.worker.execution_plan import Machine, resolve_execution_plan
+def plan(**config):
+    return resolve_execution_plan(EngineConfig(device="cuda", dtype="float16", **config),
+                                  Machine(build_kernels=False))
 print("compile", compile_problem())
-print("selected", select_backend("auto", cuda).name, select_ops(None, cuda).name)
+auto = plan()
+print("selected", select_backend(auto.attention_backend).name, select_ops(auto.fused_ops).name)
 try:
-    select_backend("triton", cuda)
+    plan(attention_backend="triton")
 except ValueError as exc:
     print("explicit", exc)
 """
@@ -58,7 +64,7 @@ def test_no_c_compiler_means_torch_kernels_and_one_log_line(tmp_path):
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     assert lines["compile"].startswith("no C compiler")
     assert lines["selected"] == "torch torch"
-    # asked by two selectors and a third time, said once
+    # asked for attention, for the elementwise ops and a third time, said once
     warnings = [line for line in out.stderr.splitlines() if WARNING in line]
     assert len(warnings) == 1, out.stderr
     assert "no C compiler" in warnings[0] and "WARNING" in warnings[0]
@@ -89,10 +95,18 @@ def test_the_probe_compiles_where_a_compiler_is(tmp_path):
 def test_cpu_and_the_interpreter_never_ask(tmp_path):
     """On a CPU device the probe is not asked: auto is torch, and triton under the
     interpreter compiles nothing, so a missing compiler changes neither."""
-    code = ("import torch; from pagedserve.ops.backends import select_backend; "
-            "print(select_backend('auto', torch.device('cpu')).name, "
-            "select_backend('triton', torch.device('cpu')).name)")
+    code = """
+from pagedserve.config import EngineConfig
+from pagedserve.ops.backends import select_backend, select_ops
+from pagedserve.worker.execution_plan import Machine, resolve_execution_plan
+def plan(**config):
+    return resolve_execution_plan(EngineConfig(dtype="float32", **config),
+                                  Machine(build_kernels=False))
+auto, triton = plan(), plan(attention_backend="triton", fused_ops=True)
+print(auto.attention_backend, auto.fused_ops, select_backend(triton.attention_backend).name,
+      select_ops(triton.fused_ops).name)
+"""
     out = _run(code, tmp_path, _bare_env(tmp_path, TRITON_INTERPRET="1"))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["torch", "triton"]
+    assert out.stdout.split() == ["torch", "False", "triton", "triton"]
     assert WARNING not in out.stderr

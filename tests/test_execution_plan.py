@@ -1,15 +1,13 @@
 """The execution plan: every decision about how the engine computes, made once from the config
 and what the hardware allows (worker/execution_plan.py), and ``pagedserve show --plan``.
 
-Most cases describe a machine (:class:`FakeHardware`): a CPU with or without the CPU kernels or
+Most cases describe a machine (:class:`FakeHardware`, tests/fake_hardware.py): a CPU with or without the CPU kernels or
 native bfloat16, a GPU that is not here. One resolves on this machine, only looking."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import SimpleNamespace
-
 import pytest
+from fake_hardware import FakeHardware, plan_of
 
 from pagedserve.cli import main
 from pagedserve.config import EngineConfig
@@ -17,59 +15,13 @@ from pagedserve.ops import cpu_kernels
 from pagedserve.ops.cpu_kernels.threads import CpuBudget
 from pagedserve.worker.execution_plan import (
     GRAPH_BACKENDS,
+    KV_SIZINGS,
     Machine,
     resolve_config_dtype,
     resolve_execution_plan,
     resolve_kv_cache_dtype,
     resolve_low_bit,
 )
-
-
-@dataclass
-class FakeHardware:
-    """A machine described, not probed: what each question of the plan answers."""
-
-    gpu_bf16: bool = True
-    native_bf16: bool = False
-    kernels_isa: str | None = "avx2"  # the CPU kernels built here, None: none usable
-    building: bool = False  # none built, a background build started
-    triton: str | None = None  # why Triton cannot run, None: it can
-    budget: CpuBudget = CpuBudget(3, "3 CPUs in this process's affinity")
-    host_ranks: int | None = None  # the tensor-parallel ranks on this host, None: all
-
-    def cuda_bf16(self) -> bool:
-        return self.gpu_bf16
-
-    def cpu_bf16(self) -> bool:
-        return self.native_bf16
-
-    def cpu_kernels_available(self) -> bool:
-        return self.kernels_isa is not None
-
-    def cpu_kernels(self, setting: bool | None) -> cpu_kernels.Resolution:
-        if setting is False:
-            return cpu_kernels.Resolution(None)
-        if self.building:
-            return cpu_kernels.Resolution(None, watch=SimpleNamespace(done=False))
-        if self.kernels_isa is None:
-            return cpu_kernels.Resolution(None)
-        return cpu_kernels.Resolution(SimpleNamespace(isa=self.kernels_isa))
-
-    def cpu_kernels_problem(self) -> str:
-        return "no CPU kernels for riscv64 yet"
-
-    def triton_problem(self, device_type: str) -> str | None:
-        return self.triton
-
-    def threads(self, setting: int | None) -> CpuBudget:
-        return CpuBudget(setting, "--threads") if setting else self.budget
-
-    def ranks_on_this_host(self, world_size: int) -> int:
-        return min(world_size, self.host_ranks or world_size)
-
-
-def plan_of(hardware: FakeHardware | None = None, **config):
-    return resolve_execution_plan(EngineConfig(**config), hardware or FakeHardware())
 
 
 def test_auto_on_a_cpu_with_the_kernels_runs_them_in_float32_with_a_float16_cache():
@@ -244,6 +196,66 @@ def test_tensor_parallel_ranks_share_this_hosts_threads():
     assert plan_of(FakeHardware(budget=budget)).threads == 8  # one rank: the whole budget
     gpu = plan_of(FakeHardware(budget=budget), device="cuda", tensor_parallel_size=2)
     assert gpu.threads is None
+
+
+def test_the_kv_cache_is_sized_by_a_gpu_profile_or_a_cpu_share():
+    cpu = plan_of()
+    assert cpu.kv_sizing == "share"
+    assert cpu.why["kv_sizing"] == ("kv_cache_fraction 0.25 of the memory available, at most "
+                                    "2 GiB")
+    gpu = plan_of(device="cuda", gpu_memory_utilization=0.8)
+    assert gpu.kv_sizing == "profile"
+    assert gpu.why["kv_sizing"] == ("what a profiling pass leaves of gpu_memory_utilization 0.8 "
+                                    "of the GPU's memory")
+    run = plan_of(kv_cache_sequences=4)  # `pagedserve run`: room for a few sequences
+    assert run.kv_sizing == "share" and run.why["kv_sizing"].endswith(
+        ", at most 4 sequences of full length")
+    fixed = plan_of(device="cuda", kv_cache_memory=1 << 30)
+    assert (fixed.kv_sizing, fixed.why["kv_sizing"]) == (
+        "fixed", "--kv-cache-memory 1073741824 bytes")
+    slots = plan_of(device="cuda", kv_layout="static", max_parallel=2, num_ctx=512)
+    assert (slots.kv_sizing, slots.why["kv_sizing"]) == (
+        "slots", "kv_layout static: 2 slots of num_ctx 512 tokens")
+    assert {p.kv_sizing for p in (cpu, gpu, fixed, slots)} == set(KV_SIZINGS)
+
+
+def test_the_engine_sizes_its_kv_cache_as_the_plan_says(tiny_llama_dir, monkeypatch):
+    """A plan that says "profile" runs the GPU's profiling pass, whatever the device (here a
+    CPU, the pass's result given); "share" takes the CPU's share, kv_cache_sequences capping
+    both."""
+    import dataclasses
+
+    from pagedserve.core import kv_sizing
+    from pagedserve.engine.core import EngineCore
+    from pagedserve.loader import load_model
+    from pagedserve.worker.model_runner import ModelRunner
+
+    MiB = 1 << 20
+    asked = []
+
+    def profile(runner, num_tokens, num_seqs, model_len):
+        asked.append((num_tokens, num_seqs, model_len))
+        return kv_sizing.GpuMemory(total=16 * MiB, free=12 * MiB, torch_peak=4 * MiB,
+                                   torch_reserved=3 * MiB)
+
+    monkeypatch.setattr(ModelRunner, "profile_gpu_memory", profile)
+    monkeypatch.setattr(kv_sizing, "cpu_kv_cache_bytes", lambda fraction: 2 * MiB)
+    loaded = load_model(tiny_llama_dir)
+    config = EngineConfig(dtype="float32", max_num_batched_tokens=64, max_num_seqs=4,
+                          max_model_len=128, gpu_memory_utilization=0.5)
+
+    def core(sizing: str, **more) -> EngineCore:
+        c = dataclasses.replace(config, **more)
+        plan = dataclasses.replace(resolve_execution_plan(c), kv_sizing=sizing)
+        return EngineCore(loaded.config, dict(loaded.weights), loaded.tokenizer, c, plan=plan)
+
+    per_block = 2 * 2 * 16 * 2 * 16 * 4  # K and V, 2 layers, 16 tokens, 2 KV heads x 16, fp32
+    # 16 MiB x 0.5 - 4 MiB of torch's peak - 1 MiB outside torch (16 - 12 - 3)
+    assert core("profile").kv.num_blocks == 3 * MiB // per_block
+    assert asked == [(64, 4, 128)]
+    assert core("share").kv.num_blocks == 2 * MiB // per_block and len(asked) == 1
+    # two sequences of 128 tokens: 8 blocks each
+    assert core("profile", kv_cache_sequences=2).kv.num_blocks == 16
 
 
 def test_graph_backends_are_those_whose_kernels_a_graph_can_capture():

@@ -21,6 +21,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from fake_hardware import FakeHardware, plan_of  # noqa: E402
+
 from pagedserve.config import ModelConfig  # noqa: E402
 from pagedserve.models.llama import Rotary  # noqa: E402
 from pagedserve.ops import fused_ops as ref  # noqa: E402
@@ -124,9 +126,17 @@ def test_silu_mul(dtype, T, inter, block):
 
 
 def test_ops_are_chosen_once_by_device():
-    assert select_ops(None, torch.device("cpu")).name == "torch"
-    assert select_ops(False, torch.device("cuda")).name == "torch"
-    assert select_ops(True, torch.device("cpu")).name == "triton"  # the interpreter
+    """The plan decides (fused_ops None: Triton on a GPU where it launches, torch on a CPU);
+    the selector only turns its answer into the ops, and refuses an undecided None."""
+    assert not plan_of(fused_ops=None).fused_ops
+    assert plan_of(device="cuda", fused_ops=None).fused_ops
+    assert not plan_of(FakeHardware(triton="no C compiler"), device="cuda").fused_ops
+    assert not plan_of(device="cuda", fused_ops=False).fused_ops
+    assert plan_of(fused_ops=True).fused_ops  # on a CPU: the interpreter
+    assert select_ops(False).name == "torch"
+    assert select_ops(True).name == "triton"
+    with pytest.raises(ValueError, match="^fused_ops must be a resolved True or False"):
+        select_ops(None)
 
 
 # -- the whole model ------------------------------------------------------------------------

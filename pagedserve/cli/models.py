@@ -21,7 +21,8 @@ DEFAULT_HOST = "127.0.0.1:11434"
 TEMPLATE_PREVIEW_LINES = 8
 # the engine flags that change an execution plan (worker/execution_plan.py)
 PLAN_ENGINE_FLAGS = ("dtype", "kv_cache_dtype", "device", "tensor_parallel_size", "num_threads",
-                     "async_scheduling", "enforce_eager")
+                     "async_scheduling", "enforce_eager", "kv_cache_memory", "kv_layout",
+                     "max_parallel", "num_ctx", "gpu_memory_utilization")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

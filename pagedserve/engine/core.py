@@ -115,7 +115,7 @@ class EngineCore:
             )
             max_num_seqs = min(config.max_num_seqs, config.max_parallel)
         else:
-            budget = config.kv_cache_memory or self._kv_cache_budget(model_len, per_token)
+            budget = self._kv_cache_budget(model_len, per_token)
             num_blocks = int(budget // (per_token * config.block_size))
             if num_blocks < 1:
                 raise ValueError(
@@ -158,12 +158,15 @@ class EngineCore:
         )
 
     def _kv_cache_budget(self, model_len: int, per_token: int) -> int:
-        """Bytes for the paged KV cache when kv_cache_memory does not say: the device's share
-        (kv_sizing.py), and no more than kv_cache_sequences sequences of model_len when set."""
+        """Bytes for the paged KV cache, as the plan's kv_sizing says: kv_cache_memory's, else
+        the device's share (kv_sizing.py), and no more than kv_cache_sequences sequences of
+        model_len when set."""
         from pagedserve.core.kv_sizing import cpu_kv_cache_bytes, kv_cache_bytes_for_gpu
 
         config = self.config
-        if not self.plan.device.startswith("cuda"):  # a CPU's share of its free memory
+        if self.plan.kv_sizing == "fixed":
+            return config.kv_cache_memory
+        if self.plan.kv_sizing == "share":  # a CPU's share of its free memory
             share = cpu_kv_cache_bytes(config.kv_cache_fraction)
         else:
             memory = self.runner.profile_gpu_memory(config.max_num_batched_tokens,

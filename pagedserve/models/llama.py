@@ -236,22 +236,22 @@ class DecoderLayer:
 class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype, device,
                  low_bit_small_steps: bool = False, attention=torch_attention.paged_attention,
-                 consume_weights: bool = False, fused_ops: bool | None = None,
+                 consume_weights: bool = False, fused_ops: bool = False,
                  kernels: Kernels | None = None, tp=None, native_decoder: bool = True):
         """`consume_weights`: the caller hands `weights` over; it is emptied, so that each
         layer's unfused q/k/v and gate/up tensors are freed once the fused copies exist.
         `kernels`: the low-bit copies are for these CPU kernels (see :meth:`use_kernels`).
         `native_decoder`: whether a float32 model on those kernels runs its layers in one
         native call (False where the execution plan says it cannot: a KV cache it cannot read).
-        `fused_ops`: the norms, residual adds, rotary and SwiGLU as Triton kernels; None: on
-        CUDA only (True on CPU runs them under the Triton interpreter: tests).
+        `fused_ops`: the norms, residual adds, rotary and SwiGLU as Triton kernels, as the
+        execution plan resolved it (True on CPU runs them under the Triton interpreter: tests).
         `tp`: the tensor-parallel group whose rank's shard `weights` and `config` are (the
         module docstring); the CPU kernels are not used then."""
         w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
         if consume_weights:
             weights.clear()
         self.config = config
-        self.ops = select_ops(fused_ops, torch.device(device))
+        self.ops = select_ops(fused_ops)
         self.embed = w["model.embed_tokens.weight"]  # (V, H)
         head = self.embed if config.tie_word_embeddings else w.get("lm_head.weight", self.embed)
         self.lm_head = Linear(head)

@@ -25,8 +25,8 @@ ops the model ran before they were fused, with the same numerics.
     silu_mul(gate_up) -> silu(gate) * up
         gate_up (T, 2I) = [gate | up]  ->  (T, I)
 
-:func:`pagedserve.ops.backends.select_ops` picks the torch or the Triton ops once, when the model is
-built (the Triton module imports this one, never the reverse).
+:func:`pagedserve.ops.backends.select_ops` turns the execution plan's choice into the torch or the
+Triton ops when the model is built (the Triton module imports this one, never the reverse).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ first forward pass (the CUDA memory-profiling pass), well after start-up looked 
 :func:`launch_problem` does the same work first: it compiles a trivial extension the way Triton
 does (same compiler lookup, same include directory, no cache, so an earlier run's cached
 launchers cannot hide a missing compiler) and, on a CUDA device, launches a one-element kernel.
-The attention and elementwise-op selectors ask it once, when the model is built; when it names a
-problem they keep the torch kernels for the engine's whole life, and the reason is logged once.
+The execution plan (:mod:`pagedserve.worker.execution_plan`) asks it once, at start-up; when it
+names a problem the plan keeps the torch kernels for the engine's whole life, and the reason is
+logged once.
 Under ``TRITON_INTERPRET=1`` (CPU tests) nothing is compiled, and it is not asked.
 """
 

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from pagedserve.config import EngineConfig
 from pagedserve.embedding_inputs import EmbeddingInputs, EmbeddingSpec
 from pagedserve.loader.encoder import LoadedEncoder, encoder_architecture, load_encoder
 from pagedserve.models.bert import BertEncoder, PackedBatch
@@ -33,6 +34,7 @@ from pagedserve.models.pooling import PoolingType, check_pooling, finish, pool
 from pagedserve.ops.attention import TORCH_BACKEND, AttentionBackend
 from pagedserve.tokenizer import Tokenizer
 from pagedserve.worker.decoder_pooling import pooled_hidden_states
+from pagedserve.worker.execution_plan import Machine, resolve_execution_plan
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
 
@@ -101,7 +103,8 @@ class Embedder:
                   dtype: torch.dtype | str = torch.float32, device: str = "cpu",
                   pooling: str | None = None, **kw) -> Embedder:
         """An encoder model (bert, nomic-bert) from a directory or GGUF file; a decoder from
-        one (llama, qwen2) on the plain torch path, pooled `pooling` (default "last")."""
+        one (llama, qwen2) with torch's attention and dense weights, its elementwise ops as an
+        execution plan resolves them on `device`, pooled `pooling` (default "last")."""
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if encoder_architecture(path, load_format) is not None:
             return cls.from_encoder(load_encoder(path, load_format, dtype), dtype=dtype,
@@ -111,8 +114,12 @@ class Embedder:
         loaded = load_model(path, load_format, dtype=dtype)
         if loaded.tokenizer is None:
             raise ModelLoadError(f"{path} has no tokenizer; embedding texts needs one")
+        plan = resolve_execution_plan(
+            EngineConfig(device=device, dtype=str(dtype).removeprefix("torch."),
+                         attention_backend="torch", low_bit_small_steps=False),
+            Machine(build_kernels=False))
         model = LlamaForCausalLM(loaded.config, loaded.weights, dtype, device,
-                                 consume_weights=True)
+                                 consume_weights=True, fused_ops=plan.fused_ops)
         return cls.from_decoder(model, loaded.tokenizer, pooling=pooling or "last", **kw)
 
     @classmethod

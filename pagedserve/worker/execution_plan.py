@@ -15,7 +15,9 @@ reason for it:
 - whether torch's matmuls round a row by the rows beside it (then a prompt's tail runs in a
   pass of its own);
 - CUDA graphs, overlapped (async) scheduling, and the CPU threads (shared by the ranks of a
-  tensor-parallel group on one host).
+  tensor-parallel group on one host);
+- how the KV cache is sized: the bytes asked for, Ollama's static slots, what a GPU's
+  profiling pass leaves, or a share of a CPU's memory.
 
 The runner and the model take these as given: nothing downstream asks "is this CUDA?" to decide
 how to compute (only to place tensors). ``pagedserve show --plan`` prints the table of
@@ -48,6 +50,10 @@ logger = logging.getLogger(__name__)
 # that a decode step can be captured in a CUDA graph (AttentionBackend.supports_cuda_graphs)
 GRAPH_BACKENDS = frozenset({"triton"})
 NATIVE_DECODER_KV_DTYPES = ("float32", "float16")  # the caches the native decoder reads
+# how the KV cache's size is found (ExecutionPlan.kv_sizing; core/kv_sizing.py computes it):
+# kv_cache_memory's bytes, the static layout's slots, what a profiling pass on the GPU leaves
+# under gpu_memory_utilization, a CPU's kv_cache_fraction of its available memory
+KV_SIZINGS = ("fixed", "slots", "profile", "share")
 
 
 class Hardware(Protocol):
@@ -154,6 +160,7 @@ class ExecutionPlan:
     cuda_graphs: bool  # decode steps replay captured CUDA graphs
     async_scheduling: bool  # step N+1 is prepared while the device runs step N
     threads: int | None  # CPU threads; None: torch's own count (CUDA without --threads)
+    kv_sizing: str  # "fixed", "slots", "profile" or "share": see KV_SIZINGS
     why: dict[str, str] = field(compare=False)
     # the handles chosen: the CPU kernels, and a background build that may bring them later
     kernels: cpu_kernels.Kernels | None = field(default=None, compare=False, repr=False)
@@ -177,6 +184,7 @@ class ExecutionPlan:
             ("cuda_graphs", on[self.cuda_graphs]),
             ("async_scheduling", on[self.async_scheduling]),
             ("threads", str(self.threads) if self.threads is not None else "torch's default"),
+            ("kv_sizing", self.kv_sizing),
         ]
         return [(name, value, self.why.get(name, "")) for name, value in values]
 
@@ -230,13 +238,14 @@ def resolve_execution_plan(config: EngineConfig, hardware: Hardware | None = Non
     why["async_scheduling"] = _async_reason(config, overlap)
 
     threads = _threads(config, cuda, native, hw, why)
+    kv_sizing = _kv_sizing(config, cuda, why)
 
     return ExecutionPlan(
         device=device, dtype=dtype, kv_cache_dtype=kv_dtype, attention_backend=attention,
         fused_ops=fused, low_bit_small_steps=low_bit,
         cpu_kernels=kernels.isa if kernels is not None else None, native_decoder=native,
         linear_kernel=linear, row_variant_matmuls=row_variant, cuda_graphs=graphs,
-        async_scheduling=overlap, threads=threads,
+        async_scheduling=overlap, threads=threads, kv_sizing=kv_sizing,
         why=why, kernels=kernels, kernel_watch=watch)
 
 
@@ -315,6 +324,28 @@ def _threads(config: EngineConfig, cuda: bool, native: bool, hw: Hardware,
         why["threads"] += " (the kernels' pool; torch's own small ops on one)"
     logger.info("computing with %d threads: %s", threads, why["threads"])
     return threads
+
+
+def _kv_sizing(config: EngineConfig, cuda: bool, why: dict[str, str]) -> str:
+    """How the KV cache's size is found (:data:`KV_SIZINGS`)."""
+    if config.kv_layout == "static":
+        why["kv_sizing"] = (f"kv_layout static: {config.max_parallel} slots of num_ctx "
+                            f"{config.num_ctx} tokens")
+        return "slots"
+    if config.kv_cache_memory is not None:
+        why["kv_sizing"] = f"--kv-cache-memory {config.kv_cache_memory} bytes"
+        return "fixed"
+    if cuda:
+        sizing = "profile"
+        why["kv_sizing"] = (f"what a profiling pass leaves of gpu_memory_utilization "
+                            f"{config.gpu_memory_utilization} of the GPU's memory")
+    else:
+        sizing = "share"
+        why["kv_sizing"] = (f"kv_cache_fraction {config.kv_cache_fraction} of the memory "
+                            "available, at most 2 GiB")
+    if config.kv_cache_sequences is not None:
+        why["kv_sizing"] += f", at most {config.kv_cache_sequences} sequences of full length"
+    return sizing
 
 
 def _cuda_graphs(config: EngineConfig, cuda: bool, attention: str, why: dict[str, str]) -> bool:

@@ -147,7 +147,7 @@ class ModelRunner:
         if plan.threads is not None:
             self.threads = plan.threads
             torch.set_num_threads(self.threads)
-        self.attention = select_backend(plan.attention_backend, self.device)
+        self.attention = select_backend(plan.attention_backend)
         self.dims = AttentionDims(config.num_heads, config.num_kv_heads, config.head_dim)
         # a background build of the CPU kernels, looked at between steps (launch)
         self._kernel_watch = plan.kernel_watch

@@ -209,7 +209,7 @@ def test_the_engine_takes_its_thread_count_from_the_cpu_budget(built, monkeypatc
                         lambda: CpuBudget(1, "the cgroup's CPU quota is 1 CPUs (test)"))
     threads = torch.get_num_threads()
     try:
-        with caplog.at_level("INFO", logger="pagedserve.worker.execution_plan"):
+        with caplog.at_level("INFO", logger="pagedserve.engine.core"):
             llm = LLM(str(tiny_llama_dir))
         assert llm.engine.runner.threads == 1
         assert llm.engine.runner.model.kernels.library.threads == 1

@@ -124,6 +124,7 @@ def test_a_real_cgroup_with_a_quota_of_one_cpu(every_cpu):
                 "from pagedserve.config import EngineConfig\n"
                 "from pagedserve.worker.execution_plan import Machine, resolve_execution_plan\n"
                 "plan = resolve_execution_plan(EngineConfig(), Machine(build_kernels=False))\n"
+                "print('computing with', plan.threads, 'threads:', plan.why['threads'])\n"
                 "print(plan.threads)\n")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

@@ -90,6 +90,8 @@ class EngineCore:
                     plan.why["dtype"])
         if plan.kv_cache_dtype != plan.dtype:
             logger.info("KV cache in %s", plan.kv_cache_dtype)
+        if plan.threads is not None:
+            logger.info("computing with %d threads: %s", plan.threads, plan.why["threads"])
         logger.info("execution plan: %s", plan.summary())
         self.model_config = model_config
         self.tokenizer = tokenizer

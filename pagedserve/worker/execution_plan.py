@@ -322,7 +322,6 @@ def _threads(config: EngineConfig, cuda: bool, native: bool, hw: Hardware,
                           "this host")
     if native:
         why["threads"] += " (the kernels' pool; torch's own small ops on one)"
-    logger.info("computing with %d threads: %s", threads, why["threads"])
     return threads
 
 

@@ -161,8 +161,10 @@ def test_sweep_measures_every_level(fake_server, api):
     else:
         assert fake_server.bodies[-1]["options"]["num_predict"] == 4
     assert fake_server.max_in_flight == 3
-    # 3 at a time, 2 rounds of 4 tokens: about 8 token delays, not 24
-    assert run.levels[1].duration_s < run.levels[0].duration_s
+    # 3 at a time: the level lasts about a third of its requests' summed latencies (one at a
+    # time, all of it), however slow a loaded machine makes each of them
+    three = run.levels[1]
+    assert three.duration_s < 0.75 * three.e2e_ms.mean / 1000 * three.successful
 
 
 @pytest.mark.parametrize("api", ["openai", "openai-chat", "ollama"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -10,9 +11,22 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# pagedserve's own store and caches go to a throwaway home, never the user's ~/.pagedserve
-os.environ.setdefault("PAGEDSERVE_HOME", tempfile.mkdtemp(prefix="pagedserve-test-home-"))
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _throwaway_home() -> None:
+    """pagedserve's own store and caches (the dequantized-weight cache: ~1 GiB a run) go to a
+    home of the run's, never the user's ~/.pagedserve, deleted when the process that made it
+    exits. Made once: the xdist workers inherit it from the controller's environment (a run
+    that left its home behind filled CI's disk after some hundreds of runs)."""
+    if "PAGEDSERVE_HOME" in os.environ:
+        return
+    home = tempfile.mkdtemp(prefix="pagedserve-test-home-")
+    os.environ["PAGEDSERVE_HOME"] = home
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+
+
+_throwaway_home()
 
 
 ALL_CPUS = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
@@ -77,21 +91,23 @@ def build_cpu_kernels(directory: Path) -> str:
     if all((directory / name).exists() for name in names):
         return "cached"
     directory.mkdir(parents=True, exist_ok=True)
-    how = "copied from the source tree"
-    source = build.PACKAGE_DIR
-    if not all(_built_from_these_sources(source / name) for name in names):
-        how = "compiled by setup.py"
-        source = Path(tempfile.mkdtemp(prefix="pagedserve-kernels-"))
+    if all(_built_from_these_sources(build.PACKAGE_DIR / name) for name in names):
+        _copy_libraries(build.PACKAGE_DIR, directory, names)
+        return "copied from the source tree"
+    with tempfile.TemporaryDirectory(prefix="pagedserve-kernels-") as scratch:
         root = Path(__file__).resolve().parent.parent
         subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib",
-                        str(source), "--build-temp", str(source / "tmp")], cwd=root,
+                        scratch, "--build-temp", str(Path(scratch) / "tmp")], cwd=root,
                        check=True, capture_output=True)
-        source = source / "pagedserve" / "ops" / "cpu_kernels"
+        _copy_libraries(Path(scratch) / "pagedserve" / "ops" / "cpu_kernels", directory, names)
+    return "compiled by setup.py"
+
+
+def _copy_libraries(source: Path, directory: Path, names: list[str]) -> None:
     for name in names:
         if (source / name).exists():  # a variant the compiler could not build is left out
             shutil.copy(source / name, directory / f"{name}.tmp")
             os.replace(directory / f"{name}.tmp", directory / name)
-    return how
 
 
 def _built_from_these_sources(path: Path) -> bool:
